@@ -1,0 +1,189 @@
+"""The ``streamchat`` command: generate, chat, export, verify. Errors are one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from appliance.errors import StreamChatError
+from appliance.generation import GenerationConfig, GenerationResult, StreamGenerator
+from appliance.prompt import Turn, plan_prompt
+from streamchat.models import LoadedModel, load_model
+
+EXIT_USAGE = 2
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, metavar="DIR",
+                        help="a small THUDM-layout checkpoint, run by the numpy reference (slow; for tests)")
+    source.add_argument("--bundle", type=Path, metavar="DIR", help="an exported model bundle")
+
+
+def _add_generation_args(parser: argparse.ArgumentParser) -> None:
+    defaults = GenerationConfig()
+    parser.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--top-p", type=float, default=defaults.top_p)
+    parser.add_argument("--top-k", type=int, default=defaults.top_k)
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    parser.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+
+
+def _generation_config(args: argparse.Namespace) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                            seed=args.seed)
+
+
+def read_history(path: Path) -> list[Turn]:
+    """A JSON list of ``[query, response]`` pairs."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise StreamChatError(f"cannot read history file {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise StreamChatError(f"history file {path} is not valid JSON: {exc}") from exc
+    if not (isinstance(raw, list) and all(isinstance(t, list | tuple) and len(t) == 2
+                                          and all(isinstance(s, str) for s in t) for t in raw)):
+        raise StreamChatError(f"history file {path} must be a JSON list of [query, response] string pairs")
+    return [(q, r) for q, r in raw]
+
+
+def _answer(model: LoadedModel, query: str, history: list[Turn], config: GenerationConfig,
+            on_delta: Callable[[str], None], cancel: threading.Event | None = None) -> GenerationResult:
+    plan = plan_prompt(model.tokenizer, query, history, model.engine.max_context, config.max_new_tokens)
+    for note in plan.notes:
+        print(f"note: {note}", file=sys.stderr)
+    result = GenerationResult(prompt_ids=plan.ids)
+    for delta in StreamGenerator(model.engine, model.tokenizer).stream(plan.ids, config, cancel, result):
+        on_delta(delta)
+    return result
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    config = _generation_config(args)
+    history = read_history(args.history) if args.history else []
+    model = load_model(checkpoint=args.checkpoint, bundle=args.bundle)
+
+    def show(delta: str) -> None:
+        if not args.json:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+
+    result = _answer(model, args.prompt, history, config, show)
+    if args.json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False))
+    else:
+        print()
+    return 0
+
+
+def _stream_interruptibly(run: Callable[[Callable[[str], None], threading.Event], GenerationResult]) -> GenerationResult:
+    """Run an answer in a worker thread so Ctrl-C cancels the answer, not the program."""
+    cancel, deltas = threading.Event(), queue.Queue()
+    outcome: dict[str, object] = {}
+
+    def work() -> None:
+        try:
+            outcome["result"] = run(deltas.put, cancel)
+        except BaseException as exc:  # handed to the main thread, which reports it
+            outcome["error"] = exc
+        finally:
+            deltas.put(None)
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    while True:
+        try:
+            delta = deltas.get()
+        except KeyboardInterrupt:
+            cancel.set()
+            continue
+        if delta is None:
+            break
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    worker.join()
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["result"]  # type: ignore[return-value]
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    config = _generation_config(args)
+    model = load_model(checkpoint=args.checkpoint, bundle=args.bundle)
+    history: list[Turn] = []
+    print(f"StreamChat on {model.label}. Ctrl-C stops an answer, /clear starts over, /exit quits.")
+    while True:
+        try:
+            query = input("\n> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print("\n(type /exit to quit)")
+            continue
+        if query.strip() == "/exit":
+            return 0
+        if query.strip() == "/clear":
+            history.clear()
+            print("(history cleared)")
+            continue
+        if not query.strip():
+            continue
+        try:
+            result = _stream_interruptibly(lambda put, cancel, q=query: _answer(model, q, history, config, put, cancel))
+        except StreamChatError as exc:
+            print(f"\nerror: {exc}", file=sys.stderr)
+            continue
+        if result.stopped == "cancelled":
+            print(" [stopped]", end="")
+        print()
+        history.append((query, result.response))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamchat", description="Offline chat appliance for ChatGLM-6B.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="answer one prompt, streaming to stdout",
+                         description="Answer one prompt and stream the answer to stdout.")
+    _add_model_args(gen)
+    gen.add_argument("--prompt", required=True, help="the user's message")
+    gen.add_argument("--history", type=Path, metavar="FILE", help="JSON list of [query, response] pairs")
+    _add_generation_args(gen)
+    gen.add_argument("--json", action="store_true", help="print one JSON object with ids, deltas, stop reason, timings")
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive terminal chat", description="Interactive terminal chat.")
+    _add_model_args(chat)
+    _add_generation_args(chat)
+    chat.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except StreamChatError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
