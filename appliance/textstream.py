@@ -30,6 +30,15 @@ def process_response(text: str) -> str:
 def stable_length(text: str) -> int:
     """Length of the prefix of ``text`` that no later text can change under ``process_response``."""
     end = len(text)
+    while True:
+        cut = _held_tail(text, end)
+        if cut == end:
+            return end
+        end = cut
+
+
+def _held_tail(text: str, end: int) -> int:
+    """``end`` moved back past one tail that may still change (each rule applied once; the caller repeats)."""
     while end and (text[end - 1] == "\ufffd" or text[end - 1].isspace() or text[end - 1] in ",!:;?"):
         end -= 1
     for cut in range(min(len(_TRAINING_TIME) - 1, end), 0, -1):
