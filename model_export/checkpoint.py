@@ -1,9 +1,10 @@
-"""Read a ChatGLM-6B checkpoint directory tensor by tensor, memory-mapped, without executing checkpoint code.
+"""Read a ChatGLM-6B checkpoint directory tensor by tensor, without executing checkpoint code.
 
 Formats: ``pytorch_model.bin``, sharded ``pytorch_model-*.bin`` + ``pytorch_model.bin.index.json``, ``model.safetensors``
 (optionally sharded with ``model.safetensors.index.json``). ``.bin`` files are torch zip archives whose pickle is read by a
-restricted unpickler that knows only the tensor-rebuild globals; tensor bytes are memory-mapped from the (uncompressed)
-zip entries, so torch is never imported and a 13.7 GB checkpoint never needs 13.7 GB of RAM.
+restricted unpickler that knows only the tensor-rebuild globals; tensor bytes are read straight from the (uncompressed)
+zip entries, a block of rows at a time when asked, so torch is never imported and a 13.7 GB checkpoint never needs
+13.7 GB of RAM.
 """
 
 from __future__ import annotations
@@ -45,18 +46,54 @@ class TensorRef:
         item = 2 if self.dtype == "bfloat16" else np.dtype(self.dtype).itemsize
         return int(np.prod(self.shape, dtype=np.int64)) * item
 
-    def load(self) -> np.ndarray:
-        """A read-only memory map (fp16/fp32) or an fp32 copy (bf16, which numpy lacks)."""
+    def load(self) -> StoredTensor:
         size = self.file.stat().st_size
         if self.offset + self.nbytes > size:
             raise CheckpointError(f"{self.file.name} is truncated: a tensor needs bytes up to {self.offset + self.nbytes}, "
                                   f"the file has {size}; re-copy the checkpoint")
-        if self.dtype == "bfloat16":
-            raw = np.memmap(self.file, dtype=np.uint16, mode="r", offset=self.offset, shape=self.shape)
-            return (raw.astype(np.uint32) << 16).view(np.float32)
-        if self.nbytes == 0:
-            return np.zeros(self.shape, dtype=self.dtype)
-        return np.memmap(self.file, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
+        return StoredTensor(self)
+
+
+class StoredTensor:
+    """A checkpoint tensor read on demand, whole or a block of rows at a time, into ordinary memory.
+
+    Reading with pread instead of keeping a memory map means a pass over a 1 GB table never leaves 1 GB of file pages
+    mapped into the exporter: its resident memory is what it is working on, nothing more.
+    """
+
+    def __init__(self, ref: TensorRef) -> None:
+        self.ref = ref
+        self.shape = ref.shape
+        self.ndim = len(ref.shape)
+        self.size = int(np.prod(ref.shape, dtype=np.int64))
+        self.dtype = np.dtype(np.float32 if ref.dtype == "bfloat16" else ref.dtype)
+        self._stored = np.dtype(np.uint16 if ref.dtype == "bfloat16" else ref.dtype)
+        self._row = int(np.prod(ref.shape[1:], dtype=np.int64))
+
+    def _read(self, first_row: int, rows: int) -> np.ndarray:
+        count = rows * self._row
+        offset = self.ref.offset + first_row * self._row * self._stored.itemsize
+        data = np.fromfile(self.ref.file, dtype=self._stored, count=count, offset=offset) if count else \
+            np.empty(0, self._stored)
+        if data.size != count:
+            raise CheckpointError(f"{self.ref.file.name} is truncated; re-copy the checkpoint")
+        if self.ref.dtype == "bfloat16":
+            data = (data.astype(np.uint32) << 16).view(np.float32)
+        return data.reshape((rows, *self.shape[1:]) if self.ndim else ())
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        data = self._read(0, self.shape[0] if self.ndim else 1)
+        return data if dtype is None else data.astype(dtype, copy=False)
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, slice) and key.step in (None, 1) and self.ndim:
+            start, stop, _ = key.indices(self.shape[0])
+            return self._read(start, max(0, stop - start))
+        if isinstance(key, np.ndarray) and key.dtype.kind in "iu" and self.ndim:
+            flat = key.reshape(-1)
+            rows = np.stack([self._read(int(i), 1)[0] for i in flat]) if flat.size else self._read(0, 0)
+            return rows.reshape(*key.shape, *self.shape[1:])
+        return np.asarray(self)[key]
 
 
 class _StorageType:
@@ -267,13 +304,21 @@ class Checkpoint:
         return iter(expected_shapes(self.config))
 
     def tensor(self, name: str, dtype: type = np.float32) -> np.ndarray:
-        """One tensor as ``dtype`` (a memory map when it is stored in that dtype)."""
-        arr = self.refs[name].load()
-        return arr if arr.dtype == dtype else arr.astype(dtype)
+        """One tensor, read whole, as ``dtype``."""
+        return np.asarray(self.refs[name].load(), dtype=dtype)
+
+    def tensor_as_stored(self, name: str) -> StoredTensor:
+        """One tensor in its stored dtype (bf16 widened to fp32), read only as its rows are asked for."""
+        return self.refs[name].load()
+
+    def stored_tensors(self) -> dict[str, StoredTensor]:
+        """Every tensor as a ``StoredTensor``, for code that reads rows of big tables without a full copy."""
+        return {name: self.refs[name].load() for name in self.names()}
 
     def lm_head_is_tied(self) -> bool:
         """True when lm_head and the embedding share storage or hold equal values (then a bundle stores one)."""
         a, b = self.refs["lm_head.weight"], self.refs["transformer.word_embeddings.weight"]
         if a == b:
             return True
-        return bool(np.array_equal(a.load(), b.load()))
+        head, emb = a.load(), b.load()
+        return all(np.array_equal(head[r:r + 8192], emb[r:r + 8192]) for r in range(0, head.shape[0], 8192))

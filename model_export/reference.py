@@ -66,20 +66,49 @@ class ForwardOutput:
     hidden_states: list[np.ndarray] = field(default_factory=list)  # last position: input of each layer, then final LN
 
 
-class ReferenceModel:
-    """The model over fp32 weights held in memory (small checkpoints only)."""
+class _LazyWeights(Mapping):
+    """fp32 views of checkpoint tensors made on each use, so a full-width model is never held in fp32."""
 
-    def __init__(self, config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, checkpoint) -> None:
+        self.checkpoint = checkpoint
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.checkpoint.tensor(name)
+
+    def __iter__(self):
+        return iter(self.checkpoint.names())
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.checkpoint.names())
+
+
+class ReferenceModel:
+    """The model over fp32 weights: held in memory (small checkpoints) or converted per use (``lazy``)."""
+
+    def __init__(self, config: ModelConfig, tensors: Mapping[str, np.ndarray], tables: Mapping | None = None) -> None:
         self.config = config
-        self.w = {name: np.ascontiguousarray(t, dtype=np.float32) for name, t in tensors.items()}
+        self.w = tensors
+        self.tables = tables if tables is not None else tensors  # embedding / lm_head, possibly memory maps
 
     @classmethod
-    def from_checkpoint(cls, checkpoint) -> ReferenceModel:
+    def from_checkpoint(cls, checkpoint, lazy: bool = False) -> ReferenceModel:
+        if lazy:
+            return cls(checkpoint.config, _LazyWeights(checkpoint), checkpoint.stored_tensors())
         if checkpoint.config.param_count() > REFERENCE_MAX_PARAMS:
             raise EngineError(f"{checkpoint.dir} holds {checkpoint.config.param_count() / 1e9:.1f} B parameters: too "
                               "large for the numpy reference; export a bundle first (streamchat export ... --out BUNDLE) "
                               "and run it with --bundle BUNDLE")
-        return cls(checkpoint.config, {name: checkpoint.tensor(name) for name in checkpoint.names()})
+        return cls(checkpoint.config, {name: np.ascontiguousarray(checkpoint.tensor(name)) for name in checkpoint.names()})
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        return np.asarray(self.tables["transformer.word_embeddings.weight"][ids], dtype=np.float32)
+
+    def _head(self, x: np.ndarray) -> np.ndarray:
+        """x @ lm_head.T a block of vocabulary rows at a time (the head may be a 130528-row memory map)."""
+        head = self.tables["lm_head.weight"]
+        step = 4096
+        return np.concatenate([x @ np.asarray(head[r:r + step], dtype=np.float32).T for r in range(0, head.shape[0], step)],
+                              axis=-1)
 
     def _attention(self, n: int, x: np.ndarray, pos: np.ndarray, mask: np.ndarray | None,
                    past: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
@@ -109,7 +138,7 @@ class ReferenceModel:
                 past: KVCache | None = None, all_logits: bool = False) -> ForwardOutput:
         """ids [b, L]; position_ids [b, 2, L]; mask [b, 1, L, S] bool (True = masked) or None (attend all)."""
         cfg, w = self.config, self.w
-        x = w["transformer.word_embeddings.weight"][np.asarray(ids)]
+        x = self._embed(np.asarray(ids))
         hidden, presents = [], []
         for n in range(cfg.num_layers):
             hidden.append(x[:, -1].copy())
@@ -125,8 +154,7 @@ class ReferenceModel:
         x = layer_norm(x, w["transformer.final_layernorm.weight"], w["transformer.final_layernorm.bias"],
                        cfg.layernorm_epsilon)
         hidden.append(x[:, -1].copy())
-        head = w["lm_head.weight"]
-        logits = x @ head.T if all_logits else x[:, -1] @ head.T
+        logits = self._head(x if all_logits else x[:, -1])
         return ForwardOutput(logits=logits, past=presents, hidden_states=hidden)
 
 

@@ -149,6 +149,29 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append((query, result.response))
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from model_export.export import export_bundle
+    from model_export.progress import Progress
+
+    result = export_bundle(args.checkpoint, args.out, target=args.target, quant=args.quant, group_size=args.group_size,
+                           embeddings=args.quantize_embeddings, accuracy_level=args.accuracy_level, force=args.force,
+                           progress=Progress(enabled=not args.quiet))
+    size = sum(f["bytes"] for f in result.manifest["files"])
+    print(f"bundle written: {result.bundle} ({size / 1e6:.1f} MB, {result.seconds:.1f} s)")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from appliance.bundle import Bundle
+
+    bundle = Bundle.open(args.bundle, full_check=False)
+    bundle.check_checksums()
+    Bundle.open(args.bundle, full_check=True)  # remembers the result for later opens
+    size = sum(f["bytes"] for f in bundle.files)
+    print(f"ok: {bundle.label}, {len(bundle.files)} files, {size / 1e6:.1f} MB, checksums match")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamchat", description="Offline chat appliance for ChatGLM-6B.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -166,6 +189,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     _add_generation_args(chat)
     chat.set_defaults(func=cmd_chat)
+
+    from model_export.quantize import GROUP_SIZES
+
+    export = sub.add_parser("export", help="convert a checkpoint into a verified model bundle",
+                            description="Convert a THUDM ChatGLM-6B checkpoint into a quantized, self-verified bundle.")
+    export.add_argument("checkpoint", type=Path, metavar="CHECKPOINT_DIR")
+    export.add_argument("--target", default="cpu", help="cpu | ascend-910b | ascend-310b (default cpu)")
+    export.add_argument("--quant", default="int4", help="int4 | int8 | fp16 | fp32 (default int4)")
+    export.add_argument("--group-size", type=int, default=128, help=f"INT4/INT8 group size, one of {GROUP_SIZES}")
+    export.add_argument("--quantize-embeddings", default=None, metavar="PREC",
+                        help="lm_head/embedding precision: int8 | int4 | fp16 | fp32 (default int8 for int4/int8 "
+                             "bundles, else as --quant)")
+    export.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
+                        help="MatMulNBits accuracy level (4: int8 activations, fastest; 0: fp32)")
+    export.add_argument("--out", type=Path, required=True, metavar="BUNDLE_DIR")
+    export.add_argument("--force", action="store_true", help="replace an existing bundle (only after success)")
+    export.add_argument("--quiet", action="store_true", help="no progress bars")
+    export.set_defaults(func=cmd_export)
+
+    check = sub.add_parser("verify", help="check a bundle's files against its manifest checksums",
+                           description="Check every file of a bundle against the sha256 in its manifest.")
+    check.add_argument("bundle", type=Path, metavar="BUNDLE_DIR")
+    check.set_defaults(func=cmd_verify)
     return parser
 
 

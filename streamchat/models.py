@@ -26,5 +26,8 @@ def load_model(checkpoint: Path | None = None, bundle: Path | None = None) -> Lo
         engine = ReferenceEngine(ReferenceModel.from_checkpoint(ckpt))
         return LoadedModel(engine, ChatGLMTokenizer.from_dir(checkpoint), f"{checkpoint.name} (numpy reference)")
     if bundle is not None:
-        raise StreamChatError("--bundle is not supported yet in this build: use --checkpoint")
+        from appliance.bundle import Bundle
+
+        opened = Bundle.open(bundle)
+        return LoadedModel(opened.engine(), opened.tokenizer(), opened.label)
     raise StreamChatError("give --checkpoint DIR or --bundle DIR")

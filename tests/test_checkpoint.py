@@ -29,7 +29,10 @@ def test_sharded_bin_and_safetensors_agree(tmp_path):
     for name in bins.names():
         np.testing.assert_array_equal(bins.tensor(name), st.tensor(name))
     assert bins.lm_head_is_tied() and st.lm_head_is_tied()
-    assert isinstance(bins.tensor("transformer.final_layernorm.weight", np.float16), np.memmap)
+    stored = bins.tensor_as_stored("transformer.word_embeddings.weight")
+    assert stored.dtype == np.float16 and stored.shape == (21069, 64)
+    np.testing.assert_array_equal(stored[100:103], bins.tensor("transformer.word_embeddings.weight")[100:103])
+    np.testing.assert_array_equal(stored[np.array([[5, 7]])][0, 1], stored[7:8][0])
 
 
 def _write_bf16_safetensors(path, tensors):

@@ -1,0 +1,80 @@
+"""The ``cpu`` target's engine: one onnxruntime session over the bundle's decoder graph.
+
+The KV cache stays in onnxruntime-owned memory between steps: each step's ``present_*`` outputs are bound as the next
+step's ``past_*`` inputs through IOBinding, so no step copies the cache through numpy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from appliance.engines.cpu import physical_cores
+from appliance.errors import EngineError
+from appliance.model_config import ModelConfig
+
+
+class OrtEngine:
+    name = "onnxruntime"
+
+    def __init__(self, graph: Path, config: ModelConfig, max_context: int, threads: int | None = None,
+                 spinning: bool = False) -> None:
+        self.config = config
+        self.max_context = max_context
+        self.threads = threads or physical_cores()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Spinning threads burn the cores they wait on; on a busy machine that collapses throughput.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise EngineError(f"onnxruntime cannot load {graph.name}: {str(exc).splitlines()[0]}; re-export the bundle "
+                              "or run `streamchat verify` on it") from exc
+        self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_")]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def start(self) -> OrtSequence:
+        return OrtSequence(self)
+
+
+class OrtSequence:
+    """A conversation's KV cache as onnxruntime values."""
+
+    def __init__(self, engine: OrtEngine) -> None:
+        self.engine = engine
+        cfg = engine.config
+        empty = np.zeros((1, cfg.num_heads, 0, cfg.head_dim), dtype=np.float32)
+        self.past = [ort.OrtValue.ortvalue_from_numpy(empty) for _ in engine.past_names]
+        self.length = 0
+
+    def _run(self, ids: np.ndarray, position_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        session = self.engine.session
+        binding = session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=bool))
+        for name, value in zip(self.engine.past_names, self.past, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        for name in self.engine.output_names:
+            binding.bind_output(name, "cpu")
+        try:
+            session.run_with_iobinding(binding)
+        except Exception as exc:
+            raise EngineError(f"onnxruntime failed during a step: {str(exc).splitlines()[0]}") from exc
+        outputs = binding.get_outputs()
+        self.past = outputs[1:]
+        self.length += ids.shape[1]
+        return outputs[0].numpy()[0]
+
+    def prefill(self, ids: np.ndarray, position_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return self._run(np.asarray(ids)[None], position_ids[None], mask[None, None])
+
+    def step(self, token_id: int, position_ids: np.ndarray) -> np.ndarray:
+        visible = np.zeros((1, 1, 1, self.length + 1), dtype=bool)
+        return self._run(np.array([[token_id]]), position_ids.reshape(1, 2, 1), visible)

@@ -1,0 +1,214 @@
+"""checkpoint -> verified bundle, all or nothing.
+
+The bundle is written into a hidden sibling directory, checksummed, opened through the same code the appliance
+uses, verified against the numpy reference, and only then renamed into place. A crash, a full disk or a failed
+verification leaves no directory that looks like a bundle.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from appliance import __version__
+from appliance.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle, sha256_file
+from appliance.errors import StreamChatError
+from appliance.tokenizer import ChatGLMTokenizer
+from model_export.checkpoint import Checkpoint
+from model_export.graph import DecoderGraph, QuantSpec
+from model_export.onnx_builder import ExternalData, GraphBuilder
+from model_export.progress import Progress
+from model_export.quantize import BITS, GROUP_SIZES, WEIGHT_QUANTS
+from model_export.reference import ReferenceEngine, ReferenceModel
+from model_export.verify import verify
+
+TARGETS = ("cpu", "ascend-910b", "ascend-310b")
+DEFAULT_GROUP_SIZE = 128
+BYTES_PER_WEIGHT = {"int4": 0.5 + 4 / 32, "int8": 1 + 4 / 32, "fp16": 2, "fp32": 4}  # worst case: group 32 scales
+LARGE_MODEL_PARAMS = 1_000_000_000  # above this, verification uses fewer prompts and steps (the reference is slow)
+
+
+class ExportError(StreamChatError):
+    """The export could not produce a bundle; nothing was published."""
+
+
+@dataclass
+class ExportResult:
+    bundle: Path
+    manifest: dict
+    seconds: float
+
+
+def default_embeddings(quant: str) -> str:
+    """Quantized bundles quantize lm_head (and the tied embedding) to INT8: an fp16 head is folded to a 2.1 GB fp32
+    matrix by onnxruntime and read in full for every token."""
+    return "int8" if quant in BITS else quant
+
+
+def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
+    """sha256 over config.json and, per weight file, its name, size and first/last MiB (hashing 13.7 GB would
+    dominate the export; this still tells checkpoints apart and detects most truncation or replacement)."""
+    digest = hashlib.sha256((ckpt.dir / "config.json").read_bytes())
+    for file in sorted({ref.file for ref in ckpt.refs.values()}):
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with file.open("rb") as fh:
+            digest.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            digest.update(fh.read(1 << 20))
+    return digest.hexdigest()
+
+
+def estimate_bytes(ckpt: Checkpoint, spec: QuantSpec, tied: bool) -> int:
+    cfg = ckpt.config
+    linear = sum(o * i for o, i in cfg.linear_shapes().values()) * cfg.num_layers
+    tables = cfg.vocab_size * cfg.hidden_size * (1 if tied else 2)
+    return int(linear * BYTES_PER_WEIGHT[spec.weights] + tables * BYTES_PER_WEIGHT[spec.embeddings]) + (64 << 20)
+
+
+def _check_request(target: str, quant: str, group_size: int, embeddings: str) -> None:
+    if target not in TARGETS:
+        raise ExportError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
+    if target != "cpu":
+        raise ExportError(f"target {target} is not available in this build yet: export --target cpu")
+    if quant not in WEIGHT_QUANTS:
+        raise ExportError(f"unknown quantization {quant!r}: choose one of {', '.join(WEIGHT_QUANTS)}")
+    if quant in BITS and group_size not in GROUP_SIZES:
+        raise ExportError(f"group size {group_size} is not supported: choose one of {GROUP_SIZES}")
+    if embeddings not in ("fp16", "fp32", "int8", "int4"):
+        raise ExportError(f"unknown embedding precision {embeddings!r}: choose fp16, fp32, int8 or int4")
+
+
+def _check_tokenizer(tokenizer: ChatGLMTokenizer, ckpt: Checkpoint) -> None:
+    """The tokenizer's ids must address the weights' rows (the real vocabulary is padded: 130344 pieces, 130528 rows)."""
+    cfg, special = ckpt.config, tokenizer.special
+    pairs = {"<sop>": (special.bos, cfg.bos_token_id), "<eop>": (special.eos, cfg.eos_token_id),
+             "[gMASK]": (special.gmask, cfg.gmask_token_id), "[MASK]": (special.mask, cfg.mask_token_id)}
+    wrong = {piece: ids for piece, ids in pairs.items() if ids[0] != ids[1]}
+    if wrong or tokenizer.vocab_size > cfg.vocab_size:
+        raise ExportError(f"ice_text.model / tokenizer_config.json do not match config.json (tokenizer vs config ids: "
+                          f"{wrong or 'vocabulary larger than the embedding'}); copy the tokenizer files that came with "
+                          "these weights")
+
+
+def _write_manifest(tmp: Path, manifest: dict, progress: Progress) -> None:
+    files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != MANIFEST)
+    total = sum(p.stat().st_size for p in files)
+    with progress.stage("checksums", total, "B") as advance:
+        manifest["files"] = [{"path": p.relative_to(tmp).as_posix(), "bytes": p.stat().st_size,
+                              "sha256": sha256_file(p, advance)} for p in files]
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the finished bundle into place; an old bundle (with --force) is removed only after that succeeded."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_bundle(checkpoint_dir: str | Path, out: str | Path, target: str = "cpu", quant: str = "int4",
+                  group_size: int = DEFAULT_GROUP_SIZE, embeddings: str | None = None, accuracy_level: int = 4,
+                  force: bool = False, progress: Progress | None = None, name: str | None = None,
+                  extra_manifest: dict | None = None) -> ExportResult:
+    """Export ``checkpoint_dir`` to a verified bundle at ``out``."""
+    started = time.perf_counter()
+    progress = progress or Progress(enabled=False)
+    out = Path(out)
+    embeddings = embeddings or default_embeddings(quant)
+    _check_request(target, quant, group_size, embeddings)
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists: choose another --out or pass --force to replace it")
+    ckpt = Checkpoint(checkpoint_dir)
+    tokenizer = ChatGLMTokenizer.from_dir(ckpt.dir)
+    _check_tokenizer(tokenizer, ckpt)
+    spec = QuantSpec(weights=quant, group_size=group_size, embeddings=embeddings, accuracy_level=accuracy_level)
+    tied = ckpt.lm_head_is_tied()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    need, free = estimate_bytes(ckpt, spec, tied), shutil.disk_usage(out.parent).free
+    if need > free:
+        raise ExportError(f"not enough disk space in {out.parent}: the bundle needs about {need / 1e9:.2f} GB, "
+                          f"{free / 1e9:.2f} GB are free")
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        manifest = _build(ckpt, tokenizer, spec, tied, tmp, target, progress, name)
+        manifest.update(extra_manifest or {})
+        _write_manifest(tmp, manifest, progress)
+        report = _verify(ckpt, tmp, tokenizer, quant, progress)
+        (tmp / "verify_report.json").write_text(json.dumps(report.to_dict(), indent=1), encoding="utf-8")
+        if not report.passed:
+            raise ExportError(f"verification failed, nothing published: {report.describe()}")
+        manifest["verification"] = report.to_dict()
+        _write_manifest(tmp, manifest, Progress(enabled=False))
+        _publish(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise ExportError(f"no space left on the device while writing {out}: free at least "
+                              f"{need / 1e9:.2f} GB and export again (nothing was published)") from exc
+        raise ExportError(f"export failed while writing {out}: {exc} (nothing was published)") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(bundle=out, manifest=manifest, seconds=time.perf_counter() - started)
+
+
+def _build(ckpt: Checkpoint, tokenizer: ChatGLMTokenizer, spec: QuantSpec, tied: bool, tmp: Path, target: str,
+           progress: Progress, name: str | None) -> dict:
+    cfg = ckpt.config
+    shutil.copyfile(tokenizer.model_file, tmp / "ice_text.model")
+    data = ExternalData(tmp / "decoder.onnx.data")
+    matrices = cfg.num_layers * len(cfg.linear_shapes()) + 1
+    with progress.stage("tensors read + quantized", matrices, "matrix") as advance:
+        graph = DecoderGraph(cfg, ckpt.tensor_as_stored, spec, GraphBuilder(data), tied=tied,
+                             max_positions=cfg.max_sequence_length + 1, on_tensor=lambda _: advance())
+        model = graph.build(doc=f"ChatGLM-6B decoder exported by streamchat {__version__} ({spec.weights})")
+    data.close()
+    with progress.stage("graph written", 1, "file") as advance:
+        onnx.save_model(model, str(tmp / "decoder.onnx"))
+        advance()
+    summary = graph.report.summary()
+    progress.note(f"quantization error (relative Frobenius): mean {summary.get('mean', 0):.4f}, max "
+                  f"{summary.get('max', 0):.4f} ({summary.get('worst', '-')}); linear weights "
+                  f"{graph.report.linear_bytes / 1e6:.1f} MB, tables {graph.report.table_bytes / 1e6:.1f} MB")
+    (tmp / "export_report.json").write_text(json.dumps({"quant": spec.to_dict(), "summary": summary,
+                                                         "errors": graph.report.errors}, indent=1), encoding="utf-8")
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "name": name or "ChatGLM-6B",
+        "model": {"arch": "chatglm-6b", "config": cfg.to_dict()},
+        "target": target, "runtime": "onnxruntime",
+        "quant": {**spec.to_dict(), "lm_head_shared_with_embedding": tied,
+                  "linear_bytes": graph.report.linear_bytes, "table_bytes": graph.report.table_bytes},
+        "tokenizer": {"file": "ice_text.model", "num_image_tokens": tokenizer.num_image_tokens,
+                      "special_ids": tokenizer.special.as_dict()},
+        "graphs": {"decoder": "decoder.onnx", "kv_layout": "[batch, heads, seq, head_dim]"},
+        "max_context": cfg.max_sequence_length,
+        "created_by": f"streamchat {__version__}",
+        "source": {"checkpoint_fingerprint": checkpoint_fingerprint(ckpt), "checkpoint_dir": ckpt.dir.name},
+    }
+
+
+def _verify(ckpt: Checkpoint, tmp: Path, tokenizer: ChatGLMTokenizer, quant: str, progress: Progress):
+    large = ckpt.config.param_count() > LARGE_MODEL_PARAMS
+    prompts, steps = (2, 3) if large else (3, 8)
+    bundle = Bundle.open(tmp, full_check=False)
+    reference = ReferenceEngine(ReferenceModel.from_checkpoint(ckpt, lazy=large))
+    with progress.stage("verified against the reference", prompts * (steps + 1), "step") as advance:
+        report = verify(bundle.engine(), reference, tokenizer, quant, prompts, steps, on_step=advance)
+    progress.note(f"verification: {report.describe()}")
+    return report

@@ -1,0 +1,239 @@
+"""The ``cpu`` target's decoder graph: ChatGLM-6B written op by op for onnxruntime (no tracing).
+
+One graph serves prefill and decode: dynamic batch, sequence and past length; the KV cache goes in and out as
+``past_*``/``present_*`` ``[batch, heads, seq, head_dim]`` (heads before sequence, so attention reads each head's cache
+contiguously and no step transposes the cache); logits only for the last position. Activations are kept 2-D
+``[batch*seq, hidden]`` between attention blocks so every linear layer is one Gemm or MatMulNBits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from appliance.model_config import ModelConfig
+from model_export.onnx_builder import GraphBuilder
+from model_export.quantize import BITS, effective_group, quantize_blockwise
+from model_export.reference import ALPHA, MASK_FILL, rotary_tables
+
+OPSET = 17
+TensorSource = Callable[[str], np.ndarray]
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How the exported weights are stored: block linears, and the embedding / lm_head tables."""
+
+    weights: str  # int4 | int8 | fp16 | fp32
+    group_size: int = 128
+    embeddings: str = "fp16"  # fp16 | fp32 | int8 | int4 (lm_head at this precision; the embedding shares it when tied)
+    accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fastest on AVX512-VNNI/AVX2), 0 = fp32
+
+    def to_dict(self) -> dict:
+        return {"weights": self.weights, "group_size": self.group_size if self.weights in BITS else None,
+                "symmetric": True, "embeddings": self.embeddings, "accuracy_level": self.accuracy_level}
+
+
+@dataclass
+class QuantReport:
+    """Per-matrix relative Frobenius error of the stored weights, and their bytes."""
+
+    errors: dict[str, float] = field(default_factory=dict)
+    linear_bytes: int = 0
+    table_bytes: int = 0
+
+    def summary(self) -> dict:
+        if not self.errors:
+            return {"matrices": 0}
+        values = np.array(list(self.errors.values()))
+        worst = max(self.errors, key=self.errors.get)
+        return {"matrices": len(values), "mean": float(values.mean()), "max": float(values.max()), "worst": worst,
+                "linear_bytes": self.linear_bytes, "table_bytes": self.table_bytes}
+
+
+class DecoderGraph:
+    """Writes one ChatGLM-6B decoder graph; weights are read from ``source`` and stored per ``spec``."""
+
+    def __init__(self, cfg: ModelConfig, source: TensorSource, spec: QuantSpec, builder: GraphBuilder,
+                 tied: bool, max_positions: int, on_tensor: Callable[[str], None] = lambda name: None) -> None:
+        self.cfg, self.get, self.spec, self.b = cfg, source, spec, builder
+        self.tied, self.max_positions, self.on_tensor = tied, max_positions, on_tensor
+        self.report = QuantReport()
+
+    # -- weights ---------------------------------------------------------------------------------------------
+    def _record(self, name: str, error: float) -> None:
+        self.report.errors[name] = error
+        self.on_tensor(name)
+
+    @staticmethod
+    def _cast_error(weight: np.ndarray, dtype) -> float:
+        """Relative error of storing ``weight`` as ``dtype`` (0 when nothing is rounded)."""
+        if weight.dtype == dtype or np.dtype(dtype) == np.float32:
+            return 0.0
+        w = np.asarray(weight, np.float32)
+        return float(np.linalg.norm(w - w.astype(dtype).astype(np.float32)) / np.linalg.norm(w))
+
+    def linear(self, x: str, prefix: str, with_bias: bool = True) -> str:
+        """``x [M, K] @ W.T + b`` with W stored per the spec."""
+        b, spec = self.b, self.spec
+        weight = self.get(prefix + ".weight")
+        n, k = weight.shape
+        bias = b.weight(prefix + ".bias", self.get(prefix + ".bias"), np.float32) if with_bias else ""
+        if spec.weights in BITS:
+            q = quantize_blockwise(weight, BITS[spec.weights], effective_group(k, spec.group_size))
+            self.report.linear_bytes += q.nbytes
+            self._record(prefix, q.rel_error)
+            packed = b.weight(prefix + ".qweight", q.packed)
+            scales = b.weight(prefix + ".scales", q.scales)
+            return b.op("MatMulNBits", [x, packed, scales, "", "", bias] if bias else [x, packed, scales],
+                        domain="com.microsoft", K=k, N=n, bits=q.bits, block_size=q.group_size,
+                        accuracy_level=spec.accuracy_level)
+        dtype = np.float16 if spec.weights == "fp16" else np.float32
+        w = b.weight(prefix + ".weight", weight, dtype)
+        self.report.linear_bytes += weight.size * np.dtype(dtype).itemsize
+        self._record(prefix, self._cast_error(weight, dtype))
+        if dtype == np.float16:
+            w = b.op("Cast", [w], to=TensorProto.FLOAT)  # folded into an fp32 initializer when the session loads
+        return b.op("Gemm", [x, w, bias] if bias else [x, w], transB=1)
+
+    # -- graph -------------------------------------------------------------------------------------------------
+    def build(self, doc: str) -> onnx.ModelProto:
+        cfg, b = self.cfg, self.b
+        h, heads, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+                  helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", 2, "seq"]),
+                  helper.make_tensor_value_info("attention_mask", TensorProto.BOOL, ["batch", 1, "seq", "total"])]
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", cfg.vocab_size])]
+        for n in range(cfg.num_layers):
+            for kind in ("key", "value"):
+                inputs.append(helper.make_tensor_value_info(f"past_{kind}.{n}", TensorProto.FLOAT,
+                                                            ["batch", heads, "past", hd]))
+                outputs.append(helper.make_tensor_value_info(f"present_{kind}.{n}", TensorProto.FLOAT,
+                                                             ["batch", heads, "total", hd]))
+
+        batch_seq = b.op("Shape", ["input_ids"])
+        self.shape_bsh = b.op("Concat", [batch_seq, b.const([h])], axis=0)
+        self.shape_qkv = b.op("Concat", [batch_seq, b.const([heads, 3 * hd])], axis=0)
+        head_lm, embed = self._tables()
+        x = b.op("Reshape", [embed, b.const([-1, h])])
+        self.cos, self.sin = self._rotary()
+        for n in range(cfg.num_layers):
+            x = self._block(n, x)
+        last = b.op("Gather", [b.op("Reshape", [x, self.shape_bsh]), b.const(-1)], axis=1)  # [batch, hidden]
+        last = self._layer_norm(last, "transformer.final_layernorm")
+        head_lm(last, "logits")
+        return b.model(inputs, outputs, OPSET, contrib=True, doc=doc)
+
+    def _layer_norm(self, x: str, prefix: str) -> str:
+        b = self.b
+        return b.op("LayerNormalization", [x, b.weight(prefix + ".weight", self.get(prefix + ".weight"), np.float32),
+                                           b.weight(prefix + ".bias", self.get(prefix + ".bias"), np.float32)],
+                    axis=-1, epsilon=self.cfg.layernorm_epsilon)
+
+    def _rotary(self) -> tuple[str, str]:
+        """cos/sin [batch, seq, 1, head_dim]: first half at position row 0, second at row 1 (2D rotary).
+
+        The sign of rotate-half is folded into the sin table, so rotating is ``x*cos + swap_halves(x)*sin``.
+        """
+        b, rd = self.b, self.cfg.rotary_dim
+        cos, sin = rotary_tables(np.arange(self.max_positions), rd)
+        sin = sin.copy()
+        sin[:, : rd // 2] *= -1
+        cos_t, sin_t = b.weight("rotary.cos", cos), b.weight("rotary.sin", sin)
+        rows = b.op("Split", ["position_ids"], outputs=2, axis=1)
+        tables = []
+        for table in (cos_t, sin_t):
+            halves = [b.op("Gather", [table, b.op("Squeeze", [row, b.const([1])])]) for row in rows]
+            tables.append(b.op("Unsqueeze", [b.op("Concat", halves, axis=-1), b.const([2])]))
+        return tables[0], tables[1]
+
+    def _rotate(self, x: str) -> str:
+        b = self.b
+        a, c, d, e = b.op("Split", [x], outputs=4, axis=-1)  # quarters: (a, c) row-0 half, (d, e) row-1 half
+        return b.op("Add", [b.op("Mul", [x, self.cos]), b.op("Mul", [b.op("Concat", [c, a, e, d], axis=-1), self.sin])])
+
+    def _block(self, n: int, x: str) -> str:
+        cfg, b, p = self.cfg, self.b, f"transformer.layers.{n}."
+        ln1 = self._layer_norm(x, p + "input_layernorm")
+        qkv = b.op("Reshape", [self.linear(ln1, p + "attention.query_key_value"), self.shape_qkv])
+        q, k, v = b.op("Split", [qkv], outputs=3, axis=-1)  # per head: q | k | v
+        to_heads = {"perm": [0, 2, 1, 3]}
+        q = b.op("Transpose", [self._rotate(q)], **to_heads)
+        k = b.op("Transpose", [self._rotate(k)], **to_heads)
+        v = b.op("Transpose", [v], **to_heads)
+        k = b.op("Concat", [f"past_key.{n}", k], [f"present_key.{n}"], axis=2)
+        v = b.op("Concat", [f"past_value.{n}", v], [f"present_value.{n}"], axis=2)
+        scores = b.op("FusedMatMul", [q, k], domain="com.microsoft", transB=1, alpha=float(1 / np.sqrt(cfg.head_dim)))
+        scores = b.op("Where", ["attention_mask", b.const(MASK_FILL, np.float32), scores])
+        context = b.op("MatMul", [b.op("Softmax", [scores], axis=-1), v])
+        context = b.op("Reshape", [b.op("Transpose", [context], **to_heads), b.const([-1, cfg.hidden_size])])
+        alpha = b.const(ALPHA, np.float32)
+        x = b.op("Add", [b.op("Mul", [ln1, alpha]), self.linear(context, p + "attention.dense")])
+        ln2 = self._layer_norm(x, p + "post_attention_layernorm")
+        up = b.op("FastGelu", [self.linear(ln2, p + "mlp.dense_h_to_4h")], domain="com.microsoft")
+        return b.op("Add", [b.op("Mul", [ln2, alpha]), self.linear(up, p + "mlp.dense_4h_to_h")])
+
+    def _tables(self) -> tuple[Callable[[str, str], str], str]:
+        """Store lm_head and the word embedding; return (lm_head writer, embedded input_ids [batch, seq, hidden]).
+
+        When lm_head equals the embedding it is stored once: fp tables feed both Gather and Gemm(transB); quantized
+        tables feed MatMulNBits and a Gather that dequantizes only the rows it picks.
+        """
+        b, spec = self.b, self.spec
+        emb_name, head_name = "transformer.word_embeddings.weight", "lm_head.weight"
+        if spec.embeddings in BITS:
+            head = self.get(head_name)
+            q = quantize_blockwise(head, BITS[spec.embeddings], effective_group(head.shape[1], spec.group_size))
+            self._record("lm_head", q.rel_error)
+            self.report.table_bytes += q.nbytes
+            packed, scales = b.weight("lm_head.qweight", q.packed), b.weight("lm_head.scales", q.scales)
+            attrs = {"K": q.k, "N": q.n, "bits": q.bits, "block_size": q.group_size,
+                     "accuracy_level": spec.accuracy_level}
+            del q  # written out; do not keep 0.5 GB of codes alive for the rest of the export
+
+            def head_q(x: str, out: str) -> str:
+                return b.op("MatMulNBits", [x, packed, scales], [out], domain="com.microsoft", **attrs)
+
+            if self.tied:
+                return head_q, self._gather_quantized(packed, scales, attrs["bits"], attrs["K"])
+            return head_q, self._gather_fp(emb_name, np.float16)
+        dtype = np.float32 if spec.embeddings == "fp32" else np.float16
+        head = self.get(head_name)
+        table = b.weight(emb_name if self.tied else head_name, head, dtype)
+        self.report.table_bytes += head.size * np.dtype(dtype).itemsize
+        self._record("lm_head", self._cast_error(head, dtype))
+        head_table = b.op("Cast", [table], to=TensorProto.FLOAT) if dtype == np.float16 else table
+
+        def head_fp(x: str, out: str) -> str:
+            return b.op("Gemm", [x, head_table], [out], transB=1)
+
+        if not self.tied:
+            return head_fp, self._gather_fp(emb_name, dtype)
+        rows = b.op("Gather", [table, "input_ids"])
+        return head_fp, b.op("Cast", [rows], to=TensorProto.FLOAT) if dtype == np.float16 else rows
+
+    def _gather_fp(self, name: str, dtype) -> str:
+        b = self.b
+        table = self.get(name)
+        self.report.table_bytes += table.size * np.dtype(dtype).itemsize
+        rows = b.op("Gather", [b.weight(name, table, dtype), "input_ids"])
+        return b.op("Cast", [rows], to=TensorProto.FLOAT) if dtype == np.float16 else rows
+
+    def _gather_quantized(self, packed: str, scales: str, bits: int, k: int) -> str:
+        """Embedding rows dequantized from the lm_head's MatMulNBits tables: ``(code - zp) * scale``."""
+        b = self.b
+        codes = b.op("Gather", [packed, "input_ids"])  # [batch, seq, blocks, blob]
+        if bits == 4:
+            high = b.op("BitShift", [codes, b.const(4, np.uint8)], direction="RIGHT")
+            low = b.op("Sub", [codes, b.op("BitShift", [high, b.const(4, np.uint8)], direction="LEFT")])
+            pair = b.op("Concat", [b.op("Unsqueeze", [low, b.const([-1])]), b.op("Unsqueeze", [high, b.const([-1])])],
+                        axis=-1)
+            codes = b.op("Reshape", [pair, b.op("Concat", [b.op("Shape", [codes], end=3), b.const([-1])], axis=0)])
+        values = b.op("Sub", [b.op("Cast", [codes], to=TensorProto.FLOAT), b.const(2 ** (bits - 1), np.float32)])
+        scaled = b.op("Mul", [values, b.op("Unsqueeze", [b.op("Gather", [scales, "input_ids"]), b.const([-1])])])
+        flat = b.op("Reshape", [scaled, b.op("Concat", [b.op("Shape", ["input_ids"]), b.const([-1])], axis=0)])
+        return b.op("Slice", [flat, b.const([0]), b.const([k]), b.const([-1])])

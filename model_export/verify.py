@@ -1,0 +1,91 @@
+"""Run a new bundle beside the numpy reference and decide whether it may be published.
+
+Both engines get the same calls (prefill, then teacher-forced steps on the reference's greedy tokens), so every step
+compares logits for the same context: max |diff|, cosine similarity, and whether the greedy choice agrees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from appliance.engines import Engine
+from appliance.positions import layout_of
+from appliance.tokenizer import ChatGLMTokenizer
+
+VERIFY_PROMPTS = ("你好，请介绍一下你自己。", "What is machine learning? Explain it briefly.",
+                  "def add(a, b):\n\treturn a  +  b")
+
+# Thresholds by stored weight precision. fp32/fp16 store the checkpoint's values (fp16 checkpoints round-trip
+# exactly), so they must match the reference to float rounding and choose the same tokens. Quantized bundles are
+# held to bounds measured on the golden fixture and the demo model with margin (docs/export.md): a broken graph
+# (wrong layout, wrong scale) gives cosine near 0 and random choices, far below them.
+THRESHOLDS = {
+    "fp32": {"max_abs_diff": 1e-4, "agreement": 1.0},
+    "fp16": {"max_abs_diff": 1e-3, "agreement": 1.0},
+    "int8": {"min_cosine": 0.99, "agreement": 0.75},
+    "int4": {"min_cosine": 0.90, "agreement": 0.40},
+}
+
+
+@dataclass
+class VerifyReport:
+    quant: str
+    prompts: int
+    steps: int
+    max_abs_diff: float
+    min_cosine: float
+    mean_cosine: float
+    agreement: float
+    thresholds: dict
+    passed: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return (f"{self.quant}: max|dlogit| {self.max_abs_diff:.2e}, cosine min {self.min_cosine:.5f} mean "
+                f"{self.mean_cosine:.5f}, greedy agreement {self.agreement:.0%} over {self.prompts} prompts x "
+                f"{self.steps + 1} positions (thresholds {self.thresholds})")
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def compare_engines(candidate: Engine, reference: Engine, tokenizer: ChatGLMTokenizer, prompts: tuple[str, ...],
+                    steps: int, on_step: Callable[[], None] = lambda: None) -> dict:
+    """Logit agreement of ``candidate`` with ``reference`` along the reference's greedy path."""
+    diffs, cosines, agree = [], [], []
+    special = tokenizer.special
+    for prompt in prompts:
+        ids = tokenizer.encode_prompt(prompt)
+        layout = layout_of(ids, special.bos, special.gmask, special.mask)
+        seqs = candidate.start(), reference.start()
+        got, want = (s.prefill(np.array(ids), layout.position_ids(), layout.mask()) for s in seqs)
+        total = len(ids)
+        for step in range(steps + 1):
+            diffs.append(float(np.abs(got - want).max()))
+            cosines.append(_cosine(got, want))
+            agree.append(int(got.argmax()) == int(want.argmax()))
+            on_step()
+            if step == steps:
+                break
+            token = int(want.argmax())
+            total += 1
+            got, want = (s.step(token, layout.step_position(total)) for s in seqs)
+    return {"max_abs_diff": max(diffs), "min_cosine": min(cosines), "mean_cosine": float(np.mean(cosines)),
+            "agreement": float(np.mean(agree))}
+
+
+def verify(candidate: Engine, reference: Engine, tokenizer: ChatGLMTokenizer, quant: str, prompts: int = 3,
+           steps: int = 8, on_step: Callable[[], None] = lambda: None) -> VerifyReport:
+    metrics = compare_engines(candidate, reference, tokenizer, VERIFY_PROMPTS[:prompts], steps, on_step)
+    limits = THRESHOLDS[quant]
+    passed = (metrics["max_abs_diff"] <= limits.get("max_abs_diff", np.inf)
+              and metrics["min_cosine"] >= limits.get("min_cosine", -1.0)
+              and metrics["agreement"] >= limits["agreement"])
+    return VerifyReport(quant=quant, prompts=prompts, steps=steps, thresholds=limits, passed=passed, **metrics)
