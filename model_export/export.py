@@ -53,6 +53,12 @@ def default_embeddings(quant: str) -> str:
     return "int8" if quant in BITS else quant
 
 
+def weakest_precision(*precisions: str) -> str:
+    """The precision that bounds a bundle's accuracy (its verification thresholds follow it)."""
+    order = ("int4", "int8", "fp16", "fp32")
+    return min(precisions, key=order.index)
+
+
 def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
     """sha256 over config.json and, per weight file, its name, size and first/last MiB (hashing 13.7 GB would
     dominate the export; this still tells checkpoints apart and detects most truncation or replacement)."""
@@ -148,7 +154,7 @@ def export_bundle(checkpoint_dir: str | Path, out: str | Path, target: str = "cp
         manifest = _build(ckpt, tokenizer, spec, tied, tmp, target, progress, name)
         manifest.update(extra_manifest or {})
         _write_manifest(tmp, manifest, progress)
-        report = _verify(ckpt, tmp, tokenizer, quant, progress)
+        report = _verify(ckpt, tmp, tokenizer, weakest_precision(quant, embeddings), progress)
         (tmp / "verify_report.json").write_text(json.dumps(report.to_dict(), indent=1), encoding="utf-8")
         if not report.passed:
             raise ExportError(f"verification failed, nothing published: {report.describe()}")

@@ -49,9 +49,11 @@ def _filler(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> Call
     return rows
 
 
-def write_checkpoint(out: Path, layers: int, seed: int = 0, progress: Progress | None = None) -> Path:
+def write_checkpoint(out: Path, layers: int, seed: int = 0, progress: Progress | None = None,
+                     widths: dict | None = None) -> Path:
+    """``widths`` overrides hidden_size / inner_hidden_size / num_attention_heads (tests use small ones)."""
     progress = progress or Progress(enabled=False)
-    raw_config = real_config(layers)
+    raw_config = {**real_config(layers), **(widths or {})}
     shapes = expected_shapes(ModelConfig.from_dict(raw_config))
     header, offset = {}, 0
     for name, shape in shapes.items():

@@ -23,6 +23,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--checkpoint", type=Path, metavar="DIR",
                         help="a small THUDM-layout checkpoint, run by the numpy reference (slow; for tests)")
     source.add_argument("--bundle", type=Path, metavar="DIR", help="an exported model bundle")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
 
 
 def _add_generation_args(parser: argparse.ArgumentParser) -> None:
@@ -70,7 +71,7 @@ def _answer(model: LoadedModel, query: str, history: list[Turn], config: Generat
 def cmd_generate(args: argparse.Namespace) -> int:
     config = _generation_config(args)
     history = read_history(args.history) if args.history else []
-    model = load_model(checkpoint=args.checkpoint, bundle=args.bundle)
+    model = load_model(checkpoint=args.checkpoint, bundle=args.bundle, threads=args.threads)
 
     def show(delta: str) -> None:
         if not args.json:
@@ -118,7 +119,7 @@ def _stream_interruptibly(run: Callable[[Callable[[str], None], threading.Event]
 
 def cmd_chat(args: argparse.Namespace) -> int:
     config = _generation_config(args)
-    model = load_model(checkpoint=args.checkpoint, bundle=args.bundle)
+    model = load_model(checkpoint=args.checkpoint, bundle=args.bundle, threads=args.threads)
     history: list[Turn] = []
     print(f"StreamChat on {model.label}. Ctrl-C stops an answer, /clear starts over, /exit quits.")
     while True:

@@ -17,7 +17,8 @@ class LoadedModel:
     label: str
 
 
-def load_model(checkpoint: Path | None = None, bundle: Path | None = None) -> LoadedModel:
+def load_model(checkpoint: Path | None = None, bundle: Path | None = None, threads: int | None = None) -> LoadedModel:
+    """``threads`` None = the machine's physical cores (bundles only; the reference uses numpy's BLAS threads)."""
     if checkpoint is not None:
         from model_export.checkpoint import Checkpoint
         from model_export.reference import ReferenceEngine, ReferenceModel
@@ -29,5 +30,5 @@ def load_model(checkpoint: Path | None = None, bundle: Path | None = None) -> Lo
         from appliance.bundle import Bundle
 
         opened = Bundle.open(bundle)
-        return LoadedModel(opened.engine(), opened.tokenizer(), opened.label)
+        return LoadedModel(opened.engine(threads=threads), opened.tokenizer(), opened.label)
     raise StreamChatError("give --checkpoint DIR or --bundle DIR")
