@@ -7,6 +7,7 @@ import json
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -86,14 +87,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stream_interruptibly(run: Callable[[Callable[[str], None], threading.Event], GenerationResult]) -> GenerationResult:
+def _stream_interruptibly(run: Callable[[Callable[[str], None], threading.Event], None]) -> None:
     """Run an answer in a worker thread so Ctrl-C cancels the answer, not the program."""
     cancel, deltas = threading.Event(), queue.Queue()
     outcome: dict[str, object] = {}
 
     def work() -> None:
         try:
-            outcome["result"] = run(deltas.put, cancel)
+            run(deltas.put, cancel)
         except BaseException as exc:  # handed to the main thread, which reports it
             outcome["error"] = exc
         finally:
@@ -114,14 +115,20 @@ def _stream_interruptibly(run: Callable[[Callable[[str], None], threading.Event]
     worker.join()
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
-    return outcome["result"]  # type: ignore[return-value]
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    config = _generation_config(args)
+    from appliance.app import AppContext
+    from appliance.session import ChatSession
+
+    app = AppContext.load()
     model = load_model(checkpoint=args.checkpoint, bundle=args.bundle, threads=args.threads)
-    history: list[Turn] = []
-    print(f"StreamChat on {model.label}. Ctrl-C stops an answer, /clear starts over, /exit quits.")
+    session = ChatSession(model.engine, model.tokenizer, app.settings, app.history, app.rules, app.audit, model.label)
+    _apply_generation_args(app.settings, args)
+    session.open(args.conversation)
+    for query, answer in session.turns():
+        print(f"\n> {query}\n{answer}")
+    print(f"StreamChat on {model.label}. Ctrl-C stops an answer, /clear starts a new conversation, /exit quits.")
     while True:
         try:
             query = input("\n> ")
@@ -134,20 +141,36 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if query.strip() == "/exit":
             return 0
         if query.strip() == "/clear":
-            history.clear()
-            print("(history cleared)")
+            session.clear()
+            print("(new conversation)")
             continue
         if not query.strip():
             continue
+
+        def run(put: Callable[[str], None], cancel: threading.Event, q: str = query) -> None:
+            for delta in session.send(q, cancel, greedy=args.greedy, seed=args.seed):
+                put(delta)
+
         try:
-            result = _stream_interruptibly(lambda put, cancel, q=query: _answer(model, q, history, config, put, cancel))
+            _stream_interruptibly(run)
         except StreamChatError as exc:
             print(f"\nerror: {exc}", file=sys.stderr)
             continue
-        if result.stopped == "cancelled":
+        result = session.last
+        for note in result.notes:
+            print(f"\nnote: {note}", file=sys.stderr)
+        if result.blocked_reason:
+            print(f"(not sent: {result.blocked_reason})")
+        elif result.stopped == "cancelled":
             print(" [stopped]", end="")
         print()
-        history.append((query, result.response))
+
+
+def _apply_generation_args(settings, args: argparse.Namespace) -> None:
+    """Command-line generation flags override the stored settings for this run only."""
+    gen = settings.generation
+    gen.temperature, gen.top_p, gen.top_k = args.temperature, args.top_p, args.top_k
+    gen.repetition_penalty, gen.max_new_tokens = args.repetition_penalty, args.max_new_tokens
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -173,6 +196,51 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_history(args: argparse.Namespace) -> int:
+    from appliance.app import AppContext
+
+    history = AppContext.load().history
+    if args.action == "list":
+        for c in history.conversations():
+            print(f"{c.id:>5}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(c.updated))}  {c.messages:>3} msgs  {c.title}")
+    elif args.action == "show":
+        print(history.export_markdown(args.id))
+    elif args.action == "search":
+        for m in history.search(args.text):
+            print(f"[{m.conversation_id}] {m.role}: {m.text[:200]}")
+    elif args.action == "export":
+        text = (json.dumps(history.export_json(args.id), ensure_ascii=False, indent=1) if args.format == "json"
+                else history.export_markdown(args.id))
+        args.out.write_text(text, encoding="utf-8")
+        print(f"exported to {args.out}")
+    elif args.action == "import":
+        try:
+            data = json.loads(args.file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise StreamChatError(f"cannot read {args.file} as a JSON history export: {exc}") from exc
+        print(f"imported {len(history.import_json(data))} conversation(s)")
+    elif args.action == "delete":
+        history.delete(args.id)
+        print(f"deleted conversation {args.id}")
+    return 0
+
+
+def _add_history_parser(sub) -> None:
+    hist = sub.add_parser("history", help="list, show, search, export, import or delete stored conversations",
+                          description="Stored conversations (SQLite in the data folder).")
+    actions = hist.add_subparsers(dest="action", metavar="ACTION", required=True)
+    actions.add_parser("list", help="conversations, newest first")
+    actions.add_parser("show", help="one conversation as Markdown").add_argument("id", type=int)
+    actions.add_parser("search", help="messages containing TEXT").add_argument("text")
+    export = actions.add_parser("export", help="a conversation (or all) to Markdown or JSON")
+    export.add_argument("id", type=int, nargs="?", default=None)
+    export.add_argument("--format", choices=("md", "json"), default="md")
+    export.add_argument("--out", type=Path, required=True)
+    actions.add_parser("import", help="conversations from a JSON export").add_argument("file", type=Path)
+    actions.add_parser("delete", help="delete a conversation for good").add_argument("id", type=int)
+    hist.set_defaults(func=cmd_history)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamchat", description="Offline chat appliance for ChatGLM-6B.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -189,7 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive terminal chat", description="Interactive terminal chat.")
     _add_model_args(chat)
     _add_generation_args(chat)
+    where = chat.add_mutually_exclusive_group()
+    where.add_argument("--conversation", type=int, metavar="ID", help="continue a stored conversation")
+    where.add_argument("--new", action="store_true", help="start a new conversation (the default)")
     chat.set_defaults(func=cmd_chat)
+    _add_history_parser(sub)
 
     from model_export.quantize import GROUP_SIZES
 

@@ -61,18 +61,30 @@ def test_bad_history_shape(capsys, tmp_path):
     assert "[query, response]" in capsys.readouterr().err
 
 
-def test_chat_session_over_stdin():
-    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
-    proc = subprocess.run([sys.executable, "-m", "streamchat", "chat", "--checkpoint", str(TINY), "--greedy",
-                           "--max-new-tokens", "24", "--repetition-penalty", "1.0"],
-                          input="你好，请介绍一下你自己。\n/clear\n/exit\n", capture_output=True, text=True, env=env,
-                          timeout=120)
+def _chat(tmp_path, stdin, *extra):
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "STREAMCHAT_CONFIG_DIR": str(tmp_path / "config"),
+           "STREAMCHAT_DATA_DIR": str(tmp_path / "data"), "STREAMCHAT_CACHE_DIR": str(tmp_path / "cache")}
+    return subprocess.run([sys.executable, "-m", "streamchat", *extra], input=stdin, capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_chat_keeps_history_across_runs(tmp_path):
+    args = ["chat", "--checkpoint", str(TINY), "--greedy", "--max-new-tokens", "24", "--repetition-penalty", "1.0"]
+    first = GOLDEN["prompts"][0]
+    proc = _chat(tmp_path, f"{first['query']}\n/exit\n", *args)
     assert proc.returncode == 0, proc.stderr
-    assert GOLDEN["prompts"][0]["greedy"]["rp1.0"]["response"] in proc.stdout
-    assert "(history cleared)" in proc.stdout
+    assert first["greedy"]["rp1.0"]["response"] in proc.stdout
+    listed = _chat(tmp_path, "", "history", "list")
+    assert "2 msgs" in listed.stdout and first["query"][:10] in listed.stdout
+    again = _chat(tmp_path, "/clear\n/exit\n", *args, "--conversation", "1")
+    assert again.returncode == 0 and f"> {first['query']}" in again.stdout and "(new conversation)" in again.stdout
+    found = _chat(tmp_path, "", "history", "search", "介绍一下")
+    assert "[1] user" in found.stdout
+    missing = _chat(tmp_path, "", *args, "--conversation", "42")
+    assert missing.returncode == 2 and "no conversation 42" in missing.stderr
 
 
 def test_every_command_has_help():
-    for command in ([], ["generate"], ["chat"]):
+    for command in ([], ["generate"], ["chat"], ["export"], ["verify"], ["history"], ["history", "export"]):
         proc = subprocess.run([sys.executable, "-m", "streamchat", *command, "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and "usage: streamchat" in proc.stdout
