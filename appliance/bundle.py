@@ -64,8 +64,12 @@ class Bundle:
         """What the UI and CLI show as the model name."""
         name = self.manifest.get("name", "ChatGLM-6B")
         quant = self.manifest["quant"]["weights"].upper()
-        demo = " [demo]" if self.manifest.get("demo") else ""
-        return f"{name}{demo} · {quant} · {self.target}"
+        demo = "DEMO · " if self.is_demo else ""
+        return f"{demo}{name} · {quant} · {self.target}"
+
+    @property
+    def is_demo(self) -> bool:
+        return bool(self.manifest.get("demo"))
 
     @classmethod
     def open(cls, path: str | Path, full_check: bool | None = None) -> Bundle:

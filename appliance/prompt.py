@@ -31,17 +31,18 @@ class PromptPlan:
 
 def plan_prompt(tokenizer: ChatGLMTokenizer, query: str, history: list[Turn], context_budget: int,
                 max_new_tokens: int) -> PromptPlan:
-    """Fit ``query`` and as much recent history as possible into ``context_budget - max_new_tokens`` tokens.
+    """Fit ``query`` and as much recent history as possible into the budget, leaving room for the answer.
 
+    The room kept for the answer is ``max_new_tokens`` but at most half the budget (a 512-token answer limit must not
+    leave a 512-token model no room for a question; such an answer may then end with stop reason ``context``).
     Oldest whole rounds are dropped first; if the query alone is too long, its tail is kept (cut between characters)
     and the plan says how much was dropped.
     """
     if not query.strip():
         raise PromptError("the message is empty: type a question first")
-    room = context_budget - max_new_tokens
+    room = context_budget - min(max_new_tokens, context_budget // 2)
     if room < 8:
-        raise PromptError(f"max_new_tokens ({max_new_tokens}) leaves no room for a prompt in a context of "
-                          f"{context_budget} tokens: lower max_new_tokens or raise the context budget")
+        raise PromptError(f"a context budget of {context_budget} tokens is too small: raise it")
     for dropped in range(len(history) + 1):
         text = build_prompt(query, history[dropped:])
         ids = tokenizer.encode_prompt(text)

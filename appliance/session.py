@@ -68,7 +68,7 @@ class ChatSession:
                 return
         config = self.settings.generation.config(greedy=greedy, seed=seed)
         budget = min(self.settings.context_budget, self.engine.max_context)
-        plan = plan_prompt(self.tokenizer, query, self.turns(), budget, min(config.max_new_tokens, budget // 2))
+        plan = plan_prompt(self.tokenizer, query, self.turns(), budget, config.max_new_tokens)
         result.notes = list(plan.notes)
         if self.history is not None:
             if self.conversation_id is None:

@@ -21,6 +21,7 @@ EXIT_USAGE = 2
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--demo", action="store_true", help="the built-in demo model (answers questions about StreamChat)")
     source.add_argument("--checkpoint", type=Path, metavar="DIR",
                         help="a small THUDM-layout checkpoint, run by the numpy reference (slow; for tests)")
     source.add_argument("--bundle", type=Path, metavar="DIR", help="an exported model bundle")
@@ -72,7 +73,7 @@ def _answer(model: LoadedModel, query: str, history: list[Turn], config: Generat
 def cmd_generate(args: argparse.Namespace) -> int:
     config = _generation_config(args)
     history = read_history(args.history) if args.history else []
-    model = load_model(checkpoint=args.checkpoint, bundle=args.bundle, threads=args.threads)
+    model = load_model(checkpoint=args.checkpoint, bundle=args.bundle, threads=args.threads, demo=args.demo)
 
     def show(delta: str) -> None:
         if not args.json:
@@ -122,7 +123,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from appliance.session import ChatSession
 
     app = AppContext.load()
-    model = load_model(checkpoint=args.checkpoint, bundle=args.bundle, threads=args.threads)
+    model = load_model(checkpoint=args.checkpoint, bundle=args.bundle, threads=args.threads, demo=args.demo,
+                       data=app.data_dir)
     session = ChatSession(model.engine, model.tokenizer, app.settings, app.history, app.rules, app.audit, model.label)
     _apply_generation_args(app.settings, args)
     session.open(args.conversation)
@@ -241,6 +243,15 @@ def _add_history_parser(sub) -> None:
     hist.set_defaults(func=cmd_history)
 
 
+def cmd_gui(args: argparse.Namespace) -> int:
+    try:
+        from ui.app import run
+    except ImportError as exc:
+        raise StreamChatError(f"the desktop app needs PySide6 ({exc.name} is missing): pip install 'streamchat[ui]'") \
+            from exc
+    return run(bundle=args.bundle, kiosk=args.kiosk, demo=args.demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamchat", description="Offline chat appliance for ChatGLM-6B.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -262,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--new", action="store_true", help="start a new conversation (the default)")
     chat.set_defaults(func=cmd_chat)
     _add_history_parser(sub)
+
+    gui = sub.add_parser("gui", help="the desktop chat window (the default command)",
+                         description="Open the chat window (the built-in demo model when no bundle is configured).")
+    gui.add_argument("--bundle", type=Path, metavar="DIR", help="a model bundle (default: from settings, else the demo)")
+    gui.add_argument("--demo", action="store_true", help="use the built-in demo model")
+    gui.add_argument("--kiosk", action="store_true", help="full screen, unattended kiosk mode")
+    gui.set_defaults(func=cmd_gui)
 
     from model_export.quantize import GROUP_SIZES
 
@@ -292,8 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        parser.print_help()
-        return EXIT_USAGE
+        args = parser.parse_args(["gui", *(argv if argv is not None else sys.argv[1:])])
     try:
         return args.func(args)
     except StreamChatError as exc:

@@ -40,5 +40,11 @@ def test_plan_keeps_the_tail_of_a_too_long_query(tokenizer):
 def test_plan_refuses_empty_and_impossible(tokenizer):
     with pytest.raises(PromptError, match="empty"):
         plan_prompt(tokenizer, "  \n", [], 2048, 10)
-    with pytest.raises(PromptError, match="max_new_tokens"):
-        plan_prompt(tokenizer, "hi", [], 100, 98)
+    with pytest.raises(PromptError, match="too small"):
+        plan_prompt(tokenizer, "hi", [], 10, 4)
+
+
+def test_answer_room_is_at_most_half_the_budget(tokenizer):
+    query = "你好" * 20  # 23 tokens with [gMASK] <sop>
+    assert plan_prompt(tokenizer, query, [], 46, 5000).query_chars_dropped == 0
+    assert plan_prompt(tokenizer, query, [], 44, 5000).query_chars_dropped > 0

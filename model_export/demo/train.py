@@ -1,0 +1,233 @@
+"""Train StreamChat's built-in demo model: a tiny ChatGLM-6B-architecture model that answers questions about StreamChat.
+
+    pip install torch==2.13.0 protobuf      # dev-only; the app never imports torch
+    python -m model_export.demo.train [--out appliance/demo/checkpoint] [--steps N]
+
+Deterministic (fixed seeds, single-threaded sentencepiece, deterministic torch kernels); a few minutes on 2 cores.
+It writes THUDM's layout (config.json, tokenizer_config.json, ice_text.model, model.safetensors with a tied lm_head)
+and checks the result with the numpy reference before it writes anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+from torch import nn
+
+from appliance.generation import GenerationConfig, StreamGenerator
+from appliance.model_config import ModelConfig
+from appliance.positions import PromptLayout, layout_of
+from appliance.prompt import build_prompt
+from appliance.tokenizer import MAX_BLANK, SPECIAL_PIECES, ChatGLMTokenizer
+from model_export.reference import ALPHA, MASK_FILL, ReferenceEngine, ReferenceModel, rotary_tables
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+DEFAULT_OUT = ROOT / "appliance" / "demo" / "checkpoint"
+SIZES = {"hidden_size": 128, "num_layers": 2, "num_attention_heads": 4, "inner_hidden_size": 512,
+         "max_sequence_length": 512}
+
+
+def read_corpus(path: Path = HERE / "corpus.jsonl") -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def train_tokenizer(corpus: list[dict], out: Path) -> Path:
+    """A unigram sentencepiece model with ChatGLM-6B's piece layout: <unk> <s> </s> <pad> <n> <|tab|> <|blank_2..80|>,
+    learned pieces (with byte fallback), then the eight GLM control pieces last."""
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    lines = []
+    for ex in corpus:
+        lines += [ChatGLMTokenizer.preprocess(build_prompt(ex["query"], [tuple(t) for t in ex["history"]])),
+                  ChatGLMTokenizer.preprocess(ex["answer"])]
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(tmp) / "corpus.txt"
+        text.write_text("\n".join(lines), encoding="utf-8")
+        spm.SentencePieceTrainer.train(
+            input=str(text), model_prefix=f"{tmp}/sp", model_type="unigram", vocab_size=1200, hard_vocab_limit=False,
+            character_coverage=1.0, byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc",
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3, num_threads=1, seed_sentencepiece_size=100000,
+            user_defined_symbols=["<n>", "<|tab|>"] + [f"<|blank_{n}|>" for n in range(2, MAX_BLANK + 1)],
+            minloglevel=2)
+        proto = model_pb2.ModelProto()
+        proto.ParseFromString(Path(f"{tmp}/sp.model").read_bytes())
+    for piece in SPECIAL_PIECES:
+        entry = proto.pieces.add()
+        entry.piece, entry.score, entry.type = piece, 0.0, model_pb2.ModelProto.SentencePiece.CONTROL
+    path = out / "ice_text.model"
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
+class TinyChatGLM(nn.Module):
+    """ChatGLM-6B's forward (the numpy reference's semantics) in torch, for training only."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h, f = cfg.hidden_size, cfg.inner_hidden_size
+        self.embed = nn.Embedding(cfg.vocab_size, h)
+        self.layers = nn.ModuleList()
+        for _ in range(cfg.num_layers):
+            self.layers.append(nn.ModuleDict({
+                "input_layernorm": nn.LayerNorm(h, eps=cfg.layernorm_epsilon),
+                "query_key_value": nn.Linear(h, 3 * h), "dense": nn.Linear(h, h),
+                "post_attention_layernorm": nn.LayerNorm(h, eps=cfg.layernorm_epsilon),
+                "dense_h_to_4h": nn.Linear(h, f), "dense_4h_to_h": nn.Linear(f, h)}))
+        self.final_layernorm = nn.LayerNorm(h, eps=cfg.layernorm_epsilon)
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+        cos, sin = rotary_tables(np.arange(cfg.max_sequence_length + 1), cfg.rotary_dim)
+        self.register_buffer("cos", torch.from_numpy(cos), persistent=False)
+        self.register_buffer("sin", torch.from_numpy(sin), persistent=False)
+
+    def _rotary(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        rd = self.cfg.rotary_dim
+        parts = []
+        for half, row in ((x[..., :rd], pos[:, 0]), (x[..., rd:], pos[:, 1])):
+            cos, sin = self.cos[row][:, :, None], self.sin[row][:, :, None]
+            a, b = half[..., : rd // 2], half[..., rd // 2:]
+            parts.append(half * cos + torch.cat([-b, a], dim=-1) * sin)
+        return torch.cat(parts, dim=-1)
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        b, length = ids.shape
+        x = self.embed(ids)
+        for n, layer in enumerate(self.layers):
+            ln1 = layer["input_layernorm"](x)
+            qkv = layer["query_key_value"](ln1).view(b, length, cfg.num_heads, 3 * cfg.head_dim)
+            q, k, v = qkv.chunk(3, dim=-1)
+            q, k = self._rotary(q, pos), self._rotary(k, pos)
+            coeff = float(n + 1)
+            q = q.transpose(1, 2) / (math.sqrt(cfg.head_dim) * coeff)
+            scores = q @ k.permute(0, 2, 3, 1)
+            scores = scores.masked_fill(mask, MASK_FILL) * coeff
+            context = (scores.softmax(-1) @ v.transpose(1, 2)).transpose(1, 2).reshape(b, length, cfg.hidden_size)
+            x = ln1 * ALPHA + layer["dense"](context)
+            ln2 = layer["post_attention_layernorm"](x)
+            up = nn.functional.gelu(layer["dense_h_to_4h"](ln2), approximate="tanh")
+            x = ln2 * ALPHA + layer["dense_4h_to_h"](up)
+        return self.final_layernorm(x) @ self.embed.weight.T
+
+    def state_dict_thudm(self) -> dict[str, np.ndarray]:
+        """THUDM's key names (lm_head tied, so only the embedding is stored, as save_pretrained does)."""
+        out = {"transformer.word_embeddings.weight": self.embed.weight,
+               "transformer.final_layernorm.weight": self.final_layernorm.weight,
+               "transformer.final_layernorm.bias": self.final_layernorm.bias}
+        for n, layer in enumerate(self.layers):
+            for name, module in layer.items():
+                group = "attention." if name in ("query_key_value", "dense") else \
+                    "mlp." if name.startswith("dense_") else ""
+                for param in ("weight", "bias"):
+                    out[f"transformer.layers.{n}.{group}{name}.{param}"] = getattr(module, param)
+        return {k: v.detach().numpy().astype(np.float16) for k, v in out.items()}
+
+
+def encode_examples(corpus: list[dict], tok: ChatGLMTokenizer, cfg: ModelConfig):
+    """Padded ids, positions, masks and answer-only targets for the whole corpus (one batch)."""
+    rows = []
+    for ex in corpus:
+        prompt = tok.encode_prompt(build_prompt(ex["query"], [tuple(t) for t in ex["history"]]))
+        rows.append((prompt, tok.encode(ex["answer"]) + [tok.special.eos]))
+    width = max(len(p) + len(a) for p, a in rows)
+    ids = np.full((len(rows), width), tok.special.pad, dtype=np.int64)
+    pos = np.zeros((len(rows), 2, width), dtype=np.int64)
+    mask = np.ones((len(rows), 1, width, width), dtype=bool)
+    targets = np.full((len(rows), width), -100, dtype=np.int64)
+    for i, (prompt, answer) in enumerate(rows):
+        seq = prompt + answer
+        base = layout_of(prompt, tok.special.bos, tok.special.gmask, tok.special.mask)
+        layout = PromptLayout(len(seq), base.context_length, base.mask_position)
+        ids[i, : len(seq)] = seq
+        pos[i, :, : len(seq)] = layout.position_ids()
+        mask[i, 0, : len(seq), : len(seq)] = layout.mask()
+        mask[i, 0, len(seq):, :] = False  # padding rows: anything finite; their loss is ignored
+        targets[i, len(prompt) - 1: len(seq) - 1] = answer
+    return [torch.from_numpy(a) for a in (ids, pos, mask, targets)]
+
+
+def write_checkpoint(model: TinyChatGLM, cfg: ModelConfig, out: Path) -> None:
+    from safetensors.numpy import save_file
+
+    raw = {"architectures": ["ChatGLMModel"], "model_type": "chatglm", "_name_or_path": "streamchat-demo",
+           "hidden_size": cfg.hidden_size, "inner_hidden_size": cfg.inner_hidden_size,
+           "num_attention_heads": cfg.num_heads, "num_layers": cfg.num_layers, "vocab_size": cfg.vocab_size,
+           "max_sequence_length": cfg.max_sequence_length, "layernorm_epsilon": cfg.layernorm_epsilon,
+           "position_encoding_2d": True, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+           "mask_token_id": cfg.mask_token_id, "gmask_token_id": cfg.gmask_token_id,
+           "pad_token_id": cfg.pad_token_id, "quantization_bit": 0, "torch_dtype": "float16",
+           "streamchat_demo": True}
+    (out / "config.json").write_text(json.dumps(raw, indent=1) + "\n")
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"name_or_path": "streamchat-demo", "bos_token": "<sop>", "eos_token": "<eop>", "gmask_token": "[gMASK]",
+         "mask_token": "[MASK]", "pad_token": "<pad>", "unk_token": "<unk>", "num_image_tokens": 0,
+         "tokenizer_class": "ChatGLMTokenizer"}, indent=1) + "\n")
+    save_file(model.state_dict_thudm(), str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def check_answers(out: Path, corpus: list[dict]) -> float:
+    """Greedy answers of the written (fp16) checkpoint through the numpy reference: share reproduced exactly."""
+    from appliance.textstream import process_response
+    from model_export.checkpoint import Checkpoint
+
+    tok = ChatGLMTokenizer.from_dir(out)
+    gen = StreamGenerator(ReferenceEngine(ReferenceModel.from_checkpoint(Checkpoint(out))), tok)
+    exact = 0
+    for ex in corpus:
+        ids = tok.encode_prompt(build_prompt(ex["query"], [tuple(t) for t in ex["history"]]))
+        answer = gen.run(ids, GenerationConfig(greedy=True, max_new_tokens=128, repetition_penalty=1.0)).response
+        exact += answer == process_response(tok.decode(tok.encode(ex["answer"])))
+    return exact / len(corpus)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--steps", type=int, default=300)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(2)
+    corpus = read_corpus()
+    args.out.mkdir(parents=True, exist_ok=True)
+    tok = ChatGLMTokenizer(train_tokenizer(corpus, args.out), num_image_tokens=0)
+    cfg = ModelConfig.from_dict({**SIZES, "vocab_size": tok.vocab_size, "bos_token_id": tok.special.bos,
+                                 "eos_token_id": tok.special.eos, "mask_token_id": tok.special.mask,
+                                 "gmask_token_id": tok.special.gmask, "pad_token_id": tok.special.pad})
+    ids, pos, mask, targets = encode_examples(corpus, tok, cfg)
+    model = TinyChatGLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=args.steps, pct_start=0.1)
+    start = time.time()
+    for step in range(args.steps):
+        logits = model(ids, pos, mask[:, :, :, :])
+        loss = nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), targets.reshape(-1), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == args.steps - 1:
+            print(f"step {step:5d}  loss {loss.item():.4f}  {time.time() - start:.0f}s", flush=True)
+    write_checkpoint(model, cfg, args.out)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.out} ({params / 1e6:.2f} M parameters, vocab {cfg.vocab_size})")
+    print(f"greedy answers reproduced exactly (numpy reference, fp16 weights): {check_answers(args.out, corpus):.0%}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

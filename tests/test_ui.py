@@ -1,0 +1,144 @@
+"""The real window, offscreen, on exported bundles: streaming, stop, responsiveness, history, kiosk."""
+
+import os
+import time
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("PySide6")
+pytest.importorskip("pytestqt")
+
+from PySide6.QtCore import QTimer  # noqa: E402
+
+from appliance.app import AppContext  # noqa: E402
+from model_export.export import export_bundle  # noqa: E402
+from streamchat.models import DEMO_CHECKPOINT  # noqa: E402
+from tests.conftest import TINY  # noqa: E402
+from ui.app import model_loader  # noqa: E402
+from ui.main_window import MainWindow  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    os.environ.setdefault("STREAMCHAT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    root = tmp_path_factory.mktemp("ui-bundles")
+    return {"tiny": export_bundle(TINY, root / "tiny", quant="fp32").bundle,
+            "demo": export_bundle(DEMO_CHECKPOINT, root / "demo", quant="int8", extra_manifest={"demo": True}).bundle}
+
+
+@pytest.fixture
+def app_dirs(tmp_path, monkeypatch):
+    monkeypatch.setenv("STREAMCHAT_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.setenv("STREAMCHAT_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path
+
+
+def _window(qtbot, bundle, kiosk=False, tweak=lambda s: None):
+    app = AppContext.load()
+    app.settings.generation.max_new_tokens = 200
+    tweak(app.settings)
+    window = MainWindow(app, model_loader(app, bundle, demo=False), kiosk=kiosk)
+    qtbot.addWidget(window)
+    with qtbot.waitSignal(window.worker.loaded, timeout=60000):
+        pass
+    return window
+
+
+def _close(window):
+    window.worker.stop()
+    window.thread.quit()
+    window.thread.wait(5000)
+
+
+def test_streams_deltas_in_order_and_never_stalls(qtbot, bundles, app_dirs):
+    window = _window(qtbot, bundles["demo"])
+    assert window.model_label.startswith("DEMO") and window.banner.isVisibleTo(window)
+    deltas, gaps, last = [], [], [time.perf_counter()]
+    window.worker.delta.connect(deltas.append)
+
+    def tick():
+        now = time.perf_counter()
+        gaps.append(now - last[0])
+        last[0] = now
+
+    timer = QTimer()
+    timer.timeout.connect(tick)
+    timer.start(5)
+    window.composer.setPlainText("StreamChat 是什么？")
+    with qtbot.waitSignal(window.worker.finished, timeout=60000) as finished:
+        window.send_current()
+    timer.stop()
+    result = finished.args[0]
+    assert deltas and "".join(deltas) == result.response
+    assert window.transcript.views[-1].text == result.response and "StreamChat" in result.response
+    assert max(gaps) < 0.050, f"GUI event loop stalled {max(gaps) * 1000:.0f} ms"
+    assert "tokens/s" in window.speed.text()
+    _close(window)
+
+
+def test_stop_ends_the_answer_within_one_token(qtbot, bundles, app_dirs):
+    window = _window(qtbot, bundles["tiny"], tweak=lambda s: setattr(s.generation, "repetition_penalty", 1.0))
+    seen = {}
+
+    def on_delta(_):
+        if "at_stop" not in seen:
+            seen["at_stop"] = len(window.worker.session.last.generation.token_ids)
+            window.stop_button.click()
+
+    window.worker.delta.connect(on_delta)
+    window.composer.setPlainText("你好")
+    with qtbot.waitSignal(window.worker.finished, timeout=60000) as finished:
+        window.send_current()
+    result = finished.args[0]
+    assert result.stopped == "cancelled"
+    assert len(result.generation.token_ids) <= seen["at_stop"] + 1
+    _close(window)
+
+
+def test_busy_send_is_refused_visibly(qtbot, bundles, app_dirs):
+    window = _window(qtbot, bundles["tiny"])
+    window.composer.setPlainText("first")
+    with qtbot.waitSignal(window.worker.finished, timeout=60000):
+        window.send_current()
+        window.composer.setPlainText("second")
+        window.send_current()
+        assert window.composer.toPlainText() == "second"  # kept, not lost
+    _close(window)
+
+
+def test_history_is_shown_and_searched_after_restart(qtbot, bundles, app_dirs):
+    window = _window(qtbot, bundles["demo"])
+    window.composer.setPlainText("怎么退出 kiosk 模式？")
+    with qtbot.waitSignal(window.worker.finished, timeout=60000):
+        window.send_current()
+    _close(window)
+    window.close()
+    again = _window(qtbot, bundles["demo"])
+    assert again.conversations.count() == 1 and "kiosk" in again.conversations.item(0).text()
+    again.search.setText("管理员")
+    assert again.conversations.count() == 1
+    again.search.setText("nothing like this")
+    assert again.conversations.count() == 0
+    again.search.setText("")
+    again._open_item(again.conversations.item(0))
+    assert [v.role for v in again.transcript.views] == ["user", "assistant"]
+    _close(again)
+
+
+def test_kiosk_hides_settings_and_resets_when_idle(qtbot, bundles, app_dirs):
+    def tweak(s):
+        s.kiosk.idle_timeout_s = 1
+        s.kiosk.keep_history = False
+
+    window = _window(qtbot, bundles["demo"], kiosk=True, tweak=tweak)
+    assert not window.settings_button.isVisibleTo(window) and not window.sidebar.isVisibleTo(window)
+    window.composer.setPlainText("What is kiosk mode?")
+    with qtbot.waitSignal(window.worker.finished, timeout=60000):
+        window.send_current()
+    assert window.transcript.views
+    qtbot.waitUntil(lambda: not window.transcript.views, timeout=5000)
+    assert window.current_conversation is None
+    assert window.app.history.conversations() == []  # kiosk without kept history forgets the visitor
+    _close(window)

@@ -1,0 +1,42 @@
+"""Start the window: settings, translations, the model (a bundle, or the built-in demo), kiosk or not."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from appliance.app import AppContext
+
+
+def model_loader(app: AppContext, bundle: Path | None, demo: bool):
+    """What the worker calls (in its thread) to load the model: the given bundle, the configured one, or the demo."""
+    from streamchat.models import load_model
+
+    def load(progress):
+        chosen = bundle or (Path(app.settings.model_bundle) if app.settings.model_bundle and not demo else None)
+        threads = app.settings.threads or None
+        if chosen is None:
+            progress("preparing the built-in demo model")
+            return load_model(demo=True, data=app.data_dir, threads=threads)
+        progress(str(chosen))
+        return load_model(bundle=chosen, threads=threads)
+
+    return load
+
+
+def run(bundle: Path | None = None, kiosk: bool = False, demo: bool = False, argv: list[str] | None = None) -> int:
+    from PySide6.QtWidgets import QApplication
+
+    from ui.i18n import translator_for
+    from ui.main_window import MainWindow
+
+    qt = QApplication.instance() or QApplication(argv or sys.argv[:1])
+    qt.setApplicationName("StreamChat")
+    app = AppContext.load()
+    translator = translator_for(app.settings.language)
+    if translator is not None:
+        qt.installTranslator(translator)
+    window = MainWindow(app, model_loader(app, bundle, demo), kiosk=kiosk or app.settings.kiosk.enabled)
+    if not window.isFullScreen():
+        window.show()
+    return qt.exec()

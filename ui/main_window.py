@@ -1,0 +1,390 @@
+"""The chat window: conversation sidebar, transcript, composer, status bar; kiosk mode for unattended boards."""
+
+from __future__ import annotations
+
+import time
+
+from PySide6.QtCore import QEvent, QObject, Qt, QThread, QTimer, Signal
+from PySide6.QtGui import QKeySequence, QShortcut
+from PySide6.QtWidgets import (
+    QApplication,
+    QHBoxLayout,
+    QInputDialog,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QMainWindow,
+    QMenu,
+    QPlainTextEdit,
+    QPushButton,
+    QSplitter,
+    QVBoxLayout,
+    QWidget,
+)
+
+from appliance.app import AppContext
+from appliance.session import TurnResult
+from ui.messages import MessageView, Transcript, t
+from ui.worker import ChatWorker
+
+
+class Composer(QPlainTextEdit):
+    """Enter sends, Shift+Enter is a new line, Esc stops the answer."""
+
+    submitted = Signal()
+    stop_requested = Signal()
+
+    def keyPressEvent(self, event) -> None:  # noqa: N802 - Qt override
+        if event.key() in (Qt.Key_Return, Qt.Key_Enter) and not event.modifiers() & Qt.ShiftModifier:
+            self.submitted.emit()
+        elif event.key() == Qt.Key_Escape:
+            self.stop_requested.emit()
+        else:
+            super().keyPressEvent(event)
+
+
+class IdleWatcher(QObject):
+    """Restarts a timer on any key or pointer event (kiosk idle timeout)."""
+
+    def __init__(self, timer: QTimer) -> None:
+        super().__init__()
+        self.timer = timer
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 - Qt override
+        if event.type() in (QEvent.KeyPress, QEvent.MouseButtonPress, QEvent.TouchBegin, QEvent.Wheel):
+            self.timer.start()
+        return False
+
+
+class MainWindow(QMainWindow):
+    send_requested = Signal(str, object)
+    load_requested = Signal()
+    open_requested = Signal(object)
+
+    def __init__(self, app: AppContext, model_loader, kiosk: bool = False) -> None:
+        super().__init__()
+        self.app, self.kiosk = app, kiosk
+        self.model_label, self.model_summary = "", {}
+        self.answer_view: MessageView | None = None
+        self.answering = False
+        self.edit_target: int | None = None
+        self.current_conversation: int | None = None
+        self.answer_started = 0.0
+        self.setWindowTitle("StreamChat")
+        self._build()
+        self.thread = QThread(self)
+        self.worker = ChatWorker(app, model_loader)
+        self.worker.moveToThread(self.thread)
+        self.send_requested.connect(self.worker.send)
+        self.load_requested.connect(self.worker.load)
+        self.open_requested.connect(self.worker.open_conversation)
+        self.worker.loading.connect(lambda text: self.status.setText(t("Loading the model...") + " " + text))
+        self.worker.loaded.connect(self._on_loaded)
+        self.worker.started.connect(self._on_started)
+        self.worker.delta.connect(self._on_delta)
+        self.worker.finished.connect(self._on_finished)
+        self.worker.failed.connect(self._on_failed)
+        self.worker.refused.connect(lambda why: self.statusBar().showMessage(why, 5000))
+        self.thread.start()
+        self.load_requested.emit()
+        if kiosk:
+            self._enter_kiosk()
+        self.refresh_sidebar()
+
+    # -- layout ----------------------------------------------------------------------------------------------
+    def _build(self) -> None:
+        self.search = QLineEdit(placeholderText=t("Search conversations"))
+        self.search.textChanged.connect(self.refresh_sidebar)
+        self.conversations = QListWidget()
+        self.conversations.itemClicked.connect(self._open_item)
+        self.conversations.setContextMenuPolicy(Qt.CustomContextMenu)
+        self.conversations.customContextMenuRequested.connect(self._conversation_menu)
+        self.new_button = QPushButton(t("New conversation"))
+        self.new_button.clicked.connect(self.new_conversation)
+        self.sidebar = QWidget()
+        side = QVBoxLayout(self.sidebar)
+        for widget in (self.new_button, self.search, self.conversations):
+            side.addWidget(widget)
+
+        self.banner = QLabel()
+        self.banner.setWordWrap(True)
+        self.banner.setObjectName("banner")
+        self.banner.hide()
+        self.transcript = Transcript()
+        self.composer = Composer(placeholderText=t("Type a message. Enter sends, Shift+Enter starts a new line, Esc stops."))
+        self.composer.setFixedHeight(90)
+        self.composer.submitted.connect(self.send_current)
+        self.composer.stop_requested.connect(self.stop)
+        self.send_button, self.stop_button = QPushButton(t("Send")), QPushButton(t("Stop"))
+        self.regenerate_button, self.settings_button = QPushButton(t("Regenerate")), QPushButton(t("Settings"))
+        self.send_button.clicked.connect(self.send_current)
+        self.stop_button.clicked.connect(self.stop)
+        self.regenerate_button.clicked.connect(self.regenerate)
+        self.settings_button.clicked.connect(self.open_settings)
+        self.stop_button.setEnabled(False)
+        buttons = QHBoxLayout()
+        for button in (self.settings_button, self.regenerate_button):
+            buttons.addWidget(button)
+        buttons.addStretch(1)
+        buttons.addWidget(self.stop_button)
+        buttons.addWidget(self.send_button)
+        chat = QWidget()
+        column = QVBoxLayout(chat)
+        column.addWidget(self.banner)
+        column.addWidget(self.transcript, 1)
+        column.addWidget(self.composer)
+        column.addLayout(buttons)
+        splitter = QSplitter()
+        splitter.addWidget(self.sidebar)
+        splitter.addWidget(chat)
+        splitter.setSizes([240, 760])
+        self.setCentralWidget(splitter)
+        self.status = QLabel(t("Loading the model..."))
+        self.speed = QLabel()
+        self.statusBar().addWidget(self.status, 1)
+        self.statusBar().addPermanentWidget(self.speed)
+        QShortcut(QKeySequence("Ctrl+N"), self, self.new_conversation)
+        QShortcut(QKeySequence("Ctrl+F"), self, self.search.setFocus)
+        self.resize(1100, 760)
+        self._apply_font(self.app.settings.font_size)
+
+    def _apply_font(self, size: float) -> None:
+        font = QApplication.font()
+        font.setPointSizeF(size)
+        self.setFont(font)
+
+    # -- model -----------------------------------------------------------------------------------------------
+    def _on_loaded(self, label: str, summary: dict) -> None:
+        self.model_label, self.model_summary = label, summary
+        self.status.setText(f"{label}")
+        self.banner.setVisible(bool(summary.get("demo")) and not self.kiosk)
+        self.banner.setText(t("This is the built-in demo model: it only knows about StreamChat. To chat with ChatGLM-6B, "
+                              "export a bundle (streamchat export CHECKPOINT --out BUNDLE) and open it in Settings."))
+
+    def reload_model(self) -> None:
+        self.load_requested.emit()
+
+    # -- conversations ---------------------------------------------------------------------------------------
+    def refresh_sidebar(self) -> None:
+        query = self.search.text().strip()
+        self.conversations.clear()
+        if query:
+            seen = set()
+            for message in self.app.history.search(query):
+                if message.conversation_id not in seen:
+                    seen.add(message.conversation_id)
+                    conv = self.app.history.conversation(message.conversation_id)
+                    self._add_item(conv.id, conv.title, message.text)
+        else:
+            for conv in self.app.history.conversations():
+                self._add_item(conv.id, conv.title, "")
+
+    def _add_item(self, conversation_id: int, title: str, hit: str) -> None:
+        item = QListWidgetItem(title if not hit else f"{title}\n  … {hit[:40]}")
+        item.setData(Qt.UserRole, conversation_id)
+        self.conversations.addItem(item)
+
+    def _open_item(self, item: QListWidgetItem) -> None:
+        self.open_conversation(item.data(Qt.UserRole))
+
+    def open_conversation(self, conversation_id: int | None) -> None:
+        if self.answering:
+            self.statusBar().showMessage(t("an answer is still being written: stop it or wait"), 4000)
+            return
+        self.current_conversation = conversation_id
+        self.open_requested.emit(conversation_id)
+        self.transcript.clear()
+        if conversation_id is not None:
+            for message in self.app.history.messages(conversation_id):
+                self._add_message(message.role, message.text, message.id)
+
+    def new_conversation(self) -> None:
+        self.open_conversation(None)
+        self.composer.setFocus()
+
+    def _add_message(self, role: str, text: str, message_id: int | None) -> MessageView:
+        view = MessageView(role, text, message_id, editable=not self.kiosk)
+        view.edit_requested.connect(self._edit_message)
+        return self.transcript.add(view)
+
+    def _conversation_menu(self, pos) -> None:
+        item = self.conversations.itemAt(pos)
+        if item is None or self.kiosk:
+            return
+        conversation_id = item.data(Qt.UserRole)
+        menu = QMenu(self)
+        menu.addAction(t("Rename"), lambda: self._rename(conversation_id))
+        menu.addAction(t("Delete"), lambda: self._delete(conversation_id))
+        menu.addAction(t("Export..."), lambda: self._export(conversation_id))
+        menu.exec(self.conversations.mapToGlobal(pos))
+
+    def _rename(self, conversation_id: int) -> None:
+        title, ok = QInputDialog.getText(self, t("Rename conversation"), t("Rename"),
+                                         text=self.app.history.conversation(conversation_id).title)
+        if ok and title.strip():
+            self.app.history.rename(conversation_id, title.strip())
+            self.refresh_sidebar()
+
+    def _delete(self, conversation_id: int) -> None:
+        self.app.history.delete(conversation_id)
+        if self.current_conversation == conversation_id:
+            self.new_conversation()
+        self.refresh_sidebar()
+
+    def _export(self, conversation_id: int) -> None:
+        from PySide6.QtWidgets import QFileDialog
+
+        path, _ = QFileDialog.getSaveFileName(self, t("Export..."), "conversation.md", "Markdown (*.md);;JSON (*.json)")
+        if path:
+            import json
+            from pathlib import Path
+
+            history = self.app.history
+            text = (json.dumps(history.export_json(conversation_id), ensure_ascii=False, indent=1)
+                    if path.endswith(".json") else history.export_markdown(conversation_id))
+            Path(path).write_text(text, encoding="utf-8")
+
+    # -- answering -------------------------------------------------------------------------------------------
+    def send_current(self) -> None:
+        text = self.composer.toPlainText().strip()
+        if not text:
+            return
+        if self.answering:
+            self.statusBar().showMessage(t("an answer is still being written: stop it or wait"), 4000)
+            return
+        self.composer.clear()
+        self.send(text, self.edit_target)
+        self.edit_target = None
+
+    def send(self, text: str, replace_from: int | None = None) -> None:
+        if replace_from is not None:
+            self.open_conversation(self.current_conversation)
+            while self.transcript.views and (self.transcript.views[-1].message_id or 0) >= replace_from:
+                self.transcript.views.pop().setParent(None)
+        self.answering = True
+        self._add_message("user", text, None)
+        self.send_requested.emit(text, replace_from)
+
+    def stop(self) -> None:
+        self.worker.stop()
+
+    def regenerate(self) -> None:
+        """Answer the last question again (the old answer is forgotten)."""
+        if self.answering:
+            return
+        users = [v for v in self.transcript.views if v.role == "user" and v.message_id is not None]
+        if users:
+            last = users[-1]
+            self.send(last.text, last.message_id)
+
+    def _edit_message(self, message_id: int, text: str) -> None:
+        """Put a sent message back in the composer; sending it replaces that message and everything after."""
+        if message_id < 0:
+            return
+        self.edit_target = message_id
+        self.composer.setPlainText(text)
+        self.composer.setFocus()
+
+    def _on_started(self) -> None:
+        self.answer_started = time.perf_counter()
+        self.answer_view = self._add_message("assistant", "", None)
+        self.stop_button.setEnabled(True)
+        self.send_button.setEnabled(False)
+        self.regenerate_button.setEnabled(False)
+
+    def _on_delta(self, text: str) -> None:
+        if self.answer_view is not None:
+            self.answer_view.append(text)
+            self.transcript.follow()
+
+    def _on_finished(self, result: TurnResult) -> None:
+        self.answering = False
+        self.stop_button.setEnabled(False)
+        self.send_button.setEnabled(True)
+        self.regenerate_button.setEnabled(True)
+        note = t("The answer was stopped.") if result.stopped == "cancelled" else ""
+        if result.blocked_reason:
+            note = t("Not sent: {0}").format(result.blocked_reason)
+        if self.answer_view is not None:
+            self.answer_view.finish(note)
+        elif note:
+            self._add_message("assistant", "", None).finish(note)
+        self._refresh_ids(result)
+        gen = result.generation
+        if gen and gen.token_ids:
+            rate = 1000 / gen.decode_ms_per_token if gen.decode_ms_per_token else 0.0
+            self.speed.setText(t("first token {0:.2f} s · {1:.1f} tokens/s").format(self.worker.first_token_s, rate))
+        self.answer_view = None
+        self.current_conversation = result.conversation_id
+        self.refresh_sidebar()
+
+    def _refresh_ids(self, result: TurnResult) -> None:
+        """Give the views of this turn their stored ids (for edit and regenerate)."""
+        views = self.transcript.views
+        if result.user_message_id is not None:
+            user_views = [v for v in views if v.role == "user"]
+            if user_views:
+                user_views[-1].message_id = result.user_message_id
+        if result.answer_message_id is not None and views and views[-1].role == "assistant":
+            views[-1].message_id = result.answer_message_id
+
+    def _on_failed(self, message: str) -> None:
+        self.status.setText(t("Error: {0}").format(message))
+        if self.kiosk:
+            QTimer.singleShot(3000, self.reload_model)  # unattended: bring the engine back by itself
+
+    # -- settings --------------------------------------------------------------------------------------------
+    def open_settings(self) -> None:
+        if self.kiosk:
+            return
+        from ui.settings_dialog import SettingsDialog
+
+        dialog = SettingsDialog(self.app, self.model_summary, self)
+        if dialog.exec():
+            self._apply_font(self.app.settings.font_size)
+            if dialog.model_changed:
+                self.reload_model()
+
+    # -- kiosk -----------------------------------------------------------------------------------------------
+    def _enter_kiosk(self) -> None:
+        kiosk = self.app.settings.kiosk
+        self.sidebar.hide()
+        self.settings_button.hide()
+        self.setWindowFlag(Qt.FramelessWindowHint, True)
+        self._apply_font(self.app.settings.font_size * kiosk.font_scale)
+        self.idle = QTimer(self)
+        self.idle.setSingleShot(True)
+        self.idle.setInterval(kiosk.idle_timeout_s * 1000)
+        self.idle.timeout.connect(self._idle_reset)
+        self.watcher = IdleWatcher(self.idle)
+        QApplication.instance().installEventFilter(self.watcher)
+        self.idle.start()
+        QShortcut(QKeySequence("Ctrl+Shift+Q"), self, self._operator_exit)
+        self.showFullScreen()
+
+    def _idle_reset(self) -> None:
+        """Unattended: stop any answer and show a fresh conversation (the old one kept or deleted per setting)."""
+        self.stop()
+        if self.answering:  # the worker ends the answer within a token; reset right after
+            QTimer.singleShot(100, self._idle_reset)
+            return
+        previous = self.current_conversation
+        if previous is not None and not self.app.settings.kiosk.keep_history:
+            self.app.history.delete(previous)
+        self.new_conversation()
+
+    def _operator_exit(self) -> None:
+        pin, ok = QInputDialog.getText(self, t("Operator exit"), t("PIN"), QLineEdit.Password)
+        if ok and self.app.settings.kiosk.exit_pin and pin == self.app.settings.kiosk.exit_pin:
+            QApplication.instance().setProperty("operator_exit", True)
+            self.close()
+
+    def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
+        if self.kiosk and QApplication.instance().property("operator_exit") is not True:
+            event.ignore()  # no way out of kiosk mode but the operator PIN
+            return
+        self.worker.stop()
+        self.thread.quit()
+        self.thread.wait(5000)
+        super().closeEvent(event)

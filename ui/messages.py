@@ -1,0 +1,97 @@
+"""The chat transcript: one widget per message, so a new token touches only the message being written."""
+
+from __future__ import annotations
+
+import re
+
+from PySide6.QtCore import QCoreApplication, Qt, QTimer, Signal
+from PySide6.QtGui import QGuiApplication
+from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QPushButton, QScrollArea, QVBoxLayout, QWidget
+
+CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
+
+
+def t(text: str) -> str:
+    return QCoreApplication.translate("StreamChat", text)
+
+
+class MessageView(QFrame):
+    """A user or assistant message: plain text while streaming, Markdown once complete, copy buttons for code."""
+
+    edit_requested = Signal(int, str)  # message id, text
+
+    def __init__(self, role: str, text: str = "", message_id: int | None = None, editable: bool = True) -> None:
+        super().__init__()
+        self.role, self.text, self.message_id = role, text, message_id
+        self.setObjectName("user" if role == "user" else "assistant")
+        self.setFrameShape(QFrame.StyledPanel)
+        layout = QVBoxLayout(self)
+        header = QHBoxLayout()
+        header.addWidget(QLabel(f"<b>{t('You') if role == 'user' else t('StreamChat')}</b>"))
+        header.addStretch(1)
+        self.buttons = header
+        layout.addLayout(header)
+        self.body = QLabel()
+        self.body.setWordWrap(True)
+        self.body.setTextInteractionFlags(Qt.TextSelectableByMouse | Qt.LinksAccessibleByMouse)
+        layout.addWidget(self.body)
+        self.code_row = QHBoxLayout()
+        layout.addLayout(self.code_row)
+        self._add_button(t("Copy"), lambda: QGuiApplication.clipboard().setText(self.text))
+        if role == "user" and editable:
+            self._add_button(t("Edit"), lambda: self.edit_requested.emit(self.message_id or -1, self.text))
+        if text:
+            self.finish()
+
+    def _add_button(self, label: str, action) -> QPushButton:
+        button = QPushButton(label)
+        button.setFlat(True)
+        button.clicked.connect(action)
+        self.buttons.addWidget(button)
+        return button
+
+    def append(self, delta: str) -> None:
+        """Streaming: plain text, no Markdown parse per token."""
+        self.text += delta
+        self.body.setTextFormat(Qt.PlainText)
+        self.body.setText(self.text)
+
+    def finish(self, note: str = "") -> None:
+        """Render Markdown once and offer a copy button per code block."""
+        self.body.setTextFormat(Qt.MarkdownText)
+        self.body.setText(self.text + (f"\n\n*{note}*" if note else ""))
+        for i, code in enumerate(CODE_BLOCK.findall(self.text), 1):
+            button = QPushButton(f"{t('Copy code')} {i}")
+            button.clicked.connect(lambda _=False, c=code: QGuiApplication.clipboard().setText(c))
+            self.code_row.addWidget(button)
+        self.code_row.addStretch(1)
+
+
+class Transcript(QScrollArea):
+    """A scrolling column of MessageViews that follows the newest text while the user is at the bottom."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setWidgetResizable(True)
+        self.inner = QWidget()
+        self.column = QVBoxLayout(self.inner)
+        self.column.addStretch(1)
+        self.setWidget(self.inner)
+        self.views: list[MessageView] = []
+
+    def add(self, view: MessageView) -> MessageView:
+        self.column.insertWidget(self.column.count() - 1, view)
+        self.views.append(view)
+        self.follow()
+        return view
+
+    def clear(self) -> None:
+        for view in self.views:
+            view.setParent(None)
+            view.deleteLater()
+        self.views = []
+
+    def follow(self) -> None:
+        bar = self.verticalScrollBar()
+        if bar.value() >= bar.maximum() - 40:
+            QTimer.singleShot(0, lambda: bar.setValue(bar.maximum()))
