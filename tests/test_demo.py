@@ -11,7 +11,7 @@ from appliance.bundle import Bundle
 from appliance.prompt import build_prompt
 from appliance.textstream import process_response
 from appliance.tokenizer import ChatGLMTokenizer
-from model_export.demo.train import read_corpus
+from model_export.demo.corpus import read_corpus
 from model_export.export import export_bundle
 from streamchat.cli import main
 from streamchat.models import DEMO_CHECKPOINT, demo_bundle

@@ -41,7 +41,7 @@ def _window(qtbot, bundle, kiosk=False, tweak=lambda s: None):
     tweak(app.settings)
     window = MainWindow(app, model_loader(app, bundle, demo=False), kiosk=kiosk)
     qtbot.addWidget(window)
-    with qtbot.waitSignal(window.worker.loaded, timeout=60000):
+    with qtbot.waitSignal(window.model_ready, timeout=60000):
         pass
     return window
 
@@ -56,7 +56,7 @@ def test_streams_deltas_in_order_and_never_stalls(qtbot, bundles, app_dirs):
     window = _window(qtbot, bundles["demo"])
     assert window.model_label.startswith("DEMO") and window.banner.isVisibleTo(window)
     deltas, gaps, last = [], [], [time.perf_counter()]
-    window.worker.delta.connect(deltas.append)
+    window.delta_shown.connect(deltas.append)
 
     def tick():
         now = time.perf_counter()
@@ -67,7 +67,7 @@ def test_streams_deltas_in_order_and_never_stalls(qtbot, bundles, app_dirs):
     timer.timeout.connect(tick)
     timer.start(5)
     window.composer.setPlainText("StreamChat 是什么？")
-    with qtbot.waitSignal(window.worker.finished, timeout=60000) as finished:
+    with qtbot.waitSignal(window.answer_finished, timeout=60000) as finished:
         window.send_current()
     timer.stop()
     result = finished.args[0]
@@ -87,9 +87,9 @@ def test_stop_ends_the_answer_within_one_token(qtbot, bundles, app_dirs):
             seen["at_stop"] = len(window.worker.session.last.generation.token_ids)
             window.stop_button.click()
 
-    window.worker.delta.connect(on_delta)
+    window.delta_shown.connect(on_delta)
     window.composer.setPlainText("你好")
-    with qtbot.waitSignal(window.worker.finished, timeout=60000) as finished:
+    with qtbot.waitSignal(window.answer_finished, timeout=60000) as finished:
         window.send_current()
     result = finished.args[0]
     assert result.stopped == "cancelled"
@@ -100,7 +100,7 @@ def test_stop_ends_the_answer_within_one_token(qtbot, bundles, app_dirs):
 def test_busy_send_is_refused_visibly(qtbot, bundles, app_dirs):
     window = _window(qtbot, bundles["tiny"])
     window.composer.setPlainText("first")
-    with qtbot.waitSignal(window.worker.finished, timeout=60000):
+    with qtbot.waitSignal(window.answer_finished, timeout=60000):
         window.send_current()
         window.composer.setPlainText("second")
         window.send_current()
@@ -111,7 +111,7 @@ def test_busy_send_is_refused_visibly(qtbot, bundles, app_dirs):
 def test_history_is_shown_and_searched_after_restart(qtbot, bundles, app_dirs):
     window = _window(qtbot, bundles["demo"])
     window.composer.setPlainText("怎么退出 kiosk 模式？")
-    with qtbot.waitSignal(window.worker.finished, timeout=60000):
+    with qtbot.waitSignal(window.answer_finished, timeout=60000):
         window.send_current()
     _close(window)
     window.close()
@@ -135,7 +135,7 @@ def test_kiosk_hides_settings_and_resets_when_idle(qtbot, bundles, app_dirs):
     window = _window(qtbot, bundles["demo"], kiosk=True, tweak=tweak)
     assert not window.settings_button.isVisibleTo(window) and not window.sidebar.isVisibleTo(window)
     window.composer.setPlainText("What is kiosk mode?")
-    with qtbot.waitSignal(window.worker.finished, timeout=60000):
+    with qtbot.waitSignal(window.answer_finished, timeout=60000):
         window.send_current()
     assert window.transcript.views
     qtbot.waitUntil(lambda: not window.transcript.views, timeout=5000)

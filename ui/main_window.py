@@ -61,6 +61,9 @@ class MainWindow(QMainWindow):
     send_requested = Signal(str, object)
     load_requested = Signal()
     open_requested = Signal(object)
+    delta_shown = Signal(str)  # emitted in the GUI thread once a delta is on screen
+    answer_finished = Signal(object)  # TurnResult, in the GUI thread, after the view is final
+    model_ready = Signal()  # in the GUI thread, once the status bar shows the loaded model
 
     def __init__(self, app: AppContext, model_loader, kiosk: bool = False) -> None:
         super().__init__()
@@ -79,13 +82,14 @@ class MainWindow(QMainWindow):
         self.send_requested.connect(self.worker.send)
         self.load_requested.connect(self.worker.load)
         self.open_requested.connect(self.worker.open_conversation)
-        self.worker.loading.connect(lambda text: self.status.setText(t("Loading the model...") + " " + text))
+        # Only bound methods of this window: Qt queues those into the GUI thread (a lambda would run in the worker).
+        self.worker.loading.connect(self._on_loading)
         self.worker.loaded.connect(self._on_loaded)
         self.worker.started.connect(self._on_started)
         self.worker.delta.connect(self._on_delta)
         self.worker.finished.connect(self._on_finished)
         self.worker.failed.connect(self._on_failed)
-        self.worker.refused.connect(lambda why: self.statusBar().showMessage(why, 5000))
+        self.worker.refused.connect(self._on_refused)
         self.thread.start()
         self.load_requested.emit()
         if kiosk:
@@ -155,12 +159,19 @@ class MainWindow(QMainWindow):
         self.setFont(font)
 
     # -- model -----------------------------------------------------------------------------------------------
+    def _on_loading(self, text: str) -> None:
+        self.status.setText(t("Loading the model...") + " " + text)
+
+    def _on_refused(self, why: str) -> None:
+        self.statusBar().showMessage(why, 5000)
+
     def _on_loaded(self, label: str, summary: dict) -> None:
         self.model_label, self.model_summary = label, summary
         self.status.setText(f"{label}")
         self.banner.setVisible(bool(summary.get("demo")) and not self.kiosk)
         self.banner.setText(t("This is the built-in demo model: it only knows about StreamChat. To chat with ChatGLM-6B, "
                               "export a bundle (streamchat export CHECKPOINT --out BUNDLE) and open it in Settings."))
+        self.model_ready.emit()
 
     def reload_model(self) -> None:
         self.load_requested.emit()
@@ -297,6 +308,7 @@ class MainWindow(QMainWindow):
         if self.answer_view is not None:
             self.answer_view.append(text)
             self.transcript.follow()
+        self.delta_shown.emit(text)
 
     def _on_finished(self, result: TurnResult) -> None:
         self.answering = False
@@ -318,6 +330,7 @@ class MainWindow(QMainWindow):
         self.answer_view = None
         self.current_conversation = result.conversation_id
         self.refresh_sidebar()
+        self.answer_finished.emit(result)
 
     def _refresh_ids(self, result: TurnResult) -> None:
         """Give the views of this turn their stored ids (for edit and regenerate)."""

@@ -94,4 +94,8 @@ class Transcript(QScrollArea):
     def follow(self) -> None:
         bar = self.verticalScrollBar()
         if bar.value() >= bar.maximum() - 40:
-            QTimer.singleShot(0, lambda: bar.setValue(bar.maximum()))
+            QTimer.singleShot(0, self._scroll_to_end)  # after the layout has grown
+
+    def _scroll_to_end(self) -> None:
+        bar = self.verticalScrollBar()
+        bar.setValue(bar.maximum())

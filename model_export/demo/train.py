@@ -27,6 +27,7 @@ from appliance.model_config import ModelConfig
 from appliance.positions import PromptLayout, layout_of
 from appliance.prompt import build_prompt
 from appliance.tokenizer import MAX_BLANK, SPECIAL_PIECES, ChatGLMTokenizer
+from model_export.demo.corpus import read_corpus
 from model_export.reference import ALPHA, MASK_FILL, ReferenceEngine, ReferenceModel, rotary_tables
 
 HERE = Path(__file__).resolve().parent
@@ -34,10 +35,6 @@ ROOT = HERE.parent.parent
 DEFAULT_OUT = ROOT / "appliance" / "demo" / "checkpoint"
 SIZES = {"hidden_size": 128, "num_layers": 2, "num_attention_heads": 4, "inner_hidden_size": 512,
          "max_sequence_length": 512}
-
-
-def read_corpus(path: Path = HERE / "corpus.jsonl") -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def train_tokenizer(corpus: list[dict], out: Path) -> Path:

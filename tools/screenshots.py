@@ -1,0 +1,84 @@
+"""Screenshots of the real window for the docs: a Chinese conversation mid-answer, and kiosk mode.
+
+    xvfb-run -a -s "-screen 0 1280x800x24" .venv/bin/python tools/screenshots.py
+
+Uses the built-in demo model with a throwaway config and data folder; needs a CJK font (Debian: fonts-noto-cjk).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def main() -> int:
+    tmp = Path(tempfile.mkdtemp())
+    os.environ.update(STREAMCHAT_CONFIG_DIR=str(tmp / "config"), STREAMCHAT_DATA_DIR=str(tmp / "data"),
+                      STREAMCHAT_CACHE_DIR=str(tmp / "cache"))
+    from PySide6.QtCore import QTimer
+    from PySide6.QtWidgets import QApplication
+
+    from appliance.app import AppContext
+    from ui.app import model_loader
+    from ui.i18n import translator_for
+    from ui.main_window import MainWindow
+
+    qt = QApplication(sys.argv[:1])
+    translator = translator_for("zh_CN")
+    qt.installTranslator(translator)
+    shots = []
+
+    def window(kiosk: bool) -> MainWindow:
+        app = AppContext.load()
+        app.settings.generation.temperature = 0.3
+        w = MainWindow(app, model_loader(app, None, demo=True), kiosk=kiosk)
+        w.resize(1100, 720)
+        if not kiosk:
+            w.show()
+        return w
+
+    chat = window(kiosk=False)
+
+    def ask(w: MainWindow, questions: list[str], shot: str, after_deltas: int) -> None:
+        count = {"n": 0}
+
+        def on_delta(_):
+            if len(questions) == 1:  # the last question is the one pictured
+                count["n"] += 1
+            if count["n"] == after_deltas:
+                w.grab().save(str(DOCS / shot))  # mid-answer: the answer is still streaming
+                shots.append(shot)
+                QTimer.singleShot(500, next_step)
+
+        def on_finished(_):
+            questions.pop(0)
+            if questions:
+                w.composer.setPlainText(questions[0])
+                w.send_current()
+
+        w.delta_shown.connect(on_delta)
+        w.answer_finished.connect(on_finished)
+        w.composer.setPlainText(questions[0])
+        w.send_current()
+
+    def next_step() -> None:
+        if len(shots) == 1:
+            kiosk = window(kiosk=True)
+            kiosk.model_ready.connect(lambda: ask(kiosk, ["怎么退出 kiosk 模式？"], "screenshot-kiosk.png", 6))
+        else:
+            qt.quit()
+
+    chat.model_ready.connect(lambda: ask(chat, ["如何导出真正的模型？", "导出以后怎么用？"],
+                                             "screenshot-chat.png", 10))
+    QTimer.singleShot(120000, qt.quit)
+    qt.exec()
+    print("wrote", ", ".join(str(DOCS / s) for s in shots))
+    return 0 if len(shots) == 2 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
