@@ -34,3 +34,22 @@ def reference() -> ReferenceModel:
 @pytest.fixture(scope="session")
 def reference_engine(reference: ReferenceModel) -> ReferenceEngine:
     return ReferenceEngine(reference)
+
+
+_EXIT_STATUS = {"code": 0}
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    _EXIT_STATUS["code"] = int(exitstatus)
+
+
+def pytest_unconfigure(config) -> None:
+    """After the summary is printed, leave without interpreter finalisation when Qt was loaded: PySide6 6.x can abort
+    while garbage-collecting its wrappers at shutdown ("bool_dealloc"), which would turn a green run red."""
+    import os
+    import sys
+
+    if "PySide6" in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_STATUS["code"])

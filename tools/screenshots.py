@@ -81,4 +81,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    status = main()
+    sys.stdout.flush()
+    os._exit(status)  # skip finalisation: PySide6 can abort while collecting its wrappers at shutdown

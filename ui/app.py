@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -39,4 +40,9 @@ def run(bundle: Path | None = None, kiosk: bool = False, demo: bool = False, arg
     window = MainWindow(app, model_loader(app, bundle, demo), kiosk=kiosk or app.settings.kiosk.enabled)
     if not window.isFullScreen():
         window.show()
-    return qt.exec()
+    code = qt.exec()
+    # Leave without interpreter finalisation: PySide6 6.x can abort while collecting its wrappers at shutdown, and a
+    # kiosk's systemd unit would read that as a crash and restart the app after an operator exit.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

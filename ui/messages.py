@@ -78,6 +78,10 @@ class Transcript(QScrollArea):
         self.column.addStretch(1)
         self.setWidget(self.inner)
         self.views: list[MessageView] = []
+        self._scroller = QTimer(self)  # a child: it dies with the transcript, so it never fires into a deleted one
+        self._scroller.setSingleShot(True)
+        self._scroller.setInterval(0)
+        self._scroller.timeout.connect(self._scroll_to_end)
 
     def add(self, view: MessageView) -> MessageView:
         self.column.insertWidget(self.column.count() - 1, view)
@@ -94,7 +98,7 @@ class Transcript(QScrollArea):
     def follow(self) -> None:
         bar = self.verticalScrollBar()
         if bar.value() >= bar.maximum() - 40:
-            QTimer.singleShot(0, self._scroll_to_end)  # after the layout has grown
+            self._scroller.start()  # after the layout has grown
 
     def _scroll_to_end(self) -> None:
         bar = self.verticalScrollBar()

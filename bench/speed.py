@@ -1,0 +1,215 @@
+"""Speed and memory of the cpu target on ChatGLM-6B's real shapes (random weights), against the memory-bandwidth floor.
+
+    python bench/speed.py [--layers 2 4] [--work /tmp/streamchat-bench] [--plot docs/performance.png]
+
+For each layer count: writes a full-width synthetic checkpoint (cached), exports it to INT4 (block 128, accuracy
+level 4, INT8 lm_head shared with the embedding) in a child process (export time, export peak RSS), then, in another
+child process, measures time to first token for 16/128/512-token prompts, decode ms/token at context 128/1024/2000
+and the runtime's peak RSS. Decode time is fitted as ``a + b * layers`` to extrapolate to the real 28 layers. The
+floor is the bytes a decode step must read (weights + KV cache) over the measured read bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+REAL_LAYERS = 28
+CONTEXTS = (128, 1024, 2000)
+PROMPTS = (16, 128, 512)
+KV_BYTES_PER_TOKEN_LAYER = 2 * 4096 * 4  # fp32 K and V
+
+
+def read_bandwidth_gbs(size_mb: int = 1024, threads: int = 2, repeats: int = 5) -> float:
+    """Best of ``repeats`` parallel sums over a buffer much larger than the caches (each thread sums its half)."""
+    data = np.ones(size_mb * (1 << 20) // 8, dtype=np.float64)
+    parts = np.array_split(data, threads)
+    best = 0.0
+    for _ in range(repeats):
+        workers = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = max(best, data.nbytes / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def child_export(checkpoint: str, out: str, group: int, accuracy: int, embeddings: str) -> None:
+    from model_export.export import export_bundle
+
+    start = time.perf_counter()
+    export_bundle(checkpoint, out, quant="int4", group_size=group, accuracy_level=accuracy, embeddings=embeddings,
+                  force=True)
+    print(json.dumps({"export_s": time.perf_counter() - start,
+                      "export_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}))
+
+
+def child_run(bundle_dir: str, contexts: list[int], prompts: list[int]) -> None:
+    from appliance.bundle import Bundle
+    from appliance.positions import layout_of
+
+    bundle = Bundle.open(bundle_dir, full_check=False)
+    engine, tok = bundle.engine(), bundle.tokenizer()
+    special = tok.special
+    rng = np.random.default_rng(0)
+    text_ids = rng.integers(tok.num_image_tokens + 100, tok.num_image_tokens + 1000, size=4096).tolist()
+
+    def prefill(length: int):
+        ids = text_ids[: length - 2] + [special.gmask, special.bos]
+        layout = layout_of(ids, special.bos, special.gmask, special.mask)
+        seq = engine.start()
+        start = time.perf_counter()
+        seq.prefill(np.array(ids), layout.position_ids(), layout.mask())
+        return seq, layout, time.perf_counter() - start
+
+    out = {"ttft_ms": {}, "decode_ms": {}}
+    prefill(16)  # warm-up: onnxruntime prepacks weights on the first run
+    for length in prompts:
+        out["ttft_ms"][length] = min(prefill(length)[2] for _ in range(2)) * 1000
+    for context in contexts:
+        seq, layout, _ = prefill(context - 16)
+        total, times = context - 16, []
+        for _ in range(16):
+            total += 1
+            start = time.perf_counter()
+            seq.step(text_ids[total % 4096], layout.step_position(total))
+            times.append(time.perf_counter() - start)
+        out["decode_ms"][context] = float(np.median(times[2:])) * 1000
+    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    out["threads"] = engine.threads
+    print(json.dumps(out))
+
+
+def _child(*args: str) -> dict:
+    env = {**os.environ, "STREAMCHAT_CACHE_DIR": "/tmp/streamchat-bench-cache"}
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode:
+        raise SystemExit(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def weight_bytes(bundle: Path) -> int:
+    quant = json.loads((bundle / "manifest.json").read_text())["quant"]
+    return quant["linear_bytes"] + quant["table_bytes"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/streamchat-bench"))
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "performance.png")
+    parser.add_argument("--variants", action="store_true", help="also compare block sizes / accuracy levels / lm_head")
+    args = parser.parse_args()
+    from model_export.synthetic import write_checkpoint
+
+    bandwidth = read_bandwidth_gbs()
+    print(f"read bandwidth: {bandwidth:.1f} GB/s (2 threads, 1 GiB buffer, best of 5)")
+    configs = [(128, 4, "int8")]
+    if args.variants:
+        configs += [(32, 0, "int8"), (32, 4, "int8"), (128, 0, "int8"), (128, 4, "int4")]
+    rows = []
+    for layers in args.layers:
+        ckpt = args.work / f"synthetic-{layers}"
+        if not (ckpt / "config.json").exists():
+            write_checkpoint(ckpt, layers)
+        for group, accuracy, emb in configs if layers == args.layers[0] else configs[:1]:
+            bundle = args.work / f"bundle-{layers}-g{group}-a{accuracy}-{emb}"
+            exported = _child("--export", str(ckpt), str(bundle), str(group), str(accuracy), emb)
+            run = _child("--run", str(bundle))
+            rows.append({"layers": layers, "group": group, "accuracy": accuracy, "lm_head": emb,
+                         "bundle_gb": sum(f.stat().st_size for f in bundle.iterdir()) / 1e9,
+                         "weights_gb": weight_bytes(bundle) / 1e9, **exported, **run})
+            print(json.dumps(rows[-1]), flush=True)
+    report(rows, bandwidth, args.plot)
+
+
+def floor_ms(weights_gb: float, layers: int, context: int, bandwidth: float) -> float:
+    kv_gb = layers * context * KV_BYTES_PER_TOKEN_LAYER / 1e9
+    return (weights_gb + kv_gb) / bandwidth * 1000
+
+
+def report(rows: list[dict], bandwidth: float, plot: Path) -> None:
+    default = [r for r in rows if (r["group"], r["accuracy"], r["lm_head"]) == (128, 4, "int8")]
+    print("\n| layers | block | acc | lm_head | bundle GB | export s | export peak RSS GB | TTFT 16/128/512 ms | "
+          "decode ms/token @128/1024/2000 | floor ms @128 | share of floor @128 | peak RSS GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        fl = floor_ms(r["weights_gb"], r["layers"], 128, bandwidth)
+        ttft = "/".join(f"{r['ttft_ms'][str(p)]:.0f}" for p in PROMPTS)
+        dec = "/".join(f"{r['decode_ms'][str(c)]:.1f}" for c in CONTEXTS)
+        print(f"| {r['layers']} | {r['group']} | {r['accuracy']} | {r['lm_head']} | {r['bundle_gb']:.2f} | "
+              f"{r['export_s']:.0f} | {r['export_peak_rss_gb']:.2f} | {ttft} | {dec} | {fl:.1f} | "
+              f"{fl / r['decode_ms']['128']:.0%} | {r['peak_rss_gb']:.2f} |")
+    if len({r["layers"] for r in default}) < 2:
+        return
+    xs = np.array([r["layers"] for r in default], dtype=float)
+    print(f"\nExtrapolated to {REAL_LAYERS} layers (least-squares fit a + b*layers over layers {xs.astype(int).tolist()}):")
+    print("| context | decode ms/token (fit) | floor ms | share of floor | tokens/s |")
+    print("|---|---|---|---|---|")
+    w_fit = np.polyfit(xs, [r["weights_gb"] for r in default], 1)
+    weights_28 = float(np.polyval(w_fit, REAL_LAYERS))
+    fits = {}
+    for context in CONTEXTS:
+        b, a = np.polyfit(xs, [r["decode_ms"][str(context)] for r in default], 1)
+        ms = a + b * REAL_LAYERS
+        fl = floor_ms(weights_28, REAL_LAYERS, context, bandwidth)
+        fits[context] = (a, b)
+        print(f"| {context} | {ms:.0f} (= {a:.1f} + {b:.2f} x {REAL_LAYERS}) | {fl:.0f} | {fl / ms:.0%} | {1000 / ms:.1f} |")
+    ttft = {p: np.polyfit(xs, [r["ttft_ms"][str(p)] for r in default], 1) for p in PROMPTS}
+    for p in PROMPTS:
+        b, a = ttft[p]
+        ms = a + b * REAL_LAYERS
+        print(f"TTFT {p}-token prompt at {REAL_LAYERS} layers: {ms / 1000:.2f} s ({p / (ms / 1000):.0f} prompt tokens/s)")
+    print(f"INT4 weights at {REAL_LAYERS} layers: {weights_28:.2f} GB")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plot)")
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    layers = np.arange(1, REAL_LAYERS + 1)
+    for context in CONTEXTS:
+        a, b = fits[context]
+        left.plot(layers, a + b * layers, label=f"decode, context {context} (fit)")
+        left.scatter(xs, [r["decode_ms"][str(context)] for r in default])
+    left.plot(layers, [floor_ms(float(np.polyval(w_fit, n)), n, 128, bandwidth) for n in layers], "k--",
+              label="bandwidth floor, context 128")
+    left.set_xlabel("layers")
+    left.set_ylabel("ms / token")
+    left.legend(fontsize=8)
+    left.set_title("INT4 decode on full-width ChatGLM-6B shapes")
+    for p in PROMPTS:
+        b, a = ttft[p]
+        right.plot(layers, (a + b * layers) / 1000, label=f"{p}-token prompt")
+    right.set_xlabel("layers")
+    right.set_ylabel("time to first token (s)")
+    right.legend(fontsize=8)
+    right.set_title("prefill")
+    fig.tight_layout()
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(plot, dpi=110)
+    print(f"plot: {plot}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--export":
+        child_export(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--run":
+        child_run(sys.argv[2], list(CONTEXTS), list(PROMPTS))
+    else:
+        main()
