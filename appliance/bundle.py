@@ -138,12 +138,32 @@ class Bundle:
         tok = self.manifest["tokenizer"]
         return ChatGLMTokenizer(self.path / tok["file"], num_image_tokens=int(tok["num_image_tokens"]))
 
-    def engine(self, threads: int | None = None):
-        """The engine for this bundle's target, loaded."""
-        if self.manifest.get("runtime") == "onnxruntime":
+    def engine(self, threads: int | None = None, kind: str = "auto"):
+        """The engine for this bundle: ``auto`` = its runtime; Ascend bundles can also run on ``onnxruntime`` (their
+        fp32-compute graphs, on the CPU) or on ``mindspore-lite`` here (CPU) or on the NPU
+        (``STREAMCHAT_LITE_DEVICE=ascend``)."""
+        runtime = self.manifest.get("runtime")
+        kind = runtime if kind == "auto" else kind
+        graphs = self.manifest["graphs"]
+        if runtime == "onnxruntime" and kind == "onnxruntime":
             from appliance.engines.onnxruntime import OrtEngine
 
-            return OrtEngine(self.path / self.manifest["graphs"]["decoder"], self.config, int(self.manifest["max_context"]),
+            return OrtEngine(self.path / graphs["decoder"], self.config, int(self.manifest["max_context"]),
                              threads=threads)
-        raise BundleError(f"{self.path} targets {self.target} (runtime {self.manifest.get('runtime')}), which this build "
-                          "cannot run")
+        if runtime == "mindspore-lite" and kind in ("onnxruntime", "mindspore-lite"):
+            from appliance.engines.static import OrtGraphRunner, StaticEngine
+
+            device = os.environ.get("STREAMCHAT_LITE_DEVICE", "cpu")
+            files = {name: str(self.path / rel) for name, rel in
+                     graphs["device" if kind == "mindspore-lite" and device == "ascend" else "check"].items()}
+            if kind == "onnxruntime":
+                runner = OrtGraphRunner(files, threads)
+            else:
+                from appliance.engines.mindspore_lite import LiteStepServer
+
+                stamp = hashlib.sha256((self.path / MANIFEST).read_bytes()).hexdigest()[:16]
+                runner = LiteStepServer(files, cache_dir() / "mindir" / f"{stamp}-{device}", device=device,
+                                        device_id=int(os.environ.get("STREAMCHAT_LITE_DEVICE_ID", "0")), threads=threads)
+            return StaticEngine(kind, self.config, int(graphs["capacity"]), list(graphs["prefill_gears"]), runner,
+                                self.tokenizer().special.pad)
+        raise BundleError(f"{self.path} targets {self.target} (runtime {runtime}); it cannot run on engine {kind}")

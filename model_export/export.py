@@ -83,8 +83,6 @@ def estimate_bytes(ckpt: Checkpoint, spec: QuantSpec, tied: bool) -> int:
 def _check_request(target: str, quant: str, group_size: int, embeddings: str) -> None:
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
-    if target != "cpu":
-        raise ExportError(f"target {target} is not available in this build yet: export --target cpu")
     if quant not in WEIGHT_QUANTS:
         raise ExportError(f"unknown quantization {quant!r}: choose one of {', '.join(WEIGHT_QUANTS)}")
     if quant in BITS and group_size not in GROUP_SIZES:
@@ -133,14 +131,15 @@ def export_bundle(checkpoint_dir: str | Path, out: str | Path, target: str = "cp
     started = time.perf_counter()
     progress = progress or Progress(enabled=False)
     out = Path(out)
-    embeddings = embeddings or default_embeddings(quant)
+    embeddings = embeddings or (default_embeddings(quant) if target == "cpu" else quant)
     _check_request(target, quant, group_size, embeddings)
     if out.exists() and not force:
         raise ExportError(f"{out} already exists: choose another --out or pass --force to replace it")
     ckpt = Checkpoint(checkpoint_dir)
     tokenizer = ChatGLMTokenizer.from_dir(ckpt.dir)
     _check_tokenizer(tokenizer, ckpt)
-    spec = QuantSpec(weights=quant, group_size=group_size, embeddings=embeddings, accuracy_level=accuracy_level)
+    spec = QuantSpec(weights=quant, group_size=group_size, embeddings=embeddings,
+                     accuracy_level=accuracy_level if target == "cpu" else 0)
     tied = ckpt.lm_head_is_tied()
     out.parent.mkdir(parents=True, exist_ok=True)
     need, free = estimate_bytes(ckpt, spec, tied), shutil.disk_usage(out.parent).free
@@ -154,7 +153,7 @@ def export_bundle(checkpoint_dir: str | Path, out: str | Path, target: str = "cp
         manifest = _build(ckpt, tokenizer, spec, tied, tmp, target, progress, name)
         manifest.update(extra_manifest or {})
         _write_manifest(tmp, manifest, progress)
-        report = _verify(ckpt, tmp, tokenizer, weakest_precision(quant, embeddings), progress)
+        report = _verify(ckpt, tmp, tokenizer, weakest_precision(quant, embeddings), progress, target)
         (tmp / "verify_report.json").write_text(json.dumps(report.to_dict(), indent=1), encoding="utf-8")
         if not report.passed:
             raise ExportError(f"verification failed, nothing published: {report.describe()}")
@@ -177,44 +176,56 @@ def _build(ckpt: Checkpoint, tokenizer: ChatGLMTokenizer, spec: QuantSpec, tied:
            progress: Progress, name: str | None) -> dict:
     cfg = ckpt.config
     shutil.copyfile(tokenizer.model_file, tmp / "ice_text.model")
-    data = ExternalData(tmp / "decoder.onnx.data")
     matrices = cfg.num_layers * len(cfg.linear_shapes()) + 1
-    with progress.stage("tensors read + quantized", matrices, "matrix") as advance:
-        graph = DecoderGraph(cfg, ckpt.tensor_as_stored, spec, GraphBuilder(data), tied=tied,
-                             max_positions=cfg.max_sequence_length + 1, on_tensor=lambda _: advance())
-        model = graph.build(doc=f"ChatGLM-6B decoder exported by streamchat {__version__} ({spec.weights})")
-    data.close()
-    with progress.stage("graph written", 1, "file") as advance:
-        onnx.save_model(model, str(tmp / "decoder.onnx"))
-        advance()
-    summary = graph.report.summary()
+    doc = f"ChatGLM-6B decoder exported by streamchat {__version__} ({spec.weights}, {target})"
+    if target == "cpu":
+        data = ExternalData(tmp / "decoder.onnx.data")
+        with progress.stage("tensors read + quantized", matrices, "matrix") as advance:
+            graph = DecoderGraph(cfg, ckpt.tensor_as_stored, spec, GraphBuilder(data), tied=tied,
+                                 max_positions=cfg.max_sequence_length + 1, on_tensor=lambda _: advance())
+            model = graph.build(doc=doc)
+        data.close()
+        with progress.stage("graph written", 1, "file") as advance:
+            onnx.save_model(model, str(tmp / "decoder.onnx"))
+            advance()
+        graphs, runtime, report = {"decoder": "decoder.onnx", "kv_layout": "[batch, heads, seq, head_dim]"}, \
+            "onnxruntime", graph.report
+    else:
+        from model_export.ascend_targets import write_ascend_graphs
+
+        with progress.stage("tensors read + quantized, graphs written", matrices, "matrix") as advance:
+            graphs, report = write_ascend_graphs(ckpt, ckpt.tensor_as_stored, spec.weights, spec.group_size, tied,
+                                                 target, tmp, lambda _: advance(), doc)
+        runtime = "mindspore-lite"
+    summary = report.summary()
     progress.note(f"quantization error (relative Frobenius): mean {summary.get('mean', 0):.4f}, max "
                   f"{summary.get('max', 0):.4f} ({summary.get('worst', '-')}); linear weights "
-                  f"{graph.report.linear_bytes / 1e6:.1f} MB, tables {graph.report.table_bytes / 1e6:.1f} MB")
+                  f"{report.linear_bytes / 1e6:.1f} MB, tables {report.table_bytes / 1e6:.1f} MB")
     (tmp / "export_report.json").write_text(json.dumps({"quant": spec.to_dict(), "summary": summary,
-                                                         "errors": graph.report.errors}, indent=1), encoding="utf-8")
+                                                         "errors": report.errors}, indent=1), encoding="utf-8")
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "name": name or "ChatGLM-6B",
         "model": {"arch": "chatglm-6b", "config": cfg.to_dict()},
-        "target": target, "runtime": "onnxruntime",
+        "target": target, "runtime": runtime,
         "quant": {**spec.to_dict(), "lm_head_shared_with_embedding": tied,
-                  "linear_bytes": graph.report.linear_bytes, "table_bytes": graph.report.table_bytes},
+                  "linear_bytes": report.linear_bytes, "table_bytes": report.table_bytes},
         "tokenizer": {"file": "ice_text.model", "num_image_tokens": tokenizer.num_image_tokens,
                       "special_ids": tokenizer.special.as_dict()},
-        "graphs": {"decoder": "decoder.onnx", "kv_layout": "[batch, heads, seq, head_dim]"},
-        "max_context": cfg.max_sequence_length,
+        "graphs": graphs,
+        "max_context": graphs.get("capacity", cfg.max_sequence_length),
         "created_by": f"streamchat {__version__}",
         "source": {"checkpoint_fingerprint": checkpoint_fingerprint(ckpt), "checkpoint_dir": ckpt.dir.name},
     }
 
 
-def _verify(ckpt: Checkpoint, tmp: Path, tokenizer: ChatGLMTokenizer, quant: str, progress: Progress):
+def _verify(ckpt: Checkpoint, tmp: Path, tokenizer: ChatGLMTokenizer, quant: str, progress: Progress, target: str):
     large = ckpt.config.param_count() > LARGE_MODEL_PARAMS
     prompts, steps = (2, 3) if large else (3, 8)
     bundle = Bundle.open(tmp, full_check=False)
     reference = ReferenceEngine(ReferenceModel.from_checkpoint(ckpt, lazy=large))
     with progress.stage("verified against the reference", prompts * (steps + 1), "step") as advance:
-        report = verify(bundle.engine(), reference, tokenizer, quant, prompts, steps, on_step=advance)
+        engine = bundle.engine(kind="onnxruntime")  # Ascend bundles: their fp32-compute graphs, on the CPU
+        report = verify(engine, reference, tokenizer, quant, prompts, steps, on_step=advance)
     progress.note(f"verification: {report.describe()}")
     return report

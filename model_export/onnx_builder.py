@@ -26,9 +26,12 @@ class ExternalData:
         self.path = path
         self.file: BinaryIO = path.open("wb")
         self.offset = 0
+        self.written: dict[str, TensorProto] = {}  # graphs sharing this file reuse a tensor written once
 
     def add(self, name: str, array: np.ndarray, dtype: type | None = None) -> TensorProto:
         """Write ``array`` (converted to ``dtype`` a chunk of rows at a time; it may be a memory map)."""
+        if name in self.written:
+            return self.written[name]
         dtype = np.dtype(dtype or array.dtype)
         nbytes = int(np.prod(array.shape, dtype=np.int64)) * dtype.itemsize
         align = MMAP_ALIGN if nbytes >= MMAP_ALIGN else SMALL_ALIGN
@@ -46,6 +49,7 @@ class ExternalData:
         for key, value in (("location", self.path.name), ("offset", str(start)), ("length", str(nbytes))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
+        self.written[name] = tensor
         return tensor
 
     def close(self) -> None:
@@ -82,6 +86,12 @@ class GraphBuilder:
             self.initializers.append(numpy_helper.from_array(array, name))
             self._consts[key] = name
         return self._consts[key]
+
+    def reuse(self, name: str) -> str:
+        """An initializer another graph already wrote to the shared data file."""
+        if all(t.name != name for t in self.initializers):
+            self.initializers.append(self.data.written[name])
+        return name
 
     def weight(self, name: str, array: np.ndarray, dtype: type | None = None) -> str:
         """A named initializer, external when the builder has a data file."""

@@ -24,7 +24,7 @@ VERIFY_PROMPTS = ("你好，请介绍一下你自己。", "What is machine learn
 # (wrong layout, wrong scale) gives cosine near 0 and random choices, far below them.
 THRESHOLDS = {
     "fp32": {"max_abs_diff": 1e-4, "agreement": 1.0},
-    "fp16": {"max_abs_diff": 1e-3, "agreement": 1.0},
+    "fp16": {"max_abs_diff": 2e-2, "agreement": 1.0},  # fp16 compute (Ascend graphs) rounds activations
     "int8": {"min_cosine": 0.99, "agreement": 0.75},
     "int4": {"min_cosine": 0.80, "agreement": 0.40},
 }

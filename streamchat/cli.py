@@ -26,6 +26,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="a small THUDM-layout checkpoint, run by the numpy reference (slow; for tests)")
     source.add_argument("--bundle", type=Path, metavar="DIR", help="an exported model bundle")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    parser.add_argument("--engine", default="auto", choices=("auto", "onnxruntime", "mindspore-lite"),
+                        help="runtime for a bundle (default: the bundle's own; Ascend bundles also run on onnxruntime)")
 
 
 def _add_generation_args(parser: argparse.ArgumentParser) -> None:
@@ -73,7 +75,8 @@ def _answer(model: LoadedModel, query: str, history: list[Turn], config: Generat
 def cmd_generate(args: argparse.Namespace) -> int:
     config = _generation_config(args)
     history = read_history(args.history) if args.history else []
-    model = load_model(checkpoint=args.checkpoint, bundle=args.bundle, threads=args.threads, demo=args.demo)
+    model = load_model(checkpoint=args.checkpoint, bundle=args.bundle, threads=args.threads, demo=args.demo,
+                       engine=args.engine)
 
     def show(delta: str) -> None:
         if not args.json:
@@ -124,7 +127,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     app = AppContext.load()
     model = load_model(checkpoint=args.checkpoint, bundle=args.bundle, threads=args.threads, demo=args.demo,
-                       data=app.data_dir)
+                       data=app.data_dir, engine=args.engine)
     session = ChatSession(model.engine, model.tokenizer, app.settings, app.history, app.rules, app.audit, model.label)
     _apply_generation_args(app.settings, args)
     session.open(args.conversation)

@@ -46,7 +46,7 @@ def demo_bundle(data: Path, quiet: bool = False) -> Path:
 
 
 def load_model(checkpoint: Path | None = None, bundle: Path | None = None, threads: int | None = None,
-               demo: bool = False, data: Path | None = None) -> LoadedModel:
+               demo: bool = False, data: Path | None = None, engine: str = "auto") -> LoadedModel:
     """``threads`` None = the machine's physical cores (bundles only; the reference uses numpy's BLAS threads)."""
     if demo:
         from appliance.settings import data_dir, load_settings
@@ -66,5 +66,5 @@ def load_model(checkpoint: Path | None = None, bundle: Path | None = None, threa
         opened = Bundle.open(bundle)
         summary = {"target": opened.target, "quant": opened.manifest["quant"]["weights"], "demo": opened.is_demo,
                    "path": str(opened.path)}
-        return LoadedModel(opened.engine(threads=threads), opened.tokenizer(), opened.label, summary)
+        return LoadedModel(opened.engine(threads=threads, kind=engine), opened.tokenizer(), opened.label, summary)
     raise StreamChatError("give --checkpoint DIR or --bundle DIR")

@@ -1,0 +1,111 @@
+"""Sequences over the Ascend targets' static graphs, for any runner that can execute them by name.
+
+The generator's calls (prefill with a bool prefix-LM mask, one-token steps) become fixed-shape inputs: the prompt is
+right-padded to the smallest prefill gear, the KV cache has a fixed capacity, a one-hot ``write_slot`` says where a
+step's K/V go, and an additive mask hides the slots not yet written. The runner keeps the cache between calls
+(``present_*`` outputs become the next ``past_*`` inputs), in onnxruntime here or in the MindSpore Lite step server.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from appliance.errors import EngineError, PromptError
+from appliance.model_config import ModelConfig
+
+MASKED = -10000.0
+
+
+class GraphRunner(Protocol):
+    def reset(self) -> None:
+        """Forget the KV cache (a new sequence)."""
+
+    def run(self, graph: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """Run a graph with these inputs plus the carried cache; keep its presents; return logits [batch, vocab]."""
+
+
+class StaticEngine:
+    """An Engine over static graphs: ``graphs`` maps "prefill:<gear>" and "decode" to what the runner knows."""
+
+    def __init__(self, name: str, config: ModelConfig, capacity: int, gears: list[int], runner: GraphRunner,
+                 pad_id: int) -> None:
+        self.name, self.config, self.max_context = name, config, capacity
+        self.gears, self.runner, self.pad_id = sorted(gears), runner, pad_id
+
+    def start(self) -> StaticSequence:
+        self.runner.reset()
+        return StaticSequence(self)
+
+
+class StaticSequence:
+    def __init__(self, engine: StaticEngine) -> None:
+        self.engine = engine
+        self.length = 0
+
+    def prefill(self, ids: np.ndarray, position_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        length = len(ids)
+        gear = next((g for g in self.engine.gears if g >= length), None)
+        if gear is None:
+            raise PromptError(f"the prompt has {length} tokens; this bundle's longest prefill gear is "
+                              f"{self.engine.gears[-1]}: shorten the conversation or lower the context budget")
+        padded_ids = np.full((1, gear), self.engine.pad_id, dtype=np.int32)
+        padded_ids[0, :length] = ids
+        positions = np.zeros((1, 2, gear), dtype=np.int32)
+        positions[0, :, :length] = position_ids
+        additive = np.full((1, 1, gear, gear), MASKED, dtype=np.float32)
+        additive[0, 0, :length, :length] = np.where(mask, MASKED, 0.0)
+        additive[0, 0, length:, 0] = 0.0  # padding rows see one slot, so no row is fully masked
+        last = np.zeros((1, gear, 1), dtype=np.float32)
+        last[0, length - 1, 0] = 1.0
+        logits = self.engine.runner.run(f"prefill:{gear}", {"input_ids": padded_ids, "position_ids": positions,
+                                                            "attention_mask": additive, "last_position": last})
+        self.length = length
+        return logits[0]
+
+    def step(self, token_id: int, position_ids: np.ndarray) -> np.ndarray:
+        capacity = self.engine.max_context
+        if self.length >= capacity:
+            raise EngineError(f"the KV cache is full ({capacity} tokens)")
+        write = np.zeros((1, 1, capacity, 1), dtype=np.float32)
+        write[0, 0, self.length, 0] = 1.0
+        additive = np.full((1, 1, 1, capacity), MASKED, dtype=np.float32)
+        additive[0, 0, 0, : self.length + 1] = 0.0
+        logits = self.engine.runner.run("decode", {
+            "input_ids": np.array([[token_id]], dtype=np.int32),
+            "position_ids": np.asarray(position_ids, dtype=np.int32).reshape(1, 2, 1),
+            "attention_mask": additive, "write_slot": write})
+        self.length += 1
+        return logits[0]
+
+
+class OrtGraphRunner:
+    """The same static graphs through onnxruntime (how Ascend bundles are checked on machines without an NPU)."""
+
+    def __init__(self, files: dict[str, str], threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        from appliance.engines.cpu import physical_cores
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or physical_cores()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3
+        self.sessions = {name: ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+                         for name, path in files.items()}
+        self.cache: dict[str, np.ndarray] = {}
+
+    def reset(self) -> None:
+        self.cache = {}
+
+    def run(self, graph: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        session = self.sessions[graph]
+        feed = dict(inputs)
+        for item in session.get_inputs():
+            if item.name.startswith("past_"):
+                feed[item.name] = self.cache["present_" + item.name[5:]]
+        names = [o.name for o in session.get_outputs()]
+        outputs = session.run(names, feed)
+        self.cache = {n: v for n, v in zip(names, outputs, strict=True) if n.startswith("present_")}
+        return outputs[names.index("logits")]
