@@ -246,6 +246,39 @@ def _add_history_parser(sub) -> None:
     hist.set_defaults(func=cmd_history)
 
 
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from appliance import bundle_package
+
+    if args.action == "pack":
+        out = bundle_package.pack(args.bundle, args.out)
+        print(f"packed {args.bundle} into {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    else:
+        from appliance.settings import data_dir, load_settings
+
+        into = args.into or data_dir(load_settings()) / "bundles"
+        installed = bundle_package.install(args.file, into)
+        print(f"installed and verified: {installed}")
+    return 0
+
+
+def cmd_self_test(args: argparse.Namespace) -> int:
+    """Open the configured bundle (or the demo), stream a short answer, store and read it back, clean up."""
+    from appliance.app import AppContext
+    from appliance.session import ChatSession
+
+    app = AppContext.load()
+    configured = Path(app.settings.model_bundle) if app.settings.model_bundle else None
+    model = load_model(bundle=configured, demo=configured is None, data=app.data_dir, quiet=True)
+    app.settings.generation.max_new_tokens = 32
+    session = ChatSession(model.engine, model.tokenizer, app.settings, app.history, app.rules, app.audit, model.label)
+    answer = "".join(session.send("StreamChat 是什么？", greedy=True))
+    stored = app.history.messages(session.conversation_id)
+    ok = bool(answer) and [m.role for m in stored] == ["user", "assistant"] and stored[-1].text == answer
+    app.history.delete(session.conversation_id)
+    print(f"self-test {'ok' if ok else 'FAILED'}: model {model.label}; answer {answer[:60]!r}; history {app.history.path}")
+    return 0 if ok else 1
+
+
 def cmd_gui(args: argparse.Namespace) -> int:
     try:
         from ui.app import run
@@ -276,6 +309,21 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--new", action="store_true", help="start a new conversation (the default)")
     chat.set_defaults(func=cmd_chat)
     _add_history_parser(sub)
+
+    bundle = sub.add_parser("bundle", help="pack a bundle into one file, or install such a file",
+                            description="Move model bundles between machines.")
+    bundle_actions = bundle.add_subparsers(dest="action", metavar="ACTION", required=True)
+    pack = bundle_actions.add_parser("pack", help="one archive holding the bundle, manifest and checksums")
+    pack.add_argument("bundle", type=Path, metavar="BUNDLE_DIR")
+    pack.add_argument("--out", type=Path, required=True, metavar="FILE")
+    inst = bundle_actions.add_parser("install", help="verify a packed bundle, then switch to it atomically")
+    inst.add_argument("file", type=Path, metavar="FILE")
+    inst.add_argument("--into", type=Path, default=None, metavar="DIR", help="models folder (default: <data>/bundles)")
+    bundle.set_defaults(func=cmd_bundle)
+
+    selftest = sub.add_parser("self-test", help="headless check: model, a short answer, history (exit 0 when fine)",
+                              description="Open the configured bundle or the demo, answer, store and read history.")
+    selftest.set_defaults(func=cmd_self_test)
 
     gui = sub.add_parser("gui", help="the desktop chat window (the default command)",
                          description="Open the chat window (the built-in demo model when no bundle is configured).")
@@ -311,9 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--self-test"]:
+        argv = ["self-test", *argv[1:]]
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        args = parser.parse_args(["gui", *(argv if argv is not None else sys.argv[1:])])
+        args = parser.parse_args(["gui", *argv])
     try:
         return args.func(args)
     except StreamChatError as exc:

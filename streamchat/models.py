@@ -46,12 +46,12 @@ def demo_bundle(data: Path, quiet: bool = False) -> Path:
 
 
 def load_model(checkpoint: Path | None = None, bundle: Path | None = None, threads: int | None = None,
-               demo: bool = False, data: Path | None = None, engine: str = "auto") -> LoadedModel:
+               demo: bool = False, data: Path | None = None, engine: str = "auto", quiet: bool = False) -> LoadedModel:
     """``threads`` None = the machine's physical cores (bundles only; the reference uses numpy's BLAS threads)."""
     if demo:
         from appliance.settings import data_dir, load_settings
 
-        bundle = demo_bundle(data or data_dir(load_settings()))
+        bundle = demo_bundle(data or data_dir(load_settings()), quiet=quiet)
     if checkpoint is not None:
         from model_export.checkpoint import Checkpoint
         from model_export.reference import ReferenceEngine, ReferenceModel
