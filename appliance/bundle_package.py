@@ -52,7 +52,7 @@ def _safe_members(archive: tarfile.TarFile, source: Path) -> tuple[str, list[tar
 def install(package: Path, models_dir: Path) -> Path:
     """Install ``package`` into ``models_dir/<name>`` (a symlink to a verified, versioned folder)."""
     try:
-        archive = tarfile.open(package)
+        archive = tarfile.open(package)  # noqa: SIM115 - closed by the `with archive:` below
     except (OSError, tarfile.TarError) as exc:
         raise BundleError(f"{package} is not a readable bundle package ({exc}); re-copy it") from exc
     models_dir.mkdir(parents=True, exist_ok=True)
