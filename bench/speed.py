@@ -132,6 +132,12 @@ def main() -> None:
                          "bundle_gb": sum(f.stat().st_size for f in bundle.iterdir()) / 1e9,
                          "weights_gb": weight_bytes(bundle) / 1e9, **exported, **run})
             print(json.dumps(rows[-1]), flush=True)
+    results = args.work / "results.json"  # earlier runs' rows for other layer counts join the fit
+    earlier = json.loads(results.read_text()) if results.exists() else []
+    measured = {(r["layers"], r["group"], r["accuracy"], r["lm_head"]) for r in rows}
+    rows += [r for r in earlier if (r["layers"], r["group"], r["accuracy"], r["lm_head"]) not in measured]
+    rows.sort(key=lambda r: (r["layers"], r["group"], r["accuracy"], r["lm_head"]))
+    results.write_text(json.dumps(rows, indent=1))
     report(rows, bandwidth, args.plot)
 
 

@@ -112,3 +112,26 @@ def test_bad_settings_are_refused():
         GenerationConfig(temperature=0)
     with pytest.raises(PromptError, match="top_p"):
         GenerationConfig(top_p=1.5)
+
+
+def test_padded_model_vocabulary_beyond_the_tokenizer(tokenizer):
+    """Real ChatGLM-6B has more embedding rows than tokenizer pieces; a sampled padding id must not crash."""
+    vocab = tokenizer.vocab_size + 100
+
+    class Sequence:
+        def prefill(self, ids, positions, mask):
+            return self.logits()
+
+        def step(self, token, positions):
+            return self.logits()
+
+        @staticmethod
+        def logits():
+            out = np.zeros(vocab, dtype=np.float32)
+            out[-1] = 50.0  # a padding row wins
+            return out
+
+    engine = type("Padded", (), {"name": "padded", "max_context": 64, "start": lambda self: Sequence()})()
+    result = StreamGenerator(engine, tokenizer).run(tokenizer.encode_prompt("你好"),
+                                                     GenerationConfig(greedy=True, max_new_tokens=3))
+    assert result.token_ids == [vocab - 1] * 3 and result.response == ""
