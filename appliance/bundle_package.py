@@ -34,6 +34,38 @@ def pack(bundle_dir: Path, out: Path, on_bytes: Callable[[int], None] = lambda n
     return out
 
 
+SYSTEM_MODELS = Path("/usr/share/streamchat/models")
+
+
+def pack_deb(bundle_dir: Path, out: Path, version: str = "1.0") -> Path:
+    """A .deb that installs the bundle into ``/usr/share/streamchat/models/<name>`` (needs dpkg-deb)."""
+    import json
+    import subprocess
+    import tempfile
+
+    bundle = Bundle.open(bundle_dir, full_check=True)
+    name = bundle.path.resolve().name
+    package = "streamchat-model-" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        root = Path(tmp)
+        target = root / SYSTEM_MODELS.relative_to("/") / name
+        target.mkdir(parents=True)
+        for entry in [{"path": MANIFEST}, *bundle.files]:
+            (target / entry["path"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(bundle.path / entry["path"], target / entry["path"])
+        (root / "DEBIAN").mkdir()
+        size_kb = sum(f["bytes"] for f in bundle.files) // 1024 + 1
+        (root / "DEBIAN" / "control").write_text(
+            f"Package: {package}\nVersion: {version}\nArchitecture: all\nMaintainer: StreamChat <streamchat@localhost>\n"
+            f"Installed-Size: {size_kb}\nDepends: streamchat\nSection: misc\nPriority: optional\n"
+            f"Description: StreamChat model bundle {name}\n {bundle.label} ({json.dumps(bundle.manifest['quant'])})\n")
+        proc = subprocess.run(["dpkg-deb", "--build", "--root-owner-group", "-Zxz", "-z1", str(root), str(out)],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise BundleError(f"dpkg-deb failed: {proc.stderr.strip()}")
+    return out
+
+
 def _safe_members(archive: tarfile.TarFile, source: Path) -> tuple[str, list[tarfile.TarInfo]]:
     try:
         members = archive.getmembers()

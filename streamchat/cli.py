@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import queue
+import shutil
 import sys
 import threading
 import time
@@ -250,7 +251,9 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     from appliance import bundle_package
 
     if args.action == "pack":
-        out = bundle_package.pack(args.bundle, args.out)
+        if args.format == "deb" and not shutil.which("dpkg-deb"):
+            raise StreamChatError("--format deb needs dpkg-deb (Debian's dpkg package)")
+        out = (bundle_package.pack_deb if args.format == "deb" else bundle_package.pack)(args.bundle, args.out)
         print(f"packed {args.bundle} into {out} ({out.stat().st_size / 1e6:.1f} MB)")
     else:
         from appliance.settings import data_dir, load_settings
@@ -285,7 +288,7 @@ def cmd_gui(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise StreamChatError(f"the desktop app needs PySide6 ({exc.name} is missing): pip install 'streamchat[ui]'") \
             from exc
-    return run(bundle=args.bundle, kiosk=args.kiosk, demo=args.demo)
+    return run(bundle=args.bundle, kiosk=args.kiosk, demo=args.demo, ready_exit=args.ready_exit)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -316,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     pack = bundle_actions.add_parser("pack", help="one archive holding the bundle, manifest and checksums")
     pack.add_argument("bundle", type=Path, metavar="BUNDLE_DIR")
     pack.add_argument("--out", type=Path, required=True, metavar="FILE")
+    pack.add_argument("--format", choices=("tar", "deb"), default="tar",
+                      help="tar (for `bundle install`) or deb (installs into /usr/share/streamchat/models)")
     inst = bundle_actions.add_parser("install", help="verify a packed bundle, then switch to it atomically")
     inst.add_argument("file", type=Path, metavar="FILE")
     inst.add_argument("--into", type=Path, default=None, metavar="DIR", help="models folder (default: <data>/bundles)")
@@ -330,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     gui.add_argument("--bundle", type=Path, metavar="DIR", help="a model bundle (default: from settings, else the demo)")
     gui.add_argument("--demo", action="store_true", help="use the built-in demo model")
     gui.add_argument("--kiosk", action="store_true", help="full screen, unattended kiosk mode")
+    gui.add_argument("--ready-exit", action="store_true", help=argparse.SUPPRESS)  # installers/test.sh: cold start
     gui.set_defaults(func=cmd_gui)
 
     from model_export.quantize import GROUP_SIZES

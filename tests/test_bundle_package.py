@@ -87,3 +87,14 @@ def test_self_test_on_the_demo(tmp_path):
                              str(tmp_path / "h.json")], capture_output=True, text=True, env=env)
     assert export.returncode == 0, export.stderr
     assert json.loads((tmp_path / "h.json").read_text())["conversations"] == []  # the self-test cleans up
+
+
+@pytest.mark.skipif(not __import__("shutil").which("dpkg-deb"), reason="needs dpkg-deb")
+def test_pack_as_a_system_deb(tmp_path):
+    bundle = export_bundle(TINY, tmp_path / "Tiny_INT8", quant="int8").bundle
+    assert main(["bundle", "pack", str(bundle), "--format", "deb", "--out", str(tmp_path / "m.deb")]) == 0
+    info = subprocess.run(["dpkg-deb", "--info", str(tmp_path / "m.deb")], capture_output=True, text=True).stdout
+    contents = subprocess.run(["dpkg-deb", "--contents", str(tmp_path / "m.deb")], capture_output=True, text=True).stdout
+    assert "Package: streamchat-model-tiny-int8" in info and "Depends: streamchat" in info
+    assert "./usr/share/streamchat/models/Tiny_INT8/manifest.json" in contents
+    assert "./usr/share/streamchat/models/Tiny_INT8/decoder.onnx.data" in contents

@@ -25,7 +25,12 @@ def model_loader(app: AppContext, bundle: Path | None, demo: bool):
     return load
 
 
-def run(bundle: Path | None = None, kiosk: bool = False, demo: bool = False, argv: list[str] | None = None) -> int:
+def run(bundle: Path | None = None, kiosk: bool = False, demo: bool = False, argv: list[str] | None = None,
+        ready_exit: bool = False) -> int:
+    """``ready_exit``: quit as soon as the model is loaded, printing the cold-start time (installer smoke tests)."""
+    import time
+
+    started = time.perf_counter()
     from PySide6.QtWidgets import QApplication
 
     from ui.i18n import translator_for
@@ -40,6 +45,10 @@ def run(bundle: Path | None = None, kiosk: bool = False, demo: bool = False, arg
     window = MainWindow(app, model_loader(app, bundle, demo), kiosk=kiosk or app.settings.kiosk.enabled)
     if not window.isFullScreen():
         window.show()
+    if ready_exit:
+        window.model_ready.connect(lambda: (print(f"window ready with {window.model_label} in "
+                                                  f"{time.perf_counter() - started:.2f} s", flush=True), qt.quit()))
+        window.worker.failed.connect(window.close)
     code = qt.exec()
     # Leave without interpreter finalisation: PySide6 6.x can abort while collecting its wrappers at shutdown, and a
     # kiosk's systemd unit would read that as a crash and restart the app after an operator exit.
