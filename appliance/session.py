@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from appliance.engines import Engine
+from appliance.errors import StreamChatError
 from appliance.generation import GenerationResult, StreamGenerator
 from appliance.history import History
 from appliance.prompt import plan_prompt
@@ -25,7 +26,7 @@ SAFETY_NOTICE = "［回答已被安全策略终止 / answer stopped by the safet
 class TurnResult:
     conversation_id: int | None = None
     response: str = ""
-    stopped: str = ""  # eos | max_new_tokens | context | cancelled | safety | blocked
+    stopped: str = ""  # eos | max_new_tokens | context | cancelled | safety | blocked | error
     blocked_reason: str = ""
     notes: list[str] = field(default_factory=list)
     generation: GenerationResult | None = None
@@ -95,6 +96,9 @@ class ChatSession:
             if filt and filt.stopped:
                 result.response += SAFETY_NOTICE
                 yield SAFETY_NOTICE
+        except StreamChatError:  # an engine failure: keep what was written, stored as stopped by an error
+            gen.stopped = gen.stopped or "error"
+            raise
         finally:
             result.stopped = gen.stopped or "cancelled"
             if filt and self.audit:

@@ -98,3 +98,28 @@ def test_without_history_turns_stay_in_memory(reference_engine, tokenizer):
     assert session.turns() == [(ZH["query"], answer)]
     session.clear()
     assert session.turns() == []
+
+
+def test_engine_failure_keeps_the_question_and_the_partial_answer(reference_engine, tokenizer, history):
+    from appliance.errors import EngineError
+
+    class Failing:
+        name, max_context = "failing", reference_engine.max_context
+
+        def start(self):
+            inner = reference_engine.start()
+
+            class Seq:
+                def prefill(self, ids, positions, mask):
+                    return inner.prefill(ids, positions, mask)
+
+                def step(self, token, positions):
+                    raise EngineError("the MindSpore Lite step server stopped")
+
+            return Seq()
+
+    session = ChatSession(Failing(), tokenizer, _settings(), history, model_id="x")
+    with pytest.raises(EngineError):
+        list(session.send(ZH["query"], greedy=True))
+    user, answer = history.messages(session.conversation_id)
+    assert user.text == ZH["query"] and answer.stop_reason == "error"
