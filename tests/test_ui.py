@@ -143,3 +143,36 @@ def test_kiosk_hides_settings_and_resets_when_idle(qtbot, bundles, app_dirs):
     assert window.current_conversation is None
     assert window.app.history.conversations() == []  # kiosk without kept history forgets the visitor
     _close(window)
+
+
+def test_stays_responsive_in_a_5000_token_conversation(qtbot, bundles, app_dirs):
+    """A long stored conversation is open while a new answer streams: the event loop still never stalls."""
+    app = AppContext.load()
+    cid = app.history.new_conversation("long")
+    paragraph = "StreamChat 在本地运行 ChatGLM-6B 模型，不需要联网。It keeps your history on this computer. " * 4
+    for i in range(60):  # ~60 x 90 tokens
+        app.history.add_message(cid, "user" if i % 2 == 0 else "assistant", f"{i}: {paragraph}")
+    from appliance.bundle import Bundle
+
+    tokenizer = Bundle.open(bundles["demo"]).tokenizer()
+    assert sum(len(tokenizer.encode(m.text)) for m in app.history.messages(cid)) >= 5000
+    window = _window(qtbot, bundles["demo"])
+    window.open_conversation(cid)
+    assert len(window.transcript.views) == 60
+    gaps, last = [], [None]
+
+    def tick():
+        now = time.perf_counter()
+        if last[0] is not None:
+            gaps.append(now - last[0])
+        last[0] = now
+
+    timer = QTimer()
+    timer.timeout.connect(tick)
+    timer.start(5)
+    window.composer.setPlainText("What is kiosk mode?")
+    with qtbot.waitSignal(window.answer_finished, timeout=60000):
+        window.send_current()
+    timer.stop()
+    assert max(gaps) < 0.050, f"GUI event loop stalled {max(gaps) * 1000:.0f} ms"
+    _close(window)
