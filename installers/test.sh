@@ -17,7 +17,7 @@ installers/build_deb.sh
 deb=$(ls -t dist/streamchat_*.deb | head -n 1)
 
 if [ ! -x "$ROOT/usr/bin/apt-get" ]; then
-  command -v debootstrap >/dev/null || { log "installing debootstrap"; apt-get install -y -qq debootstrap >/dev/null; }
+  command -v debootstrap >/dev/null || { log "installing debootstrap"; apt-get update -qq >/dev/null; apt-get install -y -qq debootstrap >/dev/null; }
   log "debootstrap $SUITE (minbase) into $ROOT"
   debootstrap --variant=minbase "$SUITE" "$ROOT" >/dev/null
 fi
