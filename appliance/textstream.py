@@ -56,7 +56,7 @@ class TextStream:
     def __init__(self, tokenizer: ChatGLMTokenizer) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.emitted = ""
+        self.text = ""  # everything released so far
 
     def push(self, token_id: int) -> str:
         """The new final text after ``token_id`` (often empty while text is held back)."""
@@ -65,17 +65,13 @@ class TextStream:
         return self._advance(process_response(raw[: stable_length(raw)]))
 
     def finish(self) -> str:
-        """Release what was held back; afterwards ``emitted == process_response(decode(ids))``."""
+        """Release what was held back; afterwards ``text == process_response(decode(ids))``."""
         return self._advance(process_response(self.tokenizer.decode(self.ids)))
 
-    @property
-    def text(self) -> str:
-        return self.emitted
-
     def _advance(self, final_prefix: str) -> str:
-        if not final_prefix.startswith(self.emitted):
+        if not final_prefix.startswith(self.text):
             # Cannot happen for sentencepiece decodes (prefix-stable); never show text that later disappears.
-            raise AssertionError(f"text stream diverged: {self.emitted!r} is not a prefix of {final_prefix!r}")
-        delta = final_prefix[len(self.emitted):]
-        self.emitted = final_prefix
+            raise AssertionError(f"text stream diverged: {self.text!r} is not a prefix of {final_prefix!r}")
+        delta = final_prefix[len(self.text):]
+        self.text = final_prefix
         return delta

@@ -47,10 +47,10 @@ class ExportResult:
     seconds: float
 
 
-def default_embeddings(quant: str) -> str:
-    """Quantized bundles quantize lm_head (and the tied embedding) to INT8: an fp16 head is folded to a 2.1 GB fp32
-    matrix by onnxruntime and read in full for every token."""
-    return "int8" if quant in BITS else quant
+def default_embeddings(quant: str, target: str) -> str:
+    """Quantized cpu bundles quantize lm_head (and the tied embedding) to INT8: an fp16 head is folded to a 2.1 GB fp32
+    matrix by onnxruntime and read in full for every token. Ascend bundles store the tables like the block weights."""
+    return "int8" if quant in BITS and target == "cpu" else quant
 
 
 def weakest_precision(*precisions: str) -> str:
@@ -104,11 +104,16 @@ def _check_tokenizer(tokenizer: ChatGLMTokenizer, ckpt: Checkpoint) -> None:
 
 
 def _write_manifest(tmp: Path, manifest: dict, progress: Progress) -> None:
+    """List every file with its sha256; files already listed (unchanged since) keep their hash instead of re-reading
+    gigabytes of weights."""
+    known = {f["path"]: f for f in manifest.get("files", [])}
     files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != MANIFEST)
-    total = sum(p.stat().st_size for p in files)
-    with progress.stage("checksums", total, "B") as advance:
-        manifest["files"] = [{"path": p.relative_to(tmp).as_posix(), "bytes": p.stat().st_size,
-                              "sha256": sha256_file(p, advance)} for p in files]
+    todo = [p for p in files if p.relative_to(tmp).as_posix() not in known]
+    with progress.stage("checksums", sum(p.stat().st_size for p in todo), "B") as advance:
+        for p in todo:
+            known[p.relative_to(tmp).as_posix()] = {"path": p.relative_to(tmp).as_posix(), "bytes": p.stat().st_size,
+                                                    "sha256": sha256_file(p, advance)}
+    manifest["files"] = [known[p.relative_to(tmp).as_posix()] for p in files]
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")
 
 
@@ -131,7 +136,7 @@ def export_bundle(checkpoint_dir: str | Path, out: str | Path, target: str = "cp
     started = time.perf_counter()
     progress = progress or Progress(enabled=False)
     out = Path(out)
-    embeddings = embeddings or (default_embeddings(quant) if target == "cpu" else quant)
+    embeddings = embeddings or default_embeddings(quant, target)
     _check_request(target, quant, group_size, embeddings)
     if out.exists() and not force:
         raise ExportError(f"{out} already exists: choose another --out or pass --force to replace it")

@@ -194,9 +194,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from appliance.bundle import Bundle
 
-    bundle = Bundle.open(args.bundle, full_check=False)
-    bundle.check_checksums()
-    Bundle.open(args.bundle, full_check=True)  # remembers the result for later opens
+    bundle = Bundle.open(args.bundle, full_check=True)  # also remembers the result for later opens
     size = sum(f["bytes"] for f in bundle.files)
     print(f"ok: {bundle.label}, {len(bundle.files)} files, {size / 1e6:.1f} MB, checksums match")
     return 0
