@@ -18,7 +18,7 @@ from appliance.model_config import ModelConfig
 from appliance.tokenizer import ChatGLMTokenizer
 
 FORMAT = "streamchat-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 HASH_CHUNK = 1 << 22
 

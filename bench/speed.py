@@ -5,8 +5,10 @@
 For each layer count: writes a full-width synthetic checkpoint (cached), exports it to INT4 (block 128, accuracy
 level 4, INT8 lm_head shared with the embedding) in a child process (export time, export peak RSS), then, in another
 child process, measures time to first token for 16/128/512-token prompts, decode ms/token at context 128/1024/2000
-and the runtime's peak RSS. Decode time is fitted as ``a + b * layers`` to extrapolate to the real 28 layers. The
-floor is the bytes a decode step must read (weights + KV cache) over the measured read bandwidth.
+and the runtime's peak RSS over all of that plus a conversation filled to the full 2048-token context (checked against
+weights + KV cache + 15%). Layer counts short of the real 28 are fitted as ``a + b * layers`` and extrapolated. The
+floor is the bytes a decode step must read (weights + KV cache) over the measured read bandwidth. With
+``--chatglm-cpp`` (results of bench/chatglm_cpp.py for the same layer count) the table shows the ratios to it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 REAL_LAYERS = 28
 CONTEXTS = (128, 1024, 2000)
 PROMPTS = (16, 128, 512)
+FULL_CONTEXT = 2048
 KV_BYTES_PER_TOKEN_LAYER = 2 * 4096 * 4  # fp32 K and V
+MEMORY_SLACK = 1.15
 
 
 def read_bandwidth_gbs(size_mb: int = 1024, threads: int = 2, repeats: int = 5) -> float:
@@ -46,6 +50,10 @@ def read_bandwidth_gbs(size_mb: int = 1024, threads: int = 2, repeats: int = 5) 
     return best
 
 
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
 def child_export(checkpoint: str, out: str, group: int, accuracy: int, embeddings: str) -> None:
     from model_export.export import export_bundle
 
@@ -53,7 +61,7 @@ def child_export(checkpoint: str, out: str, group: int, accuracy: int, embedding
     export_bundle(checkpoint, out, quant="int4", group_size=group, accuracy_level=accuracy, embeddings=embeddings,
                   force=True)
     print(json.dumps({"export_s": time.perf_counter() - start,
-                      "export_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}))
+                      "export_peak_rss_gb": peak_rss_gb()}))
 
 
 def child_run(bundle_dir: str, contexts: list[int], prompts: list[int]) -> None:
@@ -74,8 +82,8 @@ def child_run(bundle_dir: str, contexts: list[int], prompts: list[int]) -> None:
         seq.prefill(np.array(ids), layout.position_ids(), layout.mask())
         return seq, layout, time.perf_counter() - start
 
-    out = {"ttft_ms": {}, "decode_ms": {}}
-    prefill(16)  # warm-up: onnxruntime prepacks weights on the first run
+    out = {"ttft_ms": {}, "decode_ms": {}, "load_peak_rss_gb": peak_rss_gb()}
+    prefill(16)  # warm-up
     for length in prompts:
         out["ttft_ms"][length] = min(prefill(length)[2] for _ in range(2)) * 1000
     for context in contexts:
@@ -87,7 +95,11 @@ def child_run(bundle_dir: str, contexts: list[int], prompts: list[int]) -> None:
             seq.step(text_ids[total % 4096], layout.step_position(total))
             times.append(time.perf_counter() - start)
         out["decode_ms"][context] = float(np.median(times[2:])) * 1000
-    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        del seq
+    seq, layout, _ = prefill(FULL_CONTEXT - 16)  # a conversation filling the whole context window
+    for total in range(FULL_CONTEXT - 15, FULL_CONTEXT + 1):
+        seq.step(text_ids[total % 4096], layout.step_position(total))
+    out["peak_rss_gb"] = peak_rss_gb()
     out["threads"] = engine.threads
     print(json.dumps(out))
 
@@ -138,32 +150,50 @@ def main() -> None:
     rows += [r for r in earlier if (r["layers"], r["group"], r["accuracy"], r["lm_head"]) not in measured]
     rows.sort(key=lambda r: (r["layers"], r["group"], r["accuracy"], r["lm_head"]))
     results.write_text(json.dumps(rows, indent=1))
-    report(rows, bandwidth, args.plot)
+    theirs = [json.loads(f.read_text())[1] for f in sorted(args.work.glob("chatglm-cpp-*.json"))]  # the 128 prompt
+    report(rows, bandwidth, args.plot, theirs)
 
 
 def floor_ms(weights_gb: float, layers: int, context: int, bandwidth: float) -> float:
-    kv_gb = layers * context * KV_BYTES_PER_TOKEN_LAYER / 1e9
-    return (weights_gb + kv_gb) / bandwidth * 1000
+    return (weights_gb + kv_gb(layers, context)) / bandwidth * 1000
 
 
-def report(rows: list[dict], bandwidth: float, plot: Path) -> None:
+def kv_gb(layers: int, context: int) -> float:
+    return layers * context * KV_BYTES_PER_TOKEN_LAYER / 1e9
+
+
+def report(rows: list[dict], bandwidth: float, plot: Path, chatglm_cpp: list[dict] | None = None) -> None:
     default = [r for r in rows if (r["group"], r["accuracy"], r["lm_head"]) == (128, 4, "int8")]
     print("\n| layers | block | acc | lm_head | bundle GB | export s | export peak RSS GB | TTFT 16/128/512 ms | "
-          "decode ms/token @128/1024/2000 | floor ms @128 | share of floor @128 | peak RSS GB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "decode ms/token @128/1024/2000 | floor ms @128/1024/2000 | share of floor | peak RSS GB (load / run) | "
+          f"weights + KV@{FULL_CONTEXT} + 15% GB |")
+    print("|" + "---|" * 13)
     for r in rows:
-        fl = floor_ms(r["weights_gb"], r["layers"], 128, bandwidth)
+        floors = [floor_ms(r["weights_gb"], r["layers"], c, bandwidth) for c in CONTEXTS]
         ttft = "/".join(f"{r['ttft_ms'][str(p)]:.0f}" for p in PROMPTS)
         dec = "/".join(f"{r['decode_ms'][str(c)]:.1f}" for c in CONTEXTS)
+        share = "/".join(f"{f / r['decode_ms'][str(c)]:.0%}" for f, c in zip(floors, CONTEXTS, strict=True))
+        bound = (r["weights_gb"] + kv_gb(r["layers"], FULL_CONTEXT)) * MEMORY_SLACK
         print(f"| {r['layers']} | {r['group']} | {r['accuracy']} | {r['lm_head']} | {r['bundle_gb']:.2f} | "
-              f"{r['export_s']:.0f} | {r['export_peak_rss_gb']:.2f} | {ttft} | {dec} | {fl:.1f} | "
-              f"{fl / r['decode_ms']['128']:.0%} | {r['peak_rss_gb']:.2f} |")
-    if len({r["layers"] for r in default}) < 2:
+              f"{r['export_s']:.0f} | {r['export_peak_rss_gb']:.2f} | {ttft} | {dec} | "
+              f"{'/'.join(f'{f:.0f}' for f in floors)} | {share} | {r.get('load_peak_rss_gb', 0):.2f} / "
+              f"{r['peak_rss_gb']:.2f} | {bound:.2f} |")
+    for theirs in chatglm_cpp or []:
+        ours = next((r for r in default if r["layers"] == theirs["layers"]), None)
+        if ours and str(theirs["prompt_tokens"]) in ours["ttft_ms"]:
+            rate = theirs["prompt_tokens"] / ours["ttft_ms"][str(theirs["prompt_tokens"])] * 1000
+            print(f"{theirs['layers']} layers, {theirs['prompt_tokens']}-token prompt: {rate:.1f} prompt tokens/s vs "
+                  f"chatglm.cpp q4_0 {theirs['prompt_tokens_per_s']:.1f} ({rate / theirs['prompt_tokens_per_s']:.2f}x); "
+                  f"decode after it {ours['decode_ms']['128']:.0f} vs {theirs['decode_ms']:.0f} ms/token "
+                  f"({theirs['decode_ms'] / ours['decode_ms']['128']:.2f}x)")
+    xs = np.array(sorted({r["layers"] for r in default}), dtype=float)
+    if len(xs) < 2:
         return
-    xs = np.array([r["layers"] for r in default], dtype=float)
-    print(f"\nExtrapolated to {REAL_LAYERS} layers (least-squares fit a + b*layers over layers {xs.astype(int).tolist()}):")
-    print("| context | decode ms/token (fit) | floor ms | share of floor | tokens/s |")
-    print("|---|---|---|---|---|")
+    measured = REAL_LAYERS in xs  # then the fit only draws the plot's lines
+    say = (lambda *_: None) if measured else print
+    say(f"\nFitted over layers {xs.astype(int).tolist()} (least squares, a + b*layers) and evaluated at {REAL_LAYERS}:")
+    say("| context | decode ms/token (fit) | floor ms | share of floor | tokens/s |")
+    say("|---|---|---|---|---|")
     w_fit = np.polyfit(xs, [r["weights_gb"] for r in default], 1)
     weights_28 = float(np.polyval(w_fit, REAL_LAYERS))
     fits = {}
@@ -172,13 +202,13 @@ def report(rows: list[dict], bandwidth: float, plot: Path) -> None:
         ms = a + b * REAL_LAYERS
         fl = floor_ms(weights_28, REAL_LAYERS, context, bandwidth)
         fits[context] = (a, b)
-        print(f"| {context} | {ms:.0f} (= {a:.1f} + {b:.2f} x {REAL_LAYERS}) | {fl:.0f} | {fl / ms:.0%} | {1000 / ms:.1f} |")
+        say(f"| {context} | {ms:.0f} (= {a:.1f} + {b:.2f} x {REAL_LAYERS}) | {fl:.0f} | {fl / ms:.0%} | {1000 / ms:.1f} |")
     ttft = {p: np.polyfit(xs, [r["ttft_ms"][str(p)] for r in default], 1) for p in PROMPTS}
     for p in PROMPTS:
         b, a = ttft[p]
         ms = a + b * REAL_LAYERS
-        print(f"TTFT {p}-token prompt at {REAL_LAYERS} layers: {ms / 1000:.2f} s ({p / (ms / 1000):.0f} prompt tokens/s)")
-    print(f"INT4 weights at {REAL_LAYERS} layers: {weights_28:.2f} GB")
+        say(f"TTFT {p}-token prompt at {REAL_LAYERS} layers: {ms / 1000:.2f} s ({p / (ms / 1000):.0f} prompt tokens/s)")
+    say(f"INT4 weights at {REAL_LAYERS} layers: {weights_28:.2f} GB")
     try:
         import matplotlib
 

@@ -1,9 +1,17 @@
 """The ``cpu`` target's decoder graph: ChatGLM-6B written op by op for onnxruntime (no tracing).
 
-One graph serves prefill and decode: dynamic batch, sequence and past length; the KV cache goes in and out as
-``past_*``/``present_*`` ``[batch, heads, seq, head_dim]`` (heads before sequence, so attention reads each head's cache
-contiguously and no step transposes the cache); logits only for the last position. Activations are kept 2-D
-``[batch*seq, hidden]`` between attention blocks so every linear layer is one Gemm or MatMulNBits.
+One graph serves prefill and decode; each layer's attention is an ``If`` on whether the cache is empty:
+
+* prefill (``past_*`` have 0 positions): attention over the prompt with ChatGLM's prefix mask ``attention_mask``
+  ``[batch, 1, seq, seq]``; the prompt's keys/values come out as ``present_*`` padded to ``cache_capacity`` positions.
+* decode (``past_*`` are those capacity buffers): GroupQueryAttention writes the new position into the buffer in place
+  (the caller binds ``present_*`` to the same memory as ``past_*``) and attends to every cached position, which is
+  exactly ChatGLM's decode mask; ``attention_mask`` is then ``[batch, 1, 1, total]`` and only its length is read.
+
+So a decode step copies no cache: at context 2000 a Concat-based cache copied 1.8 GB per token. The cache is
+``[batch, heads, capacity, head_dim]`` fp32 (onnxruntime's CPU GQA is slower in fp16: it converts). Logits only for
+the last position. Activations are kept 2-D ``[batch*seq, hidden]`` between attention blocks so every linear layer is
+one Gemm or MatMulNBits.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ from model_export.quantize import BITS, effective_group, quantize_blockwise
 from model_export.reference import ALPHA, MASK_FILL, rotary_tables
 
 OPSET = 17
+FLOAT = TensorProto.FLOAT
+PROMPT_CHUNK = 256  # prompt queries per attention chunk
 TensorSource = Callable[[str], np.ndarray]
 
 
@@ -106,18 +116,20 @@ class DecoderGraph:
         h, heads, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
         inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
                   helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", 2, "seq"]),
-                  helper.make_tensor_value_info("attention_mask", TensorProto.BOOL, ["batch", 1, "seq", "total"])]
+                  helper.make_tensor_value_info("attention_mask", TensorProto.BOOL, ["batch", 1, "seq", "total"]),
+                  helper.make_tensor_value_info("cache_capacity", TensorProto.INT64, [])]
         outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", cfg.vocab_size])]
         for n in range(cfg.num_layers):
             for kind in ("key", "value"):
                 inputs.append(helper.make_tensor_value_info(f"past_{kind}.{n}", TensorProto.FLOAT,
                                                             ["batch", heads, "past", hd]))
                 outputs.append(helper.make_tensor_value_info(f"present_{kind}.{n}", TensorProto.FLOAT,
-                                                             ["batch", heads, "total", hd]))
+                                                             ["batch", heads, "capacity", hd]))
 
         batch_seq = b.op("Shape", ["input_ids"])
         self.shape_bsh = b.op("Concat", [batch_seq, b.const([h])], axis=0)
         self.shape_qkv = b.op("Concat", [batch_seq, b.const([heads, 3 * hd])], axis=0)
+        self._attention_inputs()
         head_lm, embed = self._tables()
         x = b.op("Reshape", [embed, b.const([-1, h])])
         self.cos, self.sin = self._rotary()
@@ -157,25 +169,74 @@ class DecoderGraph:
         return b.op("Add", [b.op("Mul", [x, self.cos]), b.op("Mul", [b.op("Concat", [c, a, e, d], axis=-1), self.sin])])
 
     def _block(self, n: int, x: str) -> str:
-        cfg, b, p = self.cfg, self.b, f"transformer.layers.{n}."
+        b, p = self.b, f"transformer.layers.{n}."
         ln1 = self._layer_norm(x, p + "input_layernorm")
         qkv = b.op("Reshape", [self.linear(ln1, p + "attention.query_key_value"), self.shape_qkv])
         q, k, v = b.op("Split", [qkv], outputs=3, axis=-1)  # per head: q | k | v
-        to_heads = {"perm": [0, 2, 1, 3]}
-        q = b.op("Transpose", [self._rotate(q)], **to_heads)
-        k = b.op("Transpose", [self._rotate(k)], **to_heads)
-        v = b.op("Transpose", [v], **to_heads)
-        k = b.op("Concat", [f"past_key.{n}", k], [f"present_key.{n}"], axis=2)
-        v = b.op("Concat", [f"past_value.{n}", v], [f"present_value.{n}"], axis=2)
-        scores = b.op("FusedMatMul", [q, k], domain="com.microsoft", transB=1, alpha=float(1 / np.sqrt(cfg.head_dim)))
-        scores = b.op("Where", ["attention_mask", b.const(MASK_FILL, np.float32), scores])
-        context = b.op("MatMul", [b.op("Softmax", [scores], axis=-1), v])
-        context = b.op("Reshape", [b.op("Transpose", [context], **to_heads), b.const([-1, cfg.hidden_size])])
+        context = self._attention(n, self._rotate(q), self._rotate(k), v)
         alpha = b.const(ALPHA, np.float32)
         x = b.op("Add", [b.op("Mul", [ln1, alpha]), self.linear(context, p + "attention.dense")])
         ln2 = self._layer_norm(x, p + "post_attention_layernorm")
         up = b.op("FastGelu", [self.linear(ln2, p + "mlp.dense_h_to_4h")], domain="com.microsoft")
         return b.op("Add", [b.op("Mul", [ln2, alpha]), self.linear(up, p + "mlp.dense_4h_to_h")])
+
+    def _attention_inputs(self) -> None:
+        """Shared by every layer: prefill or decode, the cache padding, and GQA's length inputs."""
+        b = self.b
+        self.is_prefill = b.op("Equal", [b.op("Shape", ["past_key.0"], start=2, end=3), b.const([0])])
+        seq = b.op("Shape", ["input_ids"], start=1, end=2)
+        self.cache_pads = b.op("Concat", [b.const([0] * 6), b.op("Sub", ["cache_capacity", seq]), b.const([0])], axis=0)
+        total = b.op("Cast", [b.op("Shape", ["attention_mask"], start=3, end=4)], to=TensorProto.INT32)
+        self.total = b.op("Squeeze", [total])
+        self.seqlens_k = b.op("Expand", [b.op("Sub", [total, b.const([1], np.int32)]),
+                                         b.op("Shape", ["input_ids"], end=1)])
+
+    def _attention(self, n: int, q: str, k: str, v: str) -> str:
+        """Attention of one layer for ``q``/``k``/``v`` ``[batch, seq, heads, head_dim]``; returns ``[batch*seq, hidden]``."""
+        b, cfg = self.b, self.cfg
+        to_heads = {"perm": [0, 2, 1, 3]}
+        flat = b.const([-1, cfg.hidden_size])
+
+        prefill = b.branch()
+        qt, kt, vt = (prefill.op("Transpose", [t], **to_heads) for t in (q, k, v))
+        prefill_out = [prefill.op("Reshape", [self._prompt_attention(prefill, qt, kt, vt), flat]),
+                       prefill.op("Pad", [kt, self.cache_pads]), prefill.op("Pad", [vt, self.cache_pads])]
+
+        decode = b.branch()
+        rows = b.const([0, 0, -1])  # [batch, seq, hidden]
+        context, key, value = decode.op(
+            "GroupQueryAttention", [decode.op("Reshape", [t, rows]) for t in (q, k, v)]
+            + [f"past_key.{n}", f"past_value.{n}", self.seqlens_k, self.total], outputs=3, domain="com.microsoft",
+            num_heads=cfg.num_heads, kv_num_heads=cfg.num_heads, scale=float(1 / np.sqrt(cfg.head_dim)))
+        decode_out = [decode.op("Reshape", [context, flat]), key, value]
+
+        return b.op("If", [self.is_prefill], [b.fresh("context"), f"present_key.{n}", f"present_value.{n}"],
+                    then_branch=prefill.subgraph(f"prefill_{n}", [(o, FLOAT) for o in prefill_out]),
+                    else_branch=decode.subgraph(f"decode_{n}", [(o, FLOAT) for o in decode_out]))[0]
+
+    def _prompt_attention(self, g: GraphBuilder, qt: str, kt: str, vt: str) -> str:
+        """Prefix-masked attention over the prompt, ``PROMPT_CHUNK`` queries at a time: the scores of a 2000-token
+        prompt are 0.5 GB per layer at once, 64 MB per chunk. Returns ``[batch, seq, hidden]``."""
+        b, cfg = self.b, self.cfg
+        body, step, cond = g.branch(), b.fresh("chunk"), b.fresh("cond")
+        start = body.op("Unsqueeze", [body.op("Mul", [step, b.const(PROMPT_CHUNK)]), b.const([0])])
+        rows = [start, body.op("Add", [start, b.const([PROMPT_CHUNK])]), b.const([2])]
+        scores = body.op("FusedMatMul", [body.op("Slice", [qt, *rows]), kt], domain="com.microsoft", transB=1,
+                         alpha=float(1 / np.sqrt(cfg.head_dim)))
+        scores = body.op("Where", [body.op("Slice", ["attention_mask", *rows]), b.const(MASK_FILL, np.float32), scores])
+        context = body.op("MatMul", [body.op("Softmax", [scores], axis=-1), vt])  # [batch, heads, chunk, head_dim]
+        context = body.op("Reshape", [body.op("Transpose", [context], perm=[0, 2, 1, 3]), b.const([0, 0, -1])])
+        done_in, cond_out = b.fresh("done"), body.op("Identity", [cond])
+        done_next = body.op("Concat", [done_in, context], axis=1)  # [batch, rows so far, hidden]
+
+        seq = g.op("Shape", [qt], start=2, end=3)
+        chunks = g.op("Squeeze", [g.op("Div", [g.op("Add", [seq, b.const([PROMPT_CHUNK - 1])]), b.const([PROMPT_CHUNK])])])
+        empty = g.op("ConstantOfShape", [g.op("Concat", [g.op("Shape", [qt], end=1), b.const([0, cfg.hidden_size])],
+                                                         axis=0)], value=helper.make_tensor("", FLOAT, [1], [0.0]))
+        loop_body = body.subgraph("prompt_chunk", [(cond_out, TensorProto.BOOL), (done_next, FLOAT)],
+                                  [(step, TensorProto.INT64, []), (cond, TensorProto.BOOL, []),
+                                   (done_in, FLOAT, ["batch", "rows", cfg.hidden_size])])
+        return g.op("Loop", [chunks, "", empty], body=loop_body)
 
     def _tables(self) -> tuple[Callable[[str, str], str], str]:
         """Store lm_head and the word embedding; return (lm_head writer, embedded input_ids [batch, seq, hidden]).

@@ -101,6 +101,20 @@ class GraphBuilder:
             self.initializers.append(self.data.add(name, array, dtype))
         return name
 
+    def branch(self) -> GraphBuilder:
+        """A builder for an ``If`` branch or ``Loop`` body: its own nodes; names, constants and weights stay in the
+        outer graph (a subgraph may read outer values by name)."""
+        sub = GraphBuilder(self.data)
+        sub.initializers, sub._ids, sub._consts = self.initializers, self._ids, self._consts
+        return sub
+
+    def subgraph(self, name: str, outputs: list[tuple], inputs: list[tuple] = ()) -> onnx.GraphProto:
+        """This branch's nodes as a graph; ``inputs``/``outputs`` are (name, element type[, shape]) tuples."""
+        def info(name: str, elem_type: int, shape: list | None = None) -> onnx.ValueInfoProto:
+            return helper.make_tensor_value_info(name, elem_type, shape)
+
+        return helper.make_graph(self.nodes, name, [info(*i) for i in inputs], [info(*o) for o in outputs])
+
     def model(self, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto], opset: int,
               contrib: bool, doc: str) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, "chatglm6b_decoder", inputs, outputs, self.initializers, doc_string=doc)

@@ -6,9 +6,10 @@ import shutil
 import numpy as np
 import pytest
 
-from appliance.bundle import Bundle
-from appliance.errors import BundleError
+from appliance.bundle import FORMAT_VERSION, Bundle
+from appliance.errors import BundleError, EngineError
 from appliance.positions import layout_of
+from model_export import graph
 from model_export.export import ExportError, export_bundle
 from model_export.verify import THRESHOLDS, VERIFY_PROMPTS, compare_engines
 from streamchat.cli import main
@@ -82,7 +83,7 @@ def test_group_sizes_and_ratio(tmp_path, group):
 
 def test_manifest_describes_the_bundle(bundles):
     manifest = Bundle.open(bundles["int4"]).manifest
-    assert manifest["format"] == "streamchat-bundle" and manifest["format_version"] == 1
+    assert manifest["format"] == "streamchat-bundle" and manifest["format_version"] == FORMAT_VERSION == 2
     assert manifest["quant"]["weights"] == "int4" and manifest["quant"]["embeddings"] == "int8"
     assert manifest["quant"]["lm_head_shared_with_embedding"] is True
     assert manifest["tokenizer"]["num_image_tokens"] == 20000
@@ -192,6 +193,31 @@ def test_failed_verification_publishes_nothing(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="verification failed"):
         export_bundle(TINY, tmp_path / "b", quant="int8")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_prompt_attention_in_chunks_matches_reference(tmp_path, monkeypatch, reference_engine, tokenizer):
+    """A prompt longer than the attention chunk (and not a multiple of it) gives the reference's logits."""
+    monkeypatch.setattr(graph, "PROMPT_CHUNK", 16)
+    bundle = Bundle.open(export_bundle(TINY, tmp_path / "b", quant="fp32").bundle)
+    long_prompt = "你好，请介绍一下你自己。" + "What is machine learning? Explain it briefly. " * 3
+    assert len(tokenizer.encode_prompt(long_prompt)) % 16 and len(tokenizer.encode_prompt(long_prompt)) > 3 * 16
+    metrics = compare_engines(bundle.engine(), reference_engine, tokenizer, (long_prompt, "你好"), 6)
+    assert metrics["max_abs_diff"] <= 1e-4 and metrics["agreement"] == 1.0
+
+
+def test_full_cache_is_a_clear_error(bundles, tokenizer):
+    engine = Bundle.open(bundles["fp32"]).engine()
+    special = tokenizer.special
+    ids = tokenizer.encode_prompt("你好")
+    layout = layout_of(ids, special.bos, special.gmask, special.mask)
+    seq = engine.start()
+    seq.prefill(np.array(ids), layout.position_ids(), layout.mask())
+    for total in range(len(ids) + 1, engine.max_context + 1):
+        seq.step(5, layout.step_position(total))
+    with pytest.raises(EngineError, match="KV cache holds 256 positions and is full"):
+        seq.step(5, layout.step_position(engine.max_context + 1))
+    with pytest.raises(EngineError, match="prefilled once"):
+        seq.prefill(np.array(ids), layout.position_ids(), layout.mask())
 
 
 def test_engine_keeps_cache_between_steps(bundles, reference_engine, tokenizer):

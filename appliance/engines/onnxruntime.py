@@ -1,7 +1,8 @@
 """The ``cpu`` target's engine: one onnxruntime session over the bundle's decoder graph.
 
-The KV cache stays in onnxruntime-owned memory between steps: each step's ``present_*`` outputs are bound as the next
-step's ``past_*`` inputs through IOBinding, so no step copies the cache through numpy.
+The KV cache stays in onnxruntime-owned memory: the prefill returns it as ``present_*`` buffers with room for
+``max_context`` positions, and every decode step binds those buffers as both ``past_*`` and ``present_*`` through
+IOBinding, so the graph's GroupQueryAttention writes the new position in place and no step copies the cache.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from appliance.engines.cpu import physical_cores
+from appliance.engines.residency import release_clean_pages
 from appliance.errors import EngineError
 from appliance.model_config import ModelConfig
 
@@ -36,45 +38,56 @@ class OrtEngine:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise EngineError(f"onnxruntime cannot load {graph.name}: {str(exc).splitlines()[0]}; re-export the bundle "
                               "or run `streamchat verify` on it") from exc
+        self.released_bytes = sum(release_clean_pages(data) for data in graph.parent.glob(graph.name + ".data"))
         self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_")]
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]  # logits, then present_* in past_* order
 
     def start(self) -> OrtSequence:
         return OrtSequence(self)
 
 
 class OrtSequence:
-    """A conversation's KV cache as onnxruntime values."""
+    """A conversation's KV cache as onnxruntime values: empty until the prefill, then capacity buffers."""
 
     def __init__(self, engine: OrtEngine) -> None:
         self.engine = engine
         cfg = engine.config
         empty = np.zeros((1, cfg.num_heads, 0, cfg.head_dim), dtype=np.float32)
-        self.past = [ort.OrtValue.ortvalue_from_numpy(empty) for _ in engine.past_names]
+        self.cache = [ort.OrtValue.ortvalue_from_numpy(empty) for _ in engine.past_names]
         self.length = 0
 
     def _run(self, ids: np.ndarray, position_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        session = self.engine.session
-        binding = session.io_binding()
+        engine = self.engine
+        binding = engine.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=bool))
-        for name, value in zip(self.engine.past_names, self.past, strict=True):
-            binding.bind_ortvalue_input(name, value)
-        for name in self.engine.output_names:
-            binding.bind_output(name, "cpu")
+        binding.bind_cpu_input("cache_capacity", np.array(engine.max_context, dtype=np.int64))
+        binding.bind_output("logits", "cpu")
+        in_place = self.length > 0
+        for past, present, value in zip(engine.past_names, engine.output_names[1:], self.cache, strict=True):
+            binding.bind_ortvalue_input(past, value)
+            if in_place:
+                binding.bind_ortvalue_output(present, value)
+            else:
+                binding.bind_output(present, "cpu")
         try:
-            session.run_with_iobinding(binding)
+            engine.session.run_with_iobinding(binding)
         except Exception as exc:
             raise EngineError(f"onnxruntime failed during a step: {str(exc).splitlines()[0]}") from exc
-        outputs = binding.get_outputs()
-        self.past = outputs[1:]
+        outputs = binding.get_outputs()  # in binding order: logits, then the cache
+        if not in_place:
+            self.cache = outputs[1:]
         self.length += ids.shape[1]
         return outputs[0].numpy()[0]
 
     def prefill(self, ids: np.ndarray, position_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        if self.length:
+            raise EngineError("a sequence is prefilled once; start a new one for a new prompt")
         return self._run(np.asarray(ids)[None], position_ids[None], mask[None, None])
 
     def step(self, token_id: int, position_ids: np.ndarray) -> np.ndarray:
-        visible = np.zeros((1, 1, 1, self.length + 1), dtype=bool)
-        return self._run(np.array([[token_id]]), position_ids.reshape(1, 2, 1), visible)
+        if self.length >= self.engine.max_context:
+            raise EngineError(f"the KV cache holds {self.engine.max_context} positions and is full")
+        length = np.zeros((1, 1, 1, self.length + 1), dtype=bool)  # decode attends to every cached position
+        return self._run(np.array([[token_id]]), position_ids.reshape(1, 2, 1), length)
