@@ -33,6 +33,7 @@ from model_export.verify import verify
 TARGETS = ("cpu", "ascend-910b", "ascend-310b")
 DEFAULT_GROUP_SIZE = 128
 BYTES_PER_WEIGHT = {"int4": 0.5 + 4 / 32, "int8": 1 + 4 / 32, "fp16": 2, "fp32": 4}  # worst case: group 32 scales
+VERIFY_CONTEXT = 256  # the verification prompts and steps stay far below this; the cache is sized to it
 LARGE_MODEL_PARAMS = 1_000_000_000  # above this, verification uses fewer prompts and steps (the reference is slow)
 
 
@@ -193,7 +194,7 @@ def _build(ckpt: Checkpoint, tokenizer: ChatGLMTokenizer, spec: QuantSpec, tied:
         with progress.stage("graph written", 1, "file") as advance:
             onnx.save_model(model, str(tmp / "decoder.onnx"))
             advance()
-        graphs, runtime, report = {"decoder": "decoder.onnx", "kv_layout": "[batch, heads, seq, head_dim]"}, \
+        graphs, runtime, report = {"decoder": "decoder.onnx", "kv_layout": "[batch, heads, capacity, head_dim]"}, \
             "onnxruntime", graph.report
     else:
         from model_export.ascend_targets import write_ascend_graphs
@@ -230,7 +231,8 @@ def _verify(ckpt: Checkpoint, tmp: Path, tokenizer: ChatGLMTokenizer, quant: str
     bundle = Bundle.open(tmp, full_check=False)
     reference = ReferenceEngine(ReferenceModel.from_checkpoint(ckpt, lazy=large))
     with progress.stage("verified against the reference", prompts * (steps + 1), "step") as advance:
-        engine = bundle.engine(kind="onnxruntime")  # Ascend bundles: their fp32-compute graphs, on the CPU
+        # Ascend bundles: their fp32-compute graphs, on the CPU; a cpu bundle's cache sized for the short checks
+        engine = bundle.engine(kind="onnxruntime", context=VERIFY_CONTEXT)
         report = verify(engine, reference, tokenizer, quant, prompts, steps, on_step=advance)
     progress.note(f"verification: {report.describe()}")
     return report

@@ -46,8 +46,10 @@ def demo_bundle(data: Path, quiet: bool = False) -> Path:
 
 
 def load_model(checkpoint: Path | None = None, bundle: Path | None = None, threads: int | None = None,
-               demo: bool = False, data: Path | None = None, engine: str = "auto", quiet: bool = False) -> LoadedModel:
-    """``threads`` None = the machine's physical cores (bundles only; the reference uses numpy's BLAS threads)."""
+               demo: bool = False, data: Path | None = None, engine: str = "auto", quiet: bool = False,
+               context: int | None = None) -> LoadedModel:
+    """``threads`` None = the machine's physical cores (bundles only; the reference uses numpy's BLAS threads);
+    ``context`` caps the context window (and so the KV cache) of a cpu bundle."""
     if demo:
         from appliance.settings import data_dir, load_settings
 
@@ -66,5 +68,6 @@ def load_model(checkpoint: Path | None = None, bundle: Path | None = None, threa
         opened = Bundle.open(bundle)
         summary = {"target": opened.target, "quant": opened.manifest["quant"]["weights"], "demo": opened.is_demo,
                    "path": str(opened.path)}
-        return LoadedModel(opened.engine(threads=threads, kind=engine), opened.tokenizer(), opened.label, summary)
+        return LoadedModel(opened.engine(threads=threads, kind=engine, context=context), opened.tokenizer(),
+                           opened.label, summary)
     raise StreamChatError("give --checkpoint DIR or --bundle DIR")

@@ -205,16 +205,17 @@ def test_prompt_attention_in_chunks_matches_reference(tmp_path, monkeypatch, ref
     assert metrics["max_abs_diff"] <= 1e-4 and metrics["agreement"] == 1.0
 
 
-def test_full_cache_is_a_clear_error(bundles, tokenizer):
-    engine = Bundle.open(bundles["fp32"]).engine()
+def test_cache_is_sized_to_the_context_and_full_is_a_clear_error(bundles, tokenizer):
+    engine = Bundle.open(bundles["fp32"]).engine(context=40)
     special = tokenizer.special
     ids = tokenizer.encode_prompt("你好")
     layout = layout_of(ids, special.bos, special.gmask, special.mask)
     seq = engine.start()
     seq.prefill(np.array(ids), layout.position_ids(), layout.mask())
+    assert engine.max_context == 40 and seq.cache[0].shape() == [1, engine.config.num_heads, 40, engine.config.head_dim]
     for total in range(len(ids) + 1, engine.max_context + 1):
         seq.step(5, layout.step_position(total))
-    with pytest.raises(EngineError, match="KV cache holds 256 positions and is full"):
+    with pytest.raises(EngineError, match="KV cache holds 40 positions and is full"):
         seq.step(5, layout.step_position(engine.max_context + 1))
     with pytest.raises(EngineError, match="prefilled once"):
         seq.prefill(np.array(ids), layout.position_ids(), layout.mask())

@@ -15,12 +15,12 @@ def model_loader(app: AppContext, bundle: Path | None, demo: bool):
 
     def load(progress):
         chosen = bundle or (Path(app.settings.model_bundle) if app.settings.model_bundle and not demo else None)
-        threads = app.settings.threads or None
+        threads, context = app.settings.threads or None, app.settings.context_budget
         if chosen is None:
             progress("preparing the built-in demo model")
-            return load_model(demo=True, data=app.data_dir, threads=threads)
+            return load_model(demo=True, data=app.data_dir, threads=threads, context=context)
         progress(str(chosen))
-        return load_model(bundle=chosen, threads=threads)
+        return load_model(bundle=chosen, threads=threads, context=context)
 
     return load
 
