@@ -76,7 +76,7 @@ def write_ggml(cfg: dict, tokenizer_model: Path, out: Path) -> None:
 def run(main: Path, model: Path, prompt: str, new_tokens: int) -> dict:
     """chatglm.cpp's own timing of one generation: prompt ms/tokens and output ms/token."""
     proc = subprocess.run([str(main), "-m", str(model), "--mode", "generate", "-p", prompt, "-v", "--max_new_tokens",
-                           str(new_tokens), "-l", "2048", "--top_k", "1"], capture_output=True, text=True)
+                           str(new_tokens), "-l", "2048", "-c", "2048", "--top_k", "1"], capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(proc.stderr[-2000:])
     prompt_ms, prompt_tokens = re.search(r"prompt time: ([\d.]+) ms / (\d+) tokens", proc.stdout).groups()

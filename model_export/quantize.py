@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 WEIGHT_QUANTS = ("int4", "int8", "fp16", "fp32")
-GROUP_SIZES = (32, 64, 128)
+GROUP_SIZES = (32, 64, 128, 256)
 BITS = {"int4": 4, "int8": 8}
 CHUNK_ELEMENTS = 1 << 22  # elements quantized at a time: bounds each fp32 temporary to 16 MB whatever the shape
 

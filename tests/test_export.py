@@ -72,7 +72,7 @@ def test_int4_linear_weights_are_under_a_third_of_fp16(bundles):
     assert Bundle.open(bundles["int4"]).manifest["quant"]["linear_bytes"] <= 0.32 * fp16_bytes
 
 
-@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("group", [32, 64, 256])
 def test_group_sizes_and_ratio(tmp_path, group):
     bundle = Bundle.open(export_bundle(TINY, tmp_path / "b", quant="int4", group_size=group).bundle)
     cfg = bundle.config
@@ -212,13 +212,27 @@ def test_cache_is_sized_to_the_context_and_full_is_a_clear_error(bundles, tokeni
     layout = layout_of(ids, special.bos, special.gmask, special.mask)
     seq = engine.start()
     seq.prefill(np.array(ids), layout.position_ids(), layout.mask())
-    assert engine.max_context == 40 and seq.cache[0].shape() == [1, engine.config.num_heads, 40, engine.config.head_dim]
+    assert engine.max_context == 40 and engine.cache[0].shape() == [1, engine.config.num_heads, 40, engine.config.head_dim]
     for total in range(len(ids) + 1, engine.max_context + 1):
         seq.step(5, layout.step_position(total))
     with pytest.raises(EngineError, match="KV cache holds 40 positions and is full"):
         seq.step(5, layout.step_position(engine.max_context + 1))
     with pytest.raises(EngineError, match="prefilled once"):
         seq.prefill(np.array(ids), layout.position_ids(), layout.mask())
+
+
+def test_starting_a_sequence_retires_the_previous_one(bundles, tokenizer):
+    """The engine has one KV cache: an older sequence refuses to run instead of reading the newer one's cache."""
+    engine = Bundle.open(bundles["fp32"]).engine()
+    special = tokenizer.special
+    ids = tokenizer.encode_prompt("你好")
+    layout = layout_of(ids, special.bos, special.gmask, special.mask)
+    first = engine.start()
+    expected = first.prefill(np.array(ids), layout.position_ids(), layout.mask())
+    second = engine.start()
+    with pytest.raises(EngineError, match="retired"):
+        first.step(5, layout.step_position(len(ids) + 1))
+    np.testing.assert_array_equal(second.prefill(np.array(ids), layout.position_ids(), layout.mask()), expected)
 
 
 def test_engine_keeps_cache_between_steps(bundles, reference_engine, tokenizer):
