@@ -150,7 +150,7 @@ def main() -> None:
             else:
                 exported = _child("--export", str(ckpt), str(bundle), str(group), str(accuracy), emb)
             run = _child("--run", str(bundle))
-            rows.append({"layers": layers, "group": group, "accuracy": accuracy, "lm_head": emb,
+            rows.append({"layers": layers, "group": group, "accuracy": accuracy, "lm_head": emb, "bandwidth_gbs": bandwidth,
                          "bundle_gb": sum(f.stat().st_size for f in bundle.iterdir()) / 1e9,
                          "weights_gb": weight_bytes(bundle) / 1e9, **exported, **run})
             print(json.dumps(rows[-1]), flush=True)
@@ -173,17 +173,17 @@ def kv_gb(layers: int, context: int) -> float:
 def report(rows: list[dict], bandwidth: float, plot: Path, chatglm_cpp: list[dict] | None = None) -> None:
     default = [r for r in rows if (r["group"], r["accuracy"], r["lm_head"]) == (128, 4, "int8")]
     print("\n| layers | block | acc | lm_head | bundle GB | export s | export peak RSS GB | TTFT 16/128/512 ms | "
-          "decode ms/token @128/1024/2000 | floor ms @128/1024/2000 | share of floor | peak RSS GB (load / run) | "
+          "decode ms/token @128/1024/2000 | GB/s | floor ms @128/1024/2000 | share of floor | peak RSS GB (load / run) | "
           f"weights + KV@{FULL_CONTEXT} + 15% GB |")
-    print("|" + "---|" * 13)
-    for r in rows:
-        floors = [floor_ms(r["weights_gb"], r["layers"], c, bandwidth) for c in CONTEXTS]
+    print("|" + "---|" * 14)
+    for r in rows:  # each row against the bandwidth measured in its own run
+        floors = [floor_ms(r["weights_gb"], r["layers"], c, r.get("bandwidth_gbs", bandwidth)) for c in CONTEXTS]
         ttft = "/".join(f"{r['ttft_ms'][str(p)]:.0f}" for p in PROMPTS)
         dec = "/".join(f"{r['decode_ms'][str(c)]:.1f}" for c in CONTEXTS)
         share = "/".join(f"{f / r['decode_ms'][str(c)]:.0%}" for f, c in zip(floors, CONTEXTS, strict=True))
         bound = (r["weights_gb"] + kv_gb(r["layers"], FULL_CONTEXT)) * MEMORY_SLACK
         print(f"| {r['layers']} | {r['group']} | {r['accuracy']} | {r['lm_head']} | {r['bundle_gb']:.2f} | "
-              f"{r['export_s']:.0f} | {r['export_peak_rss_gb']:.2f} | {ttft} | {dec} | "
+              f"{r['export_s']:.0f} | {r['export_peak_rss_gb']:.2f} | {ttft} | {dec} | {r.get('bandwidth_gbs', bandwidth):.1f} | "
               f"{'/'.join(f'{f:.0f}' for f in floors)} | {share} | {r.get('load_peak_rss_gb', 0):.2f} / "
               f"{r['peak_rss_gb']:.2f} | {bound:.2f} |")
     for theirs in chatglm_cpp or []:  # its prompt of about 128 tokens against ours of 128

@@ -30,4 +30,6 @@ class Engine(Protocol):
     max_context: int
 
     def start(self) -> Sequence:
+        """A sequence with an empty cache. Callers use one sequence at a time: an engine may reuse one cache and
+        retire the previous sequence (the onnxruntime engine does)."""
         ...
