@@ -30,7 +30,7 @@ from model_export.reference import ALPHA, MASK_FILL, rotary_tables
 
 OPSET = 17
 FLOAT = TensorProto.FLOAT
-PROMPT_CHUNK = 256  # prompt queries per attention chunk
+PROMPT_CHUNK = 64  # prompt queries per attention chunk (bounded scores memory; docs/performance.md)
 TensorSource = Callable[[str], np.ndarray]
 
 
@@ -216,7 +216,9 @@ class DecoderGraph:
 
     def _prompt_attention(self, g: GraphBuilder, qt: str, kt: str, vt: str) -> str:
         """Prefix-masked attention over the prompt, ``PROMPT_CHUNK`` queries at a time: the scores of a 2000-token
-        prompt are 0.5 GB per layer at once, 64 MB per chunk. Returns ``[batch, seq, hidden]``."""
+        prompt are 0.5 GB per layer at once (three copies: scores, masked, softmax), 16 MB per chunk. The chunks are
+        gathered by Concat; its repeated copying (~15 GB over 28 layers) is about 1% of such a prefill. Returns
+        ``[batch, seq, hidden]``."""
         b, cfg = self.b, self.cfg
         body, step, cond = g.branch(), b.fresh("chunk"), b.fresh("cond")
         start = body.op("Unsqueeze", [body.op("Mul", [step, b.const(PROMPT_CHUNK)]), b.const([0])])

@@ -46,6 +46,10 @@ class OrtEngine:
         self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present_")]
         self.cache: list[ort.OrtValue] = []  # allocated by the first prefill
         self.active: OrtSequence | None = None
+        # A prompt's activations grow with its length; give them back after each prefill, or the arena keeps the
+        # largest prompt's worth for good (measured at 28 layers: +0.6 GB after a 1024-token prompt).
+        self.shrink_after = ort.RunOptions()
+        self.shrink_after.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     def start(self) -> OrtSequence:
         self.active = OrtSequence(self)
@@ -83,7 +87,7 @@ class OrtSequence:
                 binding.bind_cpu_input(past, empty)
             binding.bind_ortvalue_output(present, buffer)
         try:
-            engine.session.run_with_iobinding(binding)
+            engine.session.run_with_iobinding(binding, None if self.length else engine.shrink_after)
         except Exception as exc:
             raise EngineError(f"onnxruntime failed during a step: {str(exc).splitlines()[0]}") from exc
         self.length += ids.shape[1]
