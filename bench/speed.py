@@ -233,6 +233,10 @@ def report(rows: list[dict], bandwidth: float, plot: Path, chatglm_cpp: list[dic
         left.scatter(xs, [r["decode_ms"][str(context)] for r in default])
     left.plot(layers, [floor_ms(float(np.polyval(w_fit, n)), n, 128, bandwidth) for n in layers], "k--",
               label="bandwidth floor, context 128")
+    for theirs in chatglm_cpp or []:
+        left.scatter([theirs["layers"]], [theirs["decode_ms"]], marker="x", color="k", label="chatglm.cpp q4_0, decode")
+        right.scatter([theirs["layers"]], [theirs["prompt_ms"] / 1000], marker="x", color="k",
+                      label=f"chatglm.cpp q4_0, {theirs['prompt_tokens']}-token prompt")
     left.set_xlabel("layers")
     left.set_ylabel("ms / token")
     left.legend(fontsize=8)
