@@ -1,13 +1,16 @@
 """chatglm.cpp (q4_0) on ChatGLM-6B's real shapes, to compare with our runtime on this machine in the same session.
 
     python bench/chatglm_cpp.py --main /path/to/chatglm.cpp/build/bin/main [--layers 28] [--work /tmp/streamchat-bench]
+                                [--ours BUNDLE --rounds 2]
 
 Writes a GGML file in chatglm.cpp's ChatGLM-6B layout (the format its convert.py writes: magic, model type, config
 version 2, tokenizer proto, named tensors aligned to 16 bytes) with random q4_0 weights (blocks of 32: fp16 scale and
 16 bytes of nibbles; the embedding doubles as lm_head, as chatglm.cpp requires), then runs ``main -v`` in generate mode
 and prints prompt tokens/s and decode ms/token as chatglm.cpp's own PerfStreamer reports them. The tokenizer is the
-synthetic checkpoint's (``model_export.synthetic``), so prompts cost what they cost there. How to build chatglm.cpp
-0.4.2 without network: docs/performance.md.
+synthetic checkpoint's (``model_export.synthetic``), so prompts cost what they cost there. With ``--ours`` it
+alternates with our engine on that bundle (same prompt length, 16 decode steps, after a 16-token warm-up prompt as in
+bench/speed.py), so the ratio comes from one stretch of this noisy machine. How to build chatglm.cpp 0.4.2 without
+network: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -85,6 +88,37 @@ def run(main: Path, model: Path, prompt: str, new_tokens: int) -> dict:
             "decode_ms": float(output[2])}
 
 
+OURS = """
+import json, sys, time
+import numpy as np
+from appliance.bundle import Bundle
+from appliance.positions import layout_of
+bundle = Bundle.open(sys.argv[1], full_check=False)
+engine, special = bundle.engine(context=2048), bundle.tokenizer().special
+ids = list(range(20100, 20100 + int(sys.argv[2]) - 2)) + [special.gmask, special.bos]
+layout = layout_of(ids, special.bos, special.gmask, special.mask)
+warm = layout_of(ids[-16:], special.bos, special.gmask, special.mask)  # first touch of the cache and the arena
+engine.start().prefill(np.array(ids[-16:]), warm.position_ids(), warm.mask())
+seq = engine.start()
+start = time.perf_counter()
+seq.prefill(np.array(ids), layout.position_ids(), layout.mask())
+prompt_ms, steps = (time.perf_counter() - start) * 1000, []
+for total in range(len(ids) + 1, len(ids) + 17):
+    start = time.perf_counter()
+    seq.step(20200, layout.step_position(total))
+    steps.append((time.perf_counter() - start) * 1000)
+print(json.dumps({"prompt_ms": prompt_ms, "decode_ms": float(np.median(steps[2:]))}))
+"""
+
+
+def run_ours(bundle: Path, tokens: int) -> dict:
+    proc = subprocess.run([sys.executable, "-c", OURS, str(bundle), str(tokens)], capture_output=True, text=True,
+                          cwd=ROOT)
+    if proc.returncode:
+        raise SystemExit(proc.stderr[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def prompt_of(tokenizer, tokens: int) -> str:
     """Text that chatglm.cpp encodes to ``tokens`` ids (its encode appends [gMASK] and <sop>)."""
     words = ["apple", "river", "music", "green", "table", "light", "stone", "cloud"]
@@ -101,6 +135,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--work", type=Path, default=Path("/tmp/streamchat-bench"))
     parser.add_argument("--prompts", type=int, nargs="+", default=[16, 128, 512])
+    parser.add_argument("--ours", type=Path, help="a cpu bundle of the same shapes to alternate with")
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     from appliance.tokenizer import ChatGLMTokenizer
     from model_export.synthetic import FIXTURE, real_config
@@ -111,6 +147,9 @@ def main() -> None:
         args.work.mkdir(parents=True, exist_ok=True)
         write_ggml(cfg, FIXTURE / "ice_text.model", model)
     tokenizer = ChatGLMTokenizer(FIXTURE / "ice_text.model")
+    if args.ours:
+        alternate(args, model, tokenizer)
+        return
     rows = []
     for tokens in args.prompts:
         result = run(args.main, model, prompt_of(tokenizer, tokens), 16)
@@ -123,6 +162,20 @@ def main() -> None:
         print(f"| {r['layers']} | {r['prompt_tokens']} | {r['prompt_ms']:.0f} | {r['prompt_tokens_per_s']:.1f} | "
               f"{r['decode_ms']:.1f} |")
     (args.work / f"chatglm-cpp-{args.layers}.json").write_text(json.dumps(rows, indent=1))
+
+
+def alternate(args: argparse.Namespace, model: Path, tokenizer) -> None:
+    """chatglm.cpp and our engine in turns, ``--rounds`` times each, on the first ``--prompts`` length."""
+    tokens = args.prompts[0]
+    print("| round | runner | prompt tokens | prompt tokens/s | decode ms/token |")
+    print("|---|---|---|---|---|")
+    for round_ in range(1, args.rounds + 1):
+        theirs = run(args.main, model, prompt_of(tokenizer, tokens), 16)
+        print(f"| {round_} | chatglm.cpp q4_0 | {theirs['prompt_tokens']} | "
+              f"{theirs['prompt_tokens'] / theirs['prompt_ms'] * 1000:.1f} | {theirs['decode_ms']:.0f} |", flush=True)
+        ours = run_ours(args.ours, tokens)
+        print(f"| {round_} | StreamChat ({args.ours.name}) | {tokens} | {tokens / ours['prompt_ms'] * 1000:.1f} | "
+              f"{ours['decode_ms']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
