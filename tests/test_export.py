@@ -205,13 +205,18 @@ def test_prompt_attention_in_chunks_matches_reference(tmp_path, monkeypatch, ref
     assert metrics["max_abs_diff"] <= 1e-4 and metrics["agreement"] == 1.0
 
 
-def test_cache_is_sized_to_the_context_and_full_is_a_clear_error(bundles, tokenizer):
-    engine = Bundle.open(bundles["fp32"]).engine(context=40)
+def _prefilled(engine, tokenizer, ids):
+    """A new sequence on ``engine`` prefilled with ``ids``: (sequence, layout, the prompt's logits)."""
     special = tokenizer.special
-    ids = tokenizer.encode_prompt("你好")
     layout = layout_of(ids, special.bos, special.gmask, special.mask)
     seq = engine.start()
-    seq.prefill(np.array(ids), layout.position_ids(), layout.mask())
+    return seq, layout, seq.prefill(np.array(ids), layout.position_ids(), layout.mask())
+
+
+def test_cache_is_sized_to_the_context_and_full_is_a_clear_error(bundles, tokenizer):
+    engine = Bundle.open(bundles["fp32"]).engine(context=40)
+    ids = tokenizer.encode_prompt("你好")
+    seq, layout, _ = _prefilled(engine, tokenizer, ids)
     assert engine.max_context == 40 and engine.cache[0].shape() == [1, engine.config.num_heads, 40, engine.config.head_dim]
     for total in range(len(ids) + 1, engine.max_context + 1):
         seq.step(5, layout.step_position(total))
@@ -224,15 +229,12 @@ def test_cache_is_sized_to_the_context_and_full_is_a_clear_error(bundles, tokeni
 def test_starting_a_sequence_retires_the_previous_one(bundles, tokenizer):
     """The engine has one KV cache: an older sequence refuses to run instead of reading the newer one's cache."""
     engine = Bundle.open(bundles["fp32"]).engine()
-    special = tokenizer.special
     ids = tokenizer.encode_prompt("你好")
-    layout = layout_of(ids, special.bos, special.gmask, special.mask)
-    first = engine.start()
-    expected = first.prefill(np.array(ids), layout.position_ids(), layout.mask())
-    second = engine.start()
+    first, layout, expected = _prefilled(engine, tokenizer, ids)
+    _, _, again = _prefilled(engine, tokenizer, ids)
     with pytest.raises(EngineError, match="retired"):
         first.step(5, layout.step_position(len(ids) + 1))
-    np.testing.assert_array_equal(second.prefill(np.array(ids), layout.position_ids(), layout.mask()), expected)
+    np.testing.assert_array_equal(again, expected)
 
 
 def test_engine_keeps_cache_between_steps(bundles, reference_engine, tokenizer):
@@ -240,10 +242,7 @@ def test_engine_keeps_cache_between_steps(bundles, reference_engine, tokenizer):
     engine = Bundle.open(bundles["fp32"]).engine()
     ids = GOLDEN["decode_steps"]["prompt_input_ids"]
     steps = GOLDEN["decode_steps"]["steps"]
-    special = tokenizer.special
-    layout = layout_of(ids, special.bos, special.gmask, special.mask)
-    seq = engine.start()
-    seq.prefill(np.array(ids), layout.position_ids(), layout.mask())
+    seq, layout, _ = _prefilled(engine, tokenizer, ids)
     total = len(ids)
     for step in steps[1:]:
         total += 1

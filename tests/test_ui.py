@@ -52,6 +52,14 @@ def _close(window):
     window.thread.wait(5000)
 
 
+def _ask(qtbot, window, question):
+    """Send ``question`` through the composer and wait for the answer; returns the TurnResult."""
+    window.composer.setPlainText(question)
+    with qtbot.waitSignal(window.answer_finished, timeout=60000) as finished:
+        window.send_current()
+    return finished.args[0]
+
+
 def _answer_watching_the_event_loop(qtbot, window, question):
     """Send ``question``; return the TurnResult and the gaps between 5 ms timer ticks while it was answered (from the
     first tick on: setting up the test is not the event loop stalling)."""
@@ -66,11 +74,9 @@ def _answer_watching_the_event_loop(qtbot, window, question):
     timer = QTimer()
     timer.timeout.connect(tick)
     timer.start(5)
-    window.composer.setPlainText(question)
-    with qtbot.waitSignal(window.answer_finished, timeout=60000) as finished:
-        window.send_current()
+    result = _ask(qtbot, window, question)
     timer.stop()
-    return finished.args[0], gaps
+    return result, gaps
 
 
 def test_streams_deltas_in_order_and_never_stalls(qtbot, bundles, app_dirs):
@@ -96,10 +102,7 @@ def test_stop_ends_the_answer_within_one_token(qtbot, bundles, app_dirs):
             window.stop_button.click()
 
     window.delta_shown.connect(on_delta)
-    window.composer.setPlainText("你好")
-    with qtbot.waitSignal(window.answer_finished, timeout=60000) as finished:
-        window.send_current()
-    result = finished.args[0]
+    result = _ask(qtbot, window, "你好")
     assert result.stopped == "cancelled"
     assert len(result.generation.token_ids) <= seen["at_stop"] + 1
     _close(window)
@@ -118,9 +121,7 @@ def test_busy_send_is_refused_visibly(qtbot, bundles, app_dirs):
 
 def test_history_is_shown_and_searched_after_restart(qtbot, bundles, app_dirs):
     window = _window(qtbot, bundles["demo"])
-    window.composer.setPlainText("怎么退出 kiosk 模式？")
-    with qtbot.waitSignal(window.answer_finished, timeout=60000):
-        window.send_current()
+    _ask(qtbot, window, "怎么退出 kiosk 模式？")
     _close(window)
     window.close()
     again = _window(qtbot, bundles["demo"])
@@ -142,9 +143,7 @@ def test_kiosk_hides_settings_and_resets_when_idle(qtbot, bundles, app_dirs):
 
     window = _window(qtbot, bundles["demo"], kiosk=True, tweak=tweak)
     assert not window.settings_button.isVisibleTo(window) and not window.sidebar.isVisibleTo(window)
-    window.composer.setPlainText("What is kiosk mode?")
-    with qtbot.waitSignal(window.answer_finished, timeout=60000):
-        window.send_current()
+    _ask(qtbot, window, "What is kiosk mode?")
     assert window.transcript.views
     qtbot.waitUntil(lambda: not window.transcript.views, timeout=5000)
     assert window.current_conversation is None

@@ -41,10 +41,13 @@ class OrtEngine:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise EngineError(f"onnxruntime cannot load {graph.name}: {str(exc).splitlines()[0]}; re-export the bundle "
                               "or run `streamchat verify` on it") from exc
-        self.released_bytes = sum(release_clean_pages(data) for data in graph.parent.glob(graph.name + ".data"))
+        if (data := graph.with_name(graph.name + ".data")).exists():
+            release_clean_pages(data)
         self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_")]
         self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present_")]
         self.cache: list[ort.OrtValue] = []  # allocated by the first prefill
+        self.empty_cache = np.zeros((1, config.num_heads, 0, config.head_dim), dtype=np.float32)  # a prefill's past
+        self.capacity = np.array(max_context, dtype=np.int64)
         self.active: OrtSequence | None = None
         # A prompt's activations grow with its length; give them back after each prefill, or the arena keeps the
         # largest prompt's worth for good (measured at 28 layers: +0.6 GB after a 1024-token prompt).
@@ -77,14 +80,13 @@ class OrtSequence:
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=bool))
-        binding.bind_cpu_input("cache_capacity", np.array(engine.max_context, dtype=np.int64))
+        binding.bind_cpu_input("cache_capacity", engine.capacity)
         binding.bind_output("logits", "cpu")
-        empty = np.zeros((1, engine.config.num_heads, 0, engine.config.head_dim), dtype=np.float32)
         for past, present, buffer in zip(engine.past_names, engine.present_names, engine.cache_buffers(), strict=True):
             if self.length:  # decode: read and write the same buffer
                 binding.bind_ortvalue_input(past, buffer)
             else:  # prefill: an empty cache in, the prompt's keys/values out
-                binding.bind_cpu_input(past, empty)
+                binding.bind_cpu_input(past, engine.empty_cache)
             binding.bind_ortvalue_output(present, buffer)
         try:
             engine.session.run_with_iobinding(binding, None if self.length else engine.shrink_after)
