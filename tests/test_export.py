@@ -237,6 +237,17 @@ def test_starting_a_sequence_retires_the_previous_one(bundles, tokenizer):
     np.testing.assert_array_equal(again, expected)
 
 
+def test_logits_a_step_returned_survive_the_next_step(bundles, tokenizer):
+    """The engine writes logits into one buffer of its own; what it returned must not change under the caller."""
+    engine = Bundle.open(bundles["fp32"]).engine()
+    ids = tokenizer.encode_prompt("你好")
+    seq, layout, logits = _prefilled(engine, tokenizer, ids)
+    kept = logits.copy()
+    following = seq.step(5, layout.step_position(len(ids) + 1))
+    assert not np.array_equal(following, kept)
+    np.testing.assert_array_equal(logits, kept)
+
+
 def test_engine_keeps_cache_between_steps(bundles, reference_engine, tokenizer):
     """Decoding with the cache gives the logits of a full forward over the whole sequence."""
     engine = Bundle.open(bundles["fp32"]).engine()

@@ -33,6 +33,10 @@ class OrtEngine:
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # A memory pattern, replayed when a prompt length repeats, lays all of a run's activations out in one block
+        # beside the arena's: measured at 2 layers, a repeated 2032-token prompt peaked 0.3 GB above the first.
+        # Without it the peak stays at the first prompt's, and neither decode nor prefill measured slower.
+        options.enable_mem_pattern = False
         # Spinning threads burn the cores they wait on; on a busy machine that collapses throughput.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         options.log_severity_level = 3
@@ -48,6 +52,10 @@ class OrtEngine:
         self.cache: list[ort.OrtValue] = []  # allocated by the first prefill
         self.empty_cache = np.zeros((1, config.num_heads, 0, config.head_dim), dtype=np.float32)  # a prefill's past
         self.capacity = np.array(max_context, dtype=np.int64)
+        # Logits land in a buffer of ours, not in onnxruntime's arena: an arena-held output outlives its run and keeps
+        # the chunk it sits in from being shrunk (measured at 2 layers: 70 MB more held between long prompts).
+        self.logits = np.empty((1, config.vocab_size), dtype=np.float32)
+        self.logits_value = ort.OrtValue.ortvalue_from_numpy(self.logits)
         self.active: OrtSequence | None = None
         # A prompt's activations grow with its length; give them back after each prefill, or the arena keeps the
         # largest prompt's worth for good (measured at 28 layers: +0.6 GB after a 1024-token prompt).
@@ -81,7 +89,7 @@ class OrtSequence:
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=bool))
         binding.bind_cpu_input("cache_capacity", engine.capacity)
-        binding.bind_output("logits", "cpu")
+        binding.bind_ortvalue_output("logits", engine.logits_value)
         for past, present, buffer in zip(engine.past_names, engine.present_names, engine.cache_buffers(), strict=True):
             if self.length:  # decode: read and write the same buffer
                 binding.bind_ortvalue_input(past, buffer)
@@ -93,7 +101,7 @@ class OrtSequence:
         except Exception as exc:
             raise EngineError(f"onnxruntime failed during a step: {str(exc).splitlines()[0]}") from exc
         self.length += ids.shape[1]
-        return binding.get_outputs()[0].numpy()[0]
+        return engine.logits[0].copy()
 
     def prefill(self, ids: np.ndarray, position_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         if self.length:

@@ -1,0 +1,106 @@
+"""What bounds the cpu target on this machine: onnxruntime's matmul kernels alone, on ChatGLM-6B's shapes.
+
+    python bench/kernels.py
+
+Decode reads every weight once per token, so its kernels should stream at the machine's read bandwidth; prefill
+multiplies a whole prompt, so its kernels should reach the cores' arithmetic peak. This times single nodes (random
+weights; the values do not change the speed) and prints, for decode (one row), the bytes/s each weight format streams
+at against the measured bandwidth, and for prefill (a 128-token prompt), the multiply-adds/s of the INT4 kernels next
+to fp32 SGEMM and int8 QGEMM, and the 28-layer prompt rate each rate would allow at most.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from speed import read_bandwidth_gbs
+
+HIDDEN, INNER, VOCAB, LAYERS = 4096, 16384, 130528, 28
+LAYER_PARAMS = HIDDEN * 3 * HIDDEN + HIDDEN * HIDDEN + 2 * HIDDEN * INNER  # qkv, dense, MLP in and out
+PROMPT = 128
+
+
+def session(nodes: list, weights: dict[str, np.ndarray], out_type: int = TensorProto.FLOAT) -> ort.InferenceSession:
+    graph = helper.make_graph(nodes, "kernel", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", None])],
+                              [helper.make_tensor_value_info("Y", out_type, None)],
+                              [numpy_helper.from_array(w, name) for name, w in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the engine runs
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def matmul_nbits(k: int, n: int, bits: int, block: int, accuracy: int) -> tuple[ort.InferenceSession, int]:
+    """A MatMulNBits node and the bytes its weights occupy (codes + fp32 scales)."""
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 256, size=(n, k // block, block * bits // 8), dtype=np.uint8)
+    scales = rng.random(n * k // block, dtype=np.float32) * 0.01
+    node = helper.make_node("MatMulNBits", ["A", "B", "S"], ["Y"], domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=block, accuracy_level=accuracy)
+    return session([node], {"B": codes, "S": scales}), codes.nbytes + scales.nbytes
+
+
+def sgemm(k: int, n: int) -> ort.InferenceSession:
+    weight = np.random.default_rng(0).standard_normal((k, n), dtype=np.float32)
+    return session([helper.make_node("MatMul", ["A", "W"], ["Y"])], {"W": weight})
+
+
+def qgemm(k: int, n: int) -> ort.InferenceSession:
+    """int8 weights with one scale per column: activations quantized per call, then MLAS's u8s8 GEMM."""
+    weight = np.random.default_rng(0).integers(-127, 128, size=(k, n), dtype=np.int8)
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["A"], ["Aq", "As", "Az"]),
+             helper.make_node("MatMulInteger", ["Aq", "W", "Az"], ["Y"])]
+    return session(nodes, {"W": weight}, TensorProto.INT32)
+
+
+def seconds(sess: ort.InferenceSession, rows: int, k: int, repeats: int) -> float:
+    """Median time of one call on a ``rows`` x ``k`` input, after a warm-up call."""
+    a = np.random.default_rng(1).standard_normal((rows, k), dtype=np.float32)
+    sess.run(None, {"A": a})
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sess.run(None, {"A": a})
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def main() -> None:
+    bandwidth = read_bandwidth_gbs()
+    print(f"read bandwidth: {bandwidth:.1f} GB/s (2 threads, numpy sum, best of 5)\n")
+    print("decode (1 row): how fast each weight format streams")
+    print("| node | shape K x N | weights MB | ms | GB/s | share of bandwidth |")
+    print("|---|---|---|---|---|---|")
+    decode = [("MatMulNBits int4, block 32, acc 4", HIDDEN, INNER, 4, 32, 4),
+              ("MatMulNBits int4, block 128, acc 0", HIDDEN, INNER, 4, 128, 0),
+              ("MatMulNBits int4, block 128, acc 4", HIDDEN, INNER, 4, 128, 4),
+              ("MatMulNBits int4, block 256, acc 4", HIDDEN, INNER, 4, 256, 4),
+              ("MatMulNBits int4, block 128, acc 4 (lm_head)", HIDDEN, VOCAB, 4, 128, 4),
+              ("MatMulNBits int8, block 128, acc 4 (lm_head)", HIDDEN, VOCAB, 8, 128, 4)]
+    for label, k, n, bits, block, accuracy in decode:
+        sess, nbytes = matmul_nbits(k, n, bits, block, accuracy)
+        t = seconds(sess, 1, k, 15)
+        print(f"| {label} | {k} x {n} | {nbytes / 1e6:.0f} | {t * 1e3:.1f} | {nbytes / t / 1e9:.1f} | "
+              f"{nbytes / t / 1e9 / bandwidth:.0%} |", flush=True)
+    print(f"\nprefill ({PROMPT} rows): arithmetic rate, and the 28-layer prompt rate it allows at most "
+          f"({2 * LAYER_PARAMS * LAYERS / 1e9:.1f} GFLOP per prompt token)")
+    print("| node | weights in memory | ms | GFLOP/s | at most prompt tokens/s |")
+    print("|---|---|---|---|---|")
+    prefill = [("MatMulNBits int4, block 128, acc 1 (fp32)", "0.53 B/weight", matmul_nbits(HIDDEN, INNER, 4, 128, 1)[0]),
+               ("MatMulNBits int4, block 128, acc 4 (int8)", "0.53 B/weight", matmul_nbits(HIDDEN, INNER, 4, 128, 4)[0]),
+               ("MatMulNBits int4, block 256, acc 4 (int8)", "0.52 B/weight", matmul_nbits(HIDDEN, INNER, 4, 256, 4)[0]),
+               ("MatMul fp32 (MLAS SGEMM)", "4 B/weight", sgemm(HIDDEN, INNER)),
+               ("MatMulInteger u8s8 (MLAS QGEMM)", "1 B/weight", qgemm(HIDDEN, INNER))]
+    for label, memory, sess in prefill:
+        t = seconds(sess, PROMPT, HIDDEN, 5)
+        rate = 2 * PROMPT * HIDDEN * INNER / t
+        print(f"| {label} | {memory} | {t * 1e3:.1f} | {rate / 1e9:.0f} | {rate / (2 * LAYER_PARAMS * LAYERS):.1f} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
