@@ -7,8 +7,9 @@ level 4, INT8 lm_head shared with the embedding) in a child process (export time
 child process, measures time to first token for 16/128/512-token prompts, decode ms/token at context 128/1024/2000
 and the runtime's peak RSS over all of that plus a conversation filled to the full 2048-token context (checked against
 weights + KV cache + 15%). Layer counts short of the real 28 are fitted as ``a + b * layers`` and extrapolated. The
-floor is the bytes a decode step must read (weights + KV cache) over the measured read bandwidth. With
-``--chatglm-cpp`` (results of bench/chatglm_cpp.py for the same layer count) the table shows the ratios to it.
+floor is the bytes a decode step must read (weights + KV cache) over the read bandwidth measured right before and
+after that decode run (on this shared machine it moves between 15 and 20 GB/s from minute to minute). Results of
+bench/chatglm_cpp.py in ``--work`` (chatglm-cpp-*.json) add the ratios to chatglm.cpp and its points on the plot.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ PROMPTS = (16, 128, 512)
 FULL_CONTEXT = 2048
 KV_BYTES_PER_TOKEN_LAYER = 2 * 4096 * 4  # fp32 K and V
 MEMORY_SLACK = 1.15
+DECODE_STEPS = 24  # per context; the first two are left out of the median
+BANDWIDTH_PROBE_MB = 256  # measured around each decode run: 8x this machine's L3, small beside the model's RSS
 
 
 def read_bandwidth_gbs(size_mb: int = 1024, threads: int = 2, repeats: int = 5) -> float:
@@ -83,19 +86,21 @@ def child_run(bundle_dir: str, contexts: list[int], prompts: list[int]) -> None:
         seq.prefill(np.array(ids), layout.position_ids(), layout.mask())
         return seq, layout, time.perf_counter() - start
 
-    out = {"ttft_ms": {}, "decode_ms": {}, "load_peak_rss_gb": peak_rss_gb()}
+    out = {"ttft_ms": {}, "decode_ms": {}, "decode_bandwidth_gbs": {}, "load_peak_rss_gb": peak_rss_gb()}
     prefill(16)  # warm-up
     for length in prompts:
         out["ttft_ms"][length] = min(prefill(length)[2] for _ in range(2)) * 1000
     for context in contexts:
-        seq, layout, _ = prefill(context - 16)
-        total, times = context - 16, []
-        for _ in range(16):
+        seq, layout, _ = prefill(context - DECODE_STEPS // 2)  # the steps straddle the context
+        total, times = context - DECODE_STEPS // 2, []
+        before = read_bandwidth_gbs(BANDWIDTH_PROBE_MB, repeats=3)
+        for _ in range(DECODE_STEPS):
             total += 1
             start = time.perf_counter()
             seq.step(text_ids[total % 4096], layout.step_position(total))
             times.append(time.perf_counter() - start)
         out["decode_ms"][context] = float(np.median(times[2:])) * 1000
+        out["decode_bandwidth_gbs"][context] = (before + read_bandwidth_gbs(BANDWIDTH_PROBE_MB, repeats=3)) / 2
         del seq
     seq, layout, _ = prefill(FULL_CONTEXT - 16)  # a conversation filling the whole context window
     for total in range(FULL_CONTEXT - 15, FULL_CONTEXT + 1):
@@ -173,17 +178,19 @@ def kv_gb(layers: int, context: int) -> float:
 def report(rows: list[dict], bandwidth: float, plot: Path, chatglm_cpp: list[dict] | None = None) -> None:
     default = [r for r in rows if (r["group"], r["accuracy"], r["lm_head"]) == (128, 4, "int8")]
     print("\n| layers | block | acc | lm_head | bundle GB | export s | export peak RSS GB | TTFT 16/128/512 ms | "
-          "decode ms/token @128/1024/2000 | GB/s | floor ms @128/1024/2000 | share of floor | peak RSS GB (load / run) | "
-          f"weights + KV@{FULL_CONTEXT} + 15% GB |")
+          "decode ms/token @128/1024/2000 | GB/s @128/1024/2000 | floor ms @128/1024/2000 | share of floor | "
+          f"peak RSS GB (load / run) | weights + KV@{FULL_CONTEXT} + 15% GB |")
     print("|" + "---|" * 14)
-    for r in rows:  # each row against the bandwidth measured in its own run
-        floors = [floor_ms(r["weights_gb"], r["layers"], c, r.get("bandwidth_gbs", bandwidth)) for c in CONTEXTS]
+    for r in rows:  # each decode time against the bandwidth measured around it (older rows: at the run's start)
+        bandwidths = [r.get("decode_bandwidth_gbs", {}).get(str(c), r.get("bandwidth_gbs", bandwidth)) for c in CONTEXTS]
+        floors = [floor_ms(r["weights_gb"], r["layers"], c, bw) for c, bw in zip(CONTEXTS, bandwidths, strict=True)]
         ttft = "/".join(f"{r['ttft_ms'][str(p)]:.0f}" for p in PROMPTS)
         dec = "/".join(f"{r['decode_ms'][str(c)]:.1f}" for c in CONTEXTS)
         share = "/".join(f"{f / r['decode_ms'][str(c)]:.0%}" for f, c in zip(floors, CONTEXTS, strict=True))
         bound = (r["weights_gb"] + kv_gb(r["layers"], FULL_CONTEXT)) * MEMORY_SLACK
         print(f"| {r['layers']} | {r['group']} | {r['accuracy']} | {r['lm_head']} | {r['bundle_gb']:.2f} | "
-              f"{r['export_s']:.0f} | {r['export_peak_rss_gb']:.2f} | {ttft} | {dec} | {r.get('bandwidth_gbs', bandwidth):.1f} | "
+              f"{r['export_s']:.0f} | {r['export_peak_rss_gb']:.2f} | {ttft} | {dec} | "
+              f"{'/'.join(f'{bw:.1f}' for bw in bandwidths)} | "
               f"{'/'.join(f'{f:.0f}' for f in floors)} | {share} | {r.get('load_peak_rss_gb', 0):.2f} / "
               f"{r['peak_rss_gb']:.2f} | {bound:.2f} |")
     for theirs in chatglm_cpp or []:  # its prompt of about 128 tokens against ours of 128
