@@ -3,7 +3,7 @@
     python bench/kernels.py
 
 Decode reads every weight once per token, so its kernels should stream at the machine's read bandwidth; prefill
-multiplies a whole prompt, so its kernels should reach the cores' arithmetic peak. This times single nodes (random
+multiplies a whole prompt, so its kernels should reach the cores' arithmetic peak. This times the kernels alone (random
 weights; the values do not change the speed) and prints, for decode (one row), the bytes/s each weight format streams
 at against the measured bandwidth, and for prefill (a 128-token prompt), the multiply-adds/s of the INT4 kernels next
 to fp32 SGEMM and int8 QGEMM, and the 28-layer prompt rate each rate would allow at most.
@@ -34,14 +34,18 @@ def session(nodes: list, weights: dict[str, np.ndarray], out_type: int = TensorP
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def matmul_nbits(k: int, n: int, bits: int, block: int, accuracy: int) -> tuple[ort.InferenceSession, int]:
-    """A MatMulNBits node and the bytes its weights occupy (codes + fp32 scales)."""
+def matmul_nbits(shapes: list[tuple[int, int]], bits: int, block: int, accuracy: int) -> tuple[ort.InferenceSession, int]:
+    """A chain of MatMulNBits nodes with distinct weights (K x N each), and the bytes those weights occupy."""
     rng = np.random.default_rng(0)
-    codes = rng.integers(0, 256, size=(n, k // block, block * bits // 8), dtype=np.uint8)
-    scales = rng.random(n * k // block, dtype=np.float32) * 0.01
-    node = helper.make_node("MatMulNBits", ["A", "B", "S"], ["Y"], domain="com.microsoft", K=k, N=n, bits=bits,
-                            block_size=block, accuracy_level=accuracy)
-    return session([node], {"B": codes, "S": scales}), codes.nbytes + scales.nbytes
+    nodes, weights, x = [], {}, "A"
+    for i, (k, n) in enumerate(shapes):
+        weights[f"B{i}"] = rng.integers(0, 256, size=(n, k // block, block * bits // 8), dtype=np.uint8)
+        weights[f"S{i}"] = rng.random(n * k // block, dtype=np.float32) * 0.01
+        y = "Y" if i == len(shapes) - 1 else f"X{i}"
+        nodes.append(helper.make_node("MatMulNBits", [x, f"B{i}", f"S{i}"], [y], domain="com.microsoft", K=k, N=n,
+                                      bits=bits, block_size=block, accuracy_level=accuracy))
+        x = y
+    return session(nodes, weights), sum(w.nbytes for w in weights.values())
 
 
 def sgemm(k: int, n: int) -> ort.InferenceSession:
@@ -72,27 +76,29 @@ def seconds(sess: ort.InferenceSession, rows: int, k: int, repeats: int) -> floa
 def main() -> None:
     bandwidth = read_bandwidth_gbs()
     print(f"read bandwidth: {bandwidth:.1f} GB/s (2 threads, numpy sum, best of 5)\n")
-    print("decode (1 row): how fast each weight format streams")
-    print("| node | shape K x N | weights MB | ms | GB/s | share of bandwidth |")
-    print("|---|---|---|---|---|---|")
-    decode = [("MatMulNBits int4, block 32, acc 4", HIDDEN, INNER, 4, 32, 4),
-              ("MatMulNBits int4, block 128, acc 0", HIDDEN, INNER, 4, 128, 0),
-              ("MatMulNBits int4, block 128, acc 4", HIDDEN, INNER, 4, 128, 4),
-              ("MatMulNBits int4, block 256, acc 4", HIDDEN, INNER, 4, 256, 4),
-              ("MatMulNBits int4, block 128, acc 4 (lm_head)", HIDDEN, VOCAB, 4, 128, 4),
-              ("MatMulNBits int8, block 128, acc 4 (lm_head)", HIDDEN, VOCAB, 8, 128, 4)]
-    for label, k, n, bits, block, accuracy in decode:
-        sess, nbytes = matmul_nbits(k, n, bits, block, accuracy)
-        t = seconds(sess, 1, k, 15)
-        print(f"| {label} | {k} x {n} | {nbytes / 1e6:.0f} | {t * 1e3:.1f} | {nbytes / t / 1e9:.1f} | "
+    print("decode (1 row): how fast each weight format streams, through 4 MLPs (8 distinct matrices, like a model's "
+          "layers, 8x the L3 cache) or the lm_head")
+    print("| nodes | weights MB | ms | GB/s | share of bandwidth |")
+    print("|---|---|---|---|---|")
+    mlps = [(HIDDEN, INNER), (INNER, HIDDEN)] * 4
+    decode = [("MLPs, int4, block 32, acc 4", mlps, 4, 32, 4),
+              ("MLPs, int4, block 128, acc 0", mlps, 4, 128, 0),
+              ("MLPs, int4, block 128, acc 4", mlps, 4, 128, 4),
+              ("MLPs, int4, block 256, acc 4", mlps, 4, 256, 4),
+              ("lm_head, int4, block 128, acc 4", [(HIDDEN, VOCAB)], 4, 128, 4),
+              ("lm_head, int8, block 128, acc 4", [(HIDDEN, VOCAB)], 8, 128, 4)]
+    for label, shapes, bits, block, accuracy in decode:
+        sess, nbytes = matmul_nbits(shapes, bits, block, accuracy)
+        t = seconds(sess, 1, HIDDEN, 15)
+        print(f"| {label} | {nbytes / 1e6:.0f} | {t * 1e3:.1f} | {nbytes / t / 1e9:.1f} | "
               f"{nbytes / t / 1e9 / bandwidth:.0%} |", flush=True)
     print(f"\nprefill ({PROMPT} rows): arithmetic rate, and the 28-layer prompt rate it allows at most "
           f"({2 * LAYER_PARAMS * LAYERS / 1e9:.1f} GFLOP per prompt token)")
     print("| node | weights in memory | ms | GFLOP/s | at most prompt tokens/s |")
     print("|---|---|---|---|---|")
-    prefill = [("MatMulNBits int4, block 128, acc 1 (fp32)", "0.53 B/weight", matmul_nbits(HIDDEN, INNER, 4, 128, 1)[0]),
-               ("MatMulNBits int4, block 128, acc 4 (int8)", "0.53 B/weight", matmul_nbits(HIDDEN, INNER, 4, 128, 4)[0]),
-               ("MatMulNBits int4, block 256, acc 4 (int8)", "0.52 B/weight", matmul_nbits(HIDDEN, INNER, 4, 256, 4)[0]),
+    prefill = [("MatMulNBits int4, block 128, acc 1 (fp32)", "0.53 B/weight", matmul_nbits([(HIDDEN, INNER)], 4, 128, 1)[0]),
+               ("MatMulNBits int4, block 128, acc 4 (int8)", "0.53 B/weight", matmul_nbits([(HIDDEN, INNER)], 4, 128, 4)[0]),
+               ("MatMulNBits int4, block 256, acc 4 (int8)", "0.52 B/weight", matmul_nbits([(HIDDEN, INNER)], 4, 256, 4)[0]),
                ("MatMul fp32 (MLAS SGEMM)", "4 B/weight", sgemm(HIDDEN, INNER)),
                ("MatMulInteger u8s8 (MLAS QGEMM)", "1 B/weight", qgemm(HIDDEN, INNER))]
     for label, memory, sess in prefill:
