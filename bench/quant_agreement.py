@@ -21,7 +21,7 @@ from model_export.verify import VERIFY_PROMPTS, compare_engines
 
 ROOT = Path(__file__).resolve().parent.parent
 CHOICES = [("fp32", 128, "fp32", 0), ("fp16", 128, "fp16", 0)] + [
-    (w, g, e, a) for w in ("int8", "int4") for g in (32, 64, 128) for e in ("int8", "int4") for a in (0, 4)]
+    (w, g, e, a) for w in ("int8", "int4") for g in (32, 64, 128, 256) for e in ("int8", "int4") for a in (0, 4)]
 
 
 def main() -> None:
