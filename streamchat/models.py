@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.engines import Engine
+from appliance.engines import Engine, warm_up
 from appliance.errors import StreamChatError
 from appliance.tokenizer import ChatGLMTokenizer
 
@@ -68,6 +68,7 @@ def load_model(checkpoint: Path | None = None, bundle: Path | None = None, threa
         opened = Bundle.open(bundle)
         summary = {"target": opened.target, "quant": opened.manifest["quant"]["weights"], "demo": opened.is_demo,
                    "path": str(opened.path)}
-        return LoadedModel(opened.engine(threads=threads, kind=engine, context=context), opened.tokenizer(),
-                           opened.label, summary)
+        loaded, tokenizer = opened.engine(threads=threads, kind=engine, context=context), opened.tokenizer()
+        warm_up(loaded, tokenizer.special.bos, tokenizer.special.gmask)
+        return LoadedModel(loaded, tokenizer, opened.label, summary)
     raise StreamChatError("give --checkpoint DIR or --bundle DIR")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from appliance.bundle import FORMAT_VERSION, Bundle
+from appliance.engines import warm_up
 from appliance.errors import BundleError, EngineError
 from appliance.positions import layout_of
 from model_export import graph
@@ -246,6 +247,18 @@ def test_logits_a_step_returned_survive_the_next_step(bundles, tokenizer):
     following = seq.step(5, layout.step_position(len(ids) + 1))
     assert not np.array_equal(following, kept)
     np.testing.assert_array_equal(logits, kept)
+
+
+def test_warm_up_leaves_nothing_in_the_cache(bundles, tokenizer):
+    """The app warms an engine up right after loading; the first real prompt must see a clean cache."""
+    warmed, cold = (Bundle.open(bundles["fp32"]).engine() for _ in range(2))
+    warm_up(warmed, tokenizer.special.bos, tokenizer.special.gmask)
+    assert warmed.cache  # the warm-up allocated and wrote the cache the prompt reuses
+    ids = tokenizer.encode_prompt("你好")
+    (warm_seq, layout, warm_logits), (cold_seq, _, cold_logits) = (_prefilled(e, tokenizer, ids) for e in (warmed, cold))
+    np.testing.assert_array_equal(warm_logits, cold_logits)
+    step = layout.step_position(len(ids) + 1)
+    np.testing.assert_array_equal(warm_seq.step(5, step), cold_seq.step(5, step))
 
 
 def test_engine_keeps_cache_between_steps(bundles, reference_engine, tokenizer):

@@ -10,6 +10,8 @@ from typing import Protocol
 
 import numpy as np
 
+from appliance.positions import layout_of
+
 
 class Sequence(Protocol):
     """One conversation's KV cache on an engine."""
@@ -33,3 +35,14 @@ class Engine(Protocol):
         """A sequence with an empty cache. Callers use one sequence at a time: an engine may reuse one cache and
         retire the previous sequence (the onnxruntime engine does)."""
         ...
+
+
+def warm_up(engine: Engine, bos_id: int, gmask_id: int) -> None:
+    """Run ``[gMASK] <sop>`` and one step right after loading, so the first message does not pay the runtime's first
+    runs: onnxruntime initializes its kernels and first touches the KV cache then (measured at 8 layers, a first
+    16-token prompt took 1.9 s cold and 0.55 s after this warm-up, which itself took 1.3-1.6 s)."""
+    ids = [gmask_id, bos_id]
+    layout = layout_of(ids, bos_id, gmask_id, gmask_id)
+    sequence = engine.start()
+    sequence.prefill(np.array(ids), layout.position_ids(), layout.mask())
+    sequence.step(bos_id, layout.step_position(len(ids) + 1))
