@@ -8,8 +8,8 @@ version 2, tokenizer proto, named tensors aligned to 16 bytes) with random q4_0 
 16 bytes of nibbles; the embedding doubles as lm_head, as chatglm.cpp requires), then runs ``main -v`` in generate mode
 and prints prompt tokens/s and decode ms/token as chatglm.cpp's own PerfStreamer reports them. The tokenizer is the
 synthetic checkpoint's (``model_export.synthetic``), so prompts cost what they cost there. With ``--ours`` it
-alternates with our engine on that bundle (same prompt length, 16 decode steps, after a 16-token warm-up prompt as in
-bench/speed.py), so the ratio comes from one stretch of this noisy machine. How to build chatglm.cpp 0.4.2 without
+alternates with our engine on that bundle (same prompt length, 16 decode steps, after the warm-up the app does when
+it loads, as in bench/speed.py), so the ratio comes from one stretch of this noisy machine. How to build chatglm.cpp 0.4.2 without
 network: docs/performance.md.
 """
 
@@ -92,13 +92,13 @@ OURS = """
 import json, sys, time
 import numpy as np
 from appliance.bundle import Bundle
+from appliance.engines import warm_up
 from appliance.positions import layout_of
 bundle = Bundle.open(sys.argv[1], full_check=False)
 engine, special = bundle.engine(context=2048), bundle.tokenizer().special
 ids = list(range(20100, 20100 + int(sys.argv[2]) - 2)) + [special.gmask, special.bos]
 layout = layout_of(ids, special.bos, special.gmask, special.mask)
-warm = layout_of(ids[-16:], special.bos, special.gmask, special.mask)  # first touch of the cache and the arena
-engine.start().prefill(np.array(ids[-16:]), warm.position_ids(), warm.mask())
+warm_up(engine, special.bos, special.gmask)
 seq = engine.start()
 start = time.perf_counter()
 seq.prefill(np.array(ids), layout.position_ids(), layout.mask())

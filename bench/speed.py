@@ -8,7 +8,7 @@ child process, measures time to first token for 16/128/512-token prompts, decode
 and the runtime's peak RSS over all of that plus a conversation filled to the full 2048-token context (checked against
 weights + KV cache + 15%). Layer counts short of the real 28 are fitted as ``a + b * layers`` and extrapolated. The
 floor is the bytes a decode step must read (weights + KV cache) over the read bandwidth measured right before and
-after that decode run (on this shared machine it moves between 15 and 20 GB/s from minute to minute). Results of
+after that decode run (on this shared machine it moves between 15 and 23 GB/s from minute to minute). Results of
 bench/chatglm_cpp.py in ``--work`` (chatglm-cpp-*.json) add the ratios to chatglm.cpp and its points on the plot.
 """
 
@@ -70,6 +70,7 @@ def child_export(checkpoint: str, out: str, group: int, accuracy: int, embedding
 
 def child_run(bundle_dir: str, contexts: list[int], prompts: list[int]) -> None:
     from appliance.bundle import Bundle
+    from appliance.engines import warm_up
     from appliance.positions import layout_of
 
     bundle = Bundle.open(bundle_dir, full_check=False)
@@ -87,7 +88,7 @@ def child_run(bundle_dir: str, contexts: list[int], prompts: list[int]) -> None:
         return seq, layout, time.perf_counter() - start
 
     out = {"ttft_ms": {}, "decode_ms": {}, "decode_bandwidth_gbs": {}, "load_peak_rss_gb": peak_rss_gb()}
-    prefill(16)  # warm-up
+    warm_up(engine, special.bos, special.gmask)  # as the app does when it loads
     for length in prompts:
         out["ttft_ms"][length] = min(prefill(length)[2] for _ in range(2)) * 1000
     for context in contexts:
