@@ -1,0 +1,132 @@
+"""Prompt matmuls on INT4 MatMulNBits weights through the C kernel in ``int4_gemm.c`` (x86-64 with AVX2).
+
+``load()`` returns None where the kernel was not built or the CPU lacks AVX2/FMA; callers then keep onnxruntime's
+prefill. The kernel runs with the GIL released, so a small thread pool splits the weight's columns.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+
+ROWS_PER_TILE = 4  # MR in the C file
+COLUMNS_PER_PANEL = 8  # NR
+_P, _I = ctypes.c_void_p, ctypes.c_int
+
+
+@cache
+def load() -> ctypes.CDLL | None:
+    try:
+        from appliance.kernels import _int4_gemm
+    except ImportError:
+        return None
+    lib = ctypes.CDLL(_int4_gemm.__file__)
+    if not lib.int4_gemm_supported():
+        return None
+    lib.int4_gemm_quantize_rows.argtypes = [_P, _I, _I, _I, _P, _P, _P]
+    lib.int4_gemm.argtypes = [_P, _P, _P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _P]
+    return lib
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    """One MatMulNBits matrix: ``packed`` uint8 [N, blocks, group/2] (codes 0..15, zero point 8), ``scales``
+    float32 [N, blocks], optional ``bias`` [N]. The arrays may be views of a memory-mapped bundle."""
+
+    packed: np.ndarray
+    scales: np.ndarray
+    bias: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return self.packed.shape[0]
+
+    @property
+    def group(self) -> int:
+        return self.packed.shape[2] * 2
+
+    @property
+    def k(self) -> int:
+        return self.packed.shape[1] * self.group
+
+    def supported(self) -> bool:
+        """The shapes the kernel handles: columns in panels of 8, groups of whole 32-code runs."""
+        return self.n % COLUMNS_PER_PANEL == 0 and self.group % 32 == 0 and self.group <= 256
+
+
+@dataclass(frozen=True)
+class QuantizedRows:
+    """Activations quantized once per row and group, reusable for every matrix that reads them."""
+
+    codes: np.ndarray  # int8, the kernel's tile layout
+    scales: np.ndarray  # float32 [padded rows, blocks]
+    offsets: np.ndarray  # float32 [padded rows, blocks]: 8 * scale * sum(codes), the zero point's share
+    rows: int
+    group: int
+
+
+def _aligned(nbytes: int, dtype=np.uint8) -> np.ndarray:
+    """A 64-byte aligned buffer (the kernel uses aligned AVX loads on its scratch and codes)."""
+    raw = np.empty(nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + nbytes].view(dtype)
+
+
+class PromptMatmul:
+    """``x @ W.T + b`` for prompt rows; one instance per engine (it owns per-thread scratch)."""
+
+    def __init__(self, lib: ctypes.CDLL, threads: int) -> None:
+        self.lib, self.threads = lib, max(1, threads)
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="int4-gemm") if self.threads > 1 else None
+        self.scratch: dict[tuple[int, int], list[np.ndarray]] = {}
+
+    def quantize(self, x: np.ndarray, group: int) -> QuantizedRows:
+        rows, k = x.shape
+        padded = -(-rows // ROWS_PER_TILE) * ROWS_PER_TILE
+        if padded != rows:
+            x = np.concatenate([x, np.zeros((padded - rows, k), np.float32)])
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        codes = _aligned(padded * k, np.int8)
+        scales = np.empty((padded, k // group), np.float32)
+        offsets = np.empty_like(scales)
+        self.lib.int4_gemm_quantize_rows(x.ctypes.data, padded, k, group, codes.ctypes.data, scales.ctypes.data,
+                                         offsets.ctypes.data)
+        return QuantizedRows(codes, scales, offsets, rows, group)
+
+    def __call__(self, x: QuantizedRows, weight: Int4Weight) -> np.ndarray:
+        if weight.group != x.group or weight.k != x.scales.shape[1] * x.group:
+            raise ValueError(f"activations of {x.scales.shape[1] * x.group} inputs in groups of {x.group} do not fit "
+                             f"a {weight.n} x {weight.k} weight in groups of {weight.group}")
+        padded, n = x.scales.shape[0], weight.n
+        y = np.empty((padded, n), np.float32)
+        packed = np.ascontiguousarray(weight.packed)
+        scales = np.ascontiguousarray(weight.scales, dtype=np.float32)
+        panels = n // COLUMNS_PER_PANEL
+        parts = min(self.threads, panels)
+        bounds = [COLUMNS_PER_PANEL * (panels * i // parts) for i in range(parts + 1)]
+        scratch = self._scratch(weight.k, weight.group, parts)
+
+        def run(i: int) -> None:
+            self.lib.int4_gemm(x.codes.ctypes.data, x.scales.ctypes.data, x.offsets.ctypes.data, padded, weight.k,
+                               weight.group, packed.ctypes.data, scales.ctypes.data, y.ctypes.data, n, bounds[i],
+                               bounds[i + 1], scratch[i].ctypes.data)
+
+        if self.pool is None or parts == 1:
+            run(0)
+        else:
+            list(self.pool.map(run, range(parts)))
+        y = y[:x.rows]
+        if weight.bias is not None:
+            y += weight.bias
+        return y
+
+    def _scratch(self, k: int, group: int, parts: int) -> list[np.ndarray]:
+        key = (k, group)
+        if key not in self.scratch:
+            nbytes = k * COLUMNS_PER_PANEL + 4 * (k // group) * COLUMNS_PER_PANEL
+            self.scratch[key] = [_aligned(nbytes) for _ in range(self.threads)]
+        return self.scratch[key][:parts]
