@@ -9,7 +9,7 @@ import platform
 from setuptools import Extension, setup
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
-kernels = [Extension("appliance.kernels._int4_gemm", ["appliance/kernels/int4_gemm.c"],
+kernels = [Extension("appliance.kernels._prompt_kernels", ["appliance/kernels/prompt_kernels.c"],
                      extra_compile_args=["-O3"], optional=True)] if X86 and platform.system() == "Linux" else []
 
 setup(ext_modules=kernels)

@@ -20,9 +20,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from appliance.chatglm_ops import ALPHA
 from model_export.graph import DecoderGraph, QuantSpec
 from model_export.quantize import BITS, effective_group, quantize_blockwise
-from model_export.reference import ALPHA
 
 OPSET = 13
 

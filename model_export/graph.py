@@ -23,10 +23,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from appliance.chatglm_ops import ALPHA, MASK_FILL, rotary_tables
 from appliance.model_config import ModelConfig
 from model_export.onnx_builder import GraphBuilder
 from model_export.quantize import BITS, effective_group, quantize_blockwise
-from model_export.reference import ALPHA, MASK_FILL, rotary_tables
 
 OPSET = 17
 FLOAT = TensorProto.FLOAT

@@ -4,7 +4,9 @@ The engine owns one KV cache: fp32 buffers with room for ``max_context`` positio
 sequence (a single-user appliance decodes one conversation at a time; starting a sequence retires the previous one).
 The prefill writes the prompt's keys/values into them (``present_*`` bound to the buffers through IOBinding), and
 every decode step binds them as both ``past_*`` and ``present_*``, so GroupQueryAttention writes the new position in
-place and no step copies the cache. Allocating the cache once also keeps onnxruntime's arena from fragmenting: when
+place and no step copies the cache. Where the AVX2 INT4 kernel applies, a prompt's rows but the last are computed by
+``Int4Prefill`` straight into the same buffers, and the last token is a decode step (``engines/int4_prefill.py``).
+Allocating the cache once also keeps onnxruntime's arena from fragmenting: when
 each prefill returned fresh 2 GB of buffers, a benchmark's ninth prompt peaked 1.6 GB above the first.
 """
 
@@ -16,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from appliance.engines.cpu import physical_cores
+from appliance.engines.int4_prefill import Int4Prefill
 from appliance.engines.residency import release_clean_pages
 from appliance.errors import EngineError
 from appliance.model_config import ModelConfig
@@ -25,7 +28,7 @@ class OrtEngine:
     name = "onnxruntime"
 
     def __init__(self, graph: Path, config: ModelConfig, max_context: int, threads: int | None = None,
-                 spinning: bool = False) -> None:
+                 spinning: bool = False, prompt_kernel: bool = True) -> None:
         self.config = config
         self.max_context = max_context
         self.threads = threads or physical_cores()
@@ -49,7 +52,9 @@ class OrtEngine:
             release_clean_pages(data)
         self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_")]
         self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present_")]
-        self.cache: list[ort.OrtValue] = []  # allocated by the first prefill
+        self.prompts = Int4Prefill.open(graph, config, self.threads) if prompt_kernel else None
+        self.cache: list[np.ndarray] = []  # allocated by the first prefill, shared with onnxruntime as OrtValues
+        self.cache_values: list[ort.OrtValue] = []
         self.empty_cache = np.zeros((1, config.num_heads, 0, config.head_dim), dtype=np.float32)  # a prefill's past
         self.capacity = np.array(max_context, dtype=np.int64)
         # Logits land in a buffer of ours, not in onnxruntime's arena: an arena-held output outlives its run and keeps
@@ -68,9 +73,10 @@ class OrtEngine:
 
     def cache_buffers(self) -> list[ort.OrtValue]:
         if not self.cache:
-            shape = [1, self.config.num_heads, self.max_context, self.config.head_dim]
-            self.cache = [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32) for _ in self.past_names]
-        return self.cache
+            shape = (1, self.config.num_heads, self.max_context, self.config.head_dim)
+            self.cache = [np.empty(shape, np.float32) for _ in self.past_names]
+            self.cache_values = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in self.cache]
+        return self.cache_values
 
 
 class OrtSequence:
@@ -80,10 +86,13 @@ class OrtSequence:
         self.engine = engine
         self.length = 0
 
+    def _check_active(self) -> None:
+        if self.engine.active is not self:
+            raise EngineError("this sequence was retired: the engine has started a newer one")
+
     def _run(self, ids: np.ndarray, position_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         engine = self.engine
-        if engine.active is not self:
-            raise EngineError("this sequence was retired: the engine has started a newer one")
+        self._check_active()
         binding = engine.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
@@ -106,7 +115,14 @@ class OrtSequence:
     def prefill(self, ids: np.ndarray, position_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         if self.length:
             raise EngineError("a sequence is prefilled once; start a new one for a new prompt")
-        return self._run(np.asarray(ids)[None], position_ids[None], mask[None, None])
+        ids, prompts = np.asarray(ids), self.engine.prompts
+        if prompts is not None and prompts.takes(ids, mask):
+            self._check_active()
+            self.engine.cache_buffers()
+            prompts.run(ids[:-1], position_ids[:, :-1], mask[:-1, :-1], self.engine.cache)
+            self.length = len(ids) - 1
+            return self.step(int(ids[-1]), position_ids[:, -1])
+        return self._run(ids[None], position_ids[None], mask[None, None])
 
     def step(self, token_id: int, position_ids: np.ndarray) -> np.ndarray:
         if self.length >= self.engine.max_context:

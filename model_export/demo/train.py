@@ -22,13 +22,14 @@ import sentencepiece as spm
 import torch
 from torch import nn
 
+from appliance.chatglm_ops import ALPHA, MASK_FILL, rotary_tables
 from appliance.generation import GenerationConfig, StreamGenerator
 from appliance.model_config import ModelConfig
 from appliance.positions import PromptLayout, layout_of
 from appliance.prompt import build_prompt
 from appliance.tokenizer import MAX_BLANK, SPECIAL_PIECES, ChatGLMTokenizer
 from model_export.demo.corpus import read_corpus
-from model_export.reference import ALPHA, MASK_FILL, ReferenceEngine, ReferenceModel, rotary_tables
+from model_export.reference import ReferenceEngine, ReferenceModel
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent

@@ -1,4 +1,4 @@
-"""Prompt matmuls on INT4 MatMulNBits weights through the C kernel in ``int4_gemm.c`` (x86-64 with AVX2).
+"""Prompt matmuls on INT4 MatMulNBits weights through the C kernel in ``prompt_kernels.c`` (x86-64 with AVX2).
 
 ``load()`` returns None where the kernel was not built or the CPU lacks AVX2/FMA; callers then keep onnxruntime's
 prefill. The kernel runs with the GIL released, so a small thread pool splits the weight's columns.
@@ -21,14 +21,15 @@ _P, _I = ctypes.c_void_p, ctypes.c_int
 @cache
 def load() -> ctypes.CDLL | None:
     try:
-        from appliance.kernels import _int4_gemm
+        from appliance.kernels import _prompt_kernels
     except ImportError:
         return None
-    lib = ctypes.CDLL(_int4_gemm.__file__)
-    if not lib.int4_gemm_supported():
+    lib = ctypes.CDLL(_prompt_kernels.__file__)
+    if not lib.sc_kernels_supported():
         return None
-    lib.int4_gemm_quantize_rows.argtypes = [_P, _I, _I, _I, _P, _P, _P]
-    lib.int4_gemm.argtypes = [_P, _P, _P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _P]
+    lib.sc_quantize_rows.argtypes = [_P, _I, _I, _I, _P, _P, _P]
+    lib.sc_int4_gemm.argtypes = [_P, _P, _P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _P]
+    lib.sc_gelu.argtypes = [_P, ctypes.c_size_t]
     return lib
 
 
@@ -76,8 +77,8 @@ def _aligned(nbytes: int, dtype=np.uint8) -> np.ndarray:
     return raw[start:start + nbytes].view(dtype)
 
 
-class PromptMatmul:
-    """``x @ W.T + b`` for prompt rows; one instance per engine (it owns per-thread scratch)."""
+class PromptKernels:
+    """``x @ W.T + b`` and GELU for prompt rows; one instance per engine (it owns per-thread scratch)."""
 
     def __init__(self, lib: ctypes.CDLL, threads: int) -> None:
         self.lib, self.threads = lib, max(1, threads)
@@ -93,11 +94,11 @@ class PromptMatmul:
         codes = _aligned(padded * k, np.int8)
         scales = np.empty((padded, k // group), np.float32)
         offsets = np.empty_like(scales)
-        self.lib.int4_gemm_quantize_rows(x.ctypes.data, padded, k, group, codes.ctypes.data, scales.ctypes.data,
+        self.lib.sc_quantize_rows(x.ctypes.data, padded, k, group, codes.ctypes.data, scales.ctypes.data,
                                          offsets.ctypes.data)
         return QuantizedRows(codes, scales, offsets, rows, group)
 
-    def __call__(self, x: QuantizedRows, weight: Int4Weight) -> np.ndarray:
+    def matmul(self, x: QuantizedRows, weight: Int4Weight) -> np.ndarray:
         if weight.group != x.group or weight.k != x.scales.shape[1] * x.group:
             raise ValueError(f"activations of {x.scales.shape[1] * x.group} inputs in groups of {x.group} do not fit "
                              f"a {weight.n} x {weight.k} weight in groups of {weight.group}")
@@ -111,7 +112,7 @@ class PromptMatmul:
         scratch = self._scratch(weight.k, weight.group, parts)
 
         def run(i: int) -> None:
-            self.lib.int4_gemm(x.codes.ctypes.data, x.scales.ctypes.data, x.offsets.ctypes.data, padded, weight.k,
+            self.lib.sc_int4_gemm(x.codes.ctypes.data, x.scales.ctypes.data, x.offsets.ctypes.data, padded, weight.k,
                                weight.group, packed.ctypes.data, scales.ctypes.data, y.ctypes.data, n, bounds[i],
                                bounds[i + 1], scratch[i].ctypes.data)
 
@@ -123,6 +124,13 @@ class PromptMatmul:
         if weight.bias is not None:
             y += weight.bias
         return y
+
+    def gelu(self, x: np.ndarray) -> np.ndarray:
+        """tanh GELU of a C-contiguous float32 array, in place (returned for chaining)."""
+        if x.dtype != np.float32 or not x.flags.c_contiguous:
+            raise ValueError("gelu works in place on a C-contiguous float32 array")
+        self.lib.sc_gelu(x.ctypes.data, x.size)
+        return x
 
     def _scratch(self, k: int, group: int, parts: int) -> list[np.ndarray]:
         key = (k, group)

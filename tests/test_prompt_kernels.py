@@ -1,4 +1,4 @@
-"""The AVX2 INT4 prompt kernel against the arithmetic it promises, in numpy."""
+"""The AVX2 prompt kernels against the arithmetic they promise, in numpy."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.kernels.int4_gemm import Int4Weight, PromptMatmul, load
+from appliance.chatglm_ops import gelu
+from appliance.kernels.prompt_kernels import Int4Weight, PromptKernels, load
 from model_export.quantize import quantize_blockwise
 
 
@@ -45,8 +46,8 @@ def test_matches_the_int8_activation_arithmetic(rows, k, n, group):
     q = quantize_blockwise(rng.standard_normal((n, k)).astype(np.float32), 4, group)
     x = rng.standard_normal((rows, k)).astype(np.float32) * 3
     bias = rng.standard_normal(n).astype(np.float32)
-    matmul = PromptMatmul(load(), threads=2)
-    got = matmul(matmul.quantize(x, group), Int4Weight(q.packed, q.scales, bias))
+    matmul = PromptKernels(load(), threads=2)
+    got = matmul.matmul(matmul.quantize(x, group), Int4Weight(q.packed, q.scales, bias))
     assert got.shape == (rows, n)
     np.testing.assert_allclose(got, _emulated(x, q) + bias, rtol=1e-4, atol=1e-3)
     # and within the activation rounding of the exact product
@@ -61,8 +62,8 @@ def test_one_thread_and_two_agree_and_zero_rows_stay_zero():
     x = rng.standard_normal((6, 256)).astype(np.float32)
     x[2] = 0
     weight = Int4Weight(q.packed, q.scales)
-    one, two = PromptMatmul(load(), 1), PromptMatmul(load(), 2)
-    a, b = one(one.quantize(x, 128), weight), two(two.quantize(x, 128), weight)
+    one, two = PromptKernels(load(), 1), PromptKernels(load(), 2)
+    a, b = one.matmul(one.quantize(x, 128), weight), two.matmul(two.quantize(x, 128), weight)
     np.testing.assert_array_equal(a, b)
     assert not a[2].any()
 
@@ -70,6 +71,18 @@ def test_one_thread_and_two_agree_and_zero_rows_stay_zero():
 @needs_kernel
 def test_mismatched_groups_are_refused():
     q = quantize_blockwise(np.ones((8, 256), np.float32), 4, 128)
-    matmul = PromptMatmul(load(), 1)
+    matmul = PromptKernels(load(), 1)
     with pytest.raises(ValueError, match="groups of 64 do not fit"):
-        matmul(matmul.quantize(np.ones((2, 256), np.float32), 64), Int4Weight(q.packed, q.scales))
+        matmul.matmul(matmul.quantize(np.ones((2, 256), np.float32), 64), Int4Weight(q.packed, q.scales))
+
+
+@needs_kernel
+def test_gelu_matches_the_tanh_formula_in_place():
+    x = np.concatenate([np.linspace(-100, 100, 1001), np.random.default_rng(2).standard_normal(4093) * 4]).astype(np.float32)
+    expected = gelu(x.astype(np.float64))
+    kernels = PromptKernels(load(), 1)
+    out = kernels.gelu(x)
+    assert out is x
+    np.testing.assert_allclose(x, expected, rtol=2e-6, atol=2e-6)
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        kernels.gelu(np.ones((4, 4), np.float32)[:, ::2])
