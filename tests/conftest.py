@@ -1,4 +1,5 @@
-"""Shared fixtures: the golden ChatGLM-6B-tiny checkpoint, its recorded outputs and the reference model on it."""
+"""Shared fixtures: the golden ChatGLM-6B-tiny checkpoint, its recorded outputs, the reference model on it, and its
+cpu bundles."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from appliance.tokenizer import ChatGLMTokenizer
 from model_export.checkpoint import Checkpoint
+from model_export.export import export_bundle
 from model_export.reference import ReferenceEngine, ReferenceModel
 
 TINY = Path(__file__).parent / "fixtures" / "chatglm6b-tiny"
@@ -29,6 +31,12 @@ def tokenizer() -> ChatGLMTokenizer:
 @pytest.fixture(scope="session")
 def reference() -> ReferenceModel:
     return ReferenceModel.from_checkpoint(Checkpoint(TINY))
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundles")
+    return {q: export_bundle(TINY, root / q, quant=q).bundle for q in ("fp32", "fp16", "int8", "int4")}
 
 
 @pytest.fixture(scope="session")

@@ -22,12 +22,6 @@ def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("STREAMCHAT_CACHE_DIR", str(tmp_path / "cache"))
 
 
-@pytest.fixture(scope="session")
-def bundles(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bundles")
-    return {q: export_bundle(TINY, root / q, quant=q).bundle for q in ("fp32", "fp16", "int8", "int4")}
-
-
 @pytest.mark.parametrize("quant", ["fp32", "fp16"])
 @pytest.mark.parametrize("rp", ["1.0", "1.2"])
 @pytest.mark.parametrize("prompt", GOLDEN["prompts"], ids=lambda p: p["name"])
@@ -218,7 +212,7 @@ def test_cache_is_sized_to_the_context_and_full_is_a_clear_error(bundles, tokeni
     engine = Bundle.open(bundles["fp32"]).engine(context=40)
     ids = tokenizer.encode_prompt("你好")
     seq, layout, _ = _prefilled(engine, tokenizer, ids)
-    assert engine.max_context == 40 and engine.cache[0].shape() == [1, engine.config.num_heads, 40, engine.config.head_dim]
+    assert engine.max_context == 40 and engine.cache[0].shape == (1, engine.config.num_heads, 40, engine.config.head_dim)
     for total in range(len(ids) + 1, engine.max_context + 1):
         seq.step(5, layout.step_position(total))
     with pytest.raises(EngineError, match="KV cache holds 40 positions and is full"):

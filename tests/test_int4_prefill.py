@@ -1,0 +1,95 @@
+"""Prompts of INT4 bundles through the AVX2 kernel: same cache and logits as the graph's own prefill."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from appliance.bundle import Bundle
+from appliance.engines import int4_prefill
+from appliance.engines.int4_prefill import MIN_PROMPT, Int4Prefill
+from appliance.engines.residency import file_mappings
+from appliance.kernels.prompt_kernels import load
+from appliance.positions import layout_of
+
+needs_kernel = pytest.mark.skipif(load() is None, reason="INT4 kernel not built or no AVX2 on this CPU")
+PROMPT = "StreamChat 是一个离线聊天设备。请用三句话介绍一下你自己，并说明如何在没有网络的机器上安装它。"
+
+
+def _engine(bundles, quant: str):
+    return Bundle.open(bundles[quant]).engine()
+
+
+def _ort_engine(path, prompt_kernel: bool):
+    from appliance.engines.onnxruntime import OrtEngine
+
+    bundle = Bundle.open(path)
+    return OrtEngine(bundle.path / bundle.manifest["graphs"]["decoder"], bundle.config, 256, prompt_kernel=prompt_kernel)
+
+
+def _prompt(tokenizer):
+    ids = tokenizer.encode_prompt(PROMPT)
+    special = tokenizer.special
+    return ids, layout_of(ids, special.bos, special.gmask, special.mask)
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a.ravel(), b.ravel()) / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+@needs_kernel
+def test_only_int4_bundles_take_the_kernel_path(bundles):
+    assert _engine(bundles, "int4").prompts is not None
+    for quant in ("fp32", "fp16", "int8"):
+        assert _engine(bundles, quant).prompts is None
+
+
+@needs_kernel
+def test_kernel_prefill_gives_the_graphs_cache_logits_and_answer(bundles, tokenizer):
+    ids, layout = _prompt(tokenizer)
+    assert len(ids) >= MIN_PROMPT
+    engines = [_ort_engine(bundles["int4"], prompt_kernel=k) for k in (True, False)]
+    assert engines[0].prompts is not None and engines[1].prompts is None
+    sequences = [e.start() for e in engines]
+    logits = [s.prefill(np.array(ids), layout.position_ids(), layout.mask()) for s in sequences]
+    assert _cos(*logits) > 0.99999 and np.argmax(logits[0]) == np.argmax(logits[1])
+    for kernel_cache, graph_cache in zip(engines[0].cache, engines[1].cache, strict=True):
+        assert _cos(kernel_cache[0, :, :len(ids)], graph_cache[0, :, :len(ids)]) > 0.99999
+    answers = [[], []]
+    for total in range(len(ids) + 1, len(ids) + 9):  # greedy decoding continues identically
+        for answer, last in zip(answers, logits, strict=True):
+            answer.append(int(np.argmax(last)))
+        logits = [s.step(a[-1], layout.step_position(total)) for s, a in zip(sequences, answers, strict=True)]
+    assert answers[0] == answers[1]
+
+
+@needs_kernel
+def test_the_weights_pages_leave_the_process_after_a_prompt(bundles, tokenizer):
+    engine = _engine(bundles, "int4")
+    ids, layout = _prompt(tokenizer)
+    engine.start().prefill(np.array(ids), layout.position_ids(), layout.mask())
+    data = engine.prompts.tensors.map
+    mappings = [m for m in file_mappings(bundles["int4"] / "decoder.onnx.data") if m[1] - m[0] >= len(data)]
+    assert mappings and all(resident == 0 for _, _, resident, _ in mappings)
+
+
+def test_which_prompts_the_split_is_exact_for(tokenizer):
+    ids, layout = _prompt(tokenizer)
+    mask = layout.mask()
+    assert Int4Prefill.takes(np.array(ids), mask)
+    assert not Int4Prefill.takes(np.array(ids[-MIN_PROMPT + 1:]), mask[-MIN_PROMPT + 1:, -MIN_PROMPT + 1:])
+    hidden_last = mask.copy()
+    hidden_last[-1, 0] = True  # the last row would not see every position: a decode step cannot stand in for it
+    assert not Int4Prefill.takes(np.array(ids), hidden_last)
+    seen_last = mask.copy()
+    seen_last[0, -1] = False  # an earlier row would attend to the last token, which the kernel rows do not have
+    assert not Int4Prefill.takes(np.array(ids), seen_last)
+
+
+def test_without_the_kernel_the_graph_prefills(bundles, tokenizer, monkeypatch):
+    monkeypatch.setattr(int4_prefill, "load", lambda: None)
+    engine = _engine(bundles, "int4")
+    assert engine.prompts is None
+    ids, layout = _prompt(tokenizer)
+    logits = engine.start().prefill(np.array(ids), layout.position_ids(), layout.mask())
+    assert logits.shape == (engine.config.vocab_size,) and np.isfinite(logits).all()
