@@ -39,8 +39,8 @@ def _emulated(x: np.ndarray, q) -> np.ndarray:
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows, k, n, group", [(1, 256, 64, 32), (5, 512, 40, 64), (33, 1024, 96, 128),
-                                               (7, 512, 24, 256), (128, 4096, 256, 128)])
+@pytest.mark.parametrize("rows, k, n, group", [(1, 256, 64, 32), (5, 512, 48, 64), (33, 1024, 96, 128),
+                                               (7, 512, 32, 256), (128, 4096, 256, 128)])
 def test_matches_the_int8_activation_arithmetic(rows, k, n, group):
     rng = np.random.default_rng(rows)
     q = quantize_blockwise(rng.standard_normal((n, k)).astype(np.float32), 4, group)
@@ -69,11 +69,14 @@ def test_one_thread_and_two_agree_and_zero_rows_stay_zero():
 
 
 @needs_kernel
-def test_mismatched_groups_are_refused():
-    q = quantize_blockwise(np.ones((8, 256), np.float32), 4, 128)
+def test_mismatched_or_unsupported_weights_are_refused():
+    q = quantize_blockwise(np.ones((16, 256), np.float32), 4, 128)
     matmul = PromptKernels(load(), 1)
     with pytest.raises(ValueError, match="groups of 64 do not fit"):
         matmul.matmul(matmul.quantize(np.ones((2, 256), np.float32), 64), Int4Weight(q.packed, q.scales))
+    odd = quantize_blockwise(np.ones((24, 256), np.float32), 4, 128)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        matmul.matmul(matmul.quantize(np.ones((2, 256), np.float32), 128), Int4Weight(odd.packed, odd.scales))
 
 
 @needs_kernel

@@ -16,7 +16,7 @@
 #include <stdint.h>
 
 #define MR 4 /* prompt rows per tile */
-#define NR 8 /* weight columns per panel */
+#define NR 16 /* weight columns per panel: two vectors of 8 */
 #define AVX2 __attribute__((target("avx2,fma")))
 
 int sc_kernels_supported(void) {
@@ -58,13 +58,14 @@ AVX2 void sc_quantize_rows(const float *x, int M, int K, int G, int8_t *codes, f
     }
 }
 
-/* NR weight columns -> codes [K/4][NR][4] (uint8 0..15) and scales [blocks][NR]. */
-AVX2 static void pack_panel(const uint8_t *w, const float *ws, int blocks, int G, uint8_t *panel, float *panel_scales) {
+/* 8 weight columns -> their codes in a panel of NR columns: for k-group g (codes 4g..4g+3), 8 dwords at
+ * panel + g * NR * 4; scales [blocks][8] at panel_scales with a row stride of NR. */
+AVX2 static void pack_half(const uint8_t *w, const float *ws, int blocks, int G, uint8_t *panel, float *panel_scales) {
     const __m128i low4 = _mm_set1_epi8(0x0F);
     const int K = blocks * G;
     for (int k = 0; k < K; k += 32) {
-        __m256 col[NR];
-        for (int c = 0; c < NR; c++) {  /* 16 bytes of column c = codes k..k+31 */
+        __m256 col[8];
+        for (int c = 0; c < 8; c++) {  /* 16 bytes of column c = codes k..k+31 */
             __m128i raw = _mm_loadu_si128((const __m128i *)(w + (size_t)c * blocks * (G / 2) + k / 2));
             __m128i lo = _mm_and_si128(raw, low4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
             col[c] = _mm256_castsi256_ps(_mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi)));
@@ -78,69 +79,79 @@ AVX2 static void pack_panel(const uint8_t *w, const float *ws, int blocks, int G
         __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
         __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
         __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-        float *out = (float *)(panel + (size_t)k * NR);
-        _mm256_store_ps(out + 0, _mm256_permute2f128_ps(u0, u4, 0x20));
-        _mm256_store_ps(out + 8, _mm256_permute2f128_ps(u1, u5, 0x20));
-        _mm256_store_ps(out + 16, _mm256_permute2f128_ps(u2, u6, 0x20));
-        _mm256_store_ps(out + 24, _mm256_permute2f128_ps(u3, u7, 0x20));
-        _mm256_store_ps(out + 32, _mm256_permute2f128_ps(u0, u4, 0x31));
-        _mm256_store_ps(out + 40, _mm256_permute2f128_ps(u1, u5, 0x31));
-        _mm256_store_ps(out + 48, _mm256_permute2f128_ps(u2, u6, 0x31));
-        _mm256_store_ps(out + 56, _mm256_permute2f128_ps(u3, u7, 0x31));
+        float *out = (float *)(panel + (size_t)k * NR);  /* k / 4 groups of NR * 4 bytes */
+        _mm256_store_ps(out + 0 * NR, _mm256_permute2f128_ps(u0, u4, 0x20));
+        _mm256_store_ps(out + 1 * NR, _mm256_permute2f128_ps(u1, u5, 0x20));
+        _mm256_store_ps(out + 2 * NR, _mm256_permute2f128_ps(u2, u6, 0x20));
+        _mm256_store_ps(out + 3 * NR, _mm256_permute2f128_ps(u3, u7, 0x20));
+        _mm256_store_ps(out + 4 * NR, _mm256_permute2f128_ps(u0, u4, 0x31));
+        _mm256_store_ps(out + 5 * NR, _mm256_permute2f128_ps(u1, u5, 0x31));
+        _mm256_store_ps(out + 6 * NR, _mm256_permute2f128_ps(u2, u6, 0x31));
+        _mm256_store_ps(out + 7 * NR, _mm256_permute2f128_ps(u3, u7, 0x31));
     }
     for (int b = 0; b < blocks; b++)
-        for (int c = 0; c < NR; c++) panel_scales[b * NR + c] = ws[(size_t)c * blocks + b];
+        for (int c = 0; c < 8; c++) panel_scales[b * NR + c] = ws[(size_t)c * blocks + b];
 }
+
+#define DOT4(h0, h1, codes0, codes1, x)                                          \
+    do {                                                                          \
+        const __m256i a = _mm256_set1_epi32(x);                                   \
+        h0 = _mm256_add_epi16(h0, _mm256_maddubs_epi16(codes0, a));               \
+        h1 = _mm256_add_epi16(h1, _mm256_maddubs_epi16(codes1, a));               \
+    } while (0)
 
 /* y[MR rows][NR columns] = sum over blocks of ws * (xs * dot(codes, xq) - 8 * xs * sum(xq)) */
 AVX2 static void tile(const int8_t *xq, const float *xs, const float *xo, int blocks, int G, const uint8_t *panel,
                       const float *panel_scales, float *y, int ldy) {
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
+    __m256 f[MR][2];
+    for (int r = 0; r < MR; r++) f[r][0] = f[r][1] = _mm256_setzero_ps();
     const int32_t *x = (const int32_t *)xq;
     const __m256i *w = (const __m256i *)panel;
     for (int b = 0; b < blocks; b++) {
-        __m256i i0 = _mm256_setzero_si256(), i1 = i0, i2 = i0, i3 = i0;
+        __m256i acc[MR][2];
+        for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
         for (int s = 0; s < G / 32; s++) {
             /* 8 products of at most 2 * 15 * 127 each stay inside int16 */
-            __m256i h0 = _mm256_setzero_si256(), h1 = h0, h2 = h0, h3 = h0;
-            for (int g = 0; g < 8; g++, w++, x += MR) {
-                const __m256i codes = _mm256_load_si256(w);
-                h0 = _mm256_add_epi16(h0, _mm256_maddubs_epi16(codes, _mm256_set1_epi32(x[0])));
-                h1 = _mm256_add_epi16(h1, _mm256_maddubs_epi16(codes, _mm256_set1_epi32(x[1])));
-                h2 = _mm256_add_epi16(h2, _mm256_maddubs_epi16(codes, _mm256_set1_epi32(x[2])));
-                h3 = _mm256_add_epi16(h3, _mm256_maddubs_epi16(codes, _mm256_set1_epi32(x[3])));
-                /* keeps GCC from computing all 32 products first and spilling them (measured 1.5x slower) */
-                __asm__("" : "+x"(h0), "+x"(h1), "+x"(h2), "+x"(h3));
+            __m256i h00 = _mm256_setzero_si256(), h01 = h00, h10 = h00, h11 = h00, h20 = h00, h21 = h00, h30 = h00,
+                    h31 = h00;
+            for (int g = 0; g < 8; g++, w += 2, x += MR) {
+                const __m256i c0 = _mm256_load_si256(w), c1 = _mm256_load_si256(w + 1);
+                DOT4(h00, h01, c0, c1, x[0]);
+                DOT4(h10, h11, c0, c1, x[1]);
+                DOT4(h20, h21, c0, c1, x[2]);
+                DOT4(h30, h31, c0, c1, x[3]);
+                /* keeps GCC from computing all 64 products first and spilling them (measured 1.5x slower) */
+                __asm__("" : "+x"(h00), "+x"(h01), "+x"(h10), "+x"(h11), "+x"(h20), "+x"(h21), "+x"(h30), "+x"(h31));
             }
-            i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(h0, ones));
-            i1 = _mm256_add_epi32(i1, _mm256_madd_epi16(h1, ones));
-            i2 = _mm256_add_epi32(i2, _mm256_madd_epi16(h2, ones));
-            i3 = _mm256_add_epi32(i3, _mm256_madd_epi16(h3, ones));
+            const __m256i h[MR][2] = {{h00, h01}, {h10, h11}, {h20, h21}, {h30, h31}};
+            for (int r = 0; r < MR; r++)
+                for (int c = 0; c < 2; c++) acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(h[r][c], ones));
         }
-        const __m256 ws = _mm256_load_ps(panel_scales + b * NR);
-        const float *s = xs + b, *o = xo + b;
-        f0 = _mm256_fmadd_ps(ws, _mm256_fmsub_ps(_mm256_cvtepi32_ps(i0), _mm256_set1_ps(s[0]), _mm256_set1_ps(o[0])), f0);
-        f1 = _mm256_fmadd_ps(ws, _mm256_fmsub_ps(_mm256_cvtepi32_ps(i1), _mm256_set1_ps(s[blocks]),
-                                                 _mm256_set1_ps(o[blocks])), f1);
-        f2 = _mm256_fmadd_ps(ws, _mm256_fmsub_ps(_mm256_cvtepi32_ps(i2), _mm256_set1_ps(s[2 * blocks]),
-                                                 _mm256_set1_ps(o[2 * blocks])), f2);
-        f3 = _mm256_fmadd_ps(ws, _mm256_fmsub_ps(_mm256_cvtepi32_ps(i3), _mm256_set1_ps(s[3 * blocks]),
-                                                 _mm256_set1_ps(o[3 * blocks])), f3);
+        const __m256 ws[2] = {_mm256_load_ps(panel_scales + b * NR), _mm256_load_ps(panel_scales + b * NR + 8)};
+        for (int r = 0; r < MR; r++) {
+            const __m256 scale = _mm256_set1_ps(xs[r * blocks + b]), offset = _mm256_set1_ps(xo[r * blocks + b]);
+            for (int c = 0; c < 2; c++)
+                f[r][c] = _mm256_fmadd_ps(ws[c], _mm256_fmsub_ps(_mm256_cvtepi32_ps(acc[r][c]), scale, offset), f[r][c]);
+        }
     }
-    _mm256_storeu_ps(y, f0);
-    _mm256_storeu_ps(y + ldy, f1);
-    _mm256_storeu_ps(y + 2 * ldy, f2);
-    _mm256_storeu_ps(y + 3 * ldy, f3);
+    for (int r = 0; r < MR; r++) {
+        _mm256_storeu_ps(y + (size_t)r * ldy, f[r][0]);
+        _mm256_storeu_ps(y + (size_t)r * ldy + 8, f[r][1]);
+    }
 }
 
 /* Columns n0..n1 (multiples of NR) of y [M][ldy]; scratch: 32-byte aligned, K * NR + 4 * (K / G) * NR bytes. */
 AVX2 void sc_int4_gemm(const int8_t *xq, const float *xs, const float *xo, int M, int K, int G, const uint8_t *w,
-                    const float *ws, float *y, int ldy, int n0, int n1, uint8_t *scratch) {
+                       const float *ws, float *y, int ldy, int n0, int n1, uint8_t *scratch) {
     const int blocks = K / G;
     float *panel_scales = (float *)(scratch + (size_t)K * NR);
     for (int n = n0; n < n1; n += NR) {
-        pack_panel(w + (size_t)n * blocks * (G / 2), ws + (size_t)n * blocks, blocks, G, scratch, panel_scales);
+        for (int half = 0; half < 2; half++) {
+            const int first = n + 8 * half;
+            pack_half(w + (size_t)first * blocks * (G / 2), ws + (size_t)first * blocks, blocks, G, scratch + 32 * half,
+                      panel_scales + 8 * half);
+        }
         for (int m = 0; m < M; m += MR)
             tile(xq + (size_t)m * K, xs + (size_t)m * blocks, xo + (size_t)m * blocks, blocks, G, scratch,
                  panel_scales, y + (size_t)m * ldy + n, ldy);

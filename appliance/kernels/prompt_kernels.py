@@ -14,7 +14,7 @@ from functools import cache
 import numpy as np
 
 ROWS_PER_TILE = 4  # MR in the C file
-COLUMNS_PER_PANEL = 8  # NR
+COLUMNS_PER_PANEL = 16  # NR
 _P, _I = ctypes.c_void_p, ctypes.c_int
 
 
@@ -55,7 +55,7 @@ class Int4Weight:
         return self.packed.shape[1] * self.group
 
     def supported(self) -> bool:
-        """The shapes the kernel handles: columns in panels of 8, groups of whole 32-code runs."""
+        """The shapes the kernel handles: columns in panels of 16, groups of whole 32-code runs."""
         return self.n % COLUMNS_PER_PANEL == 0 and self.group % 32 == 0 and self.group <= 256
 
 
@@ -99,6 +99,9 @@ class PromptKernels:
         return QuantizedRows(codes, scales, offsets, rows, group)
 
     def matmul(self, x: QuantizedRows, weight: Int4Weight) -> np.ndarray:
+        if not weight.supported():
+            raise ValueError(f"the kernel takes weights of N a multiple of {COLUMNS_PER_PANEL} and groups of 32..256, "
+                             f"not {weight.n} x {weight.k} in groups of {weight.group}")
         if weight.group != x.group or weight.k != x.scales.shape[1] * x.group:
             raise ValueError(f"activations of {x.scales.shape[1] * x.group} inputs in groups of {x.group} do not fit "
                              f"a {weight.n} x {weight.k} weight in groups of {weight.group}")
