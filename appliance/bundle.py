@@ -138,11 +138,13 @@ class Bundle:
         tok = self.manifest["tokenizer"]
         return ChatGLMTokenizer(self.path / tok["file"], num_image_tokens=int(tok["num_image_tokens"]))
 
-    def engine(self, threads: int | None = None, kind: str = "auto", context: int | None = None):
+    def engine(self, threads: int | None = None, kind: str = "auto", context: int | None = None,
+               prompt_kernel: bool = True):
         """The engine for this bundle: ``auto`` = its runtime; Ascend bundles can also run on ``onnxruntime`` (their
         fp32-compute graphs, on the CPU) or on ``mindspore-lite`` here (CPU) or on the NPU
         (``STREAMCHAT_LITE_DEVICE=ascend``). ``context`` caps a cpu bundle's context window below its ``max_context``:
-        its KV cache is allocated for that many positions (32 KB each per layer for ChatGLM-6B)."""
+        its KV cache is allocated for that many positions (32 KB each per layer for ChatGLM-6B). ``prompt_kernel=False``
+        keeps an INT4 cpu bundle's prompts in the graph instead of the AVX2 kernel (for comparison)."""
         runtime = self.manifest.get("runtime")
         kind = runtime if kind == "auto" else kind
         graphs = self.manifest["graphs"]
@@ -150,7 +152,8 @@ class Bundle:
             from appliance.engines.onnxruntime import OrtEngine
 
             limit = int(self.manifest["max_context"])
-            return OrtEngine(self.path / graphs["decoder"], self.config, min(limit, context or limit), threads=threads)
+            return OrtEngine(self.path / graphs["decoder"], self.config, min(limit, context or limit), threads=threads,
+                             prompt_kernel=prompt_kernel)
         if runtime == "mindspore-lite" and kind in ("onnxruntime", "mindspore-lite"):
             from appliance.engines.static import OrtGraphRunner, StaticEngine
 
