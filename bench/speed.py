@@ -4,12 +4,13 @@
 
 For each layer count: writes a full-width synthetic checkpoint (cached), exports it to INT4 (block 128, accuracy
 level 4, INT8 lm_head shared with the embedding) in a child process (export time, export peak RSS), then, in another
-child process, measures time to first token for 16/128/512-token prompts, decode ms/token at context 128/1024/2000
-and the runtime's peak RSS over all of that plus a conversation filled to the full 2048-token context (checked against
-weights + KV cache + 15%). Layer counts short of the real 28 are fitted as ``a + b * layers`` and extrapolated. The
-floor is the bytes a decode step must read (weights + KV cache) over the read bandwidth measured right before and
-after that decode run (on this shared machine it moves between 15 and 23 GB/s from minute to minute). Results of
-bench/chatglm_cpp.py in ``--work`` (chatglm-cpp-*.json) add the ratios to chatglm.cpp and its points on the plot.
+child process, measures time to first token for 16/128/512-token prompts (and, for comparison, with the graph's own
+prefill instead of the AVX2 INT4 prompt kernel), decode ms/token at context 128/1024/2000 and the runtime's peak RSS
+over all of that plus a conversation filled to the full 2048-token context (checked against weights + KV cache +
+15%). Layer counts short of the real 28 are fitted as ``a + b * layers`` and extrapolated. The floor is the bytes a
+decode step must read (weights + KV cache) over the read bandwidth measured right before and after that decode run
+(on this shared machine it moves between 15 and 23 GB/s from minute to minute). Results of bench/chatglm_cpp.py in
+``--work`` (chatglm-cpp-*.json) add the ratios to chatglm.cpp and its points on the plot.
 """
 
 from __future__ import annotations
@@ -87,10 +88,16 @@ def child_run(bundle_dir: str, contexts: list[int], prompts: list[int]) -> None:
         seq.prefill(np.array(ids), layout.position_ids(), layout.mask())
         return seq, layout, time.perf_counter() - start
 
-    out = {"ttft_ms": {}, "decode_ms": {}, "decode_bandwidth_gbs": {}, "load_peak_rss_gb": peak_rss_gb()}
+    out = {"ttft_ms": {}, "ttft_graph_ms": {}, "decode_ms": {}, "decode_bandwidth_gbs": {},
+           "load_peak_rss_gb": peak_rss_gb()}
     warm_up(engine, special.bos, special.gmask)  # as the app does when it loads
+    kernel = engine.prompts  # the AVX2 INT4 prompt path, None where it does not apply
     for length in prompts:
         out["ttft_ms"][length] = min(prefill(length)[2] for _ in range(2)) * 1000
+        if kernel is not None:  # the graph's own prefill on the same engine, for comparison
+            engine.prompts = None
+            out["ttft_graph_ms"][length] = min(prefill(length)[2] for _ in range(2)) * 1000
+            engine.prompts = kernel
     for context in contexts:
         seq, layout, _ = prefill(context - DECODE_STEPS // 2)  # the steps straddle the context
         total, times = context - DECODE_STEPS // 2, []
@@ -179,18 +186,19 @@ def kv_gb(layers: int, context: int) -> float:
 def report(rows: list[dict], bandwidth: float, plot: Path, chatglm_cpp: list[dict] | None = None) -> None:
     default = [r for r in rows if (r["group"], r["accuracy"], r["lm_head"]) == (128, 4, "int8")]
     print("\n| layers | block | acc | lm_head | bundle GB | export s | export peak RSS GB | TTFT 16/128/512 ms | "
-          "decode ms/token @128/1024/2000 | GB/s @128/1024/2000 | floor ms @128/1024/2000 | share of floor | "
-          f"peak RSS GB (load / run) | weights + KV@{FULL_CONTEXT} + 15% GB |")
-    print("|" + "---|" * 14)
+          "TTFT graph prefill ms | decode ms/token @128/1024/2000 | GB/s @128/1024/2000 | floor ms @128/1024/2000 | "
+          f"share of floor | peak RSS GB (load / run) | weights + KV@{FULL_CONTEXT} + 15% GB |")
+    print("|" + "---|" * 15)
     for r in rows:  # each decode time against the bandwidth measured around it (older rows: at the run's start)
         bandwidths = [r.get("decode_bandwidth_gbs", {}).get(str(c), r.get("bandwidth_gbs", bandwidth)) for c in CONTEXTS]
         floors = [floor_ms(r["weights_gb"], r["layers"], c, bw) for c, bw in zip(CONTEXTS, bandwidths, strict=True)]
         ttft = "/".join(f"{r['ttft_ms'][str(p)]:.0f}" for p in PROMPTS)
+        graph = "/".join(f"{r['ttft_graph_ms'][str(p)]:.0f}" for p in PROMPTS) if r.get("ttft_graph_ms") else "-"
         dec = "/".join(f"{r['decode_ms'][str(c)]:.1f}" for c in CONTEXTS)
         share = "/".join(f"{f / r['decode_ms'][str(c)]:.0%}" for f, c in zip(floors, CONTEXTS, strict=True))
         bound = (r["weights_gb"] + kv_gb(r["layers"], FULL_CONTEXT)) * MEMORY_SLACK
         print(f"| {r['layers']} | {r['group']} | {r['accuracy']} | {r['lm_head']} | {r['bundle_gb']:.2f} | "
-              f"{r['export_s']:.0f} | {r['export_peak_rss_gb']:.2f} | {ttft} | {dec} | "
+              f"{r['export_s']:.0f} | {r['export_peak_rss_gb']:.2f} | {ttft} | {graph} | {dec} | "
               f"{'/'.join(f'{bw:.1f}' for bw in bandwidths)} | "
               f"{'/'.join(f'{f:.0f}' for f in floors)} | {share} | {r.get('load_peak_rss_gb', 0):.2f} / "
               f"{r['peak_rss_gb']:.2f} | {bound:.2f} |")
@@ -249,9 +257,13 @@ def report(rows: list[dict], bandwidth: float, plot: Path, chatglm_cpp: list[dic
     left.set_ylabel("ms / token")
     left.legend(fontsize=8)
     left.set_title("INT4 decode on full-width ChatGLM-6B shapes")
+    with_graph = all(r.get("ttft_graph_ms") for r in default)
     for p in PROMPTS:
         b, a = ttft[p]
-        right.plot(layers, (a + b * layers) / 1000, label=f"{p}-token prompt")
+        line = right.plot(layers, (a + b * layers) / 1000, label=f"{p}-token prompt")[0]
+        if with_graph:
+            b, a = np.polyfit(xs, [r["ttft_graph_ms"][str(p)] for r in default], 1)
+            right.plot(layers, (a + b * layers) / 1000, "--", color=line.get_color(), label=f"{p}, graph prefill")
     right.set_xlabel("layers")
     right.set_ylabel("time to first token (s)")
     right.legend(fontsize=8)
