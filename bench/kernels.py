@@ -5,13 +5,15 @@
 Decode reads every weight once per token, so its kernels should stream at the machine's read bandwidth; prefill
 multiplies a whole prompt, so its kernels should reach the cores' arithmetic peak. This times the kernels alone (random
 weights; the values do not change the speed) and prints, for decode (one row), the bytes/s each weight format streams
-at against the measured bandwidth, and for prefill (a 128-token prompt), the multiply-adds/s of the INT4 kernels next
-to fp32 SGEMM and int8 QGEMM, and the 28-layer prompt rate each rate would allow at most.
+at against the measured bandwidth, and for prefill (a 128-token prompt), the multiply-adds/s of the INT4 kernels
+(onnxruntime's and StreamChat's AVX2 prompt kernel) next to fp32 SGEMM and int8 QGEMM, and the 28-layer prompt rate
+each rate would allow at most.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -61,14 +63,28 @@ def qgemm(k: int, n: int) -> ort.InferenceSession:
     return session(nodes, {"W": weight}, TensorProto.INT32)
 
 
-def seconds(sess: ort.InferenceSession, rows: int, k: int, repeats: int) -> float:
-    """Median time of one call on a ``rows`` x ``k`` input, after a warm-up call."""
+def prompt_kernel(k: int, n: int, block: int) -> Callable[[np.ndarray], np.ndarray] | None:
+    """StreamChat's AVX2 INT4 prompt kernel on MatMulNBits weights, activations quantized per call like acc 4's."""
+    from appliance.kernels.prompt_kernels import Int4Weight, PromptKernels, load
+
+    if load() is None:
+        return None
+    rng = np.random.default_rng(0)
+    weight = Int4Weight(rng.integers(0, 256, size=(n, k // block, block // 2), dtype=np.uint8),
+                        rng.random((n, k // block), dtype=np.float32) * 0.01)
+    kernels = PromptKernels(load(), threads=2)
+    return lambda a: kernels.matmul(kernels.quantize(a, block), weight)
+
+
+def seconds(node: ort.InferenceSession | Callable[[np.ndarray], object], rows: int, k: int, repeats: int) -> float:
+    """Median time of one call (a session, or a function of the input) on a ``rows`` x ``k`` input, after a warm-up."""
+    run = node if callable(node) else (lambda a: node.run(None, {"A": a}))
     a = np.random.default_rng(1).standard_normal((rows, k), dtype=np.float32)
-    sess.run(None, {"A": a})
+    run(a)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        sess.run(None, {"A": a})
+        run(a)
         times.append(time.perf_counter() - start)
     return float(np.median(times))
 
@@ -101,6 +117,8 @@ def main() -> None:
                ("MatMulNBits int4, block 256, acc 4 (int8)", "0.52 B/weight", matmul_nbits([(HIDDEN, INNER)], 4, 256, 4)[0]),
                ("MatMul fp32 (MLAS SGEMM)", "4 B/weight", sgemm(HIDDEN, INNER)),
                ("MatMulInteger u8s8 (MLAS QGEMM)", "1 B/weight", qgemm(HIDDEN, INNER))]
+    if (kernel := prompt_kernel(HIDDEN, INNER, 128)) is not None:
+        prefill.insert(3, ("StreamChat prompt kernel, int4 block 128 (int8, AVX2)", "0.53 B/weight", kernel))
     for label, memory, sess in prefill:
         t = seconds(sess, PROMPT, HIDDEN, 5)
         rate = 2 * PROMPT * HIDDEN * INNER / t
