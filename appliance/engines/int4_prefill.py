@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import mmap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
 
 from appliance.chatglm_ops import ALPHA, MASK_FILL, apply_rotary, layer_norm, rotary_tables, softmax
 from appliance.errors import EngineError
 from appliance.kernels.prompt_kernels import Int4Weight, PromptKernels, load
 from appliance.model_config import ModelConfig
+
+if TYPE_CHECKING:
+    import onnx
 
 MIN_PROMPT = 16  # below this the graph's single pass over the weights wins (measured: docs/performance.md)
 QUERY_CHUNK = 128  # prompt rows per attention chunk: scores of [heads, 128, length] at a time
@@ -37,6 +39,9 @@ class BundleTensors:
     """The graph's initializers by name: inline ones decoded, external ones viewed in a read-only memory map."""
 
     def __init__(self, graph: Path, model: onnx.ModelProto) -> None:
+        import onnx
+        from onnx import numpy_helper
+
         self.inline, self.external = {}, {}
         for tensor in model.graph.initializer:
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
@@ -71,6 +76,8 @@ class BundleTensors:
 
 def _linear_attributes(model: onnx.ModelProto) -> dict[str, dict]:
     """MatMulNBits attributes by weight initializer name."""
+    import onnx
+
     found = {}
     for node in model.graph.node:
         if node.op_type == "MatMulNBits":
@@ -91,6 +98,8 @@ class Int4Prefill:
         lib = load()
         if lib is None:
             return None
+        import onnx  # only here: the rest of the runtime core does not need it
+
         model = onnx.load(str(graph), load_external_data=False)
         attributes = _linear_attributes(model)
         tensors = BundleTensors(graph, model)
