@@ -37,6 +37,9 @@ offline dpkg -i /tmp/streamchat.deb >/dev/null
 log "offline: self-test"
 offline streamchat --self-test | tee /tmp/streamchat-selftest.txt
 grep -q "^self-test ok" /tmp/streamchat-selftest.txt || fail "self-test"
+if grep -qw avx2 /proc/cpuinfo && [ "$(uname -m)" = x86_64 ]; then  # the package must carry the AVX2 prompt kernel
+  grep -q "prompt kernel loaded" /tmp/streamchat-selftest.txt || fail "the prompt kernel is missing from the package"
+fi
 log "offline: cold start of the window (offscreen)"
 offline env QT_QPA_PLATFORM=offscreen streamchat gui --demo --ready-exit 2>/dev/null | tee /tmp/streamchat-start.txt
 grep -q "window ready" /tmp/streamchat-start.txt || fail "window did not become ready"

@@ -265,6 +265,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 def cmd_self_test(args: argparse.Namespace) -> int:
     """Open the configured bundle (or the demo), stream a short answer, store and read it back, clean up."""
     from appliance.app import AppContext
+    from appliance.kernels import prompt_kernels
     from appliance.session import ChatSession
 
     app = AppContext.load()
@@ -276,7 +277,8 @@ def cmd_self_test(args: argparse.Namespace) -> int:
     stored = app.history.messages(session.conversation_id)
     ok = bool(answer) and [m.role for m in stored] == ["user", "assistant"] and stored[-1].text == answer
     app.history.delete(session.conversation_id)
-    print(f"self-test {'ok' if ok else 'FAILED'}: model {model.label}; answer {answer[:60]!r}; history {app.history.path}")
+    print(f"self-test {'ok' if ok else 'FAILED'}: model {model.label}; answer {answer[:60]!r}; history {app.history.path}; "
+          f"prompt kernel {prompt_kernels.status()}")
     return 0 if ok else 1
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from appliance.chatglm_ops import gelu
-from appliance.kernels.prompt_kernels import Int4Weight, PromptKernels, load
+from appliance.kernels.prompt_kernels import Int4Weight, PromptKernels, load, status
 from model_export.quantize import quantize_blockwise
 
 
@@ -22,7 +22,7 @@ def test_kernel_is_built_where_it_can_run():
     """On Linux x86-64 with AVX2 (every CI machine) the install must have compiled it, or prompts silently slow."""
     if not _avx2_linux():
         pytest.skip("the kernel is for x86-64 Linux with AVX2 and FMA")
-    assert load() is not None
+    assert load() is not None and status().startswith("loaded")
 
 
 needs_kernel = pytest.mark.skipif(load() is None, reason="INT4 kernel not built or no AVX2 on this CPU")

@@ -19,18 +19,27 @@ _P, _I = ctypes.c_void_p, ctypes.c_int
 
 
 @cache
-def load() -> ctypes.CDLL | None:
+def _load() -> tuple[ctypes.CDLL | None, str]:
     try:
         from appliance.kernels import _prompt_kernels
     except ImportError:
-        return None
+        return None, "not built (no C compiler at install time, or not x86-64 Linux); prompts run in onnxruntime"
     lib = ctypes.CDLL(_prompt_kernels.__file__)
     if not lib.sc_kernels_supported():
-        return None
+        return None, "this CPU has no AVX2/FMA; prompts run in onnxruntime"
     lib.sc_quantize_rows.argtypes = [_P, _I, _I, _I, _P, _P, _P]
     lib.sc_int4_gemm.argtypes = [_P, _P, _P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _P]
     lib.sc_gelu.argtypes = [_P, ctypes.c_size_t]
-    return lib
+    return lib, "loaded (AVX2 INT4 prompts)"
+
+
+def load() -> ctypes.CDLL | None:
+    """The kernels, or None where they cannot run here (``status()`` says why)."""
+    return _load()[0]
+
+
+def status() -> str:
+    return _load()[1]
 
 
 @dataclass(frozen=True)
