@@ -42,8 +42,9 @@ def gelu(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1.0 + np.tanh(0.7978845608028654 * x * (1.0 + 0.044715 * x * x)))
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = x - x.max(-1, keepdims=True)
-    np.exp(e, out=e)  # in place: a long prompt's scores are the largest temporaries of a layer
+def softmax(x: np.ndarray, in_place: bool = False) -> np.ndarray:
+    """Over the last axis; ``in_place`` overwrites ``x`` (a long prompt's scores are a layer's largest temporaries)."""
+    e = np.subtract(x, x.max(-1, keepdims=True), out=x if in_place else None)
+    np.exp(e, out=e)
     e /= e.sum(-1, keepdims=True)
     return e

@@ -93,3 +93,23 @@ def test_without_the_kernel_the_graph_prefills(bundles, tokenizer, monkeypatch):
     ids, layout = _prompt(tokenizer)
     logits = engine.start().prefill(np.array(ids), layout.position_ids(), layout.mask())
     assert logits.shape == (engine.config.vocab_size,) and np.isfinite(logits).all()
+
+
+@needs_kernel
+def test_row_chunks_change_nothing(bundles, tokenizer, monkeypatch):
+    """Long prompts go through the linear layers and attention a chunk of rows at a time; every row's arithmetic is
+    its own, so chunking must give the same cache and logits (up to numpy's float rounding of other shapes)."""
+    ids, layout = _prompt(tokenizer)
+
+    def prefill():
+        engine = _ort_engine(bundles["int4"], prompt_kernel=True)
+        logits = engine.start().prefill(np.array(ids), layout.position_ids(), layout.mask())
+        return logits, [c[0, :, :len(ids) - 1].copy() for c in engine.cache]
+
+    whole_logits, whole_cache = prefill()
+    monkeypatch.setattr(int4_prefill, "ROWS", 8)
+    monkeypatch.setattr(int4_prefill, "QUERY_CHUNK", 4)
+    chunked_logits, chunked_cache = prefill()
+    np.testing.assert_allclose(chunked_logits, whole_logits, rtol=1e-5, atol=1e-4)
+    for a, b in zip(chunked_cache, whole_cache, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 MIN_PROMPT = 16  # below this the graph's single pass over the weights wins (measured: docs/performance.md)
 QUERY_CHUNK = 128  # prompt rows per attention chunk: scores of [heads, 128, length] at a time
-MLP_ROWS = 512  # prompt rows per MLP chunk: the 4h activations of 512 rows are 32 MB
+ROWS = 512  # prompt rows per chunk of the linear layers: the 4h activations of 512 rows are 32 MB
 LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
 
@@ -68,10 +68,19 @@ class BundleTensors:
         count = int(np.prod(shape, dtype=np.int64))
         return np.frombuffer(self.map, dtype, count, offset).reshape(shape)
 
-    def release(self) -> None:
-        """Drop the mapped pages from this process (they stay in the page cache; a later read maps them again)."""
-        if self.map is not None and hasattr(mmap, "MADV_DONTNEED"):
+    def release(self, prefix: str = "") -> None:
+        """Drop the mapped pages of the tensors named ``prefix...`` (all by default) from this process: they stay in
+        the page cache, and a later read maps them again."""
+        if self.map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        if not prefix:
             self.map.madvise(mmap.MADV_DONTNEED)
+            return
+        for name, (offset, shape, dtype, _) in self.external.items():
+            if name.startswith(prefix):
+                start = offset - offset % mmap.PAGESIZE
+                end = min(len(self.map), offset + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+                self.map.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def _linear_attributes(model: onnx.ModelProto) -> dict[str, dict]:
@@ -122,70 +131,79 @@ class Int4Prefill:
     def run(self, ids: np.ndarray, position_ids: np.ndarray, mask: np.ndarray, cache: list[np.ndarray]) -> None:
         """ids [L], position_ids [2, L], mask [L, L] of the rows to compute; cache: the engine's buffers
         ``[1, heads, capacity, head_dim]`` in the graph's order (key, value per layer)."""
-        cfg = self.config
-        cos = [rotary_tables(position_ids[row], cfg.rotary_dim) for row in (0, 1)]
-        x = self._embed(ids)
+        tables = [rotary_tables(position_ids[row], self.config.rotary_dim) for row in (0, 1)]
+        x = self._embed(ids)  # the residual stream, updated in place layer after layer
         try:
-            for n in range(cfg.num_layers):
-                x = self._layer(n, x, cos, mask, cache[2 * n], cache[2 * n + 1])
-                self.tensors.release()
+            for n in range(self.config.num_layers):
+                self._layer(n, x, tables, mask, cache[2 * n], cache[2 * n + 1])
         finally:
             self.tensors.release()
 
-    def _weight(self, prefix: str) -> Int4Weight:
-        t = self.tensors
-        return Int4Weight(t[prefix + ".qweight"], t[prefix + ".scales"], t[prefix + ".bias"])
-
     def _linear(self, x: np.ndarray, prefix: str) -> np.ndarray:
-        weight = self._weight(prefix)
+        t = self.tensors
+        weight = Int4Weight(t[prefix + ".qweight"], t[prefix + ".scales"], t[prefix + ".bias"])
         return self.kernels.matmul(self.kernels.quantize(x, weight.group), weight)
 
     def _norm(self, x: np.ndarray, prefix: str) -> np.ndarray:
-        t = self.tensors
-        return layer_norm(x, t[prefix + ".weight"], t[prefix + ".bias"], self.config.layernorm_epsilon)
+        t, out = self.tensors, np.empty_like(x)
+        for rows in _chunks(len(x), ROWS):
+            out[rows] = layer_norm(x[rows], t[prefix + ".weight"], t[prefix + ".bias"], self.config.layernorm_epsilon)
+        return out
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         """Rows of the word embedding: its own table, or the quantized lm_head it is tied to."""
         t, hidden = self.tensors, self.config.hidden_size
         if "transformer.word_embeddings.weight" in t:
-            return np.asarray(t["transformer.word_embeddings.weight"][ids], dtype=np.float32)
+            return np.array(t["transformer.word_embeddings.weight"][ids], dtype=np.float32)
         codes = t["lm_head.qweight"][ids]  # [L, blocks, blob]
         if self.embedding_bits == 4:
             codes = np.stack([codes & 15, codes >> 4], axis=-1).reshape(*codes.shape[:2], -1)
         zero = 2 ** (self.embedding_bits - 1)
         values = (codes.astype(np.float32) - zero) * t["lm_head.scales"][ids][..., None]
-        return values.reshape(len(ids), -1)[:, :hidden]
+        return np.ascontiguousarray(values.reshape(len(ids), -1)[:, :hidden])
 
     def _layer(self, n: int, x: np.ndarray, tables: list, mask: np.ndarray, key_cache: np.ndarray,
-               value_cache: np.ndarray) -> np.ndarray:
+               value_cache: np.ndarray) -> None:
+        """One block on the residual stream ``x`` [L, hidden], in place; the linear layers take ROWS rows at a time
+        and each matrix's mapped pages are dropped once it is done, so a long prompt's temporaries stay ~33 MB each."""
         cfg, p = self.config, f"transformer.layers.{n}."
         length, heads, hd, rd = len(x), cfg.num_heads, cfg.head_dim, cfg.rotary_dim
         ln1 = self._norm(x, p + "input_layernorm")
-        qkv = self._linear(ln1, p + "attention.query_key_value").reshape(1, length, heads, 3 * hd)
-        q, k, v = np.split(qkv, 3, axis=-1)
-        (cos0, sin0), (cos1, sin1) = ((c[None], s[None]) for c, s in tables)
-        q, k = (np.concatenate([apply_rotary(t[..., :rd], cos0, sin0), apply_rotary(t[..., rd:], cos1, sin1)], axis=-1)[0]
-                for t in (q, k))
-        v = v[0]
-        key_cache[0, :, :length] = k.transpose(1, 0, 2)
-        value_cache[0, :, :length] = v.transpose(1, 0, 2)
-        context = self._attention(q, key_cache[0, :, :length], value_cache[0, :, :length], mask)
-        h = ln1 * ALPHA + self._linear(context, p + "attention.dense")
-        ln2 = self._norm(h, p + "post_attention_layernorm")
-        out = np.empty_like(ln2)
-        for r in range(0, length, MLP_ROWS):
-            up = self.kernels.gelu(self._linear(ln2[r:r + MLP_ROWS], p + "mlp.dense_h_to_4h"))
-            out[r:r + MLP_ROWS] = ln2[r:r + MLP_ROWS] * ALPHA + self._linear(up, p + "mlp.dense_4h_to_h")
-        return out
+        queries = np.empty((heads, length, hd), np.float32)
+        for rows in _chunks(length, ROWS):
+            qkv = self._linear(ln1[rows], p + "attention.query_key_value").reshape(1, -1, heads, 3 * hd)
+            q, k, v = np.split(qkv, 3, axis=-1)
+            (cos0, sin0), (cos1, sin1) = ((c[None, rows], s[None, rows]) for c, s in tables)
+            q, k = (np.concatenate([apply_rotary(t[..., :rd], cos0, sin0), apply_rotary(t[..., rd:], cos1, sin1)],
+                                   axis=-1)[0] for t in (q, k))
+            queries[:, rows] = q.transpose(1, 0, 2) * np.float32(1 / np.sqrt(hd))
+            key_cache[0, :, rows] = k.transpose(1, 0, 2)
+            value_cache[0, :, rows] = v[0].transpose(1, 0, 2)
+        self.tensors.release(p + "attention.query_key_value")
+        context = self._attention(queries, key_cache[0, :, :length], value_cache[0, :, :length], mask)
+        del queries
+        for rows in _chunks(length, ROWS):
+            x[rows] = ln1[rows] * ALPHA + self._linear(context[rows], p + "attention.dense")
+        del ln1, context
+        self.tensors.release(p + "attention.dense")
+        ln2 = self._norm(x, p + "post_attention_layernorm")
+        for rows in _chunks(length, ROWS):
+            up = self.kernels.gelu(self._linear(ln2[rows], p + "mlp.dense_h_to_4h"))
+            x[rows] = ln2[rows] * ALPHA + self._linear(up, p + "mlp.dense_4h_to_h")
+        self.tensors.release()
 
-    def _attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """q [L, heads, hd]; keys/values [heads, L, hd] -> context [L, hidden], QUERY_CHUNK queries at a time."""
-        length = len(q)
-        queries = q.transpose(1, 0, 2) * np.float32(1 / np.sqrt(self.config.head_dim))  # [heads, L, hd]
+    def _attention(self, queries: np.ndarray, keys: np.ndarray, values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """queries [heads, L, hd] (already scaled by 1/sqrt(hd)); keys/values [heads, L, hd] -> context [L, hidden],
+        QUERY_CHUNK queries at a time."""
+        length = queries.shape[1]
         context = np.empty((length, self.config.hidden_size), np.float32)
-        for r in range(0, length, QUERY_CHUNK):
-            scores = queries[:, r:r + QUERY_CHUNK] @ keys.transpose(0, 2, 1)  # [heads, chunk, L]
-            np.copyto(scores, np.float32(MASK_FILL), where=mask[None, r:r + QUERY_CHUNK])
-            chunk = softmax(scores) @ values  # [heads, chunk, hd]
-            context[r:r + QUERY_CHUNK] = chunk.transpose(1, 0, 2).reshape(chunk.shape[1], -1)
+        for rows in _chunks(length, QUERY_CHUNK):
+            scores = queries[:, rows] @ keys.transpose(0, 2, 1)  # [heads, chunk, L]
+            np.copyto(scores, np.float32(MASK_FILL), where=mask[None, rows])
+            chunk = softmax(scores, in_place=True) @ values  # [heads, chunk, hd]
+            context[rows] = chunk.transpose(1, 0, 2).reshape(chunk.shape[1], -1)
         return context
+
+
+def _chunks(length: int, size: int) -> list[slice]:
+    return [slice(r, min(r + size, length)) for r in range(0, length, size)]

@@ -7,6 +7,7 @@ prefill. The kernel runs with the GIL released, so a small thread pool splits th
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
@@ -103,8 +104,12 @@ class PromptKernels:
         codes = _aligned(padded * k, np.int8)
         scales = np.empty((padded, k // group), np.float32)
         offsets = np.empty_like(scales)
-        self.lib.sc_quantize_rows(x.ctypes.data, padded, k, group, codes.ctypes.data, scales.ctypes.data,
-                                         offsets.ctypes.data)
+
+        def run(first: int, end: int, _part: int) -> None:  # whole tiles: rows first.. have codes from first * k on
+            self.lib.sc_quantize_rows(x[first].ctypes.data, end - first, k, group, codes[first * k:].ctypes.data,
+                                      scales[first].ctypes.data, offsets[first].ctypes.data)
+
+        self._parallel(run, padded, ROWS_PER_TILE)
         return QuantizedRows(codes, scales, offsets, rows, group)
 
     def matmul(self, x: QuantizedRows, weight: Int4Weight) -> np.ndarray:
@@ -118,24 +123,30 @@ class PromptKernels:
         y = np.empty((padded, n), np.float32)
         packed = np.ascontiguousarray(weight.packed)
         scales = np.ascontiguousarray(weight.scales, dtype=np.float32)
-        panels = n // COLUMNS_PER_PANEL
-        parts = min(self.threads, panels)
-        bounds = [COLUMNS_PER_PANEL * (panels * i // parts) for i in range(parts + 1)]
-        scratch = self._scratch(weight.k, weight.group, parts)
+        scratch = self._scratch(weight.k, weight.group)
 
-        def run(i: int) -> None:
+        def run(first: int, end: int, part: int) -> None:
             self.lib.sc_int4_gemm(x.codes.ctypes.data, x.scales.ctypes.data, x.offsets.ctypes.data, padded, weight.k,
-                               weight.group, packed.ctypes.data, scales.ctypes.data, y.ctypes.data, n, bounds[i],
-                               bounds[i + 1], scratch[i].ctypes.data)
+                                  weight.group, packed.ctypes.data, scales.ctypes.data, y.ctypes.data, n, first, end,
+                                  scratch[part].ctypes.data)
 
-        if self.pool is None or parts == 1:
-            run(0)
-        else:
-            list(self.pool.map(run, range(parts)))
+        self._parallel(run, n, COLUMNS_PER_PANEL)
         y = y[:x.rows]
         if weight.bias is not None:
             y += weight.bias
         return y
+
+    def _parallel(self, run: Callable[[int, int, int], None], total: int, unit: int) -> None:
+        """``run(first, end, part)`` over ``total`` items split into one range per thread, in whole ``unit``s."""
+        units = total // unit
+        parts = max(1, min(self.threads, units))
+        bounds = [unit * (units * i // parts) for i in range(parts + 1)]
+        calls = [(bounds[i], bounds[i + 1], i) for i in range(parts)]
+        if self.pool is None or parts == 1:
+            for call in calls:
+                run(*call)
+        else:
+            list(self.pool.map(lambda call: run(*call), calls))
 
     def gelu(self, x: np.ndarray) -> np.ndarray:
         """tanh GELU of a C-contiguous float32 array, in place (returned for chaining)."""
@@ -144,9 +155,9 @@ class PromptKernels:
         self.lib.sc_gelu(x.ctypes.data, x.size)
         return x
 
-    def _scratch(self, k: int, group: int, parts: int) -> list[np.ndarray]:
+    def _scratch(self, k: int, group: int) -> list[np.ndarray]:
         key = (k, group)
         if key not in self.scratch:
             nbytes = k * COLUMNS_PER_PANEL + 4 * (k // group) * COLUMNS_PER_PANEL
             self.scratch[key] = [_aligned(nbytes) for _ in range(self.threads)]
-        return self.scratch[key][:parts]
+        return self.scratch[key]
