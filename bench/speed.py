@@ -56,7 +56,8 @@ def read_bandwidth_gbs(size_mb: int = 1024, threads: int = 2, repeats: int = 5) 
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    """This process's peak resident set in 1e9 bytes (ru_maxrss is in KiB on Linux), the unit of the memory bound."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 def child_export(checkpoint: str, out: str, group: int, accuracy: int, embeddings: str) -> None:
