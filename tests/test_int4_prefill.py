@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -11,9 +13,12 @@ from appliance.engines.int4_prefill import MIN_PROMPT, Int4Prefill
 from appliance.engines.residency import file_mappings
 from appliance.kernels.prompt_kernels import load
 from appliance.positions import layout_of
+from model_export.export import ExportError, export_bundle
+from model_export.verify import PROMPT_KERNEL_MIN_COSINE
+from model_export.verify import PROMPT_KERNEL_PROMPT as PROMPT
+from tests.conftest import TINY
 
 needs_kernel = pytest.mark.skipif(load() is None, reason="INT4 kernel not built or no AVX2 on this CPU")
-PROMPT = "StreamChat 是一个离线聊天设备。请用三句话介绍一下你自己，并说明如何在没有网络的机器上安装它。"
 
 
 def _engine(bundles, quant: str):
@@ -113,3 +118,15 @@ def test_row_chunks_change_nothing(bundles, tokenizer, monkeypatch):
     np.testing.assert_allclose(chunked_logits, whole_logits, rtol=1e-5, atol=1e-4)
     for a, b in zip(chunked_cache, whole_cache, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_export_verifies_the_prompt_kernel_too(bundles, tmp_path, monkeypatch):
+    reports = {q: json.loads((bundles[q] / "verify_report.json").read_text()) for q in ("int4", "fp32")}
+    assert reports["int4"]["prompt_kernel_cosine"] >= PROMPT_KERNEL_MIN_COSINE
+    assert reports["fp32"]["prompt_kernel_cosine"] is None  # its prompts never run on the kernel
+    # a kernel that forgot GELU agrees with the reference's decode steps but not with the graph's prefill
+    monkeypatch.setattr(int4_prefill.PromptKernels, "gelu", lambda self, x: x)
+    with pytest.raises(ExportError, match="verification failed.*prompt kernel vs graph prefill cosine"):
+        export_bundle(TINY, tmp_path / "b", quant="int4")
+    assert not (tmp_path / "b").exists()
