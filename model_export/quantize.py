@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from appliance.kernels.prompt_kernels import unpack_codes
+
 WEIGHT_QUANTS = ("int4", "int8", "fp16", "fp32")
 GROUP_SIZES = (32, 64, 128, 256)
 BITS = {"int4": 4, "int8": 8}
@@ -43,14 +45,6 @@ class BlockQuantized:
 def effective_group(k: int, group_size: int) -> int:
     """The group size used for a matrix with ``k`` inputs: a group wider than K would only store padding."""
     return min(group_size, max(16, 1 << (k.bit_length() - 1)))
-
-
-def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
-    """uint8 codes [..., blocks, group] from packed bytes [..., blocks, blob]."""
-    if bits == 8:
-        return packed
-    low, high = packed & 0x0F, packed >> 4
-    return np.stack([low, high], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
 def quantize_blockwise(weight: np.ndarray, bits: int, group_size: int) -> BlockQuantized:

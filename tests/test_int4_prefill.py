@@ -21,15 +21,8 @@ from tests.conftest import TINY
 needs_kernel = pytest.mark.skipif(load() is None, reason="INT4 kernel not built or no AVX2 on this CPU")
 
 
-def _engine(bundles, quant: str):
-    return Bundle.open(bundles[quant]).engine()
-
-
-def _ort_engine(path, prompt_kernel: bool):
-    from appliance.engines.onnxruntime import OrtEngine
-
-    bundle = Bundle.open(path)
-    return OrtEngine(bundle.path / bundle.manifest["graphs"]["decoder"], bundle.config, 256, prompt_kernel=prompt_kernel)
+def _engine(bundles, quant: str = "int4", prompt_kernel: bool = True):
+    return Bundle.open(bundles[quant]).engine(prompt_kernel=prompt_kernel)
 
 
 def _prompt(tokenizer):
@@ -53,7 +46,7 @@ def test_only_int4_bundles_take_the_kernel_path(bundles):
 def test_kernel_prefill_gives_the_graphs_cache_logits_and_answer(bundles, tokenizer):
     ids, layout = _prompt(tokenizer)
     assert len(ids) >= MIN_PROMPT
-    engines = [_ort_engine(bundles["int4"], prompt_kernel=k) for k in (True, False)]
+    engines = [_engine(bundles, prompt_kernel=k) for k in (True, False)]
     assert engines[0].prompts is not None and engines[1].prompts is None
     sequences = [e.start() for e in engines]
     logits = [s.prefill(np.array(ids), layout.position_ids(), layout.mask()) for s in sequences]
@@ -107,7 +100,7 @@ def test_row_chunks_change_nothing(bundles, tokenizer, monkeypatch):
     ids, layout = _prompt(tokenizer)
 
     def prefill():
-        engine = _ort_engine(bundles["int4"], prompt_kernel=True)
+        engine = _engine(bundles)
         logits = engine.start().prefill(np.array(ids), layout.position_ids(), layout.mask())
         return logits, [c[0, :, :len(ids) - 1].copy() for c in engine.cache]
 

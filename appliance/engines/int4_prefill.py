@@ -1,11 +1,11 @@
 """Prompts of INT4 ``cpu`` bundles on the AVX2 kernel, with the decode graph taking over for the last token.
 
 Why: a prompt is arithmetic-bound, and onnxruntime's INT4 kernel multiplies 128 prompt rows at 120-170 GFLOP/s on an
-AVX2 CPU; ``appliance/kernels/prompt_kernels.c`` reaches 190-260 on the same weights (docs/performance.md).
+AVX2 CPU; ``appliance/kernels/prompt_kernels.c`` reaches 250-320 on the same weights (docs/performance.md).
 
 How: the layers run here in numpy around the kernel, on the same MatMulNBits codes and scales the graph holds, read
-from the bundle's data file through a memory map whose pages are dropped after each layer (the weights then live in
-the page cache, not in this process: peak RSS grows by one layer). Keys and values go straight into the engine's KV
+from the bundle's data file through a memory map whose pages are dropped after each matrix (the weights then live in
+the page cache, not in this process: peak RSS grows by one matrix). Keys and values go straight into the engine's KV
 cache. Every prompt row but the last is computed here; the last token is then an ordinary decode step of the graph,
 which attends to the whole cache and yields the logits. That split is exact for ChatGLM's prefix mask whenever the
 last row attends to every position and no earlier row attends to the last one, as for every prompt ending in
@@ -23,7 +23,7 @@ import numpy as np
 
 from appliance.chatglm_ops import ALPHA, MASK_FILL, apply_rotary, layer_norm, rotary_tables, softmax
 from appliance.errors import EngineError
-from appliance.kernels.prompt_kernels import Int4Weight, PromptKernels, load
+from appliance.kernels.prompt_kernels import Int4Weight, PromptKernels, load, unpack_codes
 from appliance.model_config import ModelConfig
 
 if TYPE_CHECKING:
@@ -42,15 +42,15 @@ class BundleTensors:
         import onnx
         from onnx import numpy_helper
 
-        self.inline, self.external = {}, {}
+        self.inline, self.external, locations = {}, {}, set()
         for tensor in model.graph.initializer:
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 info = {entry.key: entry.value for entry in tensor.external_data}
                 dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-                self.external[tensor.name] = (int(info.get("offset", 0)), tuple(tensor.dims), dtype, info["location"])
+                self.external[tensor.name] = (int(info.get("offset", 0)), tuple(tensor.dims), dtype)
+                locations.add(info["location"])
             else:
                 self.inline[tensor.name] = numpy_helper.to_array(tensor)
-        locations = {entry[3] for entry in self.external.values()}
         if len(locations) > 1:
             raise EngineError(f"{graph.name} spreads its weights over {len(locations)} files; expected one")
         self.map = None
@@ -64,9 +64,8 @@ class BundleTensors:
     def __getitem__(self, name: str) -> np.ndarray:
         if name in self.inline:
             return self.inline[name]
-        offset, shape, dtype, _ = self.external[name]
-        count = int(np.prod(shape, dtype=np.int64))
-        return np.frombuffer(self.map, dtype, count, offset).reshape(shape)
+        offset, shape, dtype = self.external[name]
+        return np.frombuffer(self.map, dtype, int(np.prod(shape, dtype=np.int64)), offset).reshape(shape)
 
     def release(self, prefix: str = "") -> None:
         """Drop the mapped pages of the tensors named ``prefix...`` (all by default) from this process: they stay in
@@ -76,11 +75,14 @@ class BundleTensors:
         if not prefix:
             self.map.madvise(mmap.MADV_DONTNEED)
             return
-        for name, (offset, shape, dtype, _) in self.external.items():
+        for name, (offset, _, _) in self.external.items():
             if name.startswith(prefix):
                 start = offset - offset % mmap.PAGESIZE
-                end = min(len(self.map), offset + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
-                self.map.madvise(mmap.MADV_DONTNEED, start, end - start)
+                self.map.madvise(mmap.MADV_DONTNEED, start, offset + self[name].nbytes - start)
+
+
+def _int4_weight(tensors: BundleTensors, prefix: str) -> Int4Weight:
+    return Int4Weight(tensors[prefix + ".qweight"], tensors[prefix + ".scales"], tensors[prefix + ".bias"])
 
 
 def _linear_attributes(model: onnx.ModelProto) -> dict[str, dict]:
@@ -114,11 +116,12 @@ class Int4Prefill:
         tensors = BundleTensors(graph, model)
         for n in range(config.num_layers):
             for linear in LINEARS:
-                attrs = attributes.get(f"transformer.layers.{n}.{linear}.qweight")
+                prefix = f"transformer.layers.{n}.{linear}"
+                attrs = attributes.get(prefix + ".qweight")
                 if attrs is None or attrs.get("bits") != 4 or attrs.get("accuracy_level") != 4:
                     return None
-                weight = tensors[f"transformer.layers.{n}.{linear}.qweight"]
-                if attrs["K"] != weight.shape[1] * weight.shape[2] * 2 or not Int4Weight(weight, weight).supported():
+                weight = _int4_weight(tensors, prefix)
+                if weight.k != attrs["K"] or not weight.supported():  # no padded groups, shapes the kernel takes
                     return None
         head = attributes.get("lm_head.qweight", {})
         return cls(config, tensors, PromptKernels(lib, threads), int(head.get("bits", 0)))
@@ -140,8 +143,7 @@ class Int4Prefill:
             self.tensors.release()
 
     def _linear(self, x: np.ndarray, prefix: str) -> np.ndarray:
-        t = self.tensors
-        weight = Int4Weight(t[prefix + ".qweight"], t[prefix + ".scales"], t[prefix + ".bias"])
+        weight = _int4_weight(self.tensors, prefix)
         return self.kernels.matmul(self.kernels.quantize(x, weight.group), weight)
 
     def _norm(self, x: np.ndarray, prefix: str) -> np.ndarray:
@@ -155,9 +157,7 @@ class Int4Prefill:
         t, hidden = self.tensors, self.config.hidden_size
         if "transformer.word_embeddings.weight" in t:
             return np.array(t["transformer.word_embeddings.weight"][ids], dtype=np.float32)
-        codes = t["lm_head.qweight"][ids]  # [L, blocks, blob]
-        if self.embedding_bits == 4:
-            codes = np.stack([codes & 15, codes >> 4], axis=-1).reshape(*codes.shape[:2], -1)
+        codes = unpack_codes(t["lm_head.qweight"][ids], self.embedding_bits)  # [L, blocks, group]
         zero = 2 ** (self.embedding_bits - 1)
         values = (codes.astype(np.float32) - zero) * t["lm_head.scales"][ids][..., None]
         return np.ascontiguousarray(values.reshape(len(ids), -1)[:, :hidden])

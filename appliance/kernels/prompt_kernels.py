@@ -43,6 +43,14 @@ def status() -> str:
     return _load()[1]
 
 
+def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes [..., blocks, group] from MatMulNBits bytes [..., blocks, blob] (INT4: low nibble first)."""
+    if bits == 8:
+        return packed
+    low, high = packed & 0x0F, packed >> 4
+    return np.stack([low, high], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
 @dataclass(frozen=True)
 class Int4Weight:
     """One MatMulNBits matrix: ``packed`` uint8 [N, blocks, group/2] (codes 0..15, zero point 8), ``scales``
