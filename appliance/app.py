@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.folders import config_dir, data_dir
 from appliance.history import History
 from appliance.safety import DEFAULT_LIST, AuditLog, RuleSet
-from appliance.settings import Settings, config_dir, data_dir, load_settings
+from appliance.settings import Settings, load_settings
 
 
 def safety_lists(settings_dir: Path) -> list[Path]:

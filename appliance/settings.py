@@ -1,28 +1,19 @@
-"""Typed, validated settings in one JSON file, and where StreamChat keeps its files.
-
-Locations, most specific first:
-- ``STREAMCHAT_PORTABLE=DIR`` or a ``portable.txt`` beside the frozen app: config and data both live in that folder
-  (USB-stick field deployments);
-- ``STREAMCHAT_CONFIG_DIR`` / ``STREAMCHAT_DATA_DIR`` override the two folders separately;
-- the ``data_dir`` setting moves the data folder;
-- otherwise appdirs' user config and data folders.
-"""
+"""Typed, validated settings in one JSON file (in ``appliance.folders.config_dir()``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from appliance.errors import StreamChatError
+from appliance.folders import config_dir
 from appliance.generation import GenerationConfig
 
 SETTINGS_FILE = "settings.json"
-APP = "streamchat"
 
 
 class SettingsError(StreamChatError):
@@ -105,41 +96,6 @@ def _build(cls, raw: Any, prefix: str, source: str):
             raise SettingsError(f"{source}: {key} must be between {_RANGES[key][0]} and {_RANGES[key][1]}, got {value!r}")
         values[name] = value
     return cls(**values)
-
-
-def portable_root() -> Path | None:
-    env = os.environ.get("STREAMCHAT_PORTABLE")
-    if env:
-        return Path(env)
-    if getattr(sys, "frozen", False):
-        beside = Path(sys.executable).resolve().parent
-        if (beside / "portable.txt").exists():
-            return beside
-    return None
-
-
-def config_dir() -> Path:
-    if os.environ.get("STREAMCHAT_CONFIG_DIR"):
-        return Path(os.environ["STREAMCHAT_CONFIG_DIR"])
-    root = portable_root()
-    if root is not None:
-        return root / "config"
-    import appdirs
-
-    return Path(appdirs.user_config_dir(APP, appauthor=False))
-
-
-def data_dir(settings: Settings | None = None) -> Path:
-    if os.environ.get("STREAMCHAT_DATA_DIR"):
-        return Path(os.environ["STREAMCHAT_DATA_DIR"])
-    if settings is not None and settings.data_dir:
-        return Path(settings.data_dir).expanduser()
-    root = portable_root()
-    if root is not None:
-        return root / "data"
-    import appdirs
-
-    return Path(appdirs.user_data_dir(APP, appauthor=False))
 
 
 def load_settings(path: Path | None = None) -> Settings:

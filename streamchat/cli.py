@@ -1,9 +1,15 @@
-"""The ``streamchat`` command: generate, chat, export, verify. Errors are one line on stderr and exit code 2."""
+"""The ``streamchat`` command: generate, chat, export, verify, history, bundle, gui.
+
+Errors are one line on stderr: exit code 2 for bad input or too little memory, 1 for a bug (whose traceback goes to a
+crash log, see ``appliance.crash``). The runtime (numpy, onnxruntime) is imported only when a command runs, inside
+that error path, so even a machine that cannot load it gets one line instead of a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import shutil
 import sys
@@ -11,13 +17,19 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from appliance import crash
 from appliance.errors import StreamChatError
-from appliance.generation import GenerationConfig, GenerationResult, StreamGenerator
-from appliance.prompt import Turn, plan_prompt
-from streamchat.models import LoadedModel, load_model
+
+if TYPE_CHECKING:
+    from appliance.generation import GenerationConfig, GenerationResult
+    from appliance.prompt import Turn
+    from streamchat.models import LoadedModel
 
 EXIT_USAGE = 2
+EXIT_BUG = 1
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a program ended by SIGPIPE
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +44,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_generation_args(parser: argparse.ArgumentParser) -> None:
+    from appliance.generation import GenerationConfig
+
     defaults = GenerationConfig()
     parser.add_argument("--greedy", action="store_true", help="always take the most likely token")
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
@@ -43,6 +57,8 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _generation_config(args: argparse.Namespace) -> GenerationConfig:
+    from appliance.generation import GenerationConfig
+
     return GenerationConfig(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
                             seed=args.seed)
@@ -64,6 +80,9 @@ def read_history(path: Path) -> list[Turn]:
 
 def _answer(model: LoadedModel, query: str, history: list[Turn], config: GenerationConfig,
             on_delta: Callable[[str], None], cancel: threading.Event | None = None) -> GenerationResult:
+    from appliance.generation import GenerationResult, StreamGenerator
+    from appliance.prompt import plan_prompt
+
     plan = plan_prompt(model.tokenizer, query, history, model.engine.max_context, config.max_new_tokens)
     for note in plan.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -74,6 +93,8 @@ def _answer(model: LoadedModel, query: str, history: list[Turn], config: Generat
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from streamchat.models import load_model
+
     config = _generation_config(args)
     history = read_history(args.history) if args.history else []
     model = load_model(checkpoint=args.checkpoint, bundle=args.bundle, threads=args.threads, demo=args.demo,
@@ -125,6 +146,7 @@ def _stream_interruptibly(run: Callable[[Callable[[str], None], threading.Event]
 def cmd_chat(args: argparse.Namespace) -> int:
     from appliance.app import AppContext
     from appliance.session import ChatSession
+    from streamchat.models import load_model
 
     app = AppContext.load()
     model = load_model(checkpoint=args.checkpoint, bundle=args.bundle, threads=args.threads, demo=args.demo,
@@ -254,7 +276,8 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         out = (bundle_package.pack_deb if args.format == "deb" else bundle_package.pack)(args.bundle, args.out)
         print(f"packed {args.bundle} into {out} ({out.stat().st_size / 1e6:.1f} MB)")
     else:
-        from appliance.settings import data_dir, load_settings
+        from appliance.folders import data_dir
+        from appliance.settings import load_settings
 
         into = args.into or data_dir(load_settings()) / "bundles"
         installed = bundle_package.install(args.file, into)
@@ -267,6 +290,7 @@ def cmd_self_test(args: argparse.Namespace) -> int:
     from appliance.app import AppContext
     from appliance.kernels import prompt_kernels
     from appliance.session import ChatSession
+    from streamchat.models import load_model
 
     app = AppContext.load()
     configured = Path(app.settings.model_bundle) if app.settings.model_bundle else None
@@ -364,21 +388,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--self-test"]:
         argv = ["self-test", *argv[1:]]
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        args = parser.parse_args(["gui", *argv])
+    doing = "starting"
     try:
+        crash.check_address_space()
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            args = parser.parse_args(["gui", *argv])
+        doing = f"running `streamchat {args.command or 'gui'}`"
         return args.func(args)
-    except StreamChatError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`streamchat history list | head -1`): stop quietly, as `cat` would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush cannot fail again
+        return EXIT_BROKEN_PIPE
+    except Exception as exc:
+        print(f"error: {crash.one_line(exc, doing)}", file=sys.stderr)
+        return EXIT_USAGE if crash.expected(exc) else EXIT_BUG
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ def load_model(checkpoint: Path | None = None, bundle: Path | None = None, threa
     """``threads`` None = the machine's physical cores (bundles only; the reference uses numpy's BLAS threads);
     ``context`` caps the context window (and so the KV cache) of a cpu bundle."""
     if demo:
-        from appliance.settings import data_dir, load_settings
+        from appliance.folders import data_dir
+        from appliance.settings import load_settings
 
         bundle = demo_bundle(data or data_dir(load_settings()), quiet=quiet)
     if checkpoint is not None:

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from appliance.settings import Settings, SettingsError, config_dir, data_dir, load_settings, save_settings
+from appliance.folders import config_dir, data_dir
+from appliance.settings import Settings, SettingsError, load_settings, save_settings
 
 
 def test_defaults_when_missing_and_round_trip(tmp_path):

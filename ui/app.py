@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from appliance import crash
 from appliance.app import AppContext
 
 
@@ -25,6 +26,27 @@ def model_loader(app: AppContext, bundle: Path | None, demo: bool):
     return load
 
 
+def install_crash_dialog() -> None:
+    """A bug in a slot of the GUI thread shows its one line in a dialog (the traceback goes to the crash log) instead of
+    a traceback on a console that a desktop or kiosk user never sees; the window keeps running."""
+    from PySide6.QtCore import QThread
+    from PySide6.QtWidgets import QApplication, QMessageBox
+
+    shown: list[QMessageBox] = []  # Python must hold a parentless dialog, or it is collected before it is seen
+
+    def report(exc_type, exc, tb) -> None:
+        line = crash.one_line(exc, "running the window")
+        print(f"error: {line}", file=sys.stderr)
+        qt = QApplication.instance()
+        if qt is not None and QThread.currentThread() == qt.thread():
+            box = QMessageBox(QMessageBox.Critical, "StreamChat", line, QMessageBox.Ok, qt.activeWindow())
+            box.finished.connect(lambda _result, box=box: shown.remove(box))
+            shown.append(box)
+            box.open()
+
+    sys.excepthook = report
+
+
 def run(bundle: Path | None = None, kiosk: bool = False, demo: bool = False, argv: list[str] | None = None,
         ready_exit: bool = False) -> int:
     """``ready_exit``: quit as soon as the model is loaded, printing the cold-start time (installer smoke tests)."""
@@ -38,6 +60,7 @@ def run(bundle: Path | None = None, kiosk: bool = False, demo: bool = False, arg
 
     qt = QApplication.instance() or QApplication(argv or sys.argv[:1])
     qt.setApplicationName("StreamChat")
+    install_crash_dialog()
     app = AppContext.load()
     translator = translator_for(app.settings.language)
     if translator is not None:

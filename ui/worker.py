@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import threading
 import time
-import traceback
 
 from PySide6.QtCore import QObject, Signal, Slot
 
+from appliance import crash
 from appliance.app import AppContext
-from appliance.errors import StreamChatError
 from appliance.session import ChatSession, TurnResult
 
 
@@ -45,11 +44,8 @@ class ChatWorker(QObject):
                                        self.app.rules, self.app.audit, model.label)
             self.session.open(conversation)
             self.loaded.emit(model.label, model.summary)
-        except StreamChatError as exc:
-            self.failed.emit(str(exc))
         except Exception as exc:  # engine crashes must reach the window, not kill the thread
-            traceback.print_exc()
-            self.failed.emit(f"the model could not be loaded: {exc}")
+            self.failed.emit(crash.one_line(exc, "loading the model"))
 
     def stop(self) -> None:
         """Called from the GUI thread: the answer ends before its next token."""
@@ -76,12 +72,9 @@ class ChatWorker(QObject):
                 self.delta.emit(piece)
             self.first_token_s = first or 0.0
             self.finished.emit(self.session.last)
-        except StreamChatError as exc:
-            self.failed.emit(str(exc))
-            self.finished.emit(self.session.last or TurnResult(stopped="error"))
-        except Exception as exc:
-            traceback.print_exc()
-            self.failed.emit(f"the engine failed: {exc}. The conversation is kept; the model will be reloaded.")
+        except Exception as exc:  # the conversation is kept; the window shows the line (a kiosk reloads the model)
+            line = crash.one_line(exc, "answering")
+            self.failed.emit(line if crash.expected(exc) else f"{line}. The conversation is kept.")
             self.finished.emit(self.session.last or TurnResult(stopped="error"))
         finally:
             self.busy.release()

@@ -1,0 +1,58 @@
+"""Where StreamChat keeps its files: config, data and cache folders (standard library only).
+
+Locations, most specific first:
+- ``STREAMCHAT_PORTABLE=DIR`` or a ``portable.txt`` beside the frozen app: all three live in that folder (USB-stick
+  field deployments);
+- ``STREAMCHAT_CONFIG_DIR`` / ``STREAMCHAT_DATA_DIR`` / ``STREAMCHAT_CACHE_DIR`` override one folder each;
+- the ``data_dir`` setting moves the data folder;
+- otherwise appdirs' user config, data and cache folders.
+
+This module imports nothing heavy, so the crash log can find its folder even when numpy could not be loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+APP = "streamchat"
+
+
+def portable_root() -> Path | None:
+    env = os.environ.get("STREAMCHAT_PORTABLE")
+    if env:
+        return Path(env)
+    if getattr(sys, "frozen", False):
+        beside = Path(sys.executable).resolve().parent
+        if (beside / "portable.txt").exists():
+            return beside
+    return None
+
+
+def _folder(env: str, portable: str, appdirs_function: str) -> Path:
+    if os.environ.get(env):
+        return Path(os.environ[env])
+    root = portable_root()
+    if root is not None:
+        return root / portable
+    import appdirs
+
+    return Path(getattr(appdirs, appdirs_function)(APP, appauthor=False))
+
+
+def config_dir() -> Path:
+    return _folder("STREAMCHAT_CONFIG_DIR", "config", "user_config_dir")
+
+
+def data_dir(settings: Any = None) -> Path:
+    """``settings``: an ``appliance.settings.Settings`` whose ``data_dir`` moves the folder when set."""
+    if not os.environ.get("STREAMCHAT_DATA_DIR") and settings is not None and settings.data_dir:
+        return Path(settings.data_dir).expanduser()
+    return _folder("STREAMCHAT_DATA_DIR", "data", "user_data_dir")
+
+
+def cache_dir() -> Path:
+    """Verification results, converted models and crash logs: anything that can be rebuilt or thrown away."""
+    return _folder("STREAMCHAT_CACHE_DIR", "cache", "user_cache_dir")

@@ -1,0 +1,90 @@
+"""One error path: every failure is one line on stderr (exit 2 for bad input and too little memory, 1 for a bug whose
+traceback lands in a crash log); the window shows the line in a dialog."""
+
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance import crash
+from appliance.errors import BundleError
+from streamchat import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _limited(megabytes: int):
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (megabytes << 20, megabytes << 20))
+    return apply
+
+
+@pytest.mark.parametrize("megabytes", [100, 200])
+def test_too_small_address_space_is_one_line(tmp_path, megabytes):
+    env = {**os.environ, "STREAMCHAT_CACHE_DIR": str(tmp_path / "cache"), "STREAMCHAT_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.run([sys.executable, "-m", "streamchat", "generate", "--demo", "--prompt", "hi"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, preexec_fn=_limited(megabytes), timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: not enough memory: StreamChat needs at least 256 MB of address space to start, this process is limited "
+        f"to {megabytes} MB (ulimit -v)"]
+    assert not (tmp_path / "data").exists()  # refused before touching anything
+
+
+def test_cli_imports_no_runtime_before_a_command_runs():
+    code = "import sys, streamchat.cli; print(sorted(m for m in ('numpy', 'onnxruntime', 'sentencepiece') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_import_failure_from_memory_is_reported_as_memory():
+    exc = ImportError("/x/numpy/_core.so: failed to map segment from shared object")
+    assert crash.expected(exc)
+    assert crash.one_line(exc, "starting").startswith("not enough memory while starting: ")
+
+
+def test_bug_is_one_line_with_a_crash_log(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STREAMCHAT_CACHE_DIR", str(tmp_path / "cache"))
+
+    def broken(args):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(cli, "cmd_verify", broken)
+    assert cli.main(["verify", str(tmp_path)]) == cli.EXIT_BUG
+    err = capsys.readouterr().err
+    logs = list((tmp_path / "cache" / "crashes").glob("crash-*.txt"))
+    assert len(logs) == 1
+    assert err.splitlines() == [f"error: unexpected error while running `streamchat verify` (RuntimeError: boom second "
+                                f"line); the details are in {logs[0]}"]
+    text = logs[0].read_text(encoding="utf-8")
+    assert "Traceback" in text and 'raise RuntimeError("boom\\nsecond line")' in text and "verify" in text
+
+
+def test_bug_without_a_writable_cache_still_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("STREAMCHAT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(cli, "cmd_verify", lambda args: {}["missing"])
+    assert cli.main(["verify", str(tmp_path)]) == cli.EXIT_BUG
+    assert capsys.readouterr().err.splitlines() == [
+        "error: unexpected error while running `streamchat verify` (KeyError: 'missing'); no crash log could be written"]
+
+
+def test_streamchat_errors_are_exit_2_and_one_line(tmp_path, monkeypatch, capsys):
+    def refuse(args):
+        raise BundleError("bundle checksum mismatch in a.onnx:\n re-copy it")
+
+    monkeypatch.setattr(cli, "cmd_verify", refuse)
+    assert cli.main(["verify", str(tmp_path)]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.splitlines() == ["error: bundle checksum mismatch in a.onnx: re-copy it"]
+
+
+def test_memory_error_is_exit_2(monkeypatch, capsys):
+    def exhaust(args):
+        raise MemoryError()
+
+    monkeypatch.setattr(cli, "cmd_verify", exhaust)
+    assert cli.main(["verify", "x"]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.splitlines()[0].startswith("error: not enough memory while running `streamchat verify`")
