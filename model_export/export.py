@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 
 from appliance import __version__
-from appliance.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle, sha256_file
+from appliance.bundle import DIGEST, FORMAT, FORMAT_VERSION, MANIFEST, Bundle, sha256_file, write_manifest
 from appliance.errors import StreamChatError
 from appliance.tokenizer import ChatGLMTokenizer
 from model_export.checkpoint import Checkpoint
@@ -105,17 +105,17 @@ def _check_tokenizer(tokenizer: ChatGLMTokenizer, ckpt: Checkpoint) -> None:
 
 
 def _write_manifest(tmp: Path, manifest: dict, progress: Progress) -> None:
-    """List every file with its sha256; files already listed (unchanged since) keep their hash instead of re-reading
-    gigabytes of weights."""
+    """List every file with its sha256, then write the manifest and its digest; files already listed (unchanged since)
+    keep their hash instead of re-reading gigabytes of weights."""
     known = {f["path"]: f for f in manifest.get("files", [])}
-    files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != MANIFEST)
+    files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.relative_to(tmp).as_posix() not in (MANIFEST, DIGEST))
     todo = [p for p in files if p.relative_to(tmp).as_posix() not in known]
     with progress.stage("checksums", sum(p.stat().st_size for p in todo), "B") as advance:
         for p in todo:
             known[p.relative_to(tmp).as_posix()] = {"path": p.relative_to(tmp).as_posix(), "bytes": p.stat().st_size,
                                                     "sha256": sha256_file(p, advance)}
     manifest["files"] = [known[p.relative_to(tmp).as_posix()] for p in files]
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")
+    write_manifest(tmp, manifest)
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -157,6 +157,7 @@ def export_bundle(checkpoint_dir: str | Path, out: str | Path, target: str = "cp
     tmp.mkdir()
     try:
         manifest = _build(ckpt, tokenizer, spec, tied, tmp, target, progress, name)
+        ckpt.check_crcs()  # the build's in-order reads hashed the tensor entries; this covers anything they skipped
         manifest.update(extra_manifest or {})
         _write_manifest(tmp, manifest, progress)
         report = _verify(ckpt, tmp, tokenizer, weakest_precision(quant, embeddings), progress, target)

@@ -36,9 +36,12 @@ def test_bundle_layout_and_converter_config(ascend, target):
     assert bundle.manifest["runtime"] == "mindspore-lite" and bundle.manifest["quant"]["weights"] == "int4"
     assert graphs["compute"] == "fp16" and graphs["check_compute"] == "fp32"
     assert set(graphs["device"]) == {f"prefill:{g}" for g in graphs["prefill_gears"]} | {"decode"}
-    ini = (bundle.path / "converter.ini").read_text()
+    ini = (bundle.path / "converter" / "decode.ini").read_text()
     script = (bundle.path / "convert.sh").read_text()
     assert "soc_version=@SOC_VERSION@" in ini and "npu-smi info" in script and "converter_lite" in script
+    assert sorted(p.name for p in (bundle.path / "converter").iterdir()) == sorted(
+        f"{rel[:-5]}.ini" for rel in graphs["device"].values())
+    assert f"attention_mask:{1 if target == 'ascend-310b' else -1},1,1,{graphs['capacity']};" in ini
     assert os.access(bundle.path / "convert.sh", os.X_OK)
     if target == "ascend-910b":
         assert "provider=ge" in ini and "[ge_session_options]" in ini and graphs["batch_gears"] == [1, 2, 3, 4]
