@@ -2,6 +2,8 @@
 
 Used by the terminal chat and the desktop app alike. The user's message is stored before generation starts, the
 answer once, when it completes or is stopped (with its stop reason), so a crash loses at most the answer in flight.
+A message the history cannot take (full disk, read-only folder) is kept in memory, stays part of the conversation and
+is stored before the next one; the turn then ends with a HistoryError that says so.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 from appliance.engines import Engine
 from appliance.errors import StreamChatError
 from appliance.generation import GenerationResult, StreamGenerator
-from appliance.history import History
+from appliance.history import History, HistoryError, pair_turns
 from appliance.prompt import plan_prompt
 from appliance.safety import AuditLog, RuleSet, StreamFilter
 from appliance.settings import Settings
@@ -34,6 +36,15 @@ class TurnResult:
     answer_message_id: int | None = None
 
 
+@dataclass
+class _Unsaved:
+    """A message the history could not store yet; ``conversation`` is its id, or the draft token of a new one."""
+    conversation: int | object
+    role: str
+    text: str
+    fields: dict
+
+
 class ChatSession:
     def __init__(self, engine: Engine, tokenizer: ChatGLMTokenizer, settings: Settings, history: History | None = None,
                  rules: RuleSet | None = None, audit: AuditLog | None = None, model_id: str = "") -> None:
@@ -41,6 +52,9 @@ class ChatSession:
         self.history, self.rules, self.audit, self.model_id = history, rules, audit, model_id
         self.conversation_id: int | None = None
         self._memory: list[tuple[str, str]] = []  # turns when there is no history database
+        self._draft = object()  # stands for the current conversation until the history has created it
+        self._unsaved: list[_Unsaved] = []  # in order; stored before any later message
+        self._save_error: HistoryError | None = None
         self.last: TurnResult | None = None
 
     def open(self, conversation_id: int | None) -> None:
@@ -49,11 +63,15 @@ class ChatSession:
             self.history.conversation(conversation_id)  # raises a clear error if it does not exist
         self.conversation_id = conversation_id
         self._memory = []
+        self._draft = object()
 
     def turns(self) -> list[tuple[str, str]]:
-        if self.history is not None and self.conversation_id is not None:
-            return self.history.turns(self.conversation_id)
-        return list(self._memory)
+        if self.history is None:
+            return list(self._memory)
+        key = self._conversation_key()
+        stored = self.history.messages(key) if isinstance(key, int) else []
+        return pair_turns([(m.role, m.text) for m in stored] +
+                          [(m.role, m.text) for m in self._unsaved if m.conversation == key])
 
     def send(self, query: str, cancel: threading.Event | None = None, greedy: bool = False,
              seed: int | None = None) -> Iterator[str]:
@@ -72,11 +90,8 @@ class ChatSession:
         plan = plan_prompt(self.tokenizer, query, self.turns(), budget, config.max_new_tokens)
         result.notes = list(plan.notes)
         if self.history is not None:
-            if self.conversation_id is None:
-                self.conversation_id = self.history.new_conversation()
+            result.user_message_id = self._save("user", query, bundle_id=self.model_id)
             result.conversation_id = self.conversation_id
-            result.user_message_id = self.history.add_message(self.conversation_id, "user", query,
-                                                              bundle_id=self.model_id)
         gen = result.generation = GenerationResult(prompt_ids=plan.ids)
         filt = StreamFilter(self.rules, action=safety) if self.rules is not None and safety != "off" else None
         try:
@@ -104,17 +119,63 @@ class ChatSession:
             if filt and self.audit:
                 self.audit.record(filt.matches, safety, "output", "".join(filt.text))
             self._store(query, result, config.to_dict())
+        if self._unsaved:
+            raise self._unsaved_error()
 
     def _store(self, query: str, result: TurnResult, config: dict) -> None:
         gen = result.generation
         timings = {"prefill_ms": gen.prefill_ms, "decode_ms_per_token": gen.decode_ms_per_token,
                    "tokens": len(gen.token_ids)} if gen else None
-        if self.history is not None and self.conversation_id is not None:
-            result.answer_message_id = self.history.add_message(
-                self.conversation_id, "assistant", result.response, bundle_id=self.model_id, settings=config,
-                stop_reason=result.stopped, timings=timings)
+        if self.history is not None:
+            result.answer_message_id = self._save("assistant", result.response, bundle_id=self.model_id,
+                                                  settings=config, stop_reason=result.stopped, timings=timings)
         else:
             self._memory.append((query, result.response))
+
+    def _conversation_key(self) -> int | object:
+        return self.conversation_id if self.conversation_id is not None else self._draft
+
+    def _save(self, role: str, text: str, **fields) -> int | None:
+        """Store a message after the ones kept from earlier failures; its id, or None when the history failed (the
+        message is then kept in memory with the others, so nothing typed or answered is lost while the app runs)."""
+        self._unsaved.append(_Unsaved(self._conversation_key(), role, text, fields))
+        try:
+            return self._store_unsaved()
+        except HistoryError as exc:
+            self._save_error = exc
+            return None
+
+    def _store_unsaved(self) -> int | None:
+        """Store the kept messages in order, creating a drafted conversation first; the last message's id."""
+        message_id = None
+        while self._unsaved:
+            m = self._unsaved[0]
+            if not isinstance(m.conversation, int):
+                draft, created = m.conversation, self.history.new_conversation()
+                for kept in self._unsaved:
+                    kept.conversation = created if kept.conversation is draft else kept.conversation
+                if self._draft is draft:
+                    self.conversation_id = created
+            message_id = self.history.add_message(m.conversation, m.role, m.text, **m.fields)
+            self._unsaved.pop(0)
+        return message_id
+
+    def save_unsaved(self) -> None:
+        """Before quitting: store the messages kept after a storage failure, or say in one line that they are lost."""
+        if not self._unsaved:
+            return
+        try:
+            self._store_unsaved()
+        except HistoryError as exc:
+            count = "1 message" if len(self._unsaved) == 1 else f"{len(self._unsaved)} messages"
+            raise HistoryError(f"{exc.problem or exc}: {count} of this chat could not be saved") from exc
+
+    def _unsaved_error(self) -> HistoryError:
+        err, n = self._save_error, len(self._unsaved)
+        problem, advice = (err.problem, err.advice) if err and err.problem else (str(err), "fix that")
+        kept = "1 message is" if n == 1 else f"{n} messages are"
+        return HistoryError(f"{problem}: {kept} not saved yet (kept in memory); {advice} and "
+                            f"{'it is' if n == 1 else 'they are'} saved with the next message", problem, advice)
 
     def forget_from(self, message_id: int) -> None:
         """Drop a stored message and everything after it (regenerate, edit and resend)."""
