@@ -1,9 +1,12 @@
 """Safety rules for input and streamed output: word lists on an Aho-Corasick automaton, plus bounded regexes.
 
-Matching happens on normalised text: each character is NFKC-normalised and case-folded (so full-width and
-half-width forms match alike), and separators (spaces, zero-width and format characters, common punctuation) are
-skipped, so ``b a-d`` matches ``bad``. The streaming filter releases text only when no rule can still match across it:
-it holds back the automaton's current partial match (at most the longest rule minus one character) and the
+Matching happens on normalised text: each character is NFKC-normalised, case-folded and stripped of accents (so
+full-width and half-width forms, ``ọ`` and ``o`` match alike), and characters that show nothing are skipped:
+separators (spaces, zero-width and format characters, common punctuation), Unicode default-ignorable code points
+(variation selectors, Hangul fillers, ...), the blank Braille pattern and combining marks, so ``b a-d`` and
+``b\u034fa\u0336d`` match ``bad``. Each normalised character remembers the original one it came from: the stream
+releases and masks original text. The streaming filter releases text only when no rule can still match across it: it
+holds back the automaton's current partial match (at most the longest rule minus one character) and the
 not-yet-decidable window of the regex rules.
 """
 
@@ -15,8 +18,17 @@ import re
 import time
 import unicodedata
 from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+
+try:  # the parser behind re.compile, to inspect a regex's structure (private: re._parser since 3.11)
+    from re import _constants as sre_constants
+    from re import _parser as sre_parse
+except ImportError:  # Python 3.10
+    import sre_constants
+    import sre_parse
 
 from appliance.errors import StreamChatError
 
@@ -24,6 +36,7 @@ MASK = "＊"
 DEFAULT_LIST = Path(__file__).parent / "safety_lists" / "default.txt"
 REGEX_PREFIX = "re:"
 DEFAULT_REGEX_SPAN = 32
+MAX_REGEX_SPAN = 128  # every regex is tried at every start over its span: the filter's cost grows with it
 _PUNCT_SEPARATORS = set("-_.*·|/\\~+,'\"`^=#@!?:;()[]{}<>，。、！？：；“”‘’（）【】《》…—")
 
 
@@ -31,13 +44,32 @@ class SafetyError(StreamChatError):
     """A rule list cannot be read or holds a bad regex (the message names file and line)."""
 
 
+# Unicode's Default_Ignorable_Code_Point property (DerivedCoreProperties.txt, unchanged from Unicode 14 to 15.1), which Python's
+# unicodedata does not expose: code points that renderers show as nothing. Most are also in category Cf/Cn or Mn; the
+# table matters for the rest (U+115F/U+1160/U+3164/U+FFA0 Hangul fillers are letters, category Lo).
+_DEFAULT_IGNORABLE_RANGES = (
+    (0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F),
+    (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF),
+    (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF),
+)
+_BRAILLE_BLANK = 0x2800  # shows nothing, yet is a symbol (category So)
+_INVISIBLE = frozenset(c for lo, hi in _DEFAULT_IGNORABLE_RANGES for c in range(lo, hi + 1)) | {_BRAILLE_BLANK}
+
+
 def _ignorable(ch: str) -> bool:
-    return ch in _PUNCT_SEPARATORS or unicodedata.category(ch)[0] in "ZC"
+    """Characters a match skips: separators, invisible characters, combining marks (category M: accents, strokes)."""
+    return ch in _PUNCT_SEPARATORS or ord(ch) in _INVISIBLE or unicodedata.category(ch)[0] in "ZCM"
 
 
+@lru_cache(maxsize=1 << 16)
 def normalize_char(ch: str) -> str:
-    """What one character contributes to the matched text (often nothing, sometimes several characters)."""
-    return "".join(c for c in unicodedata.normalize("NFKC", ch).casefold() if not _ignorable(c))
+    """What one character contributes to the matched text (often nothing, sometimes several characters).
+
+    NFKC and case folding, then decomposition (NFD) so an accented letter sheds its combining marks like a letter
+    followed by marks does, then NFC to rejoin what decomposition split but kept (Hangul syllables).
+    """
+    decomposed = unicodedata.normalize("NFD", unicodedata.normalize("NFKC", ch).casefold())
+    return unicodedata.normalize("NFC", "".join(c for c in decomposed if not _ignorable(c)))
 
 
 def normalize(text: str) -> str:
@@ -149,7 +181,7 @@ class RuleSet:
 
 def parse_rules(lines: list[str], source: str) -> list[Rule]:
     """One entry per line; ``#`` starts a comment; ``re:PATTERN`` or ``re{N}:PATTERN`` is a regex matching at most N
-    normalised characters (default 32)."""
+    normalised characters (default 32, at most 128)."""
     rules = []
     for number, raw in enumerate(lines, 1):
         regex = re.match(r"\s*re(?:\{(\d+)\})?:(.*?)\s*$", raw)  # a regex keeps its '#'
@@ -158,14 +190,60 @@ def parse_rules(lines: list[str], source: str) -> list[Rule]:
             continue
         rule_id = f"{source}:{number}"
         if regex:
-            try:
-                re.compile(regex.group(2))
-            except re.error as exc:
-                raise SafetyError(f"{source} line {number}: bad regex {regex.group(2)!r} ({exc})") from exc
-            rules.append(Rule(rule_id, regex.group(2), regex=True, span=int(regex.group(1) or DEFAULT_REGEX_SPAN)))
+            span = int(regex.group(1) or DEFAULT_REGEX_SPAN)
+            if not 1 <= span <= MAX_REGEX_SPAN:
+                raise SafetyError(f"{source} line {number}: the span of a regex rule must be between 1 and "
+                                  f"{MAX_REGEX_SPAN} characters, got {span}")
+            _check_regex(regex.group(2), f"{source} line {number}")
+            rules.append(Rule(rule_id, regex.group(2), regex=True, span=span))
         elif normalize(line):
             rules.append(Rule(rule_id, normalize(line)))
     return rules
+
+
+_REPEATS = {sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT, getattr(sre_constants, "POSSESSIVE_REPEAT", None)}
+
+
+def _check_regex(pattern: str, where: str) -> None:
+    """Refuse a regex that does not compile, or that can backtrack exponentially.
+
+    Python's regex engine backtracks: a repeated group whose body can match the same text in several ways (``(a+)+b``,
+    ``(a|aa)*c``) tries exponentially many splits of a text that almost matches, which would stall the answer stream
+    for minutes. Such patterns are refused when the list is loaded, from their parsed structure: a repeat of more than
+    one may not contain a variable repeat, an alternation or a back-reference.
+    """
+    try:
+        re.compile(pattern)
+        nested = any(op in _REPEATS and av[1] > 1 and any(_varies(o, a) for o, a in _nodes(av[2]))
+                     for op, av in _nodes(sre_parse.parse(pattern)))
+    except (re.error, RecursionError) as exc:
+        raise SafetyError(f"{where}: bad regex {pattern!r} ({exc})") from exc
+    if nested:
+        raise SafetyError(f"{where}: regex {pattern!r} has a nested repetition (a repeated group containing a variable "
+                          "repeat or an alternation, like (a+)+ or (a|aa)*), which can take exponential time: rewrite "
+                          "it without the nesting, or as several rules")
+
+
+def _nodes(tree) -> Iterator[tuple[object, object]]:
+    """Every (op, argument) of a parsed regex, nested ones included."""
+    for op, av in tree:
+        yield op, av
+        for child in _subpatterns(av):
+            yield from _nodes(child)
+
+
+def _subpatterns(av) -> Iterator[object]:
+    if isinstance(av, sre_parse.SubPattern):
+        yield av
+    elif isinstance(av, tuple | list):
+        for item in av:
+            yield from _subpatterns(item)
+
+
+def _varies(op, av) -> bool:
+    """Whether this node can match different texts in different ways: a variable repeat, alternation, back-reference."""
+    return (op in _REPEATS and av[0] != av[1]) or op in (sre_constants.BRANCH, sre_constants.GROUPREF,
+                                                          sre_constants.GROUPREF_EXISTS)
 
 
 @dataclass(frozen=True)
@@ -220,8 +298,9 @@ class StreamFilter:
         return "".join(MASK if i in self.masked else self.text[i] for i in range(self.released, len(self.text)))
 
     def _hit(self, rule: int, start: int, end: int) -> None:
+        """Mask the characters of the match that count in it (separators and marks inside it stay as they are)."""
         self.matches.append(Match(self.rules.rules[rule].id, start, end))
-        self.masked.update(i for i in range(start, end) if not _ignorable(self.text[i]))
+        self.masked.update(i for i in range(start, end) if normalize_char(self.text[i]))
 
     def _try_regexes(self, final: bool) -> None:
         if not self.rules.regexes:

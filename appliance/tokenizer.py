@@ -32,6 +32,16 @@ class SpecialIds:
         return {"[MASK]": self.mask, "[gMASK]": self.gmask, "<sop>": self.bos, "<eop>": self.eos, "<pad>": self.pad}
 
 
+def replace_lone_surrogates(text: str) -> str:
+    """``text`` with every lone surrogate replaced by U+FFFD, so sentencepiece (which needs valid UTF-8) accepts it.
+
+    Python hands over undecodable bytes (in argv, or from a stream decoded with ``surrogateescape``) as lone surrogates
+    U+DC80..U+DCFF; a JSON ``\\ud800`` escape gives one as well. A high and low surrogate that follow each other are
+    joined into the character they encode.
+    """
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
 def _blank(n: int) -> str:
     return f"<|blank_{n}|>"
 
@@ -102,7 +112,7 @@ class ChatGLMTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids without the ``[gMASK] <sop>`` suffix."""
-        return [i + self.num_image_tokens for i in self.sp.EncodeAsIds(self.preprocess(text))]
+        return [i + self.num_image_tokens for i in self.sp.EncodeAsIds(self.preprocess(replace_lone_surrogates(text)))]
 
     def pieces(self, text: str) -> list[str]:
         """Piece names as THUDM's tokenizer reports them (unknown characters as ``<unk>``)."""

@@ -215,7 +215,8 @@ class MainWindow(QMainWindow):
         self.composer.setFocus()
 
     def _add_message(self, role: str, text: str, message_id: int | None) -> MessageView:
-        view = MessageView(role, text, message_id, editable=not self.kiosk)
+        view = MessageView(role, text, message_id, editable=not self.kiosk,
+                           allowed=lambda shown: self.app.rules.verdict(shown).allowed)
         view.edit_requested.connect(self._edit_message)
         return self.transcript.add(view)
 

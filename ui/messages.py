@@ -3,16 +3,42 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from PySide6.QtCore import QCoreApplication, Qt, QTimer, Signal
-from PySide6.QtGui import QGuiApplication
+from PySide6.QtGui import QGuiApplication, QTextDocument, QTextDocumentFragment
 from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QPushButton, QScrollArea, QVBoxLayout, QWidget
 
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
+# Noncharacters (never meaningful in text, not used by Qt inside documents) that stand in for characters Qt's Markdown
+# would interpret: "&" (entities are decoded even without HTML) and "!" (images, loaded from any local path).
+STAND_INS = {"&": "\ufdef", "!": "\ufdee"}
 
 
 def t(text: str) -> str:
     return QCoreApplication.translate("StreamChat", text)
+
+
+def markdown_html(text: str) -> str:
+    """HTML showing ``text`` rendered as Markdown, where every character of the text is shown as itself.
+
+    The safety filter checks the text, so the rendering may not turn it into other characters: raw HTML (tags,
+    comments) is not interpreted (``MarkdownNoHTML``), entities such as ``&#28856;`` are not decoded and images are
+    not loaded. Qt decodes entities even without HTML, so each ``&`` (and each ``!``, which starts an image) goes
+    through the parser as a stand-in character and is put back after. Markdown still drops some characters (an empty
+    link ``bo[](x)mb`` shows as one word): ``MessageView`` checks what is shown, not only what was filtered.
+    """
+    doc = QTextDocument()
+    source = text
+    for char, stand_in in STAND_INS.items():
+        source = source.replace(stand_in, "\ufffd").replace(char, stand_in)
+    doc.setMarkdown(source, QTextDocument.MarkdownDialectGitHub | QTextDocument.MarkdownNoHTML)
+    for char, stand_in in STAND_INS.items():
+        cursor = doc.find(stand_in)
+        while not cursor.isNull():
+            cursor.insertText(char, cursor.charFormat())
+            cursor = doc.find(stand_in, cursor)
+    return QTextDocumentFragment(doc).toHtml()  # a fragment: no fixed font, the label's own font applies
 
 
 class MessageView(QFrame):
@@ -20,9 +46,12 @@ class MessageView(QFrame):
 
     edit_requested = Signal(int, str)  # message id, text
 
-    def __init__(self, role: str, text: str = "", message_id: int | None = None, editable: bool = True) -> None:
+    def __init__(self, role: str, text: str = "", message_id: int | None = None, editable: bool = True,
+                 allowed: Callable[[str], bool] = lambda text: True) -> None:
+        """``allowed``: the safety filter's verdict on a text; rendered Markdown that it refuses while the text itself
+        passes is shown as plain text instead."""
         super().__init__()
-        self.role, self.text, self.message_id = role, text, message_id
+        self.role, self.text, self.message_id, self.allowed = role, text, message_id, allowed
         self.setObjectName("user" if role == "user" else "assistant")
         self.setFrameShape(QFrame.StyledPanel)
         layout = QVBoxLayout(self)
@@ -58,8 +87,14 @@ class MessageView(QFrame):
 
     def finish(self, note: str = "") -> None:
         """Render Markdown once and offer a copy button per code block."""
-        self.body.setTextFormat(Qt.MarkdownText)
-        self.body.setText(self.text + (f"\n\n*{note}*" if note else ""))
+        source = self.text + (f"\n\n*{note}*" if note else "")
+        html = markdown_html(source)
+        if self.allowed(QTextDocumentFragment.fromHtml(html).toPlainText()) or not self.allowed(source):
+            self.body.setTextFormat(Qt.RichText)
+            self.body.setText(html)
+        else:  # the rendering joined text into a word the filter refuses: show the characters as they came
+            self.body.setTextFormat(Qt.PlainText)
+            self.body.setText(source)
         for i, code in enumerate(CODE_BLOCK.findall(self.text), 1):
             button = QPushButton(f"{t('Copy code')} {i}")
             button.clicked.connect(lambda _=False, c=code: QGuiApplication.clipboard().setText(c))
