@@ -23,3 +23,7 @@ class PromptError(StreamChatError):
 
 class EngineError(StreamChatError):
     """An inference engine failed to load or to run."""
+
+
+class ResourceError(StreamChatError):
+    """Not enough memory or disk for the requested work; the message says how much is needed and how much there is."""

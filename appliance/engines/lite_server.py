@@ -5,27 +5,95 @@ its stdin/stdout with a small length-prefixed binary protocol. This file is run 
 on Python 3.7 with only numpy and mindspore_lite (no package imports, no 3.8+ syntax).
 
 Frame: 4-byte big-endian length, then a 4-byte header length, a UTF-8 JSON header, and the raw bytes of the arrays
-the header lists (``{"arrays": [{"name", "dtype", "shape"}, ...]}``). Requests: ``load`` (graph name -> ONNX path;
-converted to MindIR on first use into ``cache_dir``), ``reset`` (forget the KV cache), ``run`` (inputs -> logits;
-``present_*`` outputs are kept and fed as the next ``past_*`` inputs). Errors come back as ``{"error": message}``.
+the header lists (``{"arrays": [{"dtype", "shape"}, ...]}``), within MAX_HEADER and MAX_FRAME. Requests: ``load``
+(graph name -> ONNX path; converted to MindIR on first use into ``cache_dir``), ``reset`` (forget the KV cache), ``run``
+(inputs -> logits; ``present_*`` outputs are kept and fed as the next ``past_*`` inputs). Replies are ``{"ok": true}``
+(with the logits for ``run``) or ``{"error": message}``. Both sides parse frames with the same strict checks.
 """
 
 import json
 import os
+import re
 import struct
 import sys
 
 import numpy as np
 
+MAX_HEADER = 1 << 16  # a header lists a few arrays, or the graphs to load with their paths
+MAX_FRAME = 1 << 28  # the largest request, a prefill's gear x gear fp32 mask, is 16 MiB at a 2048 gear
+MAX_DIMS = 8
+DTYPES = ("<f4", "<f2", "<i4", "<i8", "|b1")
+GRAPH_NAME = re.compile(r"[A-Za-z0-9_]{1,32}(:[0-9]{1,6})?\Z")
 
-def write_frame(stream, header, arrays=()):
+
+class ProtocolError(ValueError):
+    """A frame that breaks the protocol: nothing after it on the stream can be trusted."""
+
+
+def graph_file_name(graph):
+    """The file name a graph's converted model is cached under; the names come from a bundle's manifest, so only plain
+    names ("decode", "prefill:64") are accepted, never a path."""
+    if not isinstance(graph, str) or not GRAPH_NAME.match(graph):
+        raise ValueError("graph name %.80r is not a plain name (up to 32 letters, digits or '_', optionally ':' and a "
+                         "number)" % (graph,))
+    return graph.replace(":", "_")
+
+
+def encode_frame(header, arrays=()):
     arrays = [np.ascontiguousarray(a) for a in arrays]
     header = dict(header)
     header["arrays"] = [{"dtype": a.dtype.str, "shape": list(a.shape)} for a in arrays]
     head = json.dumps(header).encode("utf-8")
     body = b"".join(a.tobytes() for a in arrays)
-    stream.write(struct.pack(">II", 4 + len(head) + len(body), len(head)) + head + body)
+    return struct.pack(">II", 4 + len(head) + len(body), len(head)) + head + body
+
+
+def write_frame(stream, header, arrays=()):
+    stream.write(encode_frame(header, arrays))
     stream.flush()
+
+
+def frame_length(prefix):
+    """From a frame's 8-byte prefix: (bytes that follow it, header length), both checked against the limits."""
+    total, head_len = struct.unpack(">II", prefix)
+    if not 2 <= head_len <= MAX_HEADER or not 4 + head_len <= total <= MAX_FRAME:
+        raise ProtocolError("a frame of %d bytes with a %d-byte header; allowed: a header of 2 to %d bytes, a frame of "
+                            "at most %d bytes" % (total, head_len, MAX_HEADER, MAX_FRAME))
+    return total - 4, head_len
+
+
+def _array_spec(spec):
+    shape = spec.get("shape") if isinstance(spec, dict) else None
+    if (not isinstance(spec, dict) or spec.get("dtype") not in DTYPES or not isinstance(shape, list)
+            or len(shape) > MAX_DIMS or not all(type(d) is int and 0 <= d <= MAX_FRAME for d in shape)):
+        raise ProtocolError("an array entry that is not {\"dtype\": one of %s, \"shape\": up to %d sizes}: %.80s"
+                            % (", ".join(DTYPES), MAX_DIMS, json.dumps(spec)))
+    return np.dtype(spec["dtype"]), shape
+
+
+def parse_frame(data, head_len):
+    """(header, arrays) from the bytes after a frame's prefix; the arrays must fill the rest of the frame exactly."""
+    try:
+        header = json.loads(bytes(data[:head_len]).decode("utf-8"))
+    except (ValueError, RecursionError):  # bad UTF-8 and bad JSON are ValueErrors
+        raise ProtocolError("a frame header that is not UTF-8 JSON") from None
+    if not isinstance(header, dict) or not isinstance(header.get("arrays"), list):
+        raise ProtocolError("a frame header that is not an object with an \"arrays\" list")
+    arrays, offset = [], head_len
+    for spec in header["arrays"]:
+        dtype, shape = _array_spec(spec)
+        size = dtype.itemsize
+        for dim in shape:
+            size *= dim
+        if offset + size > len(data):
+            raise ProtocolError("a frame shorter than its header says (%d bytes)" % (4 + len(data)))
+        # each array gets a copy of its own: a view at the header's offset is misaligned, and MindSpore Lite computes
+        # wrong values from misaligned input arrays
+        arrays.append(np.frombuffer(data[offset:offset + size], dtype).reshape(shape))
+        offset += size
+    if offset != len(data):
+        raise ProtocolError("a frame with %d bytes after the arrays its header lists" % (len(data) - offset))
+    return header, arrays
 
 
 def _read_exact(stream, size):
@@ -39,16 +107,8 @@ def _read_exact(stream, size):
 
 
 def read_frame(stream):
-    total, head_len = struct.unpack(">II", _read_exact(stream, 8))
-    header = json.loads(_read_exact(stream, head_len).decode("utf-8"))
-    body = _read_exact(stream, total - 4 - head_len)
-    arrays, offset = [], 0
-    for spec in header.get("arrays", []):
-        dtype = np.dtype(spec["dtype"])
-        size = int(np.prod(spec["shape"])) * dtype.itemsize
-        arrays.append(np.frombuffer(body[offset:offset + size], dtype=dtype).reshape(spec["shape"]))
-        offset += size
-    return header, arrays
+    rest, head_len = frame_length(_read_exact(stream, 8))
+    return parse_frame(_read_exact(stream, rest), head_len)
 
 
 class Server:
@@ -69,10 +129,13 @@ class Server:
             context.cpu.thread_num = int(request["threads"])
         os.makedirs(request["cache_dir"], exist_ok=True)
         for name, onnx_path in request["graphs"].items():
-            mindir = os.path.join(request["cache_dir"], name.replace(":", "_"))
+            mindir = os.path.join(request["cache_dir"], graph_file_name(name))
             if not os.path.exists(mindir + ".mindir"):
+                # converted under another name and renamed when complete: a server killed while converting (deadline,
+                # Ctrl-C) leaves no truncated model that the next start would take for a converted one
                 converter = mslite.Converter()
-                converter.convert(mslite.FmkType.ONNX, onnx_path, mindir)
+                converter.convert(mslite.FmkType.ONNX, onnx_path, mindir + ".partial")
+                os.replace(mindir + ".partial.mindir", mindir + ".mindir")
             model = mslite.Model()
             model.build_from_file(mindir + ".mindir", mslite.ModelType.MINDIR, context)
             self.models[name] = model
@@ -102,6 +165,9 @@ def serve(stdin, stdout):
             request, arrays = read_frame(stdin)
         except EOFError:
             return
+        except ProtocolError as exc:  # the stream is out of step: say why and stop
+            write_frame(stdout, {"error": "bad request: %s" % exc})
+            return
         try:
             op = request["op"]
             if op == "load":
@@ -112,8 +178,6 @@ def serve(stdin, stdout):
                 write_frame(stdout, {"ok": True})
             elif op == "run":
                 write_frame(stdout, {"ok": True}, [server.run(request, arrays)])
-            elif op == "pid":
-                write_frame(stdout, {"ok": True, "pid": os.getpid()})
             else:
                 write_frame(stdout, {"error": "unknown op %r" % op})
         except Exception as exc:  # reported to the client, which shows it to the user

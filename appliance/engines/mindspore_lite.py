@@ -11,21 +11,29 @@ import os
 import select
 import subprocess
 import sys
+import time
+import weakref
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
 
-from appliance.engines.lite_server import read_frame, write_frame
-from appliance.errors import EngineError
+from appliance.engines.lite_server import ProtocolError, encode_frame, frame_length, graph_file_name, parse_frame
+from appliance.errors import BundleError, EngineError
 
 SERVER = Path(__file__).with_name("lite_server.py")
 REPLY_TIMEOUT_S = 600  # first use converts ONNX to MindIR, which takes a while for a real model
+DEVICES = ("cpu", "ascend")
+CHUNK = 1 << 20
 
 
 def lite_python() -> str:
     """The interpreter that runs the step server."""
     configured = os.environ.get("STREAMCHAT_LITE_PYTHON")
     if configured:
+        if not (os.path.isfile(configured) and os.access(configured, os.X_OK)):
+            raise EngineError(f"STREAMCHAT_LITE_PYTHON={configured} is not an executable file: set it to a Python that "
+                              "has the mindspore_lite wheel (e.g. Lite 2.0.0 needs Python 3.7)")
         return configured
     try:
         import mindspore_lite  # noqa: F401
@@ -35,13 +43,52 @@ def lite_python() -> str:
     return sys.executable
 
 
-class LiteStepServer:
-    """A GraphRunner backed by the step server; restarts it when it has died."""
+def _end(proc: subprocess.Popen) -> None:
+    """Kill and reap a server (also at interpreter exit, so none outlives the app) and close our ends of its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+    with suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+    for pipe in (proc.stdin, proc.stdout):
+        with suppress(OSError):
+            pipe.close()
 
-    def __init__(self, graphs: dict[str, str], cache_dir: Path, device: str = "cpu", device_id: int = 0,
-                 threads: int | None = None) -> None:
+
+def _check_reply(reply: dict, values: list[np.ndarray], shapes: list[tuple[int, ...]]) -> str | None:
+    """The server's error message, or None for an ok reply that carries float arrays of exactly ``shapes``."""
+    if "error" in reply:
+        if not isinstance(reply["error"], str):
+            raise ProtocolError("an error reply whose \"error\" is not a string")
+        return " ".join(reply["error"].split())[:500]
+    if reply.get("ok") is not True:
+        raise ProtocolError("a reply with neither \"ok\": true nor \"error\"")
+    if [v.shape for v in values] != shapes or any(v.dtype.kind != "f" for v in values):
+        got = ", ".join(f"{v.dtype}{list(v.shape)}" for v in values) or "no arrays"
+        raise ProtocolError(f"{got} where float arrays {[list(s) for s in shapes]} were asked for")
+    return None
+
+
+class LiteStepServer:
+    """A GraphRunner backed by the step server; restarts it when it has died.
+
+    Every reply must arrive whole within ``timeout`` seconds of the request and pass the frame checks of
+    ``lite_server.parse_frame`` and ``_check_reply``; otherwise, and on Ctrl-C while waiting, the server is killed and
+    reaped, and the next sequence starts a new one.
+    """
+
+    def __init__(self, graphs: dict[str, str], cache_dir: Path, vocab_size: int, device: str = "cpu",
+                 device_id: int = 0, threads: int | None = None, timeout: float = REPLY_TIMEOUT_S) -> None:
+        for name in graphs:
+            try:
+                graph_file_name(name)
+            except ValueError as exc:
+                raise BundleError(f"this bundle's {exc}: re-export the bundle") from None
+        if device not in DEVICES:
+            raise EngineError(f"MindSpore Lite device {device!r} is not one of {', '.join(DEVICES)} "
+                              "(STREAMCHAT_LITE_DEVICE)")
         self.load_request = {"op": "load", "graphs": graphs, "cache_dir": str(cache_dir), "device": device,
                              "device_id": device_id, "threads": threads or 0}
+        self.vocab_size, self.timeout = vocab_size, timeout
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -49,28 +96,77 @@ class LiteStepServer:
         return self.proc.pid if self.proc else None
 
     def _start(self) -> None:
-        self.proc = subprocess.Popen([lite_python(), str(SERVER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL)
-        self._call(self.load_request)
+        command = [lite_python(), str(SERVER)]
+        try:
+            self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL)
+        except OSError as exc:
+            raise EngineError(f"cannot start the MindSpore Lite step server with {command[0]} ({exc.strerror}): set "
+                              "STREAMCHAT_LITE_PYTHON to a Python that has the mindspore_lite wheel") from exc
+        weakref.finalize(self, _end, self.proc)
+        for pipe in (self.proc.stdin, self.proc.stdout):  # reads and writes wait in select, up to the deadline
+            os.set_blocking(pipe.fileno(), False)
+        try:
+            self._call(self.load_request)
+        except EngineError:
+            _end(self.proc)
+            raise
 
     def _alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def _call(self, header: dict, arrays: list[np.ndarray] = ()) -> tuple[dict, list[np.ndarray]]:
-        proc = self.proc
+    def _call(self, header: dict, arrays: list[np.ndarray] = (), shapes: list[tuple[int, ...]] = ()) -> list[np.ndarray]:
+        """Send a request and return the reply's arrays, which must be floats of ``shapes``."""
+        deadline = time.monotonic() + self.timeout
         try:
-            write_frame(proc.stdin, header, arrays)
-            ready, _, _ = select.select([proc.stdout], [], [], REPLY_TIMEOUT_S)
-            if not ready:
-                proc.kill()
-                raise EngineError(f"the MindSpore Lite step server did not answer within {REPLY_TIMEOUT_S} s and was "
-                                  "stopped; send the message again to restart it")
-            reply, values = read_frame(proc.stdout)
-        except (BrokenPipeError, EOFError, OSError) as exc:
-            raise self._stopped() from exc
-        if "error" in reply:
-            raise EngineError(f"MindSpore Lite: {reply['error']}")
-        return reply, values
+            self._send(encode_frame(header, arrays), deadline)
+            reply, values = self._receive(deadline)
+            error = _check_reply(reply, values, list(shapes))
+        except (ProtocolError, EOFError, OSError) as exc:
+            _end(self.proc)
+            raise self._failure(exc) from exc
+        except BaseException:  # Ctrl-C while waiting: the server may be mid-frame, so it goes
+            _end(self.proc)
+            raise
+        if error is not None:
+            raise EngineError(f"MindSpore Lite: {error}")
+        return values
+
+    def _failure(self, exc: BaseException) -> EngineError:
+        if isinstance(exc, TimeoutError):
+            return EngineError(f"the MindSpore Lite step server did not answer within {self.timeout:g} s and was "
+                               "stopped; send the message again to restart it")
+        if isinstance(exc, ProtocolError):
+            return EngineError(f"the MindSpore Lite step server sent a bad reply ({exc}) and was stopped; send the "
+                               "message again to restart it")
+        return self._stopped()
+
+    def _wait(self, fd: int, write: bool, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0 or not any(select.select([] if write else [fd], [fd] if write else [], [], left)):
+            raise TimeoutError
+
+    def _send(self, data: bytes, deadline: float) -> None:
+        fd, view = self.proc.stdin.fileno(), memoryview(data)
+        while view:
+            self._wait(fd, True, deadline)
+            with suppress(BlockingIOError):
+                view = view[os.write(fd, view[:CHUNK]):]
+
+    def _read(self, size: int, deadline: float) -> bytearray:
+        fd, data = self.proc.stdout.fileno(), bytearray()
+        while len(data) < size:
+            self._wait(fd, False, deadline)
+            with suppress(BlockingIOError):
+                chunk = os.read(fd, min(size - len(data), CHUNK))
+                if not chunk:
+                    raise EOFError("the step server closed its output")
+                data += chunk
+        return data
+
+    def _receive(self, deadline: float) -> tuple[dict, list[np.ndarray]]:
+        rest, head_len = frame_length(bytes(self._read(8, deadline)))
+        return parse_frame(self._read(rest, deadline), head_len)
 
     def _stopped(self) -> EngineError:
         code = self.proc.poll() if self.proc else None
@@ -78,14 +174,13 @@ class LiteStepServer:
                            "the next message restarts it")
 
     def reset(self) -> None:
-        """Start of a sequence: a dead (or just killed, not yet reaped) server is replaced by a new one."""
+        """Start of a sequence: a server that is dead or fails to reset is replaced by a new one."""
         if self._alive():
             try:
                 self._call({"op": "reset"})
                 return
             except EngineError:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+                _end(self.proc)
         self._start()
         self._call({"op": "reset"})
 
@@ -93,10 +188,16 @@ class LiteStepServer:
         if not self._alive():
             raise self._stopped()
         names = list(inputs)
-        _, values = self._call({"op": "run", "graph": graph, "names": names}, [inputs[n] for n in names])
-        return values[0]
+        batch = len(inputs["input_ids"])
+        (logits,) = self._call({"op": "run", "graph": graph, "names": names}, [inputs[n] for n in names],
+                               [(batch, self.vocab_size)])
+        return logits
 
     def close(self) -> None:
-        if self._alive():
-            self.proc.stdin.close()
-            self.proc.wait(timeout=10)
+        """Let the server exit at the end of its input; kill it if it has not within 10 s."""
+        if self.proc is not None:
+            with suppress(OSError):
+                self.proc.stdin.close()
+            with suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+            _end(self.proc)

@@ -21,6 +21,7 @@ import onnxruntime as ort
 
 from appliance.engines.cpu import physical_cores
 from appliance.engines.int4_prefill import Int4Prefill
+from appliance.engines.memory import kv_cache_bytes, not_enough_memory, require_memory
 from appliance.engines.residency import release_clean_pages
 from appliance.errors import EngineError
 from appliance.model_config import ModelConfig
@@ -85,7 +86,13 @@ class OrtEngine:
     def cache_buffers(self) -> list[ort.OrtValue]:
         if not self.cache:
             shape = (1, self.config.num_heads, self.max_context, self.config.head_dim)
-            self.cache = [np.empty(shape, np.float32) for _ in self.past_names]
+            what, needed = f"the KV cache for {self.max_context} positions", kv_cache_bytes(self.config, self.max_context)
+            advice = "close other programs or lower the context budget (Settings)"
+            require_memory(what, needed, advice)
+            try:
+                self.cache = [np.empty(shape, np.float32) for _ in self.past_names]
+            except MemoryError as exc:
+                raise not_enough_memory(what, needed, advice) from exc
             self.cache_values = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in self.cache]
         return self.cache_values
 

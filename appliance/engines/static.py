@@ -12,6 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
+from appliance.engines.memory import kv_cache_bytes, require_memory
 from appliance.errors import EngineError, PromptError
 from appliance.model_config import ModelConfig
 
@@ -31,6 +32,10 @@ class StaticEngine:
 
     def __init__(self, name: str, config: ModelConfig, capacity: int, gears: list[int], runner: GraphRunner,
                  pad_id: int) -> None:
+        """The runner allocates the cache on the first run (in this process or the step server's): refuse here, with
+        the sizes, a capacity whose cache cannot fit."""
+        require_memory(f"the KV cache for {capacity} positions", kv_cache_bytes(config, capacity),
+                       "close other programs, or use a bundle exported for a smaller context")
         self.name, self.config, self.max_context = name, config, capacity
         self.gears, self.runner, self.pad_id = sorted(gears), runner, pad_id
 
