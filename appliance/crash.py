@@ -14,6 +14,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from appliance import display
 from appliance.errors import StreamChatError
 from appliance.folders import cache_dir
 
@@ -64,12 +65,12 @@ def write_crash_log(exc: BaseException, context: str) -> Path | None:
 def one_line(exc: BaseException, context: str) -> str:
     """What to show for ``exc`` (raised while ``context``, e.g. "answering"): always one line."""
     if isinstance(exc, StreamChatError):
-        return " ".join(str(exc).split())
+        return display.one_line(str(exc))
     if _out_of_memory(exc):
         limit = address_space_limit()
         have = f"this process is limited to {limit >> 20} MB (ulimit -v)" if limit else "the machine ran out"
         return f"not enough memory while {context}: {have}; close other programs or raise the limit"
     path = write_crash_log(exc, context)
     where = f"the details are in {path}" if path else "no crash log could be written"
-    summary = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+    summary = display.one_line(f"{type(exc).__name__}: {exc}")[:300]
     return f"unexpected error while {context} ({summary}); {where}"

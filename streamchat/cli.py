@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance import crash
+from appliance.display import one_line, printable
 from appliance.errors import StreamChatError
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 EXIT_USAGE = 2
 EXIT_BUG = 1
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a program ended by SIGPIPE
+RESUME_TURNS = 10  # turns of a continued conversation shown before the prompt
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     def show(delta: str) -> None:
         if not args.json:
-            sys.stdout.write(delta)
+            sys.stdout.write(printable(delta))
             sys.stdout.flush()
 
     result = _answer(model, args.prompt, history, config, show)
@@ -114,7 +116,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _stream_interruptibly(run: Callable[[Callable[[str], None], threading.Event], None]) -> None:
-    """Run an answer in a worker thread so Ctrl-C cancels the answer, not the program."""
+    """Run an answer in a worker thread so Ctrl-C cancels the answer, not the program; a second Ctrl-C before the
+    answer has stopped (an engine that hangs) leaves the program."""
     cancel, deltas = threading.Event(), queue.Queue()
     outcome: dict[str, object] = {}
 
@@ -132,11 +135,13 @@ def _stream_interruptibly(run: Callable[[Callable[[str], None], threading.Event]
         try:
             delta = deltas.get()
         except KeyboardInterrupt:
+            if cancel.is_set():
+                raise
             cancel.set()
             continue
         if delta is None:
             break
-        sys.stdout.write(delta)
+        sys.stdout.write(printable(delta))
         sys.stdout.flush()
     worker.join()
     if "error" in outcome:
@@ -154,19 +159,27 @@ def cmd_chat(args: argparse.Namespace) -> int:
     session = ChatSession(model.engine, model.tokenizer, app.settings, app.history, app.rules, app.audit, model.label)
     _apply_generation_args(app.settings, args)
     session.open(args.conversation)
-    for query, answer in session.turns():
-        print(f"\n> {query}\n{answer}")
+    turns = session.turns()
+    if len(turns) > RESUME_TURNS:
+        print(f"({len(turns) - RESUME_TURNS} earlier turns not shown: streamchat history show {args.conversation} "
+              "prints them all)")
+    for query, answer in turns[-RESUME_TURNS:]:
+        print(printable(f"\n> {query}\n{answer}"))
     print(f"StreamChat on {model.label}. Ctrl-C stops an answer, /clear starts a new conversation, /exit quits.")
+    if hasattr(sys.stdin, "reconfigure"):  # an undecodable byte typed or piped in becomes U+FFFD, not the end of the chat
+        sys.stdin.reconfigure(errors="replace")
     while True:
         try:
             query = input("\n> ")
         except EOFError:
             print()
+            session.save_unsaved()  # messages a full disk refused: stored now, or one line saying they are lost
             return 0
         except KeyboardInterrupt:
             print("\n(type /exit to quit)")
             continue
         if query.strip() == "/exit":
+            session.save_unsaved()
             return 0
         if query.strip() == "/clear":
             session.clear()
@@ -181,8 +194,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
         try:
             _stream_interruptibly(run)
-        except StreamChatError as exc:
-            print(f"\nerror: {exc}", file=sys.stderr)
+        except Exception as exc:  # the chat goes on: the conversation so far is stored, the line says what failed
+            print(f"\nerror: {crash.one_line(exc, 'answering')}", file=sys.stderr)
             continue
         result = session.last
         for note in result.notes:
@@ -224,27 +237,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_history(args: argparse.Namespace) -> int:
     from appliance.app import AppContext
+    from appliance.history import read_export, write_export
 
     history = AppContext.load().history
     if args.action == "list":
         for c in history.conversations():
-            print(f"{c.id:>5}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(c.updated))}  {c.messages:>3} msgs  {c.title}")
+            updated = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.updated))
+            print(f"{c.id:>5}  {updated}  {c.messages:>3} msgs  {one_line(c.title)}")
     elif args.action == "show":
-        print(history.export_markdown(args.id))
+        print(printable(history.export_markdown(args.id)))
     elif args.action == "search":
         for m in history.search(args.text):
-            print(f"[{m.conversation_id}] {m.role}: {m.text[:200]}")
+            print(f"[{m.conversation_id}] {m.role}: {one_line(m.text[:200])}")
     elif args.action == "export":
         text = (json.dumps(history.export_json(args.id), ensure_ascii=False, indent=1) if args.format == "json"
                 else history.export_markdown(args.id))
-        args.out.write_text(text, encoding="utf-8")
+        write_export(args.out, text)
         print(f"exported to {args.out}")
     elif args.action == "import":
-        try:
-            data = json.loads(args.file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise StreamChatError(f"cannot read {args.file} as a JSON history export: {exc}") from exc
-        print(f"imported {len(history.import_json(data))} conversation(s)")
+        print(f"imported {len(history.import_json(read_export(args.file)))} conversation(s)")
     elif args.action == "delete":
         history.delete(args.id)
         print(f"deleted conversation {args.id}")

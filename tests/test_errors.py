@@ -1,6 +1,7 @@
 """One error path: every failure is one line on stderr (exit 2 for bad input and too little memory, 1 for a bug whose
 traceback lands in a crash log); the window shows the line in a dialog."""
 
+import json
 import os
 import resource
 import subprocess
@@ -88,3 +89,24 @@ def test_memory_error_is_exit_2(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_verify", exhaust)
     assert cli.main(["verify", "x"]) == cli.EXIT_USAGE
     assert capsys.readouterr().err.splitlines()[0].startswith("error: not enough memory while running `streamchat verify`")
+
+
+def test_untrusted_text_reaches_the_terminal_without_control_characters(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STREAMCHAT_DATA_DIR", str(tmp_path / "data"))
+    hostile = "title\x1b]0;owned\x07\r\x1b[2Jend"
+    export = {"format": "streamchat-history", "version": 1, "conversations": [
+        {"title": hostile, "created": 1.0, "updated": 2.0, "messages": [
+            {"role": "user", "text": f"q {hostile}", "created": 1.0}]}]}
+    (tmp_path / "h.json").write_text(json.dumps(export), encoding="utf-8")
+    assert cli.main(["history", "import", str(tmp_path / "h.json")]) == 0
+    for argv in (["history", "list"], ["history", "show", "1"], ["history", "search", "title"]):
+        capsys.readouterr()
+        assert cli.main(argv) == 0
+        out = capsys.readouterr().out
+        assert "title\ufffd]0;owned\ufffd" in out and not any(c in out for c in "\x1b\x07\r"), (argv, out)
+
+
+def test_error_lines_carry_no_control_characters(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "cmd_verify", lambda args: (_ for _ in ()).throw(BundleError("bad \x1b[31mname\r")))
+    assert cli.main(["verify", "x"]) == 2
+    assert capsys.readouterr().err == "error: bad \ufffd[31mname\n"
