@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.errors import BundleError, CheckpointError
+from appliance.folders import cache_dir
 from appliance.model_config import ModelConfig
 from appliance.tokenizer import ChatGLMTokenizer
 
@@ -40,16 +41,6 @@ def sha256_file(path: Path, on_bytes: Callable[[int], None] = lambda n: None) ->
             digest.update(chunk)
             on_bytes(len(chunk))
     return digest.hexdigest()
-
-
-def cache_dir() -> Path:
-    """Where verification results are remembered (``STREAMCHAT_CACHE_DIR`` overrides the appdirs default)."""
-    override = os.environ.get("STREAMCHAT_CACHE_DIR")
-    if override:
-        return Path(override)
-    import appdirs
-
-    return Path(appdirs.user_cache_dir("streamchat", appauthor=False))
 
 
 def is_safe_path(value: object) -> bool:

@@ -60,3 +60,22 @@ def test_bug_while_loading_reaches_the_window_as_one_line(qtbot, dirs):
     qtbot.waitUntil(lambda: "engine exploded" in window.status.text(), timeout=5000)
     window.thread.quit()
     window.thread.wait(5000)
+
+
+def test_export_into_a_missing_folder_is_a_dialog_and_writes_nothing(qtbot, dirs, monkeypatch):
+    from PySide6.QtWidgets import QFileDialog
+
+    app = AppContext.load()
+    conversation = app.history.new_conversation("kept")
+    app.history.add_message(conversation, "user", "a question")
+    window = MainWindow(app, lambda progress: (_ for _ in ()).throw(RuntimeError("no model needed")))
+    qtbot.addWidget(window)
+    target = dirs / "missing" / "out.md"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(target), "Markdown (*.md)"))
+    warnings = []
+    monkeypatch.setattr(QMessageBox, "warning", lambda parent, title, text: warnings.append(text))
+    window._export(conversation)
+    assert warnings == [f"cannot write {target}: the folder {target.parent} does not exist"]
+    assert not (dirs / "missing").exists()
+    window.thread.quit()
+    window.thread.wait(5000)

@@ -16,6 +16,7 @@ from PySide6.QtWidgets import (
     QListWidgetItem,
     QMainWindow,
     QMenu,
+    QMessageBox,
     QPlainTextEdit,
     QPushButton,
     QSplitter,
@@ -24,6 +25,8 @@ from PySide6.QtWidgets import (
 )
 
 from appliance.app import AppContext
+from appliance.errors import StreamChatError
+from appliance.history import write_export
 from appliance.session import TurnResult
 from ui.messages import MessageView, Transcript, t
 from ui.worker import ChatWorker
@@ -253,9 +256,12 @@ class MainWindow(QMainWindow):
             from pathlib import Path
 
             history = self.app.history
-            text = (json.dumps(history.export_json(conversation_id), ensure_ascii=False, indent=1)
-                    if path.endswith(".json") else history.export_markdown(conversation_id))
-            Path(path).write_text(text, encoding="utf-8")
+            try:
+                text = (json.dumps(history.export_json(conversation_id), ensure_ascii=False, indent=1)
+                        if path.endswith(".json") else history.export_markdown(conversation_id))
+                write_export(Path(path), text)
+            except StreamChatError as exc:
+                QMessageBox.warning(self, t("Export..."), str(exc))
 
     # -- answering -------------------------------------------------------------------------------------------
     def send_current(self) -> None:
@@ -401,4 +407,14 @@ class MainWindow(QMainWindow):
         self.worker.stop()
         self.thread.quit()
         self.thread.wait(5000)
+        self._save_unsaved()
         super().closeEvent(event)
+
+    def _save_unsaved(self) -> None:
+        """Messages a full disk refused are kept in the session: store them now, or say which are lost."""
+        if self.worker.session is None:
+            return
+        try:
+            self.worker.session.save_unsaved()  # the worker's thread has stopped: nothing else touches the session
+        except StreamChatError as exc:
+            QMessageBox.critical(self, "StreamChat", str(exc))
