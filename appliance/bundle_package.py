@@ -5,7 +5,11 @@ included. ``install`` accepts only what ``pack`` writes: one top folder named li
 exactly the files its manifest lists at their listed sizes (checked before anything is written, so it writes no more
 than the manifest declares). It extracts into a hidden sibling, verifies every checksum, and only then points the
 bundle's name at the new copy by atomically replacing a symlink; an interrupted install leaves the old bundle working.
-Only version folders that install created (``.<name>.<ns>`` inside the models folder) are ever removed.
+Only version folders that install created (``.<name>.<ns>`` inside the models folder) are ever removed. Installed files
+are not executable, except an Ascend bundle's ``convert.sh`` (which must be byte for byte the one StreamChat writes).
+
+``--out`` of ``pack`` may name a new file or an existing regular file, which is replaced whole; anything else there (a
+folder, a FIFO, a device, a symlink: not followed, so a link to a file is refused too) is refused.
 """
 
 from __future__ import annotations
@@ -13,33 +17,49 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import tarfile
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from appliance.bundle import DIGEST, HASH_CHUNK, MANIFEST, MAX_MANIFEST_BYTES, Bundle, is_safe_path, read_manifest
+from appliance.conversion import CONVERT_SCRIPT
 from appliance.errors import BundleError
+from appliance.folders import why_not_writable
+from appliance.targets import STATIC, TARGETS
 
 # a package's top folder: the bundle's name, which install also uses in its hidden version folders
 PACKAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 
 
 def pack(bundle_dir: Path, out: Path, on_bytes: Callable[[int], None] = lambda n: None) -> Path:
+    _check_out(out)
     bundle = Bundle.open(bundle_dir, full_check=True)
     name = _package_name(bundle.path)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    tmp, fd = out.with_name(f".{out.name}.{os.getpid()}-{time.time_ns()}.partial"), None
     try:
-        with tarfile.open(tmp, "w", dereference=True) as archive:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # a new file of ours: never through a link
+        with open(fd, "wb") as fh, tarfile.open(fileobj=fh, mode="w", dereference=True) as archive:
             for rel in bundle.paths:
                 archive.add(bundle.path / rel, arcname=f"{name}/{rel}", recursive=False)
                 on_bytes((bundle.path / rel).stat().st_size)
         os.replace(tmp, out)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise BundleError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    except BaseException as exc:
+        if fd is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise BundleError(f"cannot write {out}: {exc.strerror or exc}") from exc
+        raise
     return out
+
+
+def _check_out(out: Path) -> None:
+    """Refuse, before packing, an ``--out`` that ``why_not_writable`` refuses."""
+    if (problem := why_not_writable(out)) is not None:
+        raise BundleError(problem)
 
 
 def _package_name(path: Path) -> str:
@@ -58,8 +78,8 @@ def pack_deb(bundle_dir: Path, out: Path, version: str = "1.0") -> Path:
     """A .deb that installs the bundle into ``/usr/share/streamchat/models/<name>`` (needs dpkg-deb)."""
     import json
     import subprocess
-    import tempfile
 
+    _check_out(out)
     bundle = Bundle.open(bundle_dir, full_check=True)
     name = _package_name(bundle.path)
     package = "streamchat-model-" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
@@ -76,15 +96,17 @@ def pack_deb(bundle_dir: Path, out: Path, version: str = "1.0") -> Path:
             f"Package: {package}\nVersion: {version}\nArchitecture: all\nMaintainer: StreamChat <streamchat@localhost>\n"
             f"Installed-Size: {size_kb}\nDepends: streamchat\nSection: misc\nPriority: optional\n"
             f"Description: StreamChat model bundle {name}\n {bundle.label} ({json.dumps(bundle.manifest['quant'])})\n")
-        proc = subprocess.run(["dpkg-deb", "--build", "--root-owner-group", "-Zxz", "-z1", str(root), str(out)],
+        built = Path(tmp) / "package.deb"  # beside the package root, not inside it; renamed over --out when whole
+        proc = subprocess.run(["dpkg-deb", "--build", "--root-owner-group", "-Zxz", "-z1", str(root), str(built)],
                               capture_output=True, text=True)
         if proc.returncode:
             raise BundleError(f"dpkg-deb failed: {proc.stderr.strip()}")
+        os.replace(built, out)
     return out
 
 
-def _members(archive: tarfile.TarFile, source: Path) -> tuple[str, list[tarfile.TarInfo]]:
-    """The package's bundle name and members, once its manifest (digest checked) lists exactly its files at their
+def _members(archive: tarfile.TarFile, source: Path) -> tuple[str, list[tarfile.TarInfo], dict]:
+    """The package's bundle name, members and manifest, once its manifest (digest checked) lists exactly its files at their
     sizes; anything ``pack`` does not write is refused before a byte is extracted."""
     try:
         members = archive.getmembers()
@@ -120,7 +142,7 @@ def _members(archive: tarfile.TarFile, source: Path) -> tuple[str, list[tarfile.
     missing = sorted(set(listed) - set(files))
     if missing:
         raise BundleError(f"{source} lacks {', '.join(missing[:3])} listed in its manifest (truncated?): re-copy it")
-    return name, members
+    return name, members, manifest
 
 
 def _small_member(archive: tarfile.TarFile, member: tarfile.TarInfo | None, source: Path) -> bytes:
@@ -136,17 +158,16 @@ def _small_member(archive: tarfile.TarFile, member: tarfile.TarInfo | None, sour
 
 
 def _extract(archive: tarfile.TarFile, members: list[tarfile.TarInfo], staging: Path) -> None:
-    """Write the checked members as new plain files and folders (no links, owners or times from the archive)."""
+    """Write the checked members as new plain files and folders (no links, owners, modes or times from the archive:
+    files are created rw-r--r--, so none is executable)."""
     for m in members:
         dest = staging / m.name
         if m.isdir():
             dest.mkdir(parents=True, exist_ok=True)
             continue
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with archive.extractfile(m) as src, dest.open("xb") as out:
+        with archive.extractfile(m) as src, open(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as out:
             shutil.copyfileobj(src, out, HASH_CHUNK)
-        if m.mode & 0o100:
-            dest.chmod(0o755)  # convert.sh stays runnable
 
 
 def _previous_version(link: Path, name: str) -> Path | None:
@@ -158,17 +179,37 @@ def _previous_version(link: Path, name: str) -> Path | None:
     return folder if folder.is_dir() and not folder.is_symlink() else None
 
 
+def _open_package(package: Path) -> BinaryIO:
+    """``package`` open for reading if it is a regular file. Opened without blocking and checked on the open descriptor:
+    reading a FIFO would wait for a writer forever, a device would never end."""
+    try:
+        fd = os.open(package, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise BundleError(f"{package} is not a readable bundle package ({exc.strerror or exc}); re-copy it") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BundleError(f"{package} is not a regular file (a folder, pipe or device); give the file `streamchat bundle "
+                          "pack` wrote")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def install(package: Path, models_dir: Path) -> Path:
     """Install ``package`` into ``models_dir/<name>`` (a symlink to a verified, versioned folder)."""
+    with _open_package(package) as fh:
+        return _install(fh, package, models_dir)
+
+
+def _install(fh: BinaryIO, package: Path, models_dir: Path) -> Path:
     try:
-        archive = tarfile.open(package, "r:")  # noqa: SIM115 - closed by the `with archive:` below
+        archive = tarfile.open(fileobj=fh, mode="r:")  # noqa: SIM115 - closed by the `with archive:` below
     except tarfile.ReadError as exc:
         raise BundleError(f"{package} is not an uncompressed tar made by `streamchat bundle pack` (compressed packages "
                           "are refused): re-pack the bundle") from exc
     except (OSError, tarfile.TarError) as exc:
         raise BundleError(f"{package} is not a readable bundle package ({exc}); re-copy it") from exc
     with archive:
-        name, members = _members(archive, package)
+        name, members, manifest = _members(archive, package)
         link = models_dir / name
         if link.exists() and not link.is_symlink():
             raise BundleError(f"{link} is not a bundle installed by `streamchat bundle install`; move it away or choose "
@@ -183,19 +224,25 @@ def install(package: Path, models_dir: Path) -> Path:
             staging.rmdir()
             raise BundleError(f"not enough disk space in {models_dir}: the bundle needs {need / 1e9:.2f} GB, "
                               f"{free / 1e9:.2f} GB are free")
+        version, moved = models_dir / f".{name}.{time.time_ns()}", False
         try:
             _extract(archive, members, staging)
-            Bundle.open(staging / name, full_check=True)
+            script = staging / name / CONVERT_SCRIPT
+            if TARGETS[manifest["target"]].graphs == STATIC and script.is_file():
+                script.chmod(0o755)  # removed with the rest unless the byte-for-byte check below passes
+            (staging / name).rename(version)
+            moved = True
+            Bundle.open(version, full_check=True)  # verified where it stays, so later opens know these files passed
         except BaseException as exc:
             shutil.rmtree(staging, ignore_errors=True)
+            if moved:
+                shutil.rmtree(version, ignore_errors=True)
             if isinstance(exc, tarfile.TarError):
                 raise BundleError(f"{package} is truncated or damaged ({exc}); the installed bundle was not touched") from exc
             if isinstance(exc, OSError):
                 raise BundleError(f"cannot write into {models_dir}: {exc.strerror or exc}; the installed bundle was not "
                                   "touched") from exc
             raise
-    version = models_dir / f".{name}.{time.time_ns()}"
-    (staging / name).rename(version)
     staging.rmdir()
     previous = _previous_version(link, name)
     tmp_link = models_dir / f".{name}.link-{os.getpid()}"

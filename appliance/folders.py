@@ -13,6 +13,7 @@ This module imports nothing heavy, so the crash log can find its folder even whe
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,22 @@ def data_dir(settings: Any = None) -> Path:
     if not os.environ.get("STREAMCHAT_DATA_DIR") and settings is not None and settings.data_dir:
         return Path(settings.data_dir).expanduser()
     return _folder("STREAMCHAT_DATA_DIR", "data", "user_data_dir")
+
+
+def why_not_writable(path: Path) -> str | None:
+    """Why a new file may not be put at ``path`` (a missing folder; something there that is not a regular file, judged
+    without following a symlink: replacing a FIFO, a device or a link is never what an ``--out`` meant), or None."""
+    if not path.parent.is_dir():
+        return f"cannot write {path}: the folder {path.parent} does not exist"
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot write {path}: {exc.strerror or exc}"
+    if not stat.S_ISREG(mode):
+        return f"{path} is not a regular file (a folder, symlink, pipe or device); choose another name"
+    return None
 
 
 def cache_dir() -> Path:

@@ -15,9 +15,11 @@ import errno
 import functools
 import html
 import json
+import math
 import os
 import re
 import sqlite3
+import stat
 import tempfile
 import threading
 import time
@@ -26,7 +28,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from appliance.display import quoted
 from appliance.errors import StreamChatError
+from appliance.folders import why_not_writable
 
 SCHEMA_VERSION = 2
 DB_FILE = "history.sqlite3"
@@ -34,6 +38,10 @@ EXPORT_FORMAT, EXPORT_VERSION = "streamchat-history", 1
 ROLES = ("user", "assistant")
 STOP_REASONS = ("", "eos", "max_new_tokens", "context", "cancelled", "safety", "blocked", "error")
 LOW_SPACE = 1 << 20  # bytes: below this much free space, an unspecific I/O error is taken for a full disk
+# The largest history import read (a long history exports to tens of MB). Parsing still takes a few times the file's
+# size in memory, up to ~20x for a file of nothing but empty arrays.
+IMPORT_CAP = 256 << 20
+LAST_TIME = 253402300799  # 9999-12-31T23:59:59Z: the latest time (in seconds since 1970) that can be shown as a date
 
 # what a failed call could not do, ending its error message
 OPENING, READING = "the history cannot be opened", "the history cannot be read"
@@ -342,8 +350,8 @@ class History:
     def import_json(self, data: object) -> list[int]:
         """Add the conversations of an ``export_json`` document (as new conversations); returns their ids.
 
-        Every field is checked (type, known role and stop reason, finite times, flat settings) before anything is
-        written, so a hostile document is refused whole with one line naming the bad field.
+        Every field is checked (type, known role and stop reason, times from 1970 to 9999, flat finite settings) before
+        anything is written, so a hostile document is refused whole with one line naming the bad field.
         """
         conversations = _checked_export(data)
         ids = []
@@ -364,9 +372,25 @@ class History:
 
 
 def read_export(path: Path) -> object:
-    """The parsed JSON of a history export file; unreadable, invalid or too deeply nested JSON is one line."""
+    """The parsed JSON of a history export file; unreadable, invalid or too deeply nested JSON is one line.
+
+    Only a regular file of at most ``IMPORT_CAP`` bytes is read, checked on the open file before reading: a device
+    such as /dev/zero would be read until memory runs out, and opening a FIFO would wait for a writer forever."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once instead of waiting for a writer
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise HistoryError(f"cannot import {path}: not a regular file; nothing was imported")
+            if info.st_size > IMPORT_CAP:
+                raise _too_big(path, info.st_size)
+            with open(fd, "rb", closefd=False) as fh:
+                data = fh.read(IMPORT_CAP + 1)  # one byte over the cap shows a file that grew since fstat
+            if len(data) > IMPORT_CAP:
+                raise _too_big(path, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        return json.loads(data.decode("utf-8"))
     except RecursionError as exc:
         raise HistoryError(f"{path} is nested too deeply to be a history export; nothing was imported") from exc
     except OSError as exc:
@@ -375,11 +399,17 @@ def read_export(path: Path) -> object:
         raise HistoryError(f"{path} is not a JSON history export ({exc}); nothing was imported") from exc
 
 
+def _too_big(path: Path, size: int) -> HistoryError:
+    return HistoryError(f"cannot import {path}: it is {size} bytes, more than the {IMPORT_CAP} (256 MiB) a history "
+                        "export may have; nothing was imported")
+
+
 def write_export(path: Path, text: str) -> None:
     """Write an export whole or not at all (a temporary file beside it, then a rename): a missing folder, a full disk
-    or a refused write is one line and leaves a file already at ``path`` as it was."""
-    if not path.parent.is_dir():
-        raise HistoryError(f"cannot write {path}: the folder {path.parent} does not exist")
+    or a refused write is one line and leaves a file already at ``path`` as it was. Only a regular file is replaced:
+    anything else at ``path`` (a folder, FIFO, device or symlink, judged without following the link) is refused."""
+    if (problem := why_not_writable(path)) is not None:
+        raise HistoryError(problem)
     tmp: Path | None = None
     try:
         with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.",
@@ -405,8 +435,10 @@ def _md_line(text: str) -> str:
 def _md_quote(text: str) -> str:
     """``text`` as a blockquote with HTML special characters as entities. Its own Markdown (lists, code) still renders,
     but every line (split at every character Markdown or Python count as a line break) starts with ``>``, so nothing in
-    it can start a turn header, a heading or raw HTML outside the quote."""
-    lines = html.escape(text, quote=False).splitlines() or [""]
+    it can start a turn header, a heading or raw HTML outside the quote. Backslashes and square brackets are
+    backslash-escaped, so no link, image (``![...](url)`` would be fetched by a viewer) or link reference definition can
+    form; they render as themselves outside code."""
+    lines = re.sub(r"([\\\[\]])", r"\\\1", html.escape(text, quote=False)).splitlines() or [""]
     return "\n".join(f"> {line}" if line else ">" for line in lines)
 
 
@@ -451,16 +483,14 @@ def _string(value: object, where: str) -> str:
     return value
 
 
-def _number(value: object, where: str) -> float:
+def _timestamp(value: object, where: str) -> float:
+    """A time in seconds since 1970 that the history can show as a date (``time.localtime`` overflows on 1e308)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _bad(f"{where} must be a number, got {_json_type(value)}")
-    try:
-        number = float(value)
-    except OverflowError:
-        number = float("inf")
-    if number != number or number in (float("inf"), float("-inf")):
-        raise _bad(f"{where} must be a number, got {str(value)[:20]}")
-    return number
+    if not 0 <= value <= LAST_TIME:  # also NaN
+        raise _bad(f"{where} must be a number of seconds since 1970 from 0 to {LAST_TIME} (the end of the year 9999), "
+                   f"got {quoted(value, 30)}")
+    return float(value)
 
 
 def _one_of(value: object, where: str, allowed: tuple[str, ...]) -> str:
@@ -470,7 +500,8 @@ def _one_of(value: object, where: str, allowed: tuple[str, ...]) -> str:
 
 
 def _flat(value: object, where: str) -> dict | None:
-    """Settings and timings: null, or an object of numbers, strings, true/false and nulls (nothing nested)."""
+    """Settings and timings: null, or an object of finite numbers, strings, true/false and nulls (nothing nested; NaN
+    and Infinity would make the JSON export non-standard)."""
     if value is None:
         return None
     if not isinstance(value, dict):
@@ -479,6 +510,8 @@ def _flat(value: object, where: str) -> dict | None:
         _string(key, f"{where} key")
         if isinstance(item, str):
             _string(item, f"{where}.{_name(key)}")
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise _bad(f"{where}.{_name(key)} must be a finite number, got {item!r}")
         elif item is not None and not isinstance(item, bool | int | float):
             raise _bad(f"{where}.{_name(key)} must be a number, string, true/false or null, got {_json_type(item)}")
     return value
@@ -505,11 +538,12 @@ def _checked_export(data: object) -> list[dict]:
             at = f"{where}.messages[{j}]"
             m = _fields(raw_message, at, _MESSAGE_FIELDS, ("role", "text", "created"))
             messages.append({"role": _one_of(m["role"], f"{at}.role", ROLES), "text": _string(m["text"], f"{at}.text"),
-                             "created": _number(m["created"], f"{at}.created"),
+                             "created": _timestamp(m["created"], f"{at}.created"),
                              "bundle_id": _string(m.get("bundle_id", ""), f"{at}.bundle_id"),
                              "settings": _flat(m.get("settings"), f"{at}.settings"),
                              "stop_reason": _one_of(m.get("stop_reason", ""), f"{at}.stop_reason", STOP_REASONS),
                              "timings": _flat(m.get("timings"), f"{at}.timings")})
-        out.append({"title": _string(conv["title"], f"{where}.title"), "created": _number(conv["created"], f"{where}.created"),
-                    "updated": _number(conv["updated"], f"{where}.updated"), "messages": messages})
+        out.append({"title": _string(conv["title"], f"{where}.title"),
+                    "created": _timestamp(conv["created"], f"{where}.created"),
+                    "updated": _timestamp(conv["updated"], f"{where}.updated"), "messages": messages})
     return out

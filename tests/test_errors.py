@@ -102,7 +102,7 @@ def test_untrusted_text_reaches_the_terminal_without_control_characters(tmp_path
     for argv in (["history", "list"], ["history", "show", "1"], ["history", "search", "title"]):
         capsys.readouterr()
         assert cli.main(argv) == 0
-        out = capsys.readouterr().out
+        out = capsys.readouterr().out.replace("\\]", "]")  # `show` prints Markdown, where brackets are escaped
         assert "title\ufffd]0;owned\ufffd" in out and not any(c in out for c in "\x1b\x07\r"), (argv, out)
 
 
@@ -110,3 +110,37 @@ def test_error_lines_carry_no_control_characters(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_verify", lambda args: (_ for _ in ()).throw(BundleError("bad \x1b[31mname\r")))
     assert cli.main(["verify", "x"]) == 2
     assert capsys.readouterr().err == "error: bad \ufffd[31mname\n"
+
+
+@pytest.mark.parametrize("argv", [["history", "show", "99999999999999999999"], ["history", "export", "0", "--out", "x"],
+                                  ["history", "delete", "-3"], ["history", "show", "abc"]])
+def test_conversation_ids_outside_what_sqlite_holds_are_usage_errors(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STREAMCHAT_DATA_DIR", str(tmp_path / "data"))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"a conversation id is a whole number from 1 to {2**63 - 1}, "
+                                                              f"got {argv[2]!r}")
+
+
+def test_history_search_with_undecodable_bytes_is_answered(tmp_path):
+    env = {**os.environ, "STREAMCHAT_DATA_DIR": str(tmp_path / "data")}
+    typed = b"bad \xff".decode("utf-8", "surrogateescape")  # how Python hands an undecodable argv to the program
+    proc = subprocess.run([sys.executable, "-m", "streamchat", "history", "search", typed], cwd=ROOT, env=env,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == b""
+
+
+def test_history_list_shows_a_stored_time_out_of_range(tmp_path, monkeypatch, capsys):
+    import sqlite3
+
+    from appliance.history import History
+
+    monkeypatch.setenv("STREAMCHAT_DATA_DIR", str(tmp_path / "data"))
+    history = History(tmp_path / "data")
+    history.new_conversation("from an older import")
+    history.close()
+    with sqlite3.connect(tmp_path / "data" / "history.sqlite3") as conn:  # as an import before times were bounded wrote
+        conn.execute("UPDATE conversations SET updated = 1e308")
+    assert cli.main(["history", "list"]) == 0
+    assert "????-??-?? ??:??" in capsys.readouterr().out
