@@ -2,8 +2,9 @@
 
 ``manifest.json`` is covered by ``manifest.sha256`` (its sha256, in ``sha256sum`` format) and lists every other file
 with its size and sha256; every path it names must be one of those files, and a file it does not list is refused.
-Sizes are checked on every open (cheap: catches truncated and missing files); the full sha256 check runs on the first
-open of a bundle (remembered by manifest hash, file sizes and mtimes in the user cache dir) and on demand.
+Sizes, and the files every graph reads its external weights from, are checked on every open (cheap: catches truncated
+and missing files, and weights named outside the bundle); the full sha256 check runs on the first open of a bundle and
+on demand. A passed check is remembered in the user cache dir for exactly those files (path, inode, size, mtime, ctime).
 """
 
 from __future__ import annotations
@@ -12,23 +13,29 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from appliance.conversion import CONVERT_SCRIPT, CONVERTER_FOLDER, check_conversion_files
+from appliance.engines import AUTO, BundleEngine, EngineOptions, open_engine
 from appliance.errors import BundleError, CheckpointError
 from appliance.folders import cache_dir
+from appliance.model.weights import WEIGHT_PRECISIONS
 from appliance.model_config import ModelConfig
+from appliance.targets import DECODER, STATIC, TARGETS
 from appliance.tokenizer import ChatGLMTokenizer
 
+if TYPE_CHECKING:
+    import onnx
+
 FORMAT = "streamchat-bundle"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: cpu graphs take prefix_mask and total_length, static graphs attention_bias
 MANIFEST = "manifest.json"
 DIGEST = "manifest.sha256"
 HASH_CHUNK = 1 << 22
 MAX_MANIFEST_BYTES = 1 << 22
-RUNTIMES = {"cpu": "onnxruntime", "ascend-910b": "mindspore-lite", "ascend-310b": "mindspore-lite"}
-WEIGHTS = ("int4", "int8", "fp16", "fp32")  # the weight precisions an export writes
 # a bundle path: relative, POSIX, each part starting with a letter, digit or "_" (so no "..", no hidden files)
 SAFE_PATH = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(?:/[A-Za-z0-9_][A-Za-z0-9_.-]*)*")
 MAX_FILE_BYTES = 1 << 40
@@ -116,10 +123,11 @@ def validate_manifest(m: dict, source: str) -> None:
     need(len(listed) == len(files), "files", "a list without repeated paths")
     need("name" not in m or (isinstance(m["name"], str) and 0 < len(m["name"]) <= 200 and m["name"].isprintable()),
          "name", "a printable one-line text of at most 200 characters")
-    need(m.get("target") in RUNTIMES, "target", f"one of {', '.join(RUNTIMES)}")
-    need(m.get("runtime") == RUNTIMES[m["target"]], "runtime", f"{RUNTIMES[m['target']]!r} for target {m['target']}")
-    need(isinstance(m.get("quant"), dict) and m["quant"].get("weights") in WEIGHTS, "quant.weights",
-         f"one of {', '.join(WEIGHTS)}")
+    need(isinstance(m.get("target"), str) and m["target"] in TARGETS, "target", f"one of {', '.join(TARGETS)}")
+    target = TARGETS[m["target"]]
+    need(m.get("runtime") == target.runtime, "runtime", f"{target.runtime!r} for target {target.name}")
+    need(isinstance(m.get("quant"), dict) and m["quant"].get("weights") in WEIGHT_PRECISIONS, "quant.weights",
+         f"one of {', '.join(WEIGHT_PRECISIONS)}")
     need(isinstance(m.get("model"), dict) and isinstance(m["model"].get("config"), dict), "model.config",
          "an object (the model's config.json)")
     try:
@@ -130,12 +138,17 @@ def validate_manifest(m: dict, source: str) -> None:
     need(whole(m.get("max_context"), 1, limit), "max_context", f"a whole number from 1 to {limit}")
     tok = m.get("tokenizer")
     need(isinstance(tok, dict), "tokenizer", "an object with file and num_image_tokens")
-    need(whole(tok.get("num_image_tokens"), 0, 1_000_000), "tokenizer.num_image_tokens", "a whole number from 0 to 1000000")
+    need(whole(tok.get("num_image_tokens"), 0, cfg.vocab_size - 1), "tokenizer.num_image_tokens",
+         f"a whole number from 0 to {cfg.vocab_size - 1} (below model.config.vocab_size)")
     named = {"tokenizer.file": tok.get("file")}
     graphs = m.get("graphs")
     need(isinstance(graphs, dict), "graphs", "an object naming the bundle's graphs")
-    if m["runtime"] == "onnxruntime":
+    if target.graphs == DECODER:
         named["graphs.decoder"] = graphs.get("decoder")
+        conversion = sorted(rel for rel in listed if rel == CONVERT_SCRIPT or rel.startswith(CONVERTER_FOLDER))
+        if conversion:
+            raise BundleError(f"{source}: files lists {conversion[0]}: only Ascend bundles carry convert.sh and converter/ "
+                              "(and only the ones StreamChat writes); re-export the bundle")
     else:
         need(whole(graphs.get("capacity"), 1, limit), "graphs.capacity", f"a whole number from 1 to {limit}")
         gears = graphs.get("prefill_gears")
@@ -208,11 +221,9 @@ class Bundle:
             raise BundleError(f"cannot read {path / MANIFEST} ({exc.strerror or exc}); re-copy the bundle") from exc
         bundle = cls(path, read_manifest(raw, digest, str(path)))
         bundle.check_files()
-        if bundle.manifest["runtime"] == "mindspore-lite":
-            from model_export.ascend_targets import check_conversion_files
-
+        if TARGETS[bundle.target].graphs == STATIC:
             check_conversion_files(path, bundle.manifest, bundle.config)
-        marker = cache_dir() / "verified" / bundle._stamp(raw)
+        marker = cache_dir() / "verified" / bundle._stamp()
         if full_check or (full_check is None and not marker.exists()):
             bundle.check_checksums()
             try:
@@ -220,13 +231,18 @@ class Bundle:
                 marker.write_text(str(path))
             except OSError:
                 pass  # a read-only cache only costs a re-check next time
+        bundle.check_graph_data()
         return bundle
 
-    def _stamp(self, manifest_bytes: bytes) -> str:
-        digest = hashlib.sha256(manifest_bytes)
-        for entry in self.files:
-            st = (self.path / entry["path"]).stat()
-            digest.update(f"{entry['path']}:{st.st_size}:{st.st_mtime_ns}".encode())
+    def _stamp(self) -> str:
+        """Names these very files as they are now, for the "checksums passed" marker: each one's resolved path, device
+        and inode (a copy, even with ``cp -a``, is other files), size, mtime and ctime (``touch -r`` can put an edited
+        file's mtime back, not its ctime). Taken before hashing, so a change during the hashing misses it next time."""
+        digest = hashlib.sha256()
+        for rel in self.paths:
+            file = (self.path / rel).resolve()
+            st = file.stat()
+            digest.update(f"{file}\0{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}\n".encode())
         return digest.hexdigest()
 
     def check_files(self) -> None:
@@ -259,46 +275,98 @@ class Bundle:
             found += [(rel / name).as_posix() for name in names + links if (rel / name).as_posix() not in allowed]
         return sorted(found)
 
+    def graph_paths(self) -> list[str]:
+        """The ONNX graphs the manifest names: the decoder, or an Ascend bundle's device and check graphs."""
+        graphs = self.manifest["graphs"]
+        if TARGETS[self.target].graphs == DECODER:
+            return [graphs["decoder"]]
+        return sorted({*graphs["device"].values(), *graphs["check"].values()})
+
+    def check_graph_data(self) -> None:
+        """Every tensor a graph keeps outside itself (ONNX external data, in subgraphs and functions too) lies in a file
+        the manifest lists, within its listed size: onnxruntime before 1.24 and the INT4 prompt kernel read whatever a
+        ``location`` names, absolute or ``../``. Reads the graph without its weights: 5 ms at 28 layers, most of it the
+        walk (and once per process the import of onnx, 70 ms; INT4 bundles import it for their prompt kernel anyway)."""
+        import onnx
+        from google.protobuf.message import DecodeError
+
+        sizes = {entry["path"]: entry["bytes"] for entry in self.files}
+        for rel in self.graph_paths():
+            try:
+                model = onnx.load(str(self.path / rel), load_external_data=False)
+            except (DecodeError, ValueError, OSError) as exc:
+                raise BundleError(f"{self.path}: {rel} is not an ONNX graph ({str(exc)[:100]}); re-copy or re-export the "
+                                  "bundle") from exc
+            stored = _graph_tensors(model.graph), *(_node_tensors(function.node) for function in model.functions)
+            for tensor in (t for tensors in stored for t in tensors):
+                if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data:
+                    self._check_external(rel, [(entry.key, entry.value) for entry in tensor.external_data], sizes)
+
+    def _check_external(self, graph: str, pairs: list[tuple[str, str]], sizes: dict[str, int]) -> None:
+        entries = dict(pairs)
+        if len(entries) != len(pairs):  # readers differ in which of two locations they take
+            raise BundleError(f"{self.path}: {graph} gives a tensor's external data a field twice; re-export the bundle")
+        location = entries.get("location")
+        if location not in sizes:  # listed paths are safe relative paths inside the bundle
+            shown = location[:200] if isinstance(location, str) else location
+            raise BundleError(f"{self.path}: {graph} keeps tensor data in {shown!r}, which is not a file its manifest "
+                              "lists; re-export the bundle")
+        offset, length = entries.get("offset", "0"), entries.get("length", "0")
+        if not (re.fullmatch("[0-9]{1,15}", offset) and re.fullmatch("[0-9]{1,15}", length)):
+            raise BundleError(f"{self.path}: {graph} gives tensor data in {location} an offset or length that is not a "
+                              f"whole number ({offset[:20]!r}, {length[:20]!r}); re-export the bundle")
+        end = int(offset) + int(length)
+        if end > sizes[location]:
+            raise BundleError(f"{self.path}: {graph} reads bytes {int(offset)}..{end} of {location} ({sizes[location]} "
+                              "bytes); re-export the bundle")
+
     def check_checksums(self, on_bytes: Callable[[int], None] = lambda n: None) -> None:
         for entry in self.files:
             if sha256_file(self.path / entry["path"], on_bytes) != entry["sha256"]:
                 raise BundleError(f"bundle checksum mismatch in {entry['path']}: re-export or re-copy the bundle")
 
     def tokenizer(self) -> ChatGLMTokenizer:
+        """The bundle's tokenizer, refused when its ids (sentencepiece pieces + ``num_image_tokens``) would address rows
+        past the model's embedding (the manifest alone cannot tell: it does not know the number of pieces)."""
         tok = self.manifest["tokenizer"]
-        return ChatGLMTokenizer(self.path / tok["file"], num_image_tokens=int(tok["num_image_tokens"]))
+        tokenizer = ChatGLMTokenizer(self.path / tok["file"], num_image_tokens=int(tok["num_image_tokens"]))
+        if tokenizer.vocab_size > self.config.vocab_size:
+            raise BundleError(f"{self.path}: its tokenizer has {tokenizer.vocab_size} ids but the model has "
+                              f"{self.config.vocab_size} embedding rows (tokenizer.num_image_tokens is "
+                              f"{tokenizer.num_image_tokens}); re-export the bundle")
+        return tokenizer
 
-    def engine(self, threads: int | None = None, kind: str = "auto", context: int | None = None,
-               prompt_kernel: bool = True):
-        """The engine for this bundle: ``auto`` = its runtime; Ascend bundles can also run on ``onnxruntime`` (their
-        fp32-compute graphs, on the CPU) or on ``mindspore-lite`` here (CPU) or on the NPU
-        (``STREAMCHAT_LITE_DEVICE=ascend``). ``context`` caps a cpu bundle's context window below its ``max_context``:
-        its KV cache is allocated for that many positions (32 KB each per layer for ChatGLM-6B). ``prompt_kernel=False``
-        keeps an INT4 cpu bundle's prompts in the graph instead of the AVX2 kernel (for comparison)."""
-        runtime = self.manifest.get("runtime")
-        kind = runtime if kind == "auto" else kind
-        graphs = self.manifest["graphs"]
-        if runtime == "onnxruntime" and kind == "onnxruntime":
-            from appliance.engines.onnxruntime import OrtEngine
+    def engine(self, threads: int | None = None, kind: str = AUTO, context: int | None = None,
+               prompt_kernel: bool = True) -> BundleEngine:
+        """This bundle on the engine named ``kind`` (``appliance.engines.ENGINES``; ``auto`` = its target's runtime):
+        Ascend bundles can also run on ``onnxruntime`` (their fp32-compute graphs, on the CPU). ``context`` caps a cpu
+        bundle's context window below its ``max_context``: its KV cache is allocated for that many positions (32 KB
+        each per layer for ChatGLM-6B). ``prompt_kernel=False`` keeps an INT4 cpu bundle's prompts in the graph
+        instead of the AVX2 kernel (for comparison)."""
+        return open_engine(self, kind, EngineOptions(threads=threads, context=context, prompt_kernel=prompt_kernel))
 
-            limit = int(self.manifest["max_context"])
-            return OrtEngine(self.path / graphs["decoder"], self.config, min(limit, context or limit), threads=threads,
-                             prompt_kernel=prompt_kernel)
-        if runtime == "mindspore-lite" and kind in ("onnxruntime", "mindspore-lite"):
-            from appliance.engines.static import OrtGraphRunner, StaticEngine
 
-            device = os.environ.get("STREAMCHAT_LITE_DEVICE", "cpu")
-            files = {name: str(self.path / rel) for name, rel in
-                     graphs["device" if kind == "mindspore-lite" and device == "ascend" else "check"].items()}
-            if kind == "onnxruntime":
-                runner = OrtGraphRunner(files, threads)
-            else:
-                from appliance.engines.mindspore_lite import LiteStepServer
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor a graph stores: its initializers (sparse ones too) and its nodes' tensor attributes, subgraphs
+    (If/Loop/Scan bodies) included."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    yield from _node_tensors(graph.node)
 
-                stamp = hashlib.sha256((self.path / MANIFEST).read_bytes()).hexdigest()[:16]
-                runner = LiteStepServer(files, cache_dir() / "mindir" / f"{stamp}-{device}", self.config.vocab_size,
-                                        device=device, threads=threads,
-                                        device_id=int(os.environ.get("STREAMCHAT_LITE_DEVICE_ID", "0")))
-            return StaticEngine(kind, self.config, int(graphs["capacity"]), list(graphs["prefill_gears"]), runner,
-                                self.tokenizer().special.pad)
-        raise BundleError(f"{self.path} targets {self.target} (runtime {runtime}); it cannot run on engine {kind}")
+
+def _node_tensors(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.TensorProto]:
+    """The tensors nodes hold in their attributes (a ``Constant``'s value, for one), subgraphs included."""
+    for node in nodes:
+        for attribute in node.attribute:
+            if not (attribute.HasField("t") or attribute.HasField("g") or attribute.HasField("sparse_tensor")
+                    or attribute.tensors or attribute.graphs or attribute.sparse_tensors):
+                continue  # numbers and strings, most attributes: skipping them halves the walk at 28 layers
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            sparse = [attribute.sparse_tensor] if attribute.HasField("sparse_tensor") else []
+            for tensor in (*sparse, *attribute.sparse_tensors):
+                yield from (tensor.values, tensor.indices)
+            for graph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _graph_tensors(graph)

@@ -1,87 +1,143 @@
-"""The streaming generator: prefill, then one token at a time on an engine's KV cache, with HF's logits processors.
+"""The streaming generator: prefill, then one token at a time on an engine's KV cache, sampled through a pipeline of
+small score processors.
 
-Processor order is the one ``model.chat`` gets from transformers: repetition penalty (over prompt and output ids), the
-invalid-score guard THUDM appends, then the warpers temperature, top-k, top-p. Stops on ``<eop>``, ``max_new_tokens``, a
-full context, or a cancel event checked between tokens.
+``PIPELINE`` lists the processors in the order ``model.chat`` gets from transformers: repetition penalty (over prompt
+and output ids), the invalid-score guard THUDM appends, then the warpers temperature, top-k, top-p (which greedy
+decoding skips). Each processor is a dataclass whose fields are the ``GenerationConfig`` settings it reads, so the
+pipeline is built from a config by name; a new sampling knob is a setting in ``appliance.settings.SCHEMA`` plus a
+processor here. Generation stops on ``<eop>``, ``max_new_tokens``, a full context, or a cancel event checked between
+tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
 
 import numpy as np
 
 from appliance.engines import Engine
 from appliance.errors import PromptError
 from appliance.positions import layout_of
+from appliance.settings import GenerationSettings, section, section_class
 from appliance.textstream import TextStream
 from appliance.tokenizer import ChatGLMTokenizer
 
 
 @dataclass(frozen=True)
-class GenerationConfig:
-    """THUDM's sampling defaults (top_p 0.7, temperature 0.95, HF's top_k 50) with the appliance's repetition penalty."""
+class GenerationConfig(section_class("generation", frozen=True)):
+    """One answer's sampling: the schema's generation settings (THUDM's top_p 0.7 and temperature 0.95, HF's top_k 50,
+    the appliance's repetition penalty, within the schema's limits), plus the choices of a single run."""
 
-    max_new_tokens: int = 512
     greedy: bool = False
-    temperature: float = 0.95
-    top_p: float = 0.7
-    top_k: int = 50
-    repetition_penalty: float = 1.2
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        checks = {"max_new_tokens": self.max_new_tokens >= 1, "temperature": self.temperature > 0,
-                  "top_p": 0 < self.top_p <= 1, "top_k": self.top_k >= 0, "repetition_penalty": self.repetition_penalty > 0}
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise PromptError(f"invalid generation setting {bad[0]}={getattr(self, bad[0])!r} (max_new_tokens >= 1, "
-                              "temperature > 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0)")
+        for setting in section("generation"):
+            setting.check(getattr(self, setting.name), setting.name)
+
+    @classmethod
+    def from_settings(cls, settings: GenerationSettings, greedy: bool = False, seed: int | None = None) -> GenerationConfig:
+        return cls(**dataclasses.asdict(settings), greedy=greedy, seed=seed)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return dataclasses.asdict(self)
 
 
-def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+class Processor(Protocol):
+    """Takes the scores of the next token (float32, the pipeline's own copy, which it may change in place) and the
+    ids seen so far (a boolean mask over the vocabulary); returns the scores to use next."""
+
+    warper: ClassVar[bool]  # only for sampling: greedy decoding skips it
+
+    def __call__(self, scores: np.ndarray, seen: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class RepetitionPenalty:
     """HF's rule: a seen id's score is divided by the penalty when positive, multiplied when negative."""
-    if penalty == 1.0 or seen.size == 0:
-        return logits
-    out = logits.copy()
-    scores = out[seen]
-    out[seen] = np.where(scores < 0, scores * penalty, scores / penalty)
-    return out
+
+    repetition_penalty: float
+    warper: ClassVar[bool] = False
+
+    def __call__(self, scores: np.ndarray, seen: np.ndarray) -> np.ndarray:
+        penalty = self.repetition_penalty
+        if penalty != 1.0:
+            ids = np.flatnonzero(seen)
+            picked = scores[ids]
+            scores[ids] = np.where(picked < 0, picked * penalty, picked / penalty)
+        return scores
 
 
-def guard_invalid_scores(logits: np.ndarray) -> np.ndarray:
+@dataclass(frozen=True)
+class InvalidScoreGuard:
     """THUDM's InvalidScoreLogitsProcessor: NaN/inf anywhere -> all zeros with id 5 at 5e4."""
-    if np.isfinite(logits).all():
-        return logits
-    out = np.zeros_like(logits)
-    out[5] = 5e4
-    return out
+
+    warper: ClassVar[bool] = False
+
+    def __call__(self, scores: np.ndarray, seen: np.ndarray) -> np.ndarray:
+        if np.isfinite(scores).all():
+            return scores
+        out = np.zeros_like(scores)
+        out[5] = 5e4
+        return out
 
 
-def warp(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
-    """Temperature, then top-k (ties kept), then top-p (HF keeps the smallest set whose mass exceeds top_p).
+@dataclass(frozen=True)
+class Temperature:
+    temperature: float
+    warper: ClassVar[bool] = True
+
+    def __call__(self, scores: np.ndarray, seen: np.ndarray) -> np.ndarray:
+        scores /= np.float32(self.temperature)
+        return scores
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Keeps the k best scores (and any tied with the k-th); 0 keeps all."""
+
+    top_k: int
+    warper: ClassVar[bool] = True
+
+    def __call__(self, scores: np.ndarray, seen: np.ndarray) -> np.ndarray:
+        if 0 < self.top_k < scores.size:
+            np.copyto(scores, -np.inf, where=scores < np.partition(scores, -self.top_k)[-self.top_k])
+        return scores
+
+
+@dataclass(frozen=True)
+class TopP:
+    """HF's nucleus: keeps the smallest set of tokens whose probability mass exceeds top_p.
 
     Only the tokens still alive are sorted (50 after top-k, not 130528), which keeps sampling far below 1% of a step.
     """
-    out = logits / np.float32(temperature)
-    if 0 < top_k < out.size:
-        kth = np.partition(out, -top_k)[-top_k]
-        out = np.where(out < kth, -np.inf, out)
-    if top_p < 1.0:
-        live = np.flatnonzero(np.isfinite(out))
-        order = live[np.argsort(out[live], kind="stable")]
-        probs = np.exp(out[order] - out[order[-1]])
-        cumulative = np.cumsum(probs / probs.sum())
-        remove = cumulative <= 1 - top_p
-        remove[-1] = False
-        out[order[remove]] = -np.inf
-    return out
+
+    top_p: float
+    warper: ClassVar[bool] = True
+
+    def __call__(self, scores: np.ndarray, seen: np.ndarray) -> np.ndarray:
+        if self.top_p < 1.0:
+            live = np.flatnonzero(np.isfinite(scores))
+            order = live[np.argsort(scores[live], kind="stable")]
+            probs = np.exp(scores[order] - scores[order[-1]])
+            remove = np.cumsum(probs / probs.sum()) <= 1 - self.top_p
+            remove[-1] = False
+            scores[order[remove]] = -np.inf
+        return scores
+
+
+PIPELINE: tuple[type, ...] = (RepetitionPenalty, InvalidScoreGuard, Temperature, TopK, TopP)  # HF's order
+
+
+def processors(config: GenerationConfig) -> tuple[Processor, ...]:
+    """The pipeline for ``config``: each processor built from the config fields named like its own fields."""
+    return tuple(kind(**{f.name: getattr(config, f.name) for f in dataclasses.fields(kind)})
+                 for kind in PIPELINE if not (config.greedy and kind.warper))
 
 
 @dataclass
@@ -94,11 +150,10 @@ class GenerationResult:
     prefill_ms: float = 0.0
     decode_ms_per_token: float = 0.0
 
-    def to_dict(self) -> dict:
-        return {"prompt_ids": self.prompt_ids, "token_ids": self.token_ids, "response": self.response,
-                "deltas": self.deltas, "stopped": self.stopped,
-                "timings": {"prefill_ms": round(self.prefill_ms, 3),
-                            "decode_ms_per_token": round(self.decode_ms_per_token, 3)}}
+    def timings(self) -> dict:
+        """What the history stores with an answer and ``generate --json`` prints."""
+        return {"prefill_ms": round(self.prefill_ms, 3), "decode_ms_per_token": round(self.decode_ms_per_token, 3),
+                "tokens": len(self.token_ids)}
 
 
 class StreamGenerator:
@@ -118,6 +173,7 @@ class StreamGenerator:
                               f"{self.engine.max_context}: shorten it")
         layout = layout_of(list(prompt_ids), special.bos, special.gmask, special.mask)
         rng = np.random.default_rng(config.seed)
+        pipeline = processors(config)
         text = TextStream(self.tokenizer)
         sequence = self.engine.start()
 
@@ -130,7 +186,7 @@ class StreamGenerator:
         t_decode, steps = time.perf_counter(), 0
         total = len(prompt_ids)
         while True:
-            token = self._choose(logits, seen, config, rng)
+            token = self._choose(logits, seen, pipeline, config.greedy, rng)
             result.token_ids.append(token)
             total += 1
             if token == special.eos:
@@ -159,13 +215,14 @@ class StreamGenerator:
             yield tail
         result.response = text.text
 
-    def _choose(self, logits: np.ndarray, seen: np.ndarray, config: GenerationConfig, rng: np.random.Generator) -> int:
-        scores = apply_repetition_penalty(logits.astype(np.float32), np.flatnonzero(seen),
-                                          config.repetition_penalty)
-        scores = guard_invalid_scores(scores)
-        if config.greedy:
+    @staticmethod
+    def _choose(logits: np.ndarray, seen: np.ndarray, pipeline: tuple[Processor, ...], greedy: bool,
+                rng: np.random.Generator) -> int:
+        scores = logits.astype(np.float32)  # a copy: the processors work in place
+        for process in pipeline:
+            scores = process(scores, seen)
+        if greedy:
             return int(np.argmax(scores))
-        scores = warp(scores, config.temperature, config.top_k, config.top_p)
         live = np.flatnonzero(np.isfinite(scores))
         probs = np.exp(scores[live] - scores[live].max())
         return int(live[rng.choice(live.size, p=probs / probs.sum())])

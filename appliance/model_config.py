@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from appliance.errors import CheckpointError
+from appliance.model.weights import ATTENTION_DENSE, MLP_DOWN, MLP_UP, QUERY_KEY_VALUE
 
 # Generous bounds around ChatGLM-6B's own values (in the comments), checked before anything is sized from them: a
 # hostile config.json or manifest cannot ask for terabytes, a zero-sized head or a billion layers.
@@ -73,8 +74,7 @@ class ModelConfig:
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """[out, in] of the four linear layers of a block, as stored in the checkpoint."""
         h, f = self.hidden_size, self.inner_hidden_size
-        return {"attention.query_key_value": (3 * h, h), "attention.dense": (h, h),
-                "mlp.dense_h_to_4h": (f, h), "mlp.dense_4h_to_h": (h, f)}
+        return {QUERY_KEY_VALUE: (3 * h, h), ATTENTION_DENSE: (h, h), MLP_UP: (f, h), MLP_DOWN: (h, f)}
 
     def param_count(self) -> int:
         per_layer = sum(o * i + o for o, i in self.linear_shapes().values()) + 4 * self.hidden_size

@@ -1,4 +1,4 @@
-"""chatglm.cpp (q4_0) on ChatGLM-6B's real shapes, to compare with our runtime on this machine in the same session.
+"""chatglm.cpp (q4_0) on ChatGLM-6B's real shapes, to compare with our runtime on the same machine at the same time.
 
     python bench/chatglm_cpp.py --main /path/to/chatglm.cpp/build/bin/main [--layers 28] [--work /tmp/streamchat-bench]
                                 [--ours BUNDLE --rounds 2]

@@ -1,4 +1,4 @@
-"""What bounds the cpu target on this machine: onnxruntime's matmul kernels alone, on ChatGLM-6B's shapes.
+"""What bounds the cpu target on this machine: the matmul kernels alone, on ChatGLM-6B's shapes.
 
     python bench/kernels.py
 

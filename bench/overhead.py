@@ -41,7 +41,7 @@ class RandomLogits:
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:  # a real-layout tokenizer (ids up to 130008)
-        ckpt = write_checkpoint(Path(tmp), 0, widths={"hidden_size": 64, "inner_hidden_size": 256,
+        ckpt = write_checkpoint(Path(tmp), 1, widths={"hidden_size": 64, "inner_hidden_size": 256,
                                                       "num_attention_heads": 4})
         tokenizer = ChatGLMTokenizer.from_dir(ckpt)
     generator, rules = StreamGenerator(RandomLogits(), tokenizer), RuleSet.load(safety_lists(Path("/nonexistent")))

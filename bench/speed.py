@@ -9,7 +9,7 @@ prefill instead of the AVX2 INT4 prompt kernel), decode ms/token at context 128/
 over all of that plus a conversation filled to the full 2048-token context (checked against weights + KV cache +
 15%). Layer counts short of the real 28 are fitted as ``a + b * layers`` and extrapolated. The floor is the bytes a
 decode step must read (weights + KV cache) over the read bandwidth measured right before and after that decode run
-(on this shared machine it moves between 15 and 23 GB/s from minute to minute). Results of bench/chatglm_cpp.py in
+(on a shared machine it moves from minute to minute: docs/performance.md). Results of bench/chatglm_cpp.py in
 ``--work`` (chatglm-cpp-*.json) add the ratios to chatglm.cpp and its points on the plot.
 """
 
@@ -81,10 +81,11 @@ def child_run(bundle_dir: str, contexts: list[int], prompts: list[int]) -> None:
     rng = np.random.default_rng(0)
     text_ids = rng.integers(tok.num_image_tokens + 100, tok.num_image_tokens + 1000, size=4096).tolist()
 
-    def prefill(length: int):
+    def prefill(length: int, graph: bool = False):
+        """Time one prompt of ``length`` tokens on the engine's own prefill path, or on the graph's (``graph``)."""
         ids = text_ids[: length - 2] + [special.gmask, special.bos]
         layout = layout_of(ids, special.bos, special.gmask, special.mask)
-        seq = engine.start()
+        seq = (engine.prefill_paths(np.array(ids), layout.mask())["graph"] if graph else engine).start()
         start = time.perf_counter()
         seq.prefill(np.array(ids), layout.position_ids(), layout.mask())
         return seq, layout, time.perf_counter() - start
@@ -94,9 +95,8 @@ def child_run(bundle_dir: str, contexts: list[int], prompts: list[int]) -> None:
     warm_up(engine, special.bos, special.gmask)  # as the app does when it loads
     for length in prompts:
         out["ttft_ms"][length] = min(prefill(length)[2] for _ in range(2)) * 1000
-        if engine.prompts is not None:  # the AVX2 INT4 prompt path applies: the graph's own prefill, for comparison
-            with engine.graph_prefill():
-                out["ttft_graph_ms"][length] = min(prefill(length)[2] for _ in range(2)) * 1000
+        if engine.prefill.name != "graph":  # the AVX2 INT4 prompt path applies: the graph's own prefill, for comparison
+            out["ttft_graph_ms"][length] = min(prefill(length, graph=True)[2] for _ in range(2)) * 1000
     for context in contexts:
         seq, layout, _ = prefill(context - DECODE_STEPS // 2)  # the steps straddle the context
         total, times = context - DECODE_STEPS // 2, []

@@ -6,16 +6,18 @@ restricted unpickler that knows only the tensor-rebuild globals; tensor bytes ar
 zip entries, a block of rows at a time when asked, so torch is never imported and a 13.7 GB checkpoint never needs
 13.7 GB of RAM.
 
-Every file is untrusted: each index entry is type-checked, every tensor's byte range must lie inside its storage and
-every storage inside its file, data.pkl may not inflate beyond ``INDEX_CAP``, and the zip CRC-32 of each tensor
-entry is computed as the tensor's bytes are read (``check_crcs`` hashes what the reads skipped). Any violation is a
-``CheckpointError`` naming the file.
+Every file is untrusted: the zip directory's entry count and size are capped before ``zipfile`` reads it, each index
+entry is type-checked, every tensor's byte range must lie inside its storage and every storage inside its file,
+data.pkl may not inflate beyond ``INDEX_CAP``, and the zip CRC-32 of each tensor entry is computed as the tensor's bytes
+are read (``check_crcs`` hashes what the reads skipped). Any violation is a ``CheckpointError`` naming the file, quoting
+untrusted values only through ``appliance.display.quoted``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import struct
 import zipfile
@@ -23,10 +25,13 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
+from appliance.display import quoted
 from appliance.errors import CheckpointError
+from appliance.model.weights import EMBEDDING, FINAL_NORM, INPUT_NORM, LM_HEAD, POST_ATTENTION_NORM, layer_prefix
 from appliance.model_config import ModelConfig
 
 _TORCH_DTYPES = {"HalfStorage": np.float16, "FloatStorage": np.float32, "BFloat16Storage": "bfloat16",
@@ -36,9 +41,14 @@ _ALLOWED_DTYPES = ("float16", "float32", "bfloat16")
 # The tensor index of the whole ChatGLM-6B checkpoint (data.pkl, or a safetensors header) is ~50 KB: 339 tensors of
 # ~150 bytes. Parsing costs up to ~70 bytes of memory per pickle byte (an object per one-byte opcode) and ~20 per JSON
 # byte, so 4 MiB keeps a hostile index under ~300 MB while leaving 80x headroom over the real one. The same cap bounds
-# config.json and the shard indexes.
+# config.json, the shard indexes and a .bin file's zip directory.
 INDEX_CAP = 4 << 20
+# A checkpoint shard's zip holds a few hundred entries (one per storage, data.pkl, version records) in a directory of
+# ~100 bytes per entry. zipfile builds a ZipInfo of ~500 bytes per entry while it reads the directory, so both are capped
+# before it starts: at most INDEX_CAP bytes and MAX_ZIP_ENTRIES entries, ~50 MB at worst.
+MAX_ZIP_ENTRIES = 65536
 MAX_DIMS = 8
+INT64_LIMIT = 1 << 63  # offsets, sizes and strides are int64 in torch
 _HASH_CHUNK = 16 << 20
 
 
@@ -224,8 +234,56 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
-            raise CheckpointError(f"{self.source}: unexpected persistent id {pid!r}")
+            raise CheckpointError(f"{self.source}: unexpected persistent id {quoted(pid)}")
         return _Storage(pid[1].name, pid[2])
+
+
+_EOCD = struct.Struct("<4s4H2LH")  # end of central directory record
+_ZIP64_LOCATOR = struct.Struct("<4sIQI")
+_ZIP64_EOCD = struct.Struct("<4sQ2H2I4Q")  # zip64 end of central directory record, without extensible data
+
+
+def _zip_directory_extent(fh: BinaryIO) -> tuple[int, int] | None:
+    """(entries, bytes) of the zip's central directory as its end records declare them, found the way ``zipfile`` finds
+    them; None when there is no end record (``zipfile`` then refuses the file itself)."""
+    size = fh.seek(0, os.SEEK_END)
+    tail_start = max(0, size - (1 << 16) - _EOCD.size)
+    fh.seek(tail_start)
+    tail = fh.read()
+    at = len(tail) - _EOCD.size  # the record at the very end when it has no comment, else the last one in the tail
+    if not (at >= 0 and tail[at:at + 4] == b"PK\x05\x06" and tail[-2:] == b"\0\0"):
+        at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or at + _EOCD.size > len(tail):
+        return None
+    _, _, _, _, entries, directory, _, _ = _EOCD.unpack_from(tail, at)
+    eocd = tail_start + at
+    if eocd < _ZIP64_LOCATOR.size:
+        return entries, directory
+    fh.seek(eocd - _ZIP64_LOCATOR.size)
+    signature, _, located, _ = _ZIP64_LOCATOR.unpack(fh.read(_ZIP64_LOCATOR.size))
+    if signature != b"PK\x06\x07":
+        return entries, directory
+    # zipfile reads the zip64 record just before the locator (3.11) or where the locator points (later versions)
+    extents = []
+    for record in {eocd - _ZIP64_LOCATOR.size - _ZIP64_EOCD.size, located}:
+        if 0 <= record <= size - _ZIP64_EOCD.size:
+            fh.seek(record)
+            signature, _, _, _, _, _, _, entries64, directory64, _ = _ZIP64_EOCD.unpack(fh.read(_ZIP64_EOCD.size))
+            if signature == b"PK\x06\x06":
+                extents.append((entries64, directory64))
+    return (max(e for e, _ in extents), max(d for _, d in extents)) if extents else (entries, directory)
+
+
+def _check_zip_directory(path: Path, fh: BinaryIO) -> None:
+    """Refuse a zip whose central directory is too big, before ``zipfile`` reads all of it into memory (a 108 MB file
+    of 2 million entries took it 18 s and 1.17 GB)."""
+    entries, directory = _zip_directory_extent(fh) or (0, 0)
+    if entries > MAX_ZIP_ENTRIES:
+        raise CheckpointError(f"{path.name}: its zip directory lists {entries} entries, more than the {MAX_ZIP_ENTRIES} "
+                              "allowed (a checkpoint shard has a few hundred); this is not a usable checkpoint")
+    if directory > INDEX_CAP:
+        raise CheckpointError(f"{path.name}: its zip directory is {directory} bytes, more than the {INDEX_CAP} allowed "
+                              "(a checkpoint shard's is under 100 KB); this is not a usable checkpoint")
 
 
 def _zip_data_offset(path: Path, info: zipfile.ZipInfo) -> int:
@@ -261,7 +319,7 @@ def _is_int(value: object) -> bool:
 
 
 def _is_count(value: object) -> bool:
-    return _is_int(value) and value >= 0
+    return _is_int(value) and 0 <= value < INT64_LIMIT
 
 
 def _as_list(value: object) -> object:
@@ -290,16 +348,22 @@ def _bin_ref(path: Path, archive: zipfile.ZipFile, prefix: str, key: str, record
     storage, offset, size, stride = record.storage, record.offset, record.size, record.stride
     if not (isinstance(storage, _Storage) and isinstance(storage.key, str)):
         raise CheckpointError(f"{where} does not name a storage of the zip")
+    # a BUILD opcode can rewrite the storage type's name after find_class accepted it
+    dtype = _TORCH_DTYPES.get(storage.type_name) if isinstance(storage.type_name, str) else None
+    if dtype is None:
+        raise CheckpointError(f"{where} has unsupported storage type {quoted(storage.type_name)} (supported: "
+                              f"{', '.join(_TORCH_DTYPES)})")
     if not (_is_count(offset) and isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
             and len(size) <= MAX_DIMS and all(_is_count(n) for n in size + stride)):
-        raise CheckpointError(f"{where} has storage_offset {offset!r}, size {_as_list(size)} and stride "
-                              f"{_as_list(stride)}; expected non-negative integers (at most {MAX_DIMS} dimensions)")
+        raise CheckpointError(f"{where} has storage_offset {quoted(offset)}, size {quoted(_as_list(size))} and stride "
+                              f"{quoted(_as_list(stride))}; expected non-negative integers below 2**63 (at most "
+                              f"{MAX_DIMS} dimensions)")
     if size and stride != tuple(math.prod(size[i + 1:]) for i in range(len(size))):
         raise CheckpointError(f"{where} is not contiguous; re-save the checkpoint")
     name = f"{prefix}data/{storage.key}"
     if name not in entries:
         entries[name] = _storage_entry(path, archive, name, where)
-    entry, dtype = entries[name], _TORCH_DTYPES[storage.type_name]
+    entry = entries[name]
     begin = offset * _itemsize(dtype)
     end = begin + math.prod(size) * _itemsize(dtype)
     if end > entry.size:
@@ -310,32 +374,39 @@ def _bin_ref(path: Path, archive: zipfile.ZipFile, prefix: str, key: str, record
 
 def read_bin_index(path: Path) -> dict[str, TensorRef]:
     """Tensor references of one torch zip ``.bin`` file."""
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as exc:  # damaged names, version fields
-        raise CheckpointError(f"{path.name} is not a readable torch zip checkpoint (truncated or corrupt?): {exc}; "
-                              "re-copy it") from exc
-    with archive:
-        pkl = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-        if not pkl:
-            raise CheckpointError(f"{path.name}: no data.pkl inside (legacy torch format is not supported)")
-        prefix = pkl[0][: -len("data.pkl")]
+    with path.open("rb") as fh:
+        _check_zip_directory(path, fh)
         try:
-            state = _RestrictedUnpickler(_read_data_pkl(path, archive, pkl[0]), path.name).load()
-        except CheckpointError:
-            raise
-        except Exception as exc:  # a malformed pickle stream: name the file, never crash
-            raise CheckpointError(f"{path.name}: cannot read its tensor index ({exc})") from exc
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{path.name}: expected a state dict, found {type(state).__name__}")
-        refs: dict[str, TensorRef] = {}
-        entries: dict[str, ZipEntryCrc] = {}
-        for key, value in state.items():
-            if not isinstance(value, _TensorRecord):
-                continue
-            if not isinstance(key, str):
-                raise CheckpointError(f"{path.name}: a tensor is named {key!r}, not a string")
-            refs[key] = _bin_ref(path, archive, prefix, key, value, entries)
+            archive = zipfile.ZipFile(fh)
+        except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as exc:  # damaged names, version fields
+            raise CheckpointError(f"{path.name} is not a readable torch zip checkpoint (truncated or corrupt?): {exc}; "
+                                  "re-copy it") from exc
+        with archive:
+            return _bin_refs(path, archive)
+
+
+def _bin_refs(path: Path, archive: zipfile.ZipFile) -> dict[str, TensorRef]:
+    """The tensor references of a zip's data.pkl, each checked against the zip (``_bin_ref``)."""
+    pkl = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+    if not pkl:
+        raise CheckpointError(f"{path.name}: no data.pkl inside (legacy torch format is not supported)")
+    prefix = pkl[0][: -len("data.pkl")]
+    try:
+        state = _RestrictedUnpickler(_read_data_pkl(path, archive, pkl[0]), path.name).load()
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a malformed pickle stream: name the file, never crash
+        raise CheckpointError(f"{path.name}: cannot read its tensor index ({exc})") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path.name}: expected a state dict, found {type(state).__name__}")
+    refs: dict[str, TensorRef] = {}
+    entries: dict[str, ZipEntryCrc] = {}
+    for key, value in state.items():
+        if not isinstance(value, _TensorRecord):
+            continue
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path.name}: a tensor is named {quoted(key)}, not a string")
+        refs[key] = _bin_ref(path, archive, prefix, key, value, entries)
     return refs
 
 
@@ -347,12 +418,13 @@ def _safetensors_ref(path: Path, key: str, meta: object, data_start: int, data_s
     name = meta.get("dtype")
     dtype = _SAFETENSORS_DTYPES.get(name) if isinstance(name, str) else None
     if dtype is None:
-        raise CheckpointError(f"{where} has unsupported dtype {name!r}")
+        raise CheckpointError(f"{where} has unsupported dtype {quoted(name)}")
     shape, offsets = meta.get("shape"), meta.get("data_offsets")
     if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_count(n) for n in shape)):
-        raise CheckpointError(f"{where}: shape must be a list of at most {MAX_DIMS} non-negative integers, not {shape!r}")
+        raise CheckpointError(f"{where}: shape must be a list of at most {MAX_DIMS} non-negative integers below 2**63, "
+                              f"not {quoted(shape)}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(n) for n in offsets)):
-        raise CheckpointError(f"{where}: data_offsets must be two integers, not {offsets!r}")
+        raise CheckpointError(f"{where}: data_offsets must be two integers, not {quoted(offsets)}")
     begin, end = offsets
     if not 0 <= begin <= end <= data_size:
         raise CheckpointError(f"{path.name} is truncated or damaged: tensor {key} has data_offsets [{begin}, {end}] "
@@ -397,13 +469,11 @@ def read_safetensors_index(path: Path) -> dict[str, TensorRef]:
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor the model uses, with its [out, in] shape."""
     h = cfg.hidden_size
-    shapes: dict[str, tuple[int, ...]] = {"transformer.word_embeddings.weight": (cfg.vocab_size, h),
-                                          "transformer.final_layernorm.weight": (h,),
-                                          "transformer.final_layernorm.bias": (h,),
-                                          "lm_head.weight": (cfg.vocab_size, h)}
+    shapes: dict[str, tuple[int, ...]] = {EMBEDDING: (cfg.vocab_size, h), FINAL_NORM + ".weight": (h,),
+                                          FINAL_NORM + ".bias": (h,), LM_HEAD: (cfg.vocab_size, h)}
     for n in range(cfg.num_layers):
-        p = f"transformer.layers.{n}."
-        for ln in ("input_layernorm", "post_attention_layernorm"):
+        p = layer_prefix(n)
+        for ln in (INPUT_NORM, POST_ATTENTION_NORM):
             shapes[p + ln + ".weight"] = shapes[p + ln + ".bias"] = (h,)
         for name, (out, inp) in cfg.linear_shapes().items():
             shapes[p + name + ".weight"] = (out, inp)
@@ -440,7 +510,7 @@ def _weight_map(index_path: Path) -> dict[str, str]:
     for key, file in weight_map.items():
         if not (isinstance(file, str) and file == Path(file).name and file not in ("", ".", "..")):
             raise CheckpointError(f"{index_path.name}: weight_map entry {key} must name a file in the checkpoint folder, "
-                                  f"not {file!r}")
+                                  f"not {quoted(file)}")
     return weight_map
 
 
@@ -460,8 +530,8 @@ class Checkpoint:
             raise CheckpointError(f"{self.dir} has no ice_text.model (the ChatGLM-6B tokenizer); copy it from the "
                                   "checkpoint's repository")
         self.refs = self._index()
-        if "lm_head.weight" not in self.refs and "transformer.word_embeddings.weight" in self.refs:
-            self.refs["lm_head.weight"] = self.refs["transformer.word_embeddings.weight"]  # tied, as HF ties them
+        if LM_HEAD not in self.refs and EMBEDDING in self.refs:
+            self.refs[LM_HEAD] = self.refs[EMBEDDING]  # tied, as HF ties them
         self._validate()
 
     def _index(self) -> dict[str, TensorRef]:
@@ -532,7 +602,7 @@ class Checkpoint:
 
     def lm_head_is_tied(self) -> bool:
         """True when lm_head and the embedding share storage or hold equal values (then a bundle stores one)."""
-        a, b = self.refs["lm_head.weight"], self.refs["transformer.word_embeddings.weight"]
+        a, b = self.refs[LM_HEAD], self.refs[EMBEDDING]
         if a == b:
             return True
         head, emb = a.load(), b.load()

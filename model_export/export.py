@@ -21,16 +21,17 @@ import onnx
 from appliance import __version__
 from appliance.bundle import DIGEST, FORMAT, FORMAT_VERSION, MANIFEST, Bundle, sha256_file, write_manifest
 from appliance.errors import StreamChatError
+from appliance.model.weights import WEIGHT_PRECISIONS
+from appliance.targets import DECODER, STATIC, TARGETS
 from appliance.tokenizer import ChatGLMTokenizer
 from model_export.checkpoint import Checkpoint
-from model_export.graph import DecoderGraph, QuantSpec
+from model_export.graph import DecoderGraph, QuantReport, QuantSpec
 from model_export.onnx_builder import ExternalData, GraphBuilder
 from model_export.progress import Progress
-from model_export.quantize import BITS, GROUP_SIZES, WEIGHT_QUANTS
+from model_export.quantize import BITS, GROUP_SIZES
 from model_export.reference import ReferenceEngine, ReferenceModel
 from model_export.verify import verify
 
-TARGETS = ("cpu", "ascend-910b", "ascend-310b")
 DEFAULT_GROUP_SIZE = 128
 BYTES_PER_WEIGHT = {"int4": 0.5 + 4 / 32, "int8": 1 + 4 / 32, "fp16": 2, "fp32": 4}  # worst case: group 32 scales
 VERIFY_CONTEXT = 256  # the verification prompts and steps stay far below this; the cache is sized to it
@@ -49,9 +50,10 @@ class ExportResult:
 
 
 def default_embeddings(quant: str, target: str) -> str:
-    """Quantized cpu bundles quantize lm_head (and the tied embedding) to INT8: an fp16 head is folded to a 2.1 GB fp32
-    matrix by onnxruntime and read in full for every token. Ascend bundles store the tables like the block weights."""
-    return "int8" if quant in BITS and target == "cpu" else quant
+    """Quantized decoder-graph (cpu) bundles quantize lm_head (and the tied embedding) to INT8: an fp16 head is folded
+    to a 2.1 GB fp32 matrix by onnxruntime and read in full for every token. Static-graph (Ascend) bundles store the
+    tables like the block weights."""
+    return "int8" if quant in BITS and TARGETS[target].graphs == DECODER else quant
 
 
 def weakest_precision(*precisions: str) -> str:
@@ -81,14 +83,14 @@ def estimate_bytes(ckpt: Checkpoint, spec: QuantSpec, tied: bool) -> int:
     return int(linear * BYTES_PER_WEIGHT[spec.weights] + tables * BYTES_PER_WEIGHT[spec.embeddings]) + (64 << 20)
 
 
-def _check_request(target: str, quant: str, group_size: int, embeddings: str) -> None:
+def _check_request(target: str, quant: str, group_size: int, embeddings: str | None) -> None:
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
-    if quant not in WEIGHT_QUANTS:
-        raise ExportError(f"unknown quantization {quant!r}: choose one of {', '.join(WEIGHT_QUANTS)}")
+    if quant not in WEIGHT_PRECISIONS:
+        raise ExportError(f"unknown quantization {quant!r}: choose one of {', '.join(WEIGHT_PRECISIONS)}")
     if quant in BITS and group_size not in GROUP_SIZES:
         raise ExportError(f"group size {group_size} is not supported: choose one of {GROUP_SIZES}")
-    if embeddings not in ("fp16", "fp32", "int8", "int4"):
+    if embeddings is not None and embeddings not in ("fp16", "fp32", "int8", "int4"):
         raise ExportError(f"unknown embedding precision {embeddings!r}: choose fp16, fp32, int8 or int4")
 
 
@@ -137,15 +139,15 @@ def export_bundle(checkpoint_dir: str | Path, out: str | Path, target: str = "cp
     started = time.perf_counter()
     progress = progress or Progress(enabled=False)
     out = Path(out)
-    embeddings = embeddings or default_embeddings(quant, target)
     _check_request(target, quant, group_size, embeddings)
+    embeddings = embeddings or default_embeddings(quant, target)
     if out.exists() and not force:
         raise ExportError(f"{out} already exists: choose another --out or pass --force to replace it")
     ckpt = Checkpoint(checkpoint_dir)
     tokenizer = ChatGLMTokenizer.from_dir(ckpt.dir)
     _check_tokenizer(tokenizer, ckpt)
     spec = QuantSpec(weights=quant, group_size=group_size, embeddings=embeddings,
-                     accuracy_level=accuracy_level if target == "cpu" else 0)
+                     accuracy_level=accuracy_level if TARGETS[target].graphs == DECODER else 0)
     tied = ckpt.lm_head_is_tied()
     out.parent.mkdir(parents=True, exist_ok=True)
     need, free = estimate_bytes(ckpt, spec, tied), shutil.disk_usage(out.parent).free
@@ -179,31 +181,46 @@ def export_bundle(checkpoint_dir: str | Path, out: str | Path, target: str = "cp
     return ExportResult(bundle=out, manifest=manifest, seconds=time.perf_counter() - started)
 
 
+def _matrices(ckpt: Checkpoint) -> int:
+    """The matrices an export quantizes: every layer's linear layers and the head (its progress unit)."""
+    return ckpt.config.num_layers * len(ckpt.config.linear_shapes()) + 1
+
+
+def _write_decoder_graph(ckpt: Checkpoint, spec: QuantSpec, tied: bool, tmp: Path, target: str, progress: Progress,
+                         doc: str) -> tuple[dict, QuantReport]:
+    """``decoder.onnx`` and its weights: one graph with dynamic shapes for onnxruntime."""
+    cfg = ckpt.config
+    data = ExternalData(tmp / "decoder.onnx.data")
+    with progress.stage("tensors read + quantized", _matrices(ckpt), "matrix") as advance:
+        graph = DecoderGraph(cfg, ckpt.tensor_as_stored, spec, GraphBuilder(data), tied=tied,
+                             max_positions=cfg.max_sequence_length + 1, on_tensor=lambda _: advance())
+        model = graph.build(doc=doc)
+    data.close()
+    with progress.stage("graph written", 1, "file") as advance:
+        onnx.save_model(model, str(tmp / "decoder.onnx"))
+        advance()
+    return {"decoder": "decoder.onnx", "kv_layout": "[batch, heads, capacity, head_dim]"}, graph.report
+
+
+def _write_static_graphs(ckpt: Checkpoint, spec: QuantSpec, tied: bool, tmp: Path, target: str, progress: Progress,
+                         doc: str) -> tuple[dict, QuantReport]:
+    """Graphs per prefill gear, a decode graph and their conversion files, in the shapes the target compiles."""
+    from model_export.ascend_targets import write_ascend_graphs
+
+    with progress.stage("tensors read + quantized, graphs written", _matrices(ckpt), "matrix") as advance:
+        return write_ascend_graphs(ckpt, ckpt.tensor_as_stored, spec.weights, spec.group_size, tied, target, tmp,
+                                   lambda _: advance(), doc)
+
+
+GRAPH_WRITERS = {DECODER: _write_decoder_graph, STATIC: _write_static_graphs}  # by the target's graph layout
+
+
 def _build(ckpt: Checkpoint, tokenizer: ChatGLMTokenizer, spec: QuantSpec, tied: bool, tmp: Path, target: str,
            progress: Progress, name: str | None) -> dict:
     cfg = ckpt.config
     shutil.copyfile(tokenizer.model_file, tmp / "ice_text.model")
-    matrices = cfg.num_layers * len(cfg.linear_shapes()) + 1
     doc = f"ChatGLM-6B decoder exported by streamchat {__version__} ({spec.weights}, {target})"
-    if target == "cpu":
-        data = ExternalData(tmp / "decoder.onnx.data")
-        with progress.stage("tensors read + quantized", matrices, "matrix") as advance:
-            graph = DecoderGraph(cfg, ckpt.tensor_as_stored, spec, GraphBuilder(data), tied=tied,
-                                 max_positions=cfg.max_sequence_length + 1, on_tensor=lambda _: advance())
-            model = graph.build(doc=doc)
-        data.close()
-        with progress.stage("graph written", 1, "file") as advance:
-            onnx.save_model(model, str(tmp / "decoder.onnx"))
-            advance()
-        graphs, runtime, report = {"decoder": "decoder.onnx", "kv_layout": "[batch, heads, capacity, head_dim]"}, \
-            "onnxruntime", graph.report
-    else:
-        from model_export.ascend_targets import write_ascend_graphs
-
-        with progress.stage("tensors read + quantized, graphs written", matrices, "matrix") as advance:
-            graphs, report = write_ascend_graphs(ckpt, ckpt.tensor_as_stored, spec.weights, spec.group_size, tied,
-                                                 target, tmp, lambda _: advance(), doc)
-        runtime = "mindspore-lite"
+    graphs, report = GRAPH_WRITERS[TARGETS[target].graphs](ckpt, spec, tied, tmp, target, progress, doc)
     summary = report.summary()
     progress.note(f"quantization error (relative Frobenius): mean {summary.get('mean', 0):.4f}, max "
                   f"{summary.get('max', 0):.4f} ({summary.get('worst', '-')}); linear weights "
@@ -214,7 +231,7 @@ def _build(ckpt: Checkpoint, tokenizer: ChatGLMTokenizer, spec: QuantSpec, tied:
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "name": name or "ChatGLM-6B",
         "model": {"arch": "chatglm-6b", "config": cfg.to_dict()},
-        "target": target, "runtime": runtime,
+        "target": target, "runtime": TARGETS[target].runtime,
         "quant": {**spec.to_dict(), "lm_head_shared_with_embedding": tied,
                   "linear_bytes": report.linear_bytes, "table_bytes": report.table_bytes},
         "tokenizer": {"file": "ice_text.model", "num_image_tokens": tokenizer.num_image_tokens,

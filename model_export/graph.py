@@ -2,16 +2,21 @@
 
 One graph serves prefill and decode; each layer's attention is an ``If`` on whether the cache is empty:
 
-* prefill (``past_*`` have 0 positions): attention over the prompt with ChatGLM's prefix mask ``attention_mask``
-  ``[batch, 1, seq, seq]``; the prompt's keys/values come out as ``present_*`` padded to ``cache_capacity`` positions.
+* prefill (``past_*`` have 0 positions): attention over the prompt with ChatGLM's prefix mask ``prefix_mask``
+  ``[batch, 1, seq, seq]`` (bool, True = masked); the prompt's keys/values come out as ``present_*`` padded to
+  ``cache_capacity`` positions.
 * decode (``past_*`` are those capacity buffers): GroupQueryAttention writes the new position into the buffer in place
   (the caller binds ``present_*`` to the same memory as ``past_*``) and attends to every cached position, which is
-  exactly ChatGLM's decode mask; ``attention_mask`` is then ``[batch, 1, 1, total]`` and only its length is read.
+  exactly ChatGLM's decode mask. It reads ``total_length`` ``[batch]`` int32, the positions cached after this step
+  (past + 1); ``prefix_mask`` is then ``[batch, 1, 1, 1]`` and unread.
 
 So a decode step copies no cache: at context 2000 a Concat-based cache copied 1.8 GB per token. The cache is
 ``[batch, heads, capacity, head_dim]`` fp32 (onnxruntime's CPU GQA is slower in fp16: it converts). Logits only for
 the last position. Activations are kept 2-D ``[batch*seq, hidden]`` between attention blocks so every linear layer is
 one Gemm or MatMulNBits.
+
+The model is ``appliance.model.definition``: ``DecoderGraph`` implements its operations on ONNX value names, so the
+graph's steps, constants and rotary come from there; attention, weight storage and the tables are this module's.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from appliance.chatglm_ops import ALPHA, MASK_FILL, rotary_tables
+from appliance.model.definition import MASK_FILL, forward, rotary_half_table
+from appliance.model.weights import EMBEDDING, LM_HEAD, dequantize
 from appliance.model_config import ModelConfig
 from model_export.onnx_builder import GraphBuilder
 from model_export.quantize import BITS, effective_group, quantize_blockwise
@@ -66,13 +72,15 @@ class QuantReport:
 
 
 class DecoderGraph:
-    """Writes one ChatGLM-6B decoder graph; weights are read from ``source`` and stored per ``spec``."""
+    """Writes one ChatGLM-6B decoder graph; weights are read from ``source`` and stored per ``spec``. Implements the
+    definition's ``Ops`` (and ``weights.ArrayOps``) on value names."""
 
     def __init__(self, cfg: ModelConfig, source: TensorSource, spec: QuantSpec, builder: GraphBuilder,
                  tied: bool, max_positions: int, on_tensor: Callable[[str], None] = lambda name: None) -> None:
-        self.cfg, self.get, self.spec, self.b = cfg, source, spec, builder
+        self.config, self.get, self.spec, self.b = cfg, source, spec, builder
         self.tied, self.max_positions, self.on_tensor = tied, max_positions, on_tensor
         self.report = QuantReport()
+        self.rotary: tuple[str, str, list[str]] | None = None  # cos and sin tables, the two position rows
 
     # -- weights ---------------------------------------------------------------------------------------------
     def _record(self, name: str, error: float) -> None:
@@ -87,36 +95,36 @@ class DecoderGraph:
         w = np.asarray(weight, np.float32)
         return float(np.linalg.norm(w - w.astype(dtype).astype(np.float32)) / np.linalg.norm(w))
 
-    def linear(self, x: str, prefix: str, with_bias: bool = True) -> str:
+    def linear(self, prefix: str, x: str) -> str:
         """``x [M, K] @ W.T + b`` with W stored per the spec."""
         b, spec = self.b, self.spec
         weight = self.get(prefix + ".weight")
         n, k = weight.shape
-        bias = b.weight(prefix + ".bias", self.get(prefix + ".bias"), np.float32) if with_bias else ""
+        bias = b.weight(prefix + ".bias", self.get(prefix + ".bias"), np.float32)
         if spec.weights in BITS:
             q = quantize_blockwise(weight, BITS[spec.weights], effective_group(k, spec.group_size))
             self.report.linear_bytes += q.nbytes
             self._record(prefix, q.rel_error)
             packed = b.weight(prefix + ".qweight", q.packed)
             scales = b.weight(prefix + ".scales", q.scales)
-            return b.op("MatMulNBits", [x, packed, scales, "", "", bias] if bias else [x, packed, scales],
-                        domain="com.microsoft", K=k, N=n, bits=q.bits, block_size=q.group_size,
-                        accuracy_level=spec.accuracy_level)
+            return b.op("MatMulNBits", [x, packed, scales, "", "", bias], domain="com.microsoft", K=k, N=n,
+                        bits=q.bits, block_size=q.group_size, accuracy_level=spec.accuracy_level)
         dtype = np.float16 if spec.weights == "fp16" else np.float32
         w = b.weight(prefix + ".weight", weight, dtype)
         self.report.linear_bytes += weight.size * np.dtype(dtype).itemsize
         self._record(prefix, self._cast_error(weight, dtype))
         if dtype == np.float16:
             w = b.op("Cast", [w], to=TensorProto.FLOAT)  # folded into an fp32 initializer when the session loads
-        return b.op("Gemm", [x, w, bias] if bias else [x, w], transB=1)
+        return b.op("Gemm", [x, w, bias], transB=1)
 
     # -- graph -------------------------------------------------------------------------------------------------
     def build(self, doc: str) -> onnx.ModelProto:
-        cfg, b = self.cfg, self.b
+        cfg, b = self.config, self.b
         h, heads, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
         inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
                   helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", 2, "seq"]),
-                  helper.make_tensor_value_info("attention_mask", TensorProto.BOOL, ["batch", 1, "seq", "total"]),
+                  helper.make_tensor_value_info("prefix_mask", TensorProto.BOOL, ["batch", 1, "seq", "seq"]),
+                  helper.make_tensor_value_info("total_length", TensorProto.INT32, ["batch"]),
                   helper.make_tensor_value_info("cache_capacity", TensorProto.INT64, [])]
         outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", cfg.vocab_size])]
         for n in range(cfg.num_layers):
@@ -130,55 +138,86 @@ class DecoderGraph:
         self.shape_bsh = b.op("Concat", [batch_seq, b.const([h])], axis=0)
         self.shape_qkv = b.op("Concat", [batch_seq, b.const([heads, 3 * hd])], axis=0)
         self._attention_inputs()
-        head_lm, embed = self._tables()
-        x = b.op("Reshape", [embed, b.const([-1, h])])
-        self.cos, self.sin = self._rotary()
-        for n in range(cfg.num_layers):
-            x = self._block(n, x)
-        last = b.op("Gather", [b.op("Reshape", [x, self.shape_bsh]), b.const(-1)], axis=1)  # [batch, hidden]
-        last = self._layer_norm(last, "transformer.final_layernorm")
-        head_lm(last, "logits")
+        forward(self, "input_ids")
         return b.model(inputs, outputs, OPSET, contrib=True, doc=doc)
 
-    def _layer_norm(self, x: str, prefix: str) -> str:
+    # -- the definition's operations ------------------------------------------------------------------------------
+    def value(self, x) -> str:
+        """A value name as it is; a number or numpy array as a constant in the graph's float type."""
+        return x if isinstance(x, str) else self.b.const(x, np.float32)
+
+    def add(self, a, b) -> str:
+        return self.b.op("Add", [self.value(a), self.value(b)])
+
+    def sub(self, a, b) -> str:
+        return self.b.op("Sub", [self.value(a), self.value(b)])
+
+    def mul(self, a, b) -> str:
+        return self.b.op("Mul", [self.value(a), self.value(b)])
+
+    def div(self, a, b) -> str:
+        return self.b.op("Div", [self.value(a), self.value(b)])
+
+    def floor(self, x: str) -> str:
+        return self.b.op("Floor", [x])
+
+    def tanh(self, x: str) -> str:
+        return self.b.op("Tanh", [x])
+
+    def to_float(self, x: str) -> str:
+        return self.b.op("Cast", [x], to=FLOAT)
+
+    def split(self, x: str, parts: int) -> list[str]:
+        return self.b.op("Split", [x], outputs=parts, axis=-1)
+
+    def concat(self, xs: list[str]) -> str:
+        return self.b.op("Concat", xs, axis=-1)
+
+    def pair(self, a: str, b: str) -> str:
+        return self.concat([self.unsqueeze_last(a), self.unsqueeze_last(b)])
+
+    def reshape(self, x: str, shape: list[int]) -> str:
+        return self.b.op("Reshape", [x, self.b.const(shape)])
+
+    def unsqueeze_last(self, x: str) -> str:
+        return self.b.op("Unsqueeze", [x, self.b.const([-1])])
+
+    def slice_last(self, x: str, length: int) -> str:
+        b = self.b
+        return b.op("Slice", [x, b.const([0]), b.const([length]), b.const([-1])])
+
+    def split_heads(self, x: str, parts: int) -> list[str]:
+        return self.split(self.b.op("Reshape", [x, self.shape_qkv]), parts)
+
+    def gelu(self, x: str) -> str:
+        return self.b.op("FastGelu", [x], domain="com.microsoft")  # onnxruntime's tanh GELU
+
+    def layer_norm(self, prefix: str, x: str) -> str:
         b = self.b
         return b.op("LayerNormalization", [x, b.weight(prefix + ".weight", self.get(prefix + ".weight"), np.float32),
                                            b.weight(prefix + ".bias", self.get(prefix + ".bias"), np.float32)],
-                    axis=-1, epsilon=self.cfg.layernorm_epsilon)
+                    axis=-1, epsilon=self.config.layernorm_epsilon)
 
-    def _rotary(self) -> tuple[str, str]:
-        """cos/sin [batch, seq, 1, head_dim]: first half at position row 0, second at row 1 (2D rotary).
-
-        The sign of rotate-half is folded into the sin table, so rotating is ``x*cos + swap_halves(x)*sin``.
-        """
-        b, rd = self.b, self.cfg.rotary_dim
-        cos, sin = rotary_tables(np.arange(self.max_positions), rd)
-        sin = sin.copy()
-        sin[:, : rd // 2] *= -1
-        cos_t, sin_t = b.weight("rotary.cos", cos), b.weight("rotary.sin", sin)
-        rows = b.op("Split", ["position_ids"], outputs=2, axis=1)
-        tables = []
-        for table in (cos_t, sin_t):
-            halves = [b.op("Gather", [table, b.op("Squeeze", [row, b.const([1])])]) for row in rows]
-            tables.append(b.op("Unsqueeze", [b.op("Concat", halves, axis=-1), b.const([2])]))
-        return tables[0], tables[1]
-
-    def _rotate(self, x: str) -> str:
+    def rotary_half(self, row: int) -> tuple[str, str]:
+        """The tables over every position, stored once, gathered at position row ``row``: [batch, seq, 1, rotary_dim]."""
         b = self.b
-        a, c, d, e = b.op("Split", [x], outputs=4, axis=-1)  # quarters: (a, c) row-0 half, (d, e) row-1 half
-        return b.op("Add", [b.op("Mul", [x, self.cos]), b.op("Mul", [b.op("Concat", [c, a, e, d], axis=-1), self.sin])])
+        if self.rotary is None:
+            cos, sin = rotary_half_table(np.arange(self.max_positions), self.config.rotary_dim)
+            self.rotary = (b.weight("rotary.cos", cos), b.weight("rotary.sin", sin),
+                           b.op("Split", ["position_ids"], outputs=2, axis=1))
+        cos, sin, rows = self.rotary
+        index = b.op("Squeeze", [rows[row], b.const([1])])
+        return tuple(b.op("Unsqueeze", [b.op("Gather", [table, index]), b.const([2])]) for table in (cos, sin))
 
-    def _block(self, n: int, x: str) -> str:
-        b, p = self.b, f"transformer.layers.{n}."
-        ln1 = self._layer_norm(x, p + "input_layernorm")
-        qkv = b.op("Reshape", [self.linear(ln1, p + "attention.query_key_value"), self.shape_qkv])
-        q, k, v = b.op("Split", [qkv], outputs=3, axis=-1)  # per head: q | k | v
-        context = self._attention(n, self._rotate(q), self._rotate(k), v)
-        alpha = b.const(ALPHA, np.float32)
-        x = b.op("Add", [b.op("Mul", [ln1, alpha]), self.linear(context, p + "attention.dense")])
-        ln2 = self._layer_norm(x, p + "post_attention_layernorm")
-        up = b.op("FastGelu", [self.linear(ln2, p + "mlp.dense_h_to_4h")], domain="com.microsoft")
-        return b.op("Add", [b.op("Mul", [ln2, alpha]), self.linear(up, p + "mlp.dense_4h_to_h")])
+    def embed(self, ids: str) -> str:
+        self.head, embedded = self._tables()
+        return self.b.op("Reshape", [embedded, self.b.const([-1, self.config.hidden_size])])
+
+    def output_rows(self, x: str) -> str:
+        return self.b.op("Gather", [self.b.op("Reshape", [x, self.shape_bsh]), self.b.const(-1)], axis=1)  # [batch, h]
+
+    def lm_head(self, x: str) -> str:
+        return self.head(x, "logits")
 
     def _attention_inputs(self) -> None:
         """Shared by every layer: prefill or decode, the cache padding, and GQA's length inputs."""
@@ -186,14 +225,12 @@ class DecoderGraph:
         self.is_prefill = b.op("Equal", [b.op("Shape", ["past_key.0"], start=2, end=3), b.const([0])])
         seq = b.op("Shape", ["input_ids"], start=1, end=2)
         self.cache_pads = b.op("Concat", [b.const([0] * 6), b.op("Sub", ["cache_capacity", seq]), b.const([0])], axis=0)
-        total = b.op("Cast", [b.op("Shape", ["attention_mask"], start=3, end=4)], to=TensorProto.INT32)
-        self.total = b.op("Squeeze", [total])
-        self.seqlens_k = b.op("Expand", [b.op("Sub", [total, b.const([1], np.int32)]),
-                                         b.op("Shape", ["input_ids"], end=1)])
+        self.total = b.op("ReduceMax", ["total_length"], keepdims=0)  # GQA's scalar total_sequence_length
+        self.seqlens_k = b.op("Sub", ["total_length", b.const([1], np.int32)])  # GQA counts the new token's slot
 
-    def _attention(self, n: int, q: str, k: str, v: str) -> str:
+    def attention(self, n: int, q: str, k: str, v: str) -> str:
         """Attention of one layer for ``q``/``k``/``v`` ``[batch, seq, heads, head_dim]``; returns ``[batch*seq, hidden]``."""
-        b, cfg = self.b, self.cfg
+        b, cfg = self.b, self.config
         to_heads = {"perm": [0, 2, 1, 3]}
         flat = b.const([-1, cfg.hidden_size])
 
@@ -219,13 +256,13 @@ class DecoderGraph:
         prompt are 0.5 GB per layer at once (three copies: scores, masked, softmax), 16 MB per chunk. The chunks are
         gathered by Concat; its repeated copying (~15 GB over 28 layers) is about 1% of such a prefill. Returns
         ``[batch, seq, hidden]``."""
-        b, cfg = self.b, self.cfg
+        b, cfg = self.b, self.config
         body, step, cond = g.branch(), b.fresh("chunk"), b.fresh("cond")
         start = body.op("Unsqueeze", [body.op("Mul", [step, b.const(PROMPT_CHUNK)]), b.const([0])])
         rows = [start, body.op("Add", [start, b.const([PROMPT_CHUNK])]), b.const([2])]
         scores = body.op("FusedMatMul", [body.op("Slice", [qt, *rows]), kt], domain="com.microsoft", transB=1,
                          alpha=float(1 / np.sqrt(cfg.head_dim)))
-        scores = body.op("Where", [body.op("Slice", ["attention_mask", *rows]), b.const(MASK_FILL, np.float32), scores])
+        scores = body.op("Where", [body.op("Slice", ["prefix_mask", *rows]), b.const(MASK_FILL, np.float32), scores])
         context = body.op("MatMul", [body.op("Softmax", [scores], axis=-1), vt])  # [batch, heads, chunk, head_dim]
         context = body.op("Reshape", [body.op("Transpose", [context], perm=[0, 2, 1, 3]), b.const([0, 0, -1])])
         done_in, cond_out = b.fresh("done"), body.op("Identity", [cond])
@@ -247,7 +284,7 @@ class DecoderGraph:
         tables feed MatMulNBits and a Gather that dequantizes only the rows it picks.
         """
         b, spec = self.b, self.spec
-        emb_name, head_name = "transformer.word_embeddings.weight", "lm_head.weight"
+        emb_name, head_name = EMBEDDING, LM_HEAD
         if spec.embeddings in BITS:
             head = self.get(head_name)
             q = quantize_blockwise(head, BITS[spec.embeddings], effective_group(head.shape[1], spec.group_size))
@@ -261,8 +298,9 @@ class DecoderGraph:
             def head_q(x: str, out: str) -> str:
                 return b.op("MatMulNBits", [x, packed, scales], [out], domain="com.microsoft", **attrs)
 
-            if self.tied:
-                return head_q, self._gather_quantized(packed, scales, attrs["bits"], attrs["K"])
+            if self.tied:  # embedding rows dequantized from the head's tables
+                rows = [b.op("Gather", [table, "input_ids"]) for table in (packed, scales)]
+                return head_q, dequantize(self, *rows, attrs["bits"], attrs["K"], row_axes=2)
             return head_q, self._gather_fp(emb_name, np.float16)
         dtype = np.float32 if spec.embeddings == "fp32" else np.float16
         head = self.get(head_name)
@@ -285,18 +323,3 @@ class DecoderGraph:
         self.report.table_bytes += table.size * np.dtype(dtype).itemsize
         rows = b.op("Gather", [b.weight(name, table, dtype), "input_ids"])
         return b.op("Cast", [rows], to=TensorProto.FLOAT) if dtype == np.float16 else rows
-
-    def _gather_quantized(self, packed: str, scales: str, bits: int, k: int) -> str:
-        """Embedding rows dequantized from the lm_head's MatMulNBits tables: ``(code - zp) * scale``."""
-        b = self.b
-        codes = b.op("Gather", [packed, "input_ids"])  # [batch, seq, blocks, blob]
-        if bits == 4:
-            high = b.op("BitShift", [codes, b.const(4, np.uint8)], direction="RIGHT")
-            low = b.op("Sub", [codes, b.op("BitShift", [high, b.const(4, np.uint8)], direction="LEFT")])
-            pair = b.op("Concat", [b.op("Unsqueeze", [low, b.const([-1])]), b.op("Unsqueeze", [high, b.const([-1])])],
-                        axis=-1)
-            codes = b.op("Reshape", [pair, b.op("Concat", [b.op("Shape", [codes], end=3), b.const([-1])], axis=0)])
-        values = b.op("Sub", [b.op("Cast", [codes], to=TensorProto.FLOAT), b.const(2 ** (bits - 1), np.float32)])
-        scaled = b.op("Mul", [values, b.op("Unsqueeze", [b.op("Gather", [scales, "input_ids"]), b.const([-1])])])
-        flat = b.op("Reshape", [scaled, b.op("Concat", [b.op("Shape", ["input_ids"]), b.const([-1])], axis=0)])
-        return b.op("Slice", [flat, b.const([0]), b.const([k]), b.const([-1])])

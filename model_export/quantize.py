@@ -1,9 +1,7 @@
-"""Weight-only, group-wise, symmetric round-to-nearest quantization in onnxruntime's MatMulNBits layout.
+"""Weight-only, group-wise, symmetric round-to-nearest quantization into the MatMulNBits layout (``appliance.model.weights``).
 
 A weight ``W [N, K]`` (out, in) is cut along K into groups of ``group_size`` (the last group zero-padded when K is not
-a multiple), each group gets ``scale = max|w| / (2^(bits-1) - 1)`` and codes ``round(w / scale) + 2^(bits-1)``, so the
-implicit zero point is 8 (INT4) or 128 (INT8) and ``w ~ (code - zp) * scale``. INT4 codes are packed two per byte,
-low nibble first: ``B [N, blocks, group_size * bits / 8]`` uint8, ``scales [N, blocks]`` float32.
+a multiple), each group gets ``scale = max|w| / (2^(bits-1) - 1)`` and codes ``round(w / scale) + zero_point``.
 """
 
 from __future__ import annotations
@@ -12,9 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from appliance.kernels.prompt_kernels import unpack_codes
+from appliance.model.numpy_ops import ARRAY
+from appliance.model.weights import dequantize, pack_nibbles, zero_point
 
-WEIGHT_QUANTS = ("int4", "int8", "fp16", "fp32")
 GROUP_SIZES = (32, 64, 128, 256)
 BITS = {"int4": 4, "int8": 8}
 CHUNK_ELEMENTS = 1 << 22  # elements quantized at a time: bounds each fp32 temporary to 16 MB whatever the shape
@@ -38,8 +36,7 @@ class BlockQuantized:
 
     def dequantize(self) -> np.ndarray:
         """fp32 [N, K] as the runtime sees the weight."""
-        codes = unpack_codes(self.packed, self.bits).astype(np.float32) - 2 ** (self.bits - 1)
-        return (codes * self.scales[..., None]).reshape(self.n, -1)[:, : self.k]
+        return dequantize(ARRAY, self.packed, self.scales, self.bits, self.k, row_axes=1)
 
 
 def effective_group(k: int, group_size: int) -> int:
@@ -67,9 +64,9 @@ def quantize_blockwise(weight: np.ndarray, bits: int, group_size: int) -> BlockQ
         ints = np.clip(np.rint(groups / scale[..., None]), -qmax, qmax)
         diff = groups - ints * scale[..., None]
         err, norm = err + float(np.vdot(diff, diff)), norm + float(np.vdot(groups, groups))
-        codes = (ints + 2 ** (bits - 1)).astype(np.uint8)
+        codes = (ints + zero_point(bits)).astype(np.uint8)
         if bits == 4:
-            codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+            codes = pack_nibbles(codes)
         packed[start:start + rows.shape[0]] = codes
         scales[start:start + rows.shape[0]] = scale
     return BlockQuantized(packed, scales, n, k, bits, group_size, (err / norm) ** 0.5 if norm else 0.0)

@@ -3,7 +3,8 @@
 Both engines get the same calls (prefill, then teacher-forced steps on the reference's greedy tokens), so every step
 compares logits for the same context: max |diff|, cosine similarity, and whether the greedy choice agrees. Where the
 bundle's prompts run on the AVX2 prompt kernel (INT4 cpu bundles on such a CPU), one longer prompt also goes through
-both the kernel and the graph's own prefill, which must agree.
+every prefill path the bundle's engine has for it (``prefill_paths``: the kernel and the graph's own prefill), which
+must agree.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from appliance.engines import Engine
+from appliance.engines import BundleEngine, Engine
 from appliance.positions import layout_of
 from appliance.tokenizer import ChatGLMTokenizer
 
@@ -91,22 +92,21 @@ def compare_engines(candidate: Engine, reference: Engine, tokenizer: ChatGLMToke
             "agreement": float(np.mean(agree))}
 
 
-def prompt_kernel_cosine(engine: Engine, tokenizer: ChatGLMTokenizer) -> float | None:
-    """Cosine of a prompt's logits through the engine's prompt kernel and through its graph's prefill; None when the
-    engine has no kernel path for it."""
-    kernel = getattr(engine, "prompts", None)
-    ids = tokenizer.encode_prompt(PROMPT_KERNEL_PROMPT)
+def prompt_kernel_cosine(engine: BundleEngine, tokenizer: ChatGLMTokenizer) -> float | None:
+    """Lowest cosine between a longer prompt's logits through the prefill path the engine chose (the AVX2 kernel for
+    INT4 cpu bundles here) and through each of its other paths (the graph's own prefill); None when the engine
+    prefills that prompt one way only."""
+    ids = np.array(tokenizer.encode_prompt(PROMPT_KERNEL_PROMPT))
     special = tokenizer.special
-    layout = layout_of(ids, special.bos, special.gmask, special.mask)
-    if kernel is None or not kernel.takes(np.array(ids), layout.mask()):
+    layout = layout_of(ids.tolist(), special.bos, special.gmask, special.mask)
+    paths = engine.prefill_paths(ids, layout.mask())
+    if len(paths) < 2:
         return None
-    with_kernel = engine.start().prefill(np.array(ids), layout.position_ids(), layout.mask())
-    with engine.graph_prefill():
-        with_graph = engine.start().prefill(np.array(ids), layout.position_ids(), layout.mask())
-    return _cosine(with_kernel, with_graph)
+    chosen, *others = (path.start().prefill(ids, layout.position_ids(), layout.mask()) for path in paths.values())
+    return min(_cosine(chosen, other) for other in others)
 
 
-def verify(candidate: Engine, reference: Engine, tokenizer: ChatGLMTokenizer, quant: str, prompts: int = 3,
+def verify(candidate: BundleEngine, reference: Engine, tokenizer: ChatGLMTokenizer, quant: str, prompts: int = 3,
            steps: int = 8, on_step: Callable[[], None] = lambda: None) -> VerifyReport:
     metrics = compare_engines(candidate, reference, tokenizer, VERIFY_PROMPTS[:prompts], steps, on_step)
     limits = THRESHOLDS[quant]

@@ -24,9 +24,8 @@ from appliance.display import one_line, printable
 from appliance.errors import StreamChatError
 
 if TYPE_CHECKING:
-    from appliance.generation import GenerationConfig, GenerationResult
     from appliance.prompt import Turn
-    from streamchat.models import LoadedModel
+    from appliance.settings import Settings
 
 EXIT_USAGE = 2
 EXIT_BUG = 1
@@ -41,29 +40,32 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="a small THUDM-layout checkpoint, run by the numpy reference (slow; for tests)")
     source.add_argument("--bundle", type=Path, metavar="DIR", help="an exported model bundle")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
-    parser.add_argument("--engine", default="auto", choices=("auto", "onnxruntime", "mindspore-lite"),
-                        help="runtime for a bundle (default: the bundle's own; Ascend bundles also run on onnxruntime)")
+    from appliance.engines import AUTO, describe_engines
+
+    parser.add_argument("--engine", default=AUTO, metavar="NAME", help=f"runtime for a bundle: {describe_engines()}")
 
 
 def _add_generation_args(parser: argparse.ArgumentParser) -> None:
-    from appliance.generation import GenerationConfig
+    """--greedy and --seed for this run, and a flag per generation setting of the schema (not given: the saved value)."""
+    from appliance.settings import section
 
-    defaults = GenerationConfig()
     parser.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    parser.add_argument("--temperature", type=float, default=defaults.temperature)
-    parser.add_argument("--top-p", type=float, default=defaults.top_p)
-    parser.add_argument("--top-k", type=int, default=defaults.top_k)
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    parser.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    for setting in section("generation"):
+        kind = {"action": argparse.BooleanOptionalAction} if setting.type is bool else {"type": setting.type}
+        parser.add_argument(setting.flag, **kind, default=None, metavar="X" if setting.type is float else "N",
+                            help=f"{setting.help}; {setting.allowed()} (default: the saved setting, "
+                                 f"{setting.default} unless changed)")
 
 
-def _generation_config(args: argparse.Namespace) -> GenerationConfig:
-    from appliance.generation import GenerationConfig
+def _apply_generation_args(settings: Settings, args: argparse.Namespace) -> Settings:
+    """The saved settings with the generation flags given on the command line (for this run only), checked like the
+    settings file."""
+    from appliance.settings import section, with_values
 
-    return GenerationConfig(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
-                            top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
-                            seed=args.seed)
+    given = {s.key: s.check(getattr(args, s.name), f"{s.flag} (setting {s.key})") for s in section("generation")
+             if getattr(args, s.name) is not None}
+    return with_values(settings, given)
 
 
 def read_history(path: Path) -> list[Turn]:
@@ -80,38 +82,29 @@ def read_history(path: Path) -> list[Turn]:
     return [(q, r) for q, r in raw]
 
 
-def _answer(model: LoadedModel, query: str, history: list[Turn], config: GenerationConfig,
-            on_delta: Callable[[str], None], cancel: threading.Event | None = None) -> GenerationResult:
-    from appliance.generation import GenerationResult, StreamGenerator
-    from appliance.prompt import plan_prompt
-
-    plan = plan_prompt(model.tokenizer, query, history, model.engine.max_context, config.max_new_tokens)
-    for note in plan.notes:
-        print(f"note: {note}", file=sys.stderr)
-    result = GenerationResult(prompt_ids=plan.ids)
-    for delta in StreamGenerator(model.engine, model.tokenizer).stream(plan.ids, config, cancel, result):
-        on_delta(delta)
-    return result
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
+    """One answer through the same session as ``chat`` (settings, safety lists, context budget), stored nowhere."""
+    from appliance.app import AppContext
+    from appliance.safety import SafetyError
     from streamchat.models import load_model
 
-    config = _generation_config(args)
-    history = read_history(args.history) if args.history else []
-    model = load_model(checkpoint=args.checkpoint, bundle=args.bundle, threads=args.threads, demo=args.demo,
-                       engine=args.engine)
-
-    def show(delta: str) -> None:
+    turns = read_history(args.history) if args.history else []
+    app = AppContext.load(with_history=False)
+    settings = _apply_generation_args(app.settings, args)
+    model = load_model(checkpoint=args.checkpoint, bundle=args.bundle, threads=args.threads or settings.threads or None,
+                       demo=args.demo, data=app.data_dir, engine=args.engine)
+    session = app.session(model.engine, model.tokenizer, model.label, settings)
+    session.open(None, turns)
+    for delta in session.send(args.prompt, greedy=args.greedy, seed=args.seed):
         if not args.json:
             sys.stdout.write(printable(delta))
             sys.stdout.flush()
-
-    result = _answer(model, args.prompt, history, config, show)
-    if args.json:
-        print(json.dumps(result.to_dict(), ensure_ascii=False))
-    else:
-        print()
+    result = session.last
+    if result.blocked_reason:
+        raise SafetyError(result.blocked_reason)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(json.dumps(result.to_dict(), ensure_ascii=False) if args.json else "")
     return 0
 
 
@@ -150,14 +143,13 @@ def _stream_interruptibly(run: Callable[[Callable[[str], None], threading.Event]
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from appliance.app import AppContext
-    from appliance.session import ChatSession
     from streamchat.models import load_model
 
     app = AppContext.load()
-    model = load_model(checkpoint=args.checkpoint, bundle=args.bundle, threads=args.threads, demo=args.demo,
-                       data=app.data_dir, engine=args.engine)
-    session = ChatSession(model.engine, model.tokenizer, app.settings, app.history, app.rules, app.audit, model.label)
-    _apply_generation_args(app.settings, args)
+    settings = _apply_generation_args(app.settings, args)
+    model = load_model(checkpoint=args.checkpoint, bundle=args.bundle, threads=args.threads or settings.threads or None,
+                       demo=args.demo, data=app.data_dir, engine=args.engine)
+    session = app.session(model.engine, model.tokenizer, model.label, settings)
     session.open(args.conversation)
     turns = session.turns()
     if len(turns) > RESUME_TURNS:
@@ -207,13 +199,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print()
 
 
-def _apply_generation_args(settings, args: argparse.Namespace) -> None:
-    """Command-line generation flags override the stored settings for this run only."""
-    gen = settings.generation
-    gen.temperature, gen.top_p, gen.top_k = args.temperature, args.top_p, args.top_k
-    gen.repetition_penalty, gen.max_new_tokens = args.repetition_penalty, args.max_new_tokens
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from model_export.export import export_bundle
     from model_export.progress import Progress
@@ -235,6 +220,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_time(seconds: float) -> str:
+    """A stored time as the user reads it; a database written before imports bounded times may hold any number."""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds))
+    except (OverflowError, OSError, ValueError):
+        return "????-??-?? ??:??"
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     from appliance.app import AppContext
     from appliance.history import read_export, write_export
@@ -242,12 +235,12 @@ def cmd_history(args: argparse.Namespace) -> int:
     history = AppContext.load().history
     if args.action == "list":
         for c in history.conversations():
-            updated = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.updated))
-            print(f"{c.id:>5}  {updated}  {c.messages:>3} msgs  {one_line(c.title)}")
+            print(f"{c.id:>5}  {_local_time(c.updated)}  {c.messages:>3} msgs  {one_line(c.title)}")
     elif args.action == "show":
         print(printable(history.export_markdown(args.id)))
     elif args.action == "search":
-        for m in history.search(args.text):
+        typed = args.text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # undecodable bytes -> U+FFFD
+        for m in history.search(typed):
             print(f"[{m.conversation_id}] {m.role}: {one_line(m.text[:200])}")
     elif args.action == "export":
         text = (json.dumps(history.export_json(args.id), ensure_ascii=False, indent=1) if args.format == "json"
@@ -262,19 +255,30 @@ def cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def conversation_id(text: str) -> int:
+    """An argparse type: the ids SQLite can hold (a larger number would overflow inside the query, not say why)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"a conversation id is a whole number from 1 to {2**63 - 1}, got {text[:40]!r}")
+    return value
+
+
 def _add_history_parser(sub) -> None:
     hist = sub.add_parser("history", help="list, show, search, export, import or delete stored conversations",
                           description="Stored conversations (SQLite in the data folder).")
     actions = hist.add_subparsers(dest="action", metavar="ACTION", required=True)
     actions.add_parser("list", help="conversations, newest first")
-    actions.add_parser("show", help="one conversation as Markdown").add_argument("id", type=int)
+    actions.add_parser("show", help="one conversation as Markdown").add_argument("id", type=conversation_id)
     actions.add_parser("search", help="messages containing TEXT").add_argument("text")
     export = actions.add_parser("export", help="a conversation (or all) to Markdown or JSON")
-    export.add_argument("id", type=int, nargs="?", default=None)
+    export.add_argument("id", type=conversation_id, nargs="?", default=None)
     export.add_argument("--format", choices=("md", "json"), default="md")
     export.add_argument("--out", type=Path, required=True)
     actions.add_parser("import", help="conversations from a JSON export").add_argument("file", type=Path)
-    actions.add_parser("delete", help="delete a conversation for good").add_argument("id", type=int)
+    actions.add_parser("delete", help="delete a conversation for good").add_argument("id", type=conversation_id)
     hist.set_defaults(func=cmd_history)
 
 
@@ -323,7 +327,9 @@ def cmd_gui(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise StreamChatError(f"the desktop app needs PySide6 ({exc.name} is missing): pip install 'streamchat[ui]'") \
             from exc
-    return run(bundle=args.bundle, kiosk=args.kiosk, demo=args.demo, ready_exit=args.ready_exit)
+    from streamchat.models import export_demo
+
+    return run(bundle=args.bundle, kiosk=args.kiosk, demo=args.demo, ready_exit=args.ready_exit, export=export_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -343,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     _add_generation_args(chat)
     where = chat.add_mutually_exclusive_group()
-    where.add_argument("--conversation", type=int, metavar="ID", help="continue a stored conversation")
+    where.add_argument("--conversation", type=conversation_id, metavar="ID", help="continue a stored conversation")
     where.add_argument("--new", action="store_true", help="start a new conversation (the default)")
     chat.set_defaults(func=cmd_chat)
     _add_history_parser(sub)
@@ -373,13 +379,15 @@ def build_parser() -> argparse.ArgumentParser:
     gui.add_argument("--ready-exit", action="store_true", help=argparse.SUPPRESS)  # installers/test.sh: cold start
     gui.set_defaults(func=cmd_gui)
 
+    from appliance.model.weights import WEIGHT_PRECISIONS
+    from appliance.targets import describe_targets
     from model_export.quantize import GROUP_SIZES
 
     export = sub.add_parser("export", help="convert a checkpoint into a verified model bundle",
                             description="Convert a THUDM ChatGLM-6B checkpoint into a quantized, self-verified bundle.")
     export.add_argument("checkpoint", type=Path, metavar="CHECKPOINT_DIR")
-    export.add_argument("--target", default="cpu", help="cpu | ascend-910b | ascend-310b (default cpu)")
-    export.add_argument("--quant", default="int4", help="int4 | int8 | fp16 | fp32 (default int4)")
+    export.add_argument("--target", default="cpu", metavar="NAME", help=f"{describe_targets()} (default cpu)")
+    export.add_argument("--quant", default="int4", metavar="PREC", help=f"{' | '.join(WEIGHT_PRECISIONS)} (default int4)")
     export.add_argument("--group-size", type=int, default=128, help=f"INT4/INT8 group size, one of {GROUP_SIZES}")
     export.add_argument("--quantize-embeddings", default=None, metavar="PREC",
                         help="lm_head/embedding precision: int8 | int4 | fp16 | fp32 (default int8 for int4/int8 "

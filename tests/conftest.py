@@ -4,6 +4,8 @@ cpu bundles."""
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,12 @@ from appliance.tokenizer import ChatGLMTokenizer
 from model_export.checkpoint import Checkpoint
 from model_export.export import export_bundle
 from model_export.reference import ReferenceEngine, ReferenceModel
+
+# The suite never reads or writes the user's own settings, history or cache: every test starts from empty folders of
+# its own run unless it points the variables elsewhere (most tests do, per test, with monkeypatch).
+_FOLDERS = Path(tempfile.mkdtemp(prefix="streamchat-tests-"))
+for _name in ("CONFIG", "DATA", "CACHE"):
+    os.environ.setdefault(f"STREAMCHAT_{_name}_DIR", str(_FOLDERS / _name.lower()))
 
 TINY = Path(__file__).parent / "fixtures" / "chatglm6b-tiny"
 GOLDEN = json.loads((TINY / "golden.json").read_text(encoding="utf-8"))

@@ -41,7 +41,7 @@ def test_bundle_layout_and_converter_config(ascend, target):
     assert "soc_version=@SOC_VERSION@" in ini and "npu-smi info" in script and "converter_lite" in script
     assert sorted(p.name for p in (bundle.path / "converter").iterdir()) == sorted(
         f"{rel[:-5]}.ini" for rel in graphs["device"].values())
-    assert f"attention_mask:{1 if target == 'ascend-310b' else -1},1,1,{graphs['capacity']};" in ini
+    assert f"attention_bias:{1 if target == 'ascend-310b' else -1},1,1,{graphs['capacity']};" in ini
     assert os.access(bundle.path / "convert.sh", os.X_OK)
     if target == "ascend-910b":
         assert "provider=ge" in ini and "[ge_session_options]" in ini and graphs["batch_gears"] == [1, 2, 3, 4]

@@ -235,12 +235,12 @@ def test_missing_digest_says_re_export(built, tmp_path, capsys):
 
 
 def test_cached_demo_of_an_older_format_is_re_exported(tmp_path):
-    from streamchat.models import DEMO_QUANT, demo_bundle
+    from appliance.loading import DEMO_QUANT, demo_bundle
 
-    first = demo_bundle(tmp_path / "data", quiet=True)
+    first = demo_bundle(tmp_path / "data", export_bundle)
     assert first == tmp_path / "data" / "bundles" / f"streamchat-demo-{DEMO_QUANT}"
     (first / "manifest.sha256").unlink()  # as a bundle written before manifests had a digest
-    assert demo_bundle(tmp_path / "data", quiet=True) == first
+    assert demo_bundle(tmp_path / "data", export_bundle) == first
     assert Bundle.open(first, full_check=True).is_demo
 
 

@@ -8,13 +8,13 @@ import sys
 import pytest
 
 from appliance.bundle import Bundle
+from appliance.loading import DEMO_CHECKPOINT, demo_bundle
 from appliance.prompt import build_prompt
 from appliance.textstream import process_response
 from appliance.tokenizer import ChatGLMTokenizer
 from model_export.demo.corpus import read_corpus
 from model_export.export import export_bundle
 from streamchat.cli import main
-from streamchat.models import DEMO_CHECKPOINT, demo_bundle
 
 CORPUS = read_corpus()
 
@@ -74,5 +74,5 @@ def test_generate_demo_on_a_fresh_install(tmp_path):
 
 def test_demo_is_labelled(tmp_path, monkeypatch):
     monkeypatch.setenv("STREAMCHAT_CACHE_DIR", str(tmp_path / "cache"))
-    bundle = Bundle.open(demo_bundle(tmp_path, quiet=True))
+    bundle = Bundle.open(demo_bundle(tmp_path, export_bundle))
     assert bundle.is_demo and bundle.label.startswith("DEMO")

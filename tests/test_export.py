@@ -78,7 +78,7 @@ def test_group_sizes_and_ratio(tmp_path, group):
 
 def test_manifest_describes_the_bundle(bundles):
     manifest = Bundle.open(bundles["int4"]).manifest
-    assert manifest["format"] == "streamchat-bundle" and manifest["format_version"] == FORMAT_VERSION == 2
+    assert manifest["format"] == "streamchat-bundle" and manifest["format_version"] == FORMAT_VERSION == 3
     assert manifest["quant"]["weights"] == "int4" and manifest["quant"]["embeddings"] == "int8"
     assert manifest["quant"]["lm_head_shared_with_embedding"] is True
     assert manifest["tokenizer"]["num_image_tokens"] == 20000

@@ -9,11 +9,14 @@ from appliance.errors import PromptError
 from appliance.generation import (
     GenerationConfig,
     GenerationResult,
+    InvalidScoreGuard,
+    RepetitionPenalty,
     StreamGenerator,
-    apply_repetition_penalty,
-    guard_invalid_scores,
-    warp,
+    Temperature,
+    TopK,
+    TopP,
 )
+from appliance.settings import SettingsError
 from appliance.textstream import TextStream, process_response
 from tests.conftest import GOLDEN
 
@@ -88,29 +91,29 @@ def test_seeded_sampling_is_reproducible_and_varies(reference_engine, tokenizer)
 
 def test_repetition_penalty_follows_hf():
     logits = np.array([2.0, -2.0, 1.0, -1.0], dtype=np.float32)
-    out = apply_repetition_penalty(logits, np.array([0, 1]), 2.0)
+    out = RepetitionPenalty(2.0)(logits.copy(), np.array([True, True, False, False]))
     np.testing.assert_array_equal(out, [1.0, -4.0, 1.0, -1.0])
-    np.testing.assert_array_equal(logits, [2.0, -2.0, 1.0, -1.0])  # not modified in place
 
 
 def test_invalid_scores_guard():
-    out = guard_invalid_scores(np.array([np.nan, 1, 2, 3, 4, 5, 6], dtype=np.float32))
+    out = InvalidScoreGuard()(np.array([np.nan, 1, 2, 3, 4, 5, 6], dtype=np.float32), np.zeros(7, dtype=bool))
     assert out[5] == 5e4 and out.sum() == 5e4
 
 
 def test_warpers_keep_the_right_tokens():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
-    kept = np.isfinite(warp(logits, 1.0, 0, 0.7))
+    seen = np.zeros(4, dtype=bool)
+    kept = np.isfinite(TopP(0.7)(logits.copy(), seen))
     assert kept.tolist() == [True, True, False, False]  # 0.5 alone is not > 0.7 of the mass
-    kept = np.isfinite(warp(logits, 1.0, 3, 1.0))
+    kept = np.isfinite(TopK(3)(logits.copy(), seen))
     assert kept.tolist() == [True, True, True, False]
-    np.testing.assert_allclose(warp(logits, 0.5, 0, 1.0), logits / 0.5)
+    np.testing.assert_allclose(Temperature(0.5)(logits.copy(), seen), logits / 0.5)
 
 
 def test_bad_settings_are_refused():
-    with pytest.raises(PromptError, match="temperature"):
+    with pytest.raises(SettingsError, match="temperature"):
         GenerationConfig(temperature=0)
-    with pytest.raises(PromptError, match="top_p"):
+    with pytest.raises(SettingsError, match="top_p"):
         GenerationConfig(top_p=1.5)
 
 

@@ -92,7 +92,7 @@ def test_left_padded_batch(reference):
 
 
 def test_rotary_frequencies_are_fp16_rounded():
-    from appliance.chatglm_ops import rotary_inv_freq
+    from appliance.model.definition import rotary_inv_freq
 
     used = GOLDEN["meta"]["rotary_inv_freq_used"]
     np.testing.assert_array_equal(rotary_inv_freq(8), np.array(used["values"], dtype=np.float32))

@@ -13,8 +13,8 @@ pytest.importorskip("pytestqt")
 from PySide6.QtCore import QTimer  # noqa: E402
 
 from appliance.app import AppContext  # noqa: E402
+from appliance.loading import DEMO_CHECKPOINT  # noqa: E402
 from model_export.export import export_bundle  # noqa: E402
-from streamchat.models import DEMO_CHECKPOINT  # noqa: E402
 from tests.conftest import TINY  # noqa: E402
 from ui.app import model_loader  # noqa: E402
 from ui.main_window import MainWindow  # noqa: E402
@@ -47,7 +47,7 @@ def _window(qtbot, bundle, kiosk=False, tweak=lambda s: None):
 
 
 def _close(window):
-    window.worker.stop()
+    window.stop()
     window.thread.quit()
     window.thread.wait(5000)
 

@@ -46,7 +46,7 @@ def test_bug_in_a_gui_slot_shows_a_dialog_and_writes_a_crash_log(qtbot, dirs, mo
 
 
 def test_bug_while_loading_reaches_the_window_as_one_line(qtbot, dirs):
-    def loader(progress):
+    def loader(settings, progress):
         raise RuntimeError("engine exploded")
 
     window = MainWindow(AppContext.load(), loader)
@@ -68,7 +68,7 @@ def test_export_into_a_missing_folder_is_a_dialog_and_writes_nothing(qtbot, dirs
     app = AppContext.load()
     conversation = app.history.new_conversation("kept")
     app.history.add_message(conversation, "user", "a question")
-    window = MainWindow(app, lambda progress: (_ for _ in ()).throw(RuntimeError("no model needed")))
+    window = MainWindow(app, lambda settings, progress: (_ for _ in ()).throw(RuntimeError("no model needed")))
     qtbot.addWidget(window)
     target = dirs / "missing" / "out.md"
     monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(target), "Markdown (*.md)"))

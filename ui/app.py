@@ -1,27 +1,37 @@
-"""Start the window: settings, translations, the model (a bundle, or the built-in demo), kiosk or not."""
+"""Start the window: settings, translations, the model (a bundle, or the built-in demo), kiosk or not.
+
+The window's launcher owns the demo's first-run export: ``run`` takes it as ``export`` (the CLI passes the export
+stage), so nothing under ``ui`` imports ``streamchat`` or ``model_export``.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from appliance import crash
 from appliance.app import AppContext
+from appliance.loading import DemoExporter, LoadedModel, demo_bundle, open_bundle
+from appliance.settings import Settings
+
+ModelLoader = Callable[[Settings, Callable[[str], None]], LoadedModel]
 
 
-def model_loader(app: AppContext, bundle: Path | None, demo: bool):
-    """What the worker calls (in its thread) to load the model: the given bundle, the configured one, or the demo."""
-    from streamchat.models import load_model
+def model_loader(app: AppContext, bundle: Path | None, demo: bool, export: DemoExporter | None = None) -> ModelLoader:
+    """What the worker calls (in its thread) with its own copy of the settings and a progress callback: the given
+    bundle, the configured one, or the demo (exported by ``export`` on first use)."""
+    data = app.data_dir
 
-    def load(progress):
-        chosen = bundle or (Path(app.settings.model_bundle) if app.settings.model_bundle and not demo else None)
-        threads, context = app.settings.threads or None, app.settings.context_budget
+    def load(settings: Settings, progress: Callable[[str], None]) -> LoadedModel:
+        chosen = bundle or (Path(settings.model_bundle) if settings.model_bundle and not demo else None)
         if chosen is None:
-            progress("preparing the built-in demo model")
-            return load_model(demo=True, data=app.data_dir, threads=threads, context=context)
-        progress(str(chosen))
-        return load_model(bundle=chosen, threads=threads, context=context)
+            progress("the built-in demo model")
+            chosen = demo_bundle(data, export, progress)
+        else:
+            progress(str(chosen))
+        return open_bundle(chosen, threads=settings.threads or None, context=settings.context_budget)
 
     return load
 
@@ -48,8 +58,9 @@ def install_crash_dialog() -> None:
 
 
 def run(bundle: Path | None = None, kiosk: bool = False, demo: bool = False, argv: list[str] | None = None,
-        ready_exit: bool = False) -> int:
-    """``ready_exit``: quit as soon as the model is loaded, printing the cold-start time (installer smoke tests)."""
+        ready_exit: bool = False, export: DemoExporter | None = None) -> int:
+    """``ready_exit``: quit as soon as the model is loaded, printing the cold-start time (installer smoke tests);
+    ``export``: the export stage, for the demo's first run (without it the demo must have been prepared before)."""
     import time
 
     started = time.perf_counter()
@@ -65,7 +76,7 @@ def run(bundle: Path | None = None, kiosk: bool = False, demo: bool = False, arg
     translator = translator_for(app.settings.language)
     if translator is not None:
         qt.installTranslator(translator)
-    window = MainWindow(app, model_loader(app, bundle, demo), kiosk=kiosk or app.settings.kiosk.enabled)
+    window = MainWindow(app, model_loader(app, bundle, demo, export), kiosk=kiosk or app.settings.kiosk.enabled)
     if not window.isFullScreen():
         window.show()
     if ready_exit:

@@ -1,10 +1,16 @@
-"""The chat window: conversation sidebar, transcript, composer, status bar; kiosk mode for unattended boards."""
+"""The chat window: conversation sidebar, transcript, composer, status bar; kiosk mode for unattended boards.
+
+The window talks to its ChatWorker (another thread) by signals only (see ui.worker): it sends copies of what it
+changes (settings, the safety rules after a reload) and never reads or writes the worker's attributes.
+"""
 
 from __future__ import annotations
 
-import time
+import copy
+import dataclasses
+import threading
 
-from PySide6.QtCore import QEvent, QObject, Qt, QThread, QTimer, Signal
+from PySide6.QtCore import QCoreApplication, QEvent, QObject, Qt, QThread, QTimer, Signal
 from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QApplication,
@@ -64,6 +70,8 @@ class MainWindow(QMainWindow):
     send_requested = Signal(str, object)
     load_requested = Signal()
     open_requested = Signal(object)
+    configure_requested = Signal(object)  # AppContext: a snapshot for the worker (see _snapshot)
+    shutdown_requested = Signal()
     delta_shown = Signal(str)  # emitted in the GUI thread once a delta is on screen
     answer_finished = Signal(object)  # TurnResult, in the GUI thread, after the view is final
     model_ready = Signal()  # in the GUI thread, once the status bar shows the loaded model
@@ -76,15 +84,17 @@ class MainWindow(QMainWindow):
         self.answering = False
         self.edit_target: int | None = None
         self.current_conversation: int | None = None
-        self.answer_started = 0.0
         self.setWindowTitle("StreamChat")
         self._build()
         self.thread = QThread(self)
-        self.worker = ChatWorker(app, model_loader)
+        self.cancel = threading.Event()  # shared with the worker: set here, read there between tokens
+        self.worker = ChatWorker(self._snapshot(), model_loader, self.cancel)
         self.worker.moveToThread(self.thread)
         self.send_requested.connect(self.worker.send)
         self.load_requested.connect(self.worker.load)
         self.open_requested.connect(self.worker.open_conversation)
+        self.configure_requested.connect(self.worker.configure)
+        self.shutdown_requested.connect(self.worker.shut_down)
         # Only bound methods of this window: Qt queues those into the GUI thread (a lambda would run in the worker).
         self.worker.loading.connect(self._on_loading)
         self.worker.loaded.connect(self._on_loaded)
@@ -92,7 +102,7 @@ class MainWindow(QMainWindow):
         self.worker.delta.connect(self._on_delta)
         self.worker.finished.connect(self._on_finished)
         self.worker.failed.connect(self._on_failed)
-        self.worker.refused.connect(self._on_refused)
+        self.worker.not_saved.connect(self._on_not_saved)
         self.thread.start()
         self.load_requested.emit()
         if kiosk:
@@ -165,9 +175,6 @@ class MainWindow(QMainWindow):
     def _on_loading(self, text: str) -> None:
         self.status.setText(t("Loading the model...") + " " + text)
 
-    def _on_refused(self, why: str) -> None:
-        self.statusBar().showMessage(why, 5000)
-
     def _on_loaded(self, label: str, summary: dict) -> None:
         self.model_label, self.model_summary = label, summary
         self.status.setText(f"{label}")
@@ -178,6 +185,11 @@ class MainWindow(QMainWindow):
 
     def reload_model(self) -> None:
         self.load_requested.emit()
+
+    def _snapshot(self) -> AppContext:
+        """The app context as the worker gets it: with its own copy of the settings, which the settings dialog may change
+        in place; the rest is replaced, never changed, when settings or safety lists change."""
+        return dataclasses.replace(self.app, settings=copy.deepcopy(self.app.settings))
 
     # -- conversations ---------------------------------------------------------------------------------------
     def refresh_sidebar(self) -> None:
@@ -282,10 +294,12 @@ class MainWindow(QMainWindow):
                 self.transcript.views.pop().setParent(None)
         self.answering = True
         self._add_message("user", text, None)
+        self.cancel.clear()
         self.send_requested.emit(text, replace_from)
 
     def stop(self) -> None:
-        self.worker.stop()
+        """The answer being written ends before its next token (a Stop before the worker starts it counts too)."""
+        self.cancel.set()
 
     def regenerate(self) -> None:
         """Answer the last question again (the old answer is forgotten)."""
@@ -305,7 +319,6 @@ class MainWindow(QMainWindow):
         self.composer.setFocus()
 
     def _on_started(self) -> None:
-        self.answer_started = time.perf_counter()
         self.answer_view = self._add_message("assistant", "", None)
         self.stop_button.setEnabled(True)
         self.send_button.setEnabled(False)
@@ -317,7 +330,7 @@ class MainWindow(QMainWindow):
             self.transcript.follow()
         self.delta_shown.emit(text)
 
-    def _on_finished(self, result: TurnResult) -> None:
+    def _on_finished(self, result: TurnResult, first_token_s: float) -> None:
         self.answering = False
         self.stop_button.setEnabled(False)
         self.send_button.setEnabled(True)
@@ -333,7 +346,7 @@ class MainWindow(QMainWindow):
         gen = result.generation
         if gen and gen.token_ids:
             rate = 1000 / gen.decode_ms_per_token if gen.decode_ms_per_token else 0.0
-            self.speed.setText(t("first token {0:.2f} s · {1:.1f} tokens/s").format(self.worker.first_token_s, rate))
+            self.speed.setText(t("first token {0:.2f} s · {1:.1f} tokens/s").format(first_token_s, rate))
         self.answer_view = None
         self.current_conversation = result.conversation_id
         self.refresh_sidebar()
@@ -356,15 +369,19 @@ class MainWindow(QMainWindow):
 
     # -- settings --------------------------------------------------------------------------------------------
     def open_settings(self) -> None:
+        """The dialog changes ``self.app`` (saved settings, safety lists reloaded even on Cancel, a moved data folder);
+        the worker then gets a snapshot of it, and the next answer runs on it."""
         if self.kiosk:
             return
         from ui.settings_dialog import SettingsDialog
 
-        dialog = SettingsDialog(self.app, self.model_summary, self)
-        if dialog.exec():
+        history = self.app.history
+        if SettingsDialog(self.app, self.model_summary, self).exec():
             self._apply_font(self.app.settings.font_size)
-            if dialog.model_changed:
-                self.reload_model()
+        self.configure_requested.emit(self._snapshot())
+        if self.app.history is not history:  # the data folder moved: show the conversations stored there
+            self.new_conversation()
+            self.refresh_sidebar()
 
     # -- kiosk -----------------------------------------------------------------------------------------------
     def _enter_kiosk(self) -> None:
@@ -404,17 +421,11 @@ class MainWindow(QMainWindow):
         if self.kiosk and QApplication.instance().property("operator_exit") is not True:
             event.ignore()  # no way out of kiosk mode but the operator PIN
             return
-        self.worker.stop()
-        self.thread.quit()
+        self.stop()
+        self.shutdown_requested.emit()  # the worker stores what a full disk refused, then ends its thread
         self.thread.wait(5000)
-        self._save_unsaved()
+        QCoreApplication.sendPostedEvents(self, QEvent.MetaCall)  # its last signals (not_saved), before the window goes
         super().closeEvent(event)
 
-    def _save_unsaved(self) -> None:
-        """Messages a full disk refused are kept in the session: store them now, or say which are lost."""
-        if self.worker.session is None:
-            return
-        try:
-            self.worker.session.save_unsaved()  # the worker's thread has stopped: nothing else touches the session
-        except StreamChatError as exc:
-            QMessageBox.critical(self, "StreamChat", str(exc))
+    def _on_not_saved(self, message: str) -> None:
+        QMessageBox.critical(self, "StreamChat", message)

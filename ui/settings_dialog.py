@@ -1,13 +1,21 @@
-"""Settings: generation parameters, model bundle (open, verify, manifest), data folder, safety lists, language, font."""
+"""Settings: one row per setting of the schema that has a label (its widget, limits and tooltip come from the schema),
+the model bundle (open, verify, manifest), and the safety lists (open the folder, reload).
+
+Save changes the context through ``AppContext.apply_settings`` (a new Settings object, saved first) and Reload through
+``AppContext.reload_rules`` (a new RuleSet): nothing is changed in place, and the window passes the new objects on to
+its worker. A value the user did not touch is saved exactly as it was loaded, even where the widget shows it rounded.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from PySide6.QtCore import QUrl
 from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDialog,
     QDialogButtonBox,
@@ -17,81 +25,105 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
+    QMessageBox,
     QPlainTextEdit,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
+    QWidget,
 )
 
 from appliance.app import AppContext
 from appliance.bundle import Bundle
 from appliance.errors import StreamChatError
-from appliance.settings import save_settings
+from appliance.settings import SCHEMA, Setting, value_of, with_values
 from ui.messages import t
 
+SECTION_TITLES = {"generation": "Generation"}  # translation keys of the dialog's headings
 
-def _spin(value: float, low: float, high: float, step: float, decimals: int = 2) -> QDoubleSpinBox:
-    box = QDoubleSpinBox(decimals=decimals, minimum=low, maximum=high, singleStep=step)
-    box.setValue(value)
-    return box
+
+def setting_widget(setting: Setting, value: Any) -> QWidget:
+    """An editor for ``setting`` showing ``value``, limited to what the settings file accepts."""
+    if setting.choices:
+        widget = QComboBox()
+        for choice, label in zip(setting.choices, setting.choice_labels or setting.choices, strict=True):
+            widget.addItem(t(label), choice)
+        widget.setCurrentIndex(setting.choices.index(value))
+    elif setting.type is bool:
+        widget = QCheckBox()
+        widget.setChecked(value)
+    elif setting.type is int:
+        widget = QSpinBox()
+        widget.setRange(*setting.limits)
+        widget.setValue(value)
+    elif setting.type is float:
+        widget = QDoubleSpinBox()
+        widget.setDecimals(setting.decimals)  # before the range and value, which it rounds
+        widget.setRange(*setting.limits)
+        widget.setSingleStep(setting.step)
+        widget.setValue(value)
+    else:
+        widget = QLineEdit(value)
+    widget.setToolTip(setting.help)
+    return widget
+
+
+def widget_value(widget: QWidget) -> Any:
+    if isinstance(widget, QComboBox):
+        return widget.currentData()
+    if isinstance(widget, QCheckBox):
+        return widget.isChecked()
+    if isinstance(widget, QLineEdit):
+        return widget.text().strip()
+    return widget.value()
 
 
 class SettingsDialog(QDialog):
     def __init__(self, app: AppContext, model_summary: dict, parent=None) -> None:
         super().__init__(parent)
-        self.app, self.model_changed = app, False
+        self.app = app
         self.setWindowTitle(t("Settings"))
         s = app.settings
-        g = s.generation
-        self.temperature = _spin(g.temperature, 0.01, 2.0, 0.05)
-        self.top_p = _spin(g.top_p, 0.01, 1.0, 0.05)
-        self.top_k = QSpinBox(minimum=0, maximum=1000, value=g.top_k)
-        self.repetition_penalty = _spin(g.repetition_penalty, 1.0, 2.0, 0.05)
-        self.max_new_tokens = QSpinBox(minimum=1, maximum=8192, value=g.max_new_tokens)
-        self.context_budget = QSpinBox(minimum=64, maximum=32768, value=s.context_budget)
-        self.bundle = QLineEdit(s.model_bundle, placeholderText=t("Use the demo model"))
-        browse, verify = QPushButton(t("Open folder...")), QPushButton(t("Verify"))
-        browse.clicked.connect(self._browse)
-        verify.clicked.connect(self._verify)
-        bundle_row = QHBoxLayout()
-        for widget in (self.bundle, browse, verify):
-            bundle_row.addWidget(widget)
+        self.editors = {st.key: setting_widget(st, value_of(s, st.key)) for st in SCHEMA if st.label}
+        self.shown = {key: widget_value(widget) for key, widget in self.editors.items()}  # to tell what was touched
+        self.bundle = self.editors["model_bundle"]
+        self.bundle.setPlaceholderText(t("Use the demo model"))
+        self.editors["data_dir"].setPlaceholderText(str(app.data_dir))
         self.manifest = QPlainTextEdit(readOnly=True)
         self.manifest.setMaximumHeight(120)
-        self.data_dir = QLineEdit(s.data_dir, placeholderText=str(app.data_dir))
-        open_lists, reload_lists = QPushButton(t("Open the folder")), QPushButton(t("Reload"))
-        open_lists.clicked.connect(self._open_lists)
-        reload_lists.clicked.connect(self._reload_lists)
-        lists_row = QHBoxLayout()
-        lists_row.addWidget(open_lists)
-        lists_row.addWidget(reload_lists)
-        self.language = QComboBox()
-        for code, name in (("auto", t("Follow the system")), ("zh_CN", "简体中文"), ("en", "English")):
-            self.language.addItem(name, code)
-        self.language.setCurrentIndex(max(0, self.language.findData(s.language)))
-        self.font_size = QSpinBox(minimum=6, maximum=48, value=s.font_size)
 
-        form = QFormLayout()
-        form.addRow(QLabel(f"<b>{t('Generation')}</b>"))
-        form.addRow(t("Temperature"), self.temperature)
-        form.addRow(t("Top-p"), self.top_p)
-        form.addRow(t("Top-k"), self.top_k)
-        form.addRow(t("Repetition penalty"), self.repetition_penalty)
-        form.addRow(t("Max new tokens"), self.max_new_tokens)
-        form.addRow(t("Context budget"), self.context_budget)
-        form.addRow(t("Model bundle"), bundle_row)
-        form.addRow("", self.manifest)
-        form.addRow(t("Data folder"), self.data_dir)
-        form.addRow(t("Safety lists"), lists_row)
-        form.addRow(t("Language"), self.language)
-        form.addRow(t("Font size"), self.font_size)
-        buttons = QDialogButtonBox(QDialogButtonBox.Save | QDialogButtonBox.Cancel)
-        buttons.accepted.connect(self.accept)
-        buttons.rejected.connect(self.reject)
+        buttons = {"model_bundle": ((t("Open folder..."), self._browse), (t("Verify"), self._verify))}
+        rows_after = {"model_bundle": ("", self.manifest),
+                      "data_dir": (t("Safety lists"), self._buttons(None, ((t("Open the folder"), self._open_lists),
+                                                                           (t("Reload"), self._reload_lists))))}
+        form, headed = QFormLayout(), set()
+        for setting in (st for st in SCHEMA if st.label):
+            if setting.section in SECTION_TITLES and setting.section not in headed:
+                headed.add(setting.section)
+                form.addRow(QLabel(f"<b>{t(SECTION_TITLES[setting.section])}</b>"))
+            editor = self.editors[setting.key]
+            form.addRow(t(setting.label), self._buttons(editor, buttons[setting.key]) if setting.key in buttons else editor)
+            if setting.key in rows_after:
+                form.addRow(*rows_after[setting.key])
+        box = QDialogButtonBox(QDialogButtonBox.Save | QDialogButtonBox.Cancel)
+        box.accepted.connect(self.accept)
+        box.rejected.connect(self.reject)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
-        layout.addWidget(buttons)
+        layout.addWidget(box)
         self._show_manifest(s.model_bundle or model_summary.get("path", ""))
+
+    @staticmethod
+    def _buttons(editor: QWidget | None, buttons) -> QHBoxLayout:
+        """``editor`` (if any) followed by (label, action) buttons, in one row."""
+        row = QHBoxLayout()
+        if editor is not None:
+            row.addWidget(editor)
+        for label, action in buttons:
+            button = QPushButton(label)
+            button.clicked.connect(action)
+            row.addWidget(button)
+        return row
 
     def _browse(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, t("Model bundle"), self.bundle.text() or str(Path.home()))
@@ -124,17 +156,20 @@ class SettingsDialog(QDialog):
         QDesktopServices.openUrl(QUrl.fromLocalFile(str(folder)))
 
     def _reload_lists(self) -> None:
-        self.app.reload_rules()
+        try:
+            self.app.reload_rules()
+        except StreamChatError as exc:  # a bad list: the rules in use stay
+            QMessageBox.warning(self, t("Safety lists"), str(exc))
+
+    def edited(self) -> dict[str, Any]:
+        """The values the user changed (the others keep their exact loaded value)."""
+        return {key: widget_value(widget) for key, widget in self.editors.items()
+                if widget_value(widget) != self.shown[key]}
 
     def accept(self) -> None:
-        s = self.app.settings
-        g = s.generation
-        g.temperature, g.top_p, g.top_k = self.temperature.value(), self.top_p.value(), self.top_k.value()
-        g.repetition_penalty, g.max_new_tokens = self.repetition_penalty.value(), self.max_new_tokens.value()
-        s.context_budget = self.context_budget.value()
-        self.model_changed = self.bundle.text().strip() != s.model_bundle
-        s.model_bundle = self.bundle.text().strip()
-        s.data_dir = self.data_dir.text().strip()
-        s.language, s.font_size = self.language.currentData(), self.font_size.value()
-        save_settings(s, self.app.config_dir / "settings.json")
+        try:
+            self.app.apply_settings(with_values(self.app.settings, self.edited()))
+        except StreamChatError as exc:  # the settings file cannot be written, or the data folder cannot be used
+            QMessageBox.warning(self, t("Settings"), str(exc))
+            return
         super().accept()

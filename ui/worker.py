@@ -1,19 +1,38 @@
-"""ChatWorker: loads the model and runs answers in its own QThread; the window only sees queued signals.
+"""ChatWorker: loads the model and runs answers in its own QThread; the window and the worker talk by signals only.
 
-One answer at a time: a send while busy is refused with ``refused``, never queued silently. Stop sets a
-``threading.Event`` that the generator checks between tokens, so an answer ends within one token.
+The worker owns its snapshot of the app context (its own copy of the settings; the safety rules, history and audit
+log it shares are never changed in place: a ``RuleSet`` is immutable, ``History`` keeps a connection per thread), the
+model and the chat session. The window sends requests as queued signals and gets every result, timings included, as a
+signal payload. Queued slots run one at a time, in the order they were sent: a request made while an answer streams
+(new settings, reloaded safety lists) takes effect from the next answer. The window refuses a second send while an
+answer is being written, so every send gets exactly one ``finished``.
+
+The one object both threads touch is the ``cancel`` event the window passes in: the window sets it (Stop, Esc, close)
+and clears it before a send, the worker only reads it between tokens, so an answer ends within one token.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from typing import TYPE_CHECKING
 
-from PySide6.QtCore import QObject, Signal, Slot
+from PySide6.QtCore import QObject, QThread, Signal, Slot
 
 from appliance import crash
 from appliance.app import AppContext
+from appliance.errors import StreamChatError
+from appliance.loading import LoadedModel
 from appliance.session import ChatSession, TurnResult
+from appliance.settings import Settings
+
+if TYPE_CHECKING:
+    from ui.app import ModelLoader
+
+
+def _opened_with(settings: Settings) -> tuple:
+    """The settings the model is opened with: a change to any of them reopens it."""
+    return settings.model_bundle, settings.threads, settings.context_budget
 
 
 class ChatWorker(QObject):
@@ -21,65 +40,84 @@ class ChatWorker(QObject):
     loaded = Signal(str, dict)  # model label, bundle manifest summary
     started = Signal()
     delta = Signal(str)
-    finished = Signal(object)  # TurnResult
+    finished = Signal(object, float)  # TurnResult (the worker no longer touches it), seconds to the first shown text
     failed = Signal(str)  # a message a user can act on
-    refused = Signal(str)
+    not_saved = Signal(str)  # on shutdown: messages of this chat that the history could not store are lost
 
-    def __init__(self, app: AppContext, model_loader) -> None:
+    def __init__(self, app: AppContext, model_loader: ModelLoader, cancel: threading.Event) -> None:
         super().__init__()
-        self.app = app
-        self.model_loader = model_loader  # callable(progress: Callable[[str], None]) -> LoadedModel
+        self.app = app  # the window's snapshot, sent to this worker and no longer changed there
+        self.model_loader = model_loader
+        self.cancel = cancel
+        self.model: LoadedModel | None = None
         self.session: ChatSession | None = None
-        self.cancel = threading.Event()
-        self.busy = threading.Lock()
-        self.first_token_s = 0.0
 
     @Slot()
     def load(self) -> None:
+        """(Re)open the model with the current settings; the open conversation stays open."""
         try:
             self.loading.emit("loading model...")
-            model = self.model_loader(self.loading.emit)
-            conversation = self.session.conversation_id if self.session else None
-            self.session = ChatSession(model.engine, model.tokenizer, self.app.settings, self.app.history,
-                                       self.app.rules, self.app.audit, model.label)
-            self.session.open(conversation)
-            self.loaded.emit(model.label, model.summary)
+            self.model = self.model_loader(self.app.settings, self.loading.emit)
+            self._start_session(self.session.conversation_id if self.session else None)
+            self.loaded.emit(self.model.label, self.model.summary)
         except Exception as exc:  # engine crashes must reach the window, not kill the thread
             self.failed.emit(crash.one_line(exc, "loading the model"))
 
-    def stop(self) -> None:
-        """Called from the GUI thread: the answer ends before its next token."""
-        self.cancel.set()
+    def _start_session(self, conversation: int | None) -> None:
+        self.session = self.app.session(self.model.engine, self.model.tokenizer, self.model.label)
+        self.session.open(conversation)
+
+    @Slot(object)
+    def configure(self, app: AppContext) -> None:
+        """Take a new snapshot of the app context (new settings, reloaded safety lists): the next answer uses it, on
+        the same model and session unless the bundle, thread count or context budget changed (the model is reopened)
+        or the data folder moved (a new session on the history there, starting a new conversation)."""
+        reopen = _opened_with(app.settings) != _opened_with(self.app.settings)
+        moved = app.history is not self.app.history
+        self.app = app
+        if moved:
+            self.session = None  # its conversations are in the old folder
+        if reopen:
+            self.load()
+        elif self.session is not None:
+            self.session.update(settings=app.settings, rules=app.rules)
+        elif self.model is not None:
+            self._start_session(None)
 
     @Slot(str, object)
     def send(self, text: str, replace_from: object = None) -> None:
         """Answer ``text``; ``replace_from`` (a message id) first forgets that message and all after it."""
         if self.session is None:
-            self.refused.emit("the model is not loaded yet")
+            self.finished.emit(TurnResult(stopped="error", blocked_reason="the model is not loaded"), 0.0)
             return
-        if not self.busy.acquire(blocking=False):
-            self.refused.emit("an answer is still being written: stop it or wait")
-            return
+        first = 0.0
         try:
-            self.cancel.clear()
             if replace_from is not None:
                 self.session.forget_from(int(replace_from))
             self.started.emit()
-            start, first = time.perf_counter(), None
+            start = time.perf_counter()
             for piece in self.session.send(text, self.cancel):
-                if first is None:
-                    first = time.perf_counter() - start
+                first = first or time.perf_counter() - start
                 self.delta.emit(piece)
-            self.first_token_s = first or 0.0
-            self.finished.emit(self.session.last)
+            self.finished.emit(self.session.last, first)
         except Exception as exc:  # the conversation is kept; the window shows the line (a kiosk reloads the model)
             line = crash.one_line(exc, "answering")
             self.failed.emit(line if crash.expected(exc) else f"{line}. The conversation is kept.")
-            self.finished.emit(self.session.last or TurnResult(stopped="error"))
-        finally:
-            self.busy.release()
+            self.finished.emit(self.session.last or TurnResult(stopped="error"), first)
 
     @Slot(object)
     def open_conversation(self, conversation_id: object) -> None:
         if self.session is not None:
             self.session.open(conversation_id if conversation_id is None else int(conversation_id))
+
+    @Slot()
+    def shut_down(self) -> None:
+        """The last request before the window closes: store the messages a full disk refused (or say they are lost),
+        then end this thread's event loop."""
+        try:
+            if self.session is not None:
+                self.session.save_unsaved()
+        except StreamChatError as exc:
+            self.not_saved.emit(str(exc))
+        finally:
+            QThread.currentThread().quit()

@@ -1,16 +1,29 @@
-"""The contract between the generator and a runtime: an engine owns tensors and the KV cache, nothing else.
+"""The contract between the generator and a runtime, and the table of runtimes a bundle can run on.
 
-The generator computes positions, masks and sampling, so the numpy reference, onnxruntime and MindSpore Lite are
-compared on exactly the same calls.
+An engine owns tensors and the KV cache, nothing else: the generator computes positions, masks and sampling, so the
+numpy reference, onnxruntime and MindSpore Lite are compared on exactly the same calls.
+
+``ENGINES`` names each runtime and, per graph layout it runs (``appliance.targets``), the function that opens such a
+bundle on it. Engine modules are imported only when a bundle is opened on them, so this package imports neither
+onnxruntime nor onnx; adding an engine is one entry here plus its module.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from appliance.errors import BundleError, EngineError
 from appliance.positions import layout_of
+from appliance.targets import DECODER, STATIC, TARGETS
+
+if TYPE_CHECKING:
+    from appliance.bundle import Bundle
+
+AUTO = "auto"  # the engine a bundle's target names (its manifest's runtime)
 
 
 class Sequence(Protocol):
@@ -37,10 +50,69 @@ class Engine(Protocol):
         ...
 
 
+class BundleEngine(Engine, Protocol):
+    """An engine opened from a bundle: it can say how it prefills a prompt."""
+
+    def prefill_paths(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, Engine]:
+        """This engine once per prefill path that computes this prompt (ids [L], mask [L, L]), the path chosen when the
+        bundle was opened first, all on the same weights and KV cache: verification and benchmarks run a prompt
+        through each. Starting a sequence on one retires the others' sequences."""
+        ...
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to open a bundle's engine: ``threads`` None = the physical cores; ``context`` caps a decoder bundle's
+    context window (its KV cache is allocated for that many positions); ``prompt_kernel`` False keeps an INT4
+    bundle's prompts in the graph instead of the AVX2 kernel (for comparison)."""
+
+    threads: int | None = None
+    context: int | None = None
+    prompt_kernel: bool = True
+
+
+@dataclass(frozen=True)
+class EngineKind:
+    """A runtime: ``opens`` maps each graph layout it runs to the ``module:function`` that opens such a bundle,
+    ``function(bundle: Bundle, options: EngineOptions) -> BundleEngine``."""
+
+    name: str
+    summary: str  # what `--help` says about it
+    opens: dict[str, str]
+
+    def open(self, bundle: Bundle, options: EngineOptions) -> BundleEngine:
+        layout = TARGETS[bundle.target].graphs
+        if layout not in self.opens:
+            raise BundleError(f"{bundle.path} targets {bundle.target}; it cannot run on engine {self.name} (engines for "
+                              f"it: {', '.join(e.name for e in ENGINES.values() if layout in e.opens)})")
+        module, function = self.opens[layout].split(":")
+        return getattr(importlib.import_module(module), function)(bundle, options)
+
+
+ENGINES = {kind.name: kind for kind in (
+    EngineKind("onnxruntime", "in process on the CPU, every target (Ascend bundles through their fp32 check graphs)",
+               {DECODER: "appliance.engines.onnxruntime:open_bundle", STATIC: "appliance.engines.static:open_on_onnxruntime"}),
+    EngineKind("mindspore-lite", "a MindSpore Lite step server on the CPU or an Ascend NPU, see STREAMCHAT_LITE_DEVICE",
+               {STATIC: "appliance.engines.static:open_on_mindspore_lite"}),
+)}
+
+
+def open_engine(bundle: Bundle, kind: str = AUTO, options: EngineOptions = EngineOptions()) -> BundleEngine:
+    """``bundle`` on the engine named ``kind`` (``auto``: the one its target names)."""
+    name = TARGETS[bundle.target].runtime if kind == AUTO else kind
+    if name not in ENGINES:
+        raise EngineError(f"unknown engine {kind!r}: choose one of {', '.join((AUTO, *ENGINES))}")
+    return ENGINES[name].open(bundle, options)
+
+
+def describe_engines() -> str:
+    """One line for help texts: every engine name a user can give and what it is."""
+    return "; ".join([f"{AUTO} = the bundle's own", *(f"{e.name} = {e.summary}" for e in ENGINES.values())])
+
+
 def warm_up(engine: Engine, bos_id: int, gmask_id: int) -> None:
     """Run ``[gMASK] <sop>`` and one step right after loading, so the first message does not pay the runtime's first
-    runs: onnxruntime initializes its kernels and first touches the KV cache then (measured at 8 layers, a first
-    16-token prompt took 1.9 s cold and 0.55 s after this warm-up, which itself took 1.3-1.6 s)."""
+    runs: onnxruntime initializes its kernels and first touches the KV cache then (docs/performance.md, first message)."""
     ids = [gmask_id, bos_id]
     layout = layout_of(ids, bos_id, gmask_id, gmask_id)
     sequence = engine.start()

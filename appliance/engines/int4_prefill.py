@@ -1,16 +1,18 @@
 """Prompts of INT4 ``cpu`` bundles on the AVX2 kernel, with the decode graph taking over for the last token.
 
-Why: a prompt is arithmetic-bound, and onnxruntime's INT4 kernel multiplies 128 prompt rows at 120-170 GFLOP/s on an
-AVX2 CPU; ``appliance/kernels/prompt_kernels.c`` reaches 250-320 on the same weights (docs/performance.md).
+Why: a prompt is arithmetic-bound, and onnxruntime's INT4 kernels for more than one row are built for AVX-512 VNNI; on
+AVX2 CPUs without it ``appliance/kernels/prompt_kernels.c`` multiplies prompts faster on the same weights
+(docs/performance.md).
 
-How: the layers run here in numpy around the kernel, on the same MatMulNBits codes and scales the graph holds, read
-from the bundle's data file through a memory map whose pages are dropped after each matrix (the weights then live in
-the page cache, not in this process: peak RSS grows by one matrix). Keys and values go straight into the engine's KV
-cache. Every prompt row but the last is computed here; the last token is then an ordinary decode step of the graph,
+How: the layers are ``appliance.model.definition``'s, run here in numpy around the kernel (which does the linear
+layers and GELU) on the same MatMulNBits codes and scales the graph holds, read from the bundle's data file through a
+memory map whose pages are dropped after each step of a layer (the weights then live in the page cache, not in this
+process: peak RSS grows by at most the three matrices after attention). Keys and values go straight into the engine's
+KV cache. Every prompt row but the last is computed here; the last token is then an ordinary decode step of the graph,
 which attends to the whole cache and yields the logits. That split is exact for ChatGLM's prefix mask whenever the
 last row attends to every position and no earlier row attends to the last one, as for every prompt ending in
 ``<sop>``; otherwise (and for short prompts, where two passes over the weights cost more than they save) the graph
-prefills as before.
+prefills.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from appliance.chatglm_ops import ALPHA, MASK_FILL, apply_rotary, layer_norm, rotary_tables, softmax
 from appliance.errors import EngineError
-from appliance.kernels.prompt_kernels import Int4Weight, PromptKernels, load, unpack_codes
+from appliance.kernels.prompt_kernels import Int4Weight, PromptKernels, load
+from appliance.model.definition import MASK_FILL, attention_inputs, attention_output, rotary_tables
+from appliance.model.numpy_ops import ARRAY, NumpyOps, softmax
+from appliance.model.weights import EMBEDDING, LINEARS, QUERY_KEY_VALUE, dequantize, layer_prefix
 from appliance.model_config import ModelConfig
 
 if TYPE_CHECKING:
@@ -32,7 +36,6 @@ if TYPE_CHECKING:
 MIN_PROMPT = 16  # below this the graph's single pass over the weights wins (measured: docs/performance.md)
 QUERY_CHUNK = 128  # prompt rows per attention chunk: scores of [heads, 128, length] at a time
 ROWS = 512  # prompt rows per chunk of the linear layers: the 4h activations of 512 rows are 32 MB
-LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
 
 class BundleTensors:
@@ -116,7 +119,7 @@ class Int4Prefill:
         tensors = BundleTensors(graph, model)
         for n in range(config.num_layers):
             for linear in LINEARS:
-                prefix = f"transformer.layers.{n}.{linear}"
+                prefix = layer_prefix(n) + linear
                 attrs = attributes.get(prefix + ".qweight")
                 if attrs is None or attrs.get("bits") != 4 or attrs.get("accuracy_level") != 4:
                     return None
@@ -134,62 +137,34 @@ class Int4Prefill:
     def run(self, ids: np.ndarray, position_ids: np.ndarray, mask: np.ndarray, cache: list[np.ndarray]) -> None:
         """ids [L], position_ids [2, L], mask [L, L] of the rows to compute; cache: the engine's buffers
         ``[1, heads, capacity, head_dim]`` in the graph's order (key, value per layer)."""
-        tables = [rotary_tables(position_ids[row], self.config.rotary_dim) for row in (0, 1)]
-        x = self._embed(ids)  # the residual stream, updated in place layer after layer
+        ops = _KernelOps(self, position_ids)
+        rope = rotary_tables(ops)  # [L, 1, head_dim] each
+        x = ops.embed(ids)  # the residual stream, updated in place layer after layer
         try:
             for n in range(self.config.num_layers):
-                self._layer(n, x, tables, mask, cache[2 * n], cache[2 * n + 1])
+                self._layer(ops, n, x, rope, mask, cache[2 * n], cache[2 * n + 1])
         finally:
             self.tensors.release()
 
-    def _linear(self, x: np.ndarray, prefix: str) -> np.ndarray:
-        weight = _int4_weight(self.tensors, prefix)
-        return self.kernels.matmul(self.kernels.quantize(x, weight.group), weight)
-
-    def _norm(self, x: np.ndarray, prefix: str) -> np.ndarray:
-        t, out = self.tensors, np.empty_like(x)
-        for rows in _chunks(len(x), ROWS):
-            out[rows] = layer_norm(x[rows], t[prefix + ".weight"], t[prefix + ".bias"], self.config.layernorm_epsilon)
-        return out
-
-    def _embed(self, ids: np.ndarray) -> np.ndarray:
-        """Rows of the word embedding: its own table, or the quantized lm_head it is tied to."""
-        t, hidden = self.tensors, self.config.hidden_size
-        if "transformer.word_embeddings.weight" in t:
-            return np.array(t["transformer.word_embeddings.weight"][ids], dtype=np.float32)
-        codes = unpack_codes(t["lm_head.qweight"][ids], self.embedding_bits)  # [L, blocks, group]
-        zero = 2 ** (self.embedding_bits - 1)
-        values = (codes.astype(np.float32) - zero) * t["lm_head.scales"][ids][..., None]
-        return np.ascontiguousarray(values.reshape(len(ids), -1)[:, :hidden])
-
-    def _layer(self, n: int, x: np.ndarray, tables: list, mask: np.ndarray, key_cache: np.ndarray,
-               value_cache: np.ndarray) -> None:
-        """One block on the residual stream ``x`` [L, hidden], in place; the linear layers take ROWS rows at a time
-        and each matrix's mapped pages are dropped once it is done, so a long prompt's temporaries stay ~33 MB each."""
-        cfg, p = self.config, f"transformer.layers.{n}."
-        length, heads, hd, rd = len(x), cfg.num_heads, cfg.head_dim, cfg.rotary_dim
-        ln1 = self._norm(x, p + "input_layernorm")
+    def _layer(self, ops: _KernelOps, n: int, x: np.ndarray, rope: tuple[np.ndarray, np.ndarray], mask: np.ndarray,
+               key_cache: np.ndarray, value_cache: np.ndarray) -> None:
+        """One block on the residual stream ``x`` [L, hidden], in place: the definition's two row-local halves ROWS rows
+        at a time around this module's attention, each matrix's mapped pages dropped once its rows are done, so a long
+        prompt's temporaries stay ~33 MB each."""
+        cfg, p = self.config, layer_prefix(n)
+        length, heads, hd = len(x), cfg.num_heads, cfg.head_dim
+        ln1 = np.empty_like(x)
         queries = np.empty((heads, length, hd), np.float32)
         for rows in _chunks(length, ROWS):
-            qkv = self._linear(ln1[rows], p + "attention.query_key_value").reshape(1, -1, heads, 3 * hd)
-            q, k, v = np.split(qkv, 3, axis=-1)
-            (cos0, sin0), (cos1, sin1) = ((c[None, rows], s[None, rows]) for c, s in tables)
-            q, k = (np.concatenate([apply_rotary(t[..., :rd], cos0, sin0), apply_rotary(t[..., rd:], cos1, sin1)],
-                                   axis=-1)[0] for t in (q, k))
+            ln1[rows], q, k, v = attention_inputs(ops, n, x[rows], (rope[0][rows], rope[1][rows]))  # [rows, heads, hd]
             queries[:, rows] = q.transpose(1, 0, 2) * np.float32(1 / np.sqrt(hd))
             key_cache[0, :, rows] = k.transpose(1, 0, 2)
-            value_cache[0, :, rows] = v[0].transpose(1, 0, 2)
-        self.tensors.release(p + "attention.query_key_value")
+            value_cache[0, :, rows] = v.transpose(1, 0, 2)
+        self.tensors.release(p + QUERY_KEY_VALUE)
         context = self._attention(queries, key_cache[0, :, :length], value_cache[0, :, :length], mask)
         del queries
         for rows in _chunks(length, ROWS):
-            x[rows] = ln1[rows] * ALPHA + self._linear(context[rows], p + "attention.dense")
-        del ln1, context
-        self.tensors.release(p + "attention.dense")
-        ln2 = self._norm(x, p + "post_attention_layernorm")
-        for rows in _chunks(length, ROWS):
-            up = self.kernels.gelu(self._linear(ln2[rows], p + "mlp.dense_h_to_4h"))
-            x[rows] = ln2[rows] * ALPHA + self._linear(up, p + "mlp.dense_4h_to_h")
+            x[rows] = attention_output(ops, n, ln1[rows], context[rows])
         self.tensors.release()
 
     def _attention(self, queries: np.ndarray, keys: np.ndarray, values: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -203,6 +178,30 @@ class Int4Prefill:
             chunk = softmax(scores, in_place=True) @ values  # [heads, chunk, hd]
             context[rows] = chunk.transpose(1, 0, 2).reshape(chunk.shape[1], -1)
         return context
+
+
+class _KernelOps(NumpyOps):
+    """The definition's operations for prompt rows [rows, hidden]: linear layers and GELU on the kernel, the rest in
+    numpy; the bundle's weights by name."""
+
+    def __init__(self, prefill: Int4Prefill, positions: np.ndarray) -> None:
+        super().__init__(prefill.config, prefill.tensors, positions)
+        self.kernels, self.embedding_bits = prefill.kernels, prefill.embedding_bits
+
+    def linear(self, name: str, x: np.ndarray) -> np.ndarray:
+        weight = _int4_weight(self.weights, name)
+        return self.kernels.matmul(self.kernels.quantize(x, weight.group), weight)
+
+    def gelu(self, x: np.ndarray) -> np.ndarray:
+        return self.kernels.gelu(x)
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of the word embedding: its own table, or the quantized lm_head it is tied to."""
+        t = self.weights
+        if EMBEDDING in t:
+            return np.array(t[EMBEDDING][ids], dtype=np.float32)
+        return np.ascontiguousarray(dequantize(ARRAY, t["lm_head.qweight"][ids], t["lm_head.scales"][ids],
+                                               self.embedding_bits, self.config.hidden_size, row_axes=1))
 
 
 def _chunks(length: int, size: int) -> list[slice]:

@@ -20,7 +20,7 @@ import sys
 import numpy as np
 
 MAX_HEADER = 1 << 16  # a header lists a few arrays, or the graphs to load with their paths
-MAX_FRAME = 1 << 28  # the largest request, a prefill's gear x gear fp32 mask, is 16 MiB at a 2048 gear
+MAX_FRAME = 1 << 28  # the largest request, a prefill's gear x gear fp32 attention_bias, is 16 MiB at a 2048 gear
 MAX_DIMS = 8
 DTYPES = ("<f4", "<f2", "<i4", "<i8", "|b1")
 GRAPH_NAME = re.compile(r"[A-Za-z0-9_]{1,32}(:[0-9]{1,6})?\Z")

@@ -1,24 +1,27 @@
-"""The ``cpu`` target's engine: one onnxruntime session over the bundle's decoder graph.
+"""The ``cpu`` target's engine: a decoder (one onnxruntime session and its KV cache) and a prefill strategy chosen
+when the bundle is opened.
 
-The engine owns one KV cache: fp32 buffers with room for ``max_context`` positions, allocated once and reused by every
+The decoder owns one KV cache: fp32 buffers with room for ``max_context`` positions, allocated once and reused by every
 sequence (a single-user appliance decodes one conversation at a time; starting a sequence retires the previous one).
-The prefill writes the prompt's keys/values into them (``present_*`` bound to the buffers through IOBinding), and
+A graph prefill writes the prompt's keys/values into them (``present_*`` bound to the buffers through IOBinding), and
 every decode step binds them as both ``past_*`` and ``present_*``, so GroupQueryAttention writes the new position in
-place and no step copies the cache. Where the AVX2 INT4 kernel applies, a prompt's rows but the last are computed by
-``Int4Prefill`` straight into the same buffers, and the last token is a decode step (``engines/int4_prefill.py``).
-Allocating the cache once also keeps onnxruntime's arena from fragmenting: when
-each prefill returned fresh 2 GB of buffers, a benchmark's ninth prompt peaked 1.6 GB above the first.
+place and no step copies the cache. Allocating the cache once also keeps onnxruntime's arena from fragmenting around
+fresh buffers per prompt (docs/performance.md, memory).
+
+Prompts go through the graph (``GraphPrefill``) or, for INT4 bundles where the AVX2 kernel is built and runs, through
+``KernelPrefill``: every row but the last computed by ``Int4Prefill`` straight into the same buffers, the last token a
+decode step (``engines/int4_prefill.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 
+from appliance.engines import EngineOptions
 from appliance.engines.cpu import physical_cores
 from appliance.engines.int4_prefill import Int4Prefill
 from appliance.engines.memory import kv_cache_bytes, not_enough_memory, require_memory
@@ -26,12 +29,18 @@ from appliance.engines.residency import release_clean_pages
 from appliance.errors import EngineError
 from appliance.model_config import ModelConfig
 
+if TYPE_CHECKING:
+    from appliance.bundle import Bundle
 
-class OrtEngine:
-    name = "onnxruntime"
+# The graph's attention inputs: ChatGLM's prefix mask [1, 1, L, L] (True = masked), read by a prefill; and the
+# positions cached after the run, [1] int32 (past + L), read by a decode step (GroupQueryAttention attends to them all).
+PREFIX_MASK, TOTAL_LENGTH = "prefix_mask", "total_length"
 
-    def __init__(self, graph: Path, config: ModelConfig, max_context: int, threads: int | None = None,
-                 spinning: bool = False, prompt_kernel: bool = True) -> None:
+
+class OrtDecoder:
+    """The decoder graph in one onnxruntime session, and the KV cache it reads and writes in place."""
+
+    def __init__(self, graph: Path, config: ModelConfig, max_context: int, threads: int | None = None) -> None:
         self.config = config
         self.max_context = max_context
         self.threads = threads or physical_cores()
@@ -40,12 +49,14 @@ class OrtEngine:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # A memory pattern, replayed when a prompt length repeats, lays all of a run's activations out in one block
-        # beside the arena's: measured at 2 layers, a repeated 2032-token prompt peaked 0.3 GB above the first.
-        # Without it the peak stays at the first prompt's, and neither decode nor prefill measured slower.
+        # beside the arena's, so a repeated long prompt peaks above the first. Without it the peak stays at the first
+        # prompt's, at no measured cost in speed (docs/performance.md, memory).
         options.enable_mem_pattern = False
         # Spinning threads burn the cores they wait on; on a busy machine that collapses throughput.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # fatal only: its errors come back as exceptions, which become our one-line error; logged, they would
+        # also print (in color, with escape sequences) before it
+        options.log_severity_level = 4
         try:
             self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -55,35 +66,24 @@ class OrtEngine:
             release_clean_pages(data)
         self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_")]
         self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present_")]
-        self.prompts = Int4Prefill.open(graph, config, self.threads) if prompt_kernel else None
-        self.cache: list[np.ndarray] = []  # allocated by the first prefill, shared with onnxruntime as OrtValues
+        self.cache: list[np.ndarray] = []  # allocated on first use, shared with onnxruntime as OrtValues
         self.cache_values: list[ort.OrtValue] = []
         self.empty_cache = np.zeros((1, config.num_heads, 0, config.head_dim), dtype=np.float32)  # a prefill's past
+        self.step_mask = np.zeros((1, 1, 1, 1), dtype=bool)  # a decode step's prefix_mask: one row, not read
         self.capacity = np.array(max_context, dtype=np.int64)
         # Logits land in a buffer of ours, not in onnxruntime's arena: an arena-held output outlives its run and keeps
-        # the chunk it sits in from being shrunk (measured at 2 layers: 70 MB more held between long prompts).
+        # the chunk it sits in from being shrunk between long prompts.
         self.logits = np.empty((1, config.vocab_size), dtype=np.float32)
         self.logits_value = ort.OrtValue.ortvalue_from_numpy(self.logits)
-        self.active: OrtSequence | None = None
+        self.active: OrtSequence | None = None  # the one sequence the cache holds
         # A prompt's activations grow with its length; give them back after each prefill, or the arena keeps the
-        # largest prompt's worth for good (measured at 28 layers: +0.6 GB after a 1024-token prompt).
+        # largest prompt's worth for good.
         self.shrink_after = ort.RunOptions()
         self.shrink_after.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
-    @contextmanager
-    def graph_prefill(self) -> Iterator[None]:
-        """Prompts go through the graph's own prefill meanwhile (verification and benchmarks compare both paths)."""
-        kernel, self.prompts = self.prompts, None
-        try:
-            yield
-        finally:
-            self.prompts = kernel
-
-    def start(self) -> OrtSequence:
-        self.active = OrtSequence(self)
-        return self.active
-
-    def cache_buffers(self) -> list[ort.OrtValue]:
+    def allocate_cache(self) -> list[np.ndarray]:
+        """The KV cache buffers ``[1, heads, max_context, head_dim]`` in the graph's order (key, value per layer),
+        allocated on the first call; refused with the sizes when they cannot fit."""
         if not self.cache:
             shape = (1, self.config.num_heads, self.max_context, self.config.head_dim)
             what, needed = f"the KV cache for {self.max_context} positions", kv_cache_bytes(self.config, self.max_context)
@@ -94,56 +94,141 @@ class OrtEngine:
             except MemoryError as exc:
                 raise not_enough_memory(what, needed, advice) from exc
             self.cache_values = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in self.cache]
-        return self.cache_values
+        return self.cache
+
+    def prefill(self, ids: np.ndarray, position_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The whole prompt (ids [L], position_ids [2, L], mask [L, L]) into an empty cache -> logits [vocab]."""
+        return self._run(ids[None], position_ids[None], mask[None, None], past=0)
+
+    def step(self, token_id: int, position_ids: np.ndarray, past: int) -> np.ndarray:
+        """One token at position_ids [2] after ``past`` cached positions -> logits [vocab]."""
+        return self._run(np.array([[token_id]]), position_ids.reshape(1, 2, 1), self.step_mask, past)
+
+    def _run(self, ids: np.ndarray, position_ids: np.ndarray, mask: np.ndarray, past: int) -> np.ndarray:
+        self.allocate_cache()
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        binding.bind_cpu_input(PREFIX_MASK, np.ascontiguousarray(mask, dtype=bool))
+        binding.bind_cpu_input(TOTAL_LENGTH, np.array([past + ids.shape[1]], dtype=np.int32))
+        binding.bind_cpu_input("cache_capacity", self.capacity)
+        binding.bind_ortvalue_output("logits", self.logits_value)
+        for past_name, present_name, buffer in zip(self.past_names, self.present_names, self.cache_values, strict=True):
+            if past:  # decode: read and write the same buffer
+                binding.bind_ortvalue_input(past_name, buffer)
+            else:  # prefill: an empty cache in, the prompt's keys/values out
+                binding.bind_cpu_input(past_name, self.empty_cache)
+            binding.bind_ortvalue_output(present_name, buffer)
+        try:
+            self.session.run_with_iobinding(binding, self.shrink_after if not past else None)
+        except Exception as exc:
+            raise EngineError(f"onnxruntime failed during a step: {str(exc).splitlines()[0]}") from exc
+        return self.logits[0].copy()
+
+
+class GraphPrefill:
+    """Every prompt through the decoder graph's own prefill."""
+
+    name = "graph"
+
+    def takes(self, ids: np.ndarray, mask: np.ndarray) -> bool:
+        return True
+
+    def run(self, decoder: OrtDecoder, ids: np.ndarray, position_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return decoder.prefill(ids, position_ids, mask)
+
+
+class KernelPrefill:
+    """INT4 prompts on the AVX2 kernel: all rows but the last computed by ``Int4Prefill`` into the decoder's cache,
+    the last token a decode step; prompts the split is not exact or not worth it for go through the graph."""
+
+    name = "int4-kernel"
+
+    def __init__(self, rows: Int4Prefill) -> None:
+        self.rows = rows
+
+    def takes(self, ids: np.ndarray, mask: np.ndarray) -> bool:
+        return self.rows.takes(ids, mask)
+
+    def run(self, decoder: OrtDecoder, ids: np.ndarray, position_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        if not self.rows.takes(ids, mask):
+            return decoder.prefill(ids, position_ids, mask)
+        self.rows.run(ids[:-1], position_ids[:, :-1], mask[:-1, :-1], decoder.allocate_cache())
+        return decoder.step(int(ids[-1]), position_ids[:, -1], len(ids) - 1)
+
+
+def choose_prefill(graph: Path, config: ModelConfig, threads: int, prompt_kernel: bool) -> GraphPrefill | KernelPrefill:
+    """The kernel where it applies (``Int4Prefill.open``: INT4 weights, the kernel built, a CPU with AVX2 and FMA),
+    unless ``prompt_kernel`` is False; the graph otherwise."""
+    rows = Int4Prefill.open(graph, config, threads) if prompt_kernel else None
+    return GraphPrefill() if rows is None else KernelPrefill(rows)
+
+
+class OrtEngine:
+    """An engine over a decoder, prefilling prompts by its strategy."""
+
+    name = "onnxruntime"
+
+    def __init__(self, decoder: OrtDecoder, prefill: GraphPrefill | KernelPrefill) -> None:
+        self.decoder, self.prefill = decoder, prefill
+        self.config, self.max_context, self.threads = decoder.config, decoder.max_context, decoder.threads
+
+    @property
+    def cache(self) -> list[np.ndarray]:
+        """The decoder's KV cache buffers (empty before the first prompt)."""
+        return self.decoder.cache
+
+    @property
+    def prompts(self) -> Int4Prefill | None:
+        """The kernel's prompt path where it was chosen at open, else None."""
+        return self.prefill.rows if isinstance(self.prefill, KernelPrefill) else None
+
+    def start(self) -> OrtSequence:
+        self.decoder.active = OrtSequence(self)
+        return self.decoder.active
+
+    def prefill_paths(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, OrtEngine]:
+        paths = {self.prefill.name: self} if self.prefill.takes(ids, mask) else {}
+        paths.setdefault(GraphPrefill.name, OrtEngine(self.decoder, GraphPrefill()))
+        return paths
 
 
 class OrtSequence:
-    """One conversation on the engine's KV cache; valid until the engine starts another."""
+    """One conversation on the decoder's KV cache; valid until an engine on that decoder starts another."""
 
     def __init__(self, engine: OrtEngine) -> None:
         self.engine = engine
+        self.decoder = engine.decoder
         self.length = 0
 
     def _check_active(self) -> None:
-        if self.engine.active is not self:
+        if self.decoder.active is not self:
             raise EngineError("this sequence was retired: the engine has started a newer one")
-
-    def _run(self, ids: np.ndarray, position_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        engine = self.engine
-        self._check_active()
-        binding = engine.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
-        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=bool))
-        binding.bind_cpu_input("cache_capacity", engine.capacity)
-        binding.bind_ortvalue_output("logits", engine.logits_value)
-        for past, present, buffer in zip(engine.past_names, engine.present_names, engine.cache_buffers(), strict=True):
-            if self.length:  # decode: read and write the same buffer
-                binding.bind_ortvalue_input(past, buffer)
-            else:  # prefill: an empty cache in, the prompt's keys/values out
-                binding.bind_cpu_input(past, engine.empty_cache)
-            binding.bind_ortvalue_output(present, buffer)
-        try:
-            engine.session.run_with_iobinding(binding, None if self.length else engine.shrink_after)
-        except Exception as exc:
-            raise EngineError(f"onnxruntime failed during a step: {str(exc).splitlines()[0]}") from exc
-        self.length += ids.shape[1]
-        return engine.logits[0].copy()
 
     def prefill(self, ids: np.ndarray, position_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         if self.length:
             raise EngineError("a sequence is prefilled once; start a new one for a new prompt")
-        ids, prompts = np.asarray(ids), self.engine.prompts
-        if prompts is not None and prompts.takes(ids, mask):
-            self._check_active()
-            self.engine.cache_buffers()
-            prompts.run(ids[:-1], position_ids[:, :-1], mask[:-1, :-1], self.engine.cache)
-            self.length = len(ids) - 1
-            return self.step(int(ids[-1]), position_ids[:, -1])
-        return self._run(ids[None], position_ids[None], mask[None, None])
+        self._check_active()
+        ids = np.asarray(ids)
+        if len(ids) > self.decoder.max_context:
+            raise EngineError(f"the prompt has {len(ids)} tokens; the KV cache holds {self.decoder.max_context} positions")
+        logits = self.engine.prefill.run(self.decoder, ids, position_ids, mask)
+        self.length = len(ids)
+        return logits
 
     def step(self, token_id: int, position_ids: np.ndarray) -> np.ndarray:
-        if self.length >= self.engine.max_context:
-            raise EngineError(f"the KV cache holds {self.engine.max_context} positions and is full")
-        length = np.zeros((1, 1, 1, self.length + 1), dtype=bool)  # decode attends to every cached position
-        return self._run(np.array([[token_id]]), position_ids.reshape(1, 2, 1), length)
+        if self.length >= self.decoder.max_context:
+            raise EngineError(f"the KV cache holds {self.decoder.max_context} positions and is full")
+        self._check_active()
+        logits = self.decoder.step(token_id, position_ids, self.length)
+        self.length += 1
+        return logits
+
+
+def open_bundle(bundle: Bundle, options: EngineOptions) -> OrtEngine:
+    """A ``decoder`` bundle on onnxruntime, its cache sized to its ``max_context`` or ``options.context`` if lower."""
+    graph, config = bundle.path / bundle.manifest["graphs"]["decoder"], bundle.config
+    limit = int(bundle.manifest["max_context"])
+    decoder = OrtDecoder(graph, config, min(limit, options.context or limit), options.threads)
+    int4 = bundle.manifest["quant"]["weights"] == "int4"  # only INT4 weights can take the kernel: skip reading the graph
+    return OrtEngine(decoder, choose_prefill(graph, config, decoder.threads, options.prompt_kernel and int4))

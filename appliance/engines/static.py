@@ -2,21 +2,28 @@
 
 The generator's calls (prefill with a bool prefix-LM mask, one-token steps) become fixed-shape inputs: the prompt is
 right-padded to the smallest prefill gear, the KV cache has a fixed capacity, a one-hot ``write_slot`` says where a
-step's K/V go, and an additive mask hides the slots not yet written. The runner keeps the cache between calls
+step's K/V go, and ``attention_bias`` (added to the scores: 0 visible, MASK_FILL hidden) carries the prefix-LM mask
+and hides the slots not yet written. The runner keeps the cache between calls
 (``present_*`` outputs become the next ``past_*`` inputs), in onnxruntime here or in the MindSpore Lite step server.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import hashlib
+import os
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from appliance.engines import EngineOptions
 from appliance.engines.memory import kv_cache_bytes, require_memory
 from appliance.errors import EngineError, PromptError
+from appliance.folders import cache_dir
+from appliance.model.definition import MASK_FILL
 from appliance.model_config import ModelConfig
 
-MASKED = -10000.0
+if TYPE_CHECKING:
+    from appliance.bundle import Bundle
 
 
 class GraphRunner(Protocol):
@@ -43,6 +50,10 @@ class StaticEngine:
         self.runner.reset()
         return StaticSequence(self)
 
+    def prefill_paths(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, StaticEngine]:
+        """Prompts have one path here: the prefill graph of their gear."""
+        return {"graph": self}
+
 
 class StaticSequence:
     def __init__(self, engine: StaticEngine) -> None:
@@ -59,13 +70,13 @@ class StaticSequence:
         padded_ids[0, :length] = ids
         positions = np.zeros((1, 2, gear), dtype=np.int32)
         positions[0, :, :length] = position_ids
-        additive = np.full((1, 1, gear, gear), MASKED, dtype=np.float32)
-        additive[0, 0, :length, :length] = np.where(mask, MASKED, 0.0)
-        additive[0, 0, length:, 0] = 0.0  # padding rows see one slot, so no row is fully masked
+        bias = np.full((1, 1, gear, gear), MASK_FILL, dtype=np.float32)
+        bias[0, 0, :length, :length] = np.where(mask, MASK_FILL, 0.0)
+        bias[0, 0, length:, 0] = 0.0  # padding rows see one slot, so no row is fully masked
         last = np.zeros((1, gear, 1), dtype=np.float32)
         last[0, length - 1, 0] = 1.0
         logits = self.engine.runner.run(f"prefill:{gear}", {"input_ids": padded_ids, "position_ids": positions,
-                                                            "attention_mask": additive, "last_position": last})
+                                                            "attention_bias": bias, "last_position": last})
         self.length = length
         return logits[0]
 
@@ -75,12 +86,12 @@ class StaticSequence:
             raise EngineError(f"the KV cache is full ({capacity} tokens)")
         write = np.zeros((1, 1, capacity, 1), dtype=np.float32)
         write[0, 0, self.length, 0] = 1.0
-        additive = np.full((1, 1, 1, capacity), MASKED, dtype=np.float32)
-        additive[0, 0, 0, : self.length + 1] = 0.0
+        bias = np.full((1, 1, 1, capacity), MASK_FILL, dtype=np.float32)
+        bias[0, 0, 0, : self.length + 1] = 0.0
         logits = self.engine.runner.run("decode", {
             "input_ids": np.array([[token_id]], dtype=np.int32),
             "position_ids": np.asarray(position_ids, dtype=np.int32).reshape(1, 2, 1),
-            "attention_mask": additive, "write_slot": write})
+            "attention_bias": bias, "write_slot": write})
         self.length += 1
         return logits[0]
 
@@ -96,7 +107,9 @@ class OrtGraphRunner:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or physical_cores()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3
+        # fatal only: its errors come back as exceptions, which become our one-line error; logged, they would
+        # also print (in color, with escape sequences) before it
+        options.log_severity_level = 4
         self.sessions = {name: ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
                          for name, path in files.items()}
         self.cache: dict[str, np.ndarray] = {}
@@ -114,3 +127,34 @@ class OrtGraphRunner:
         outputs = session.run(names, feed)
         self.cache = {n: v for n, v in zip(names, outputs, strict=True) if n.startswith("present_")}
         return outputs[names.index("logits")]
+
+
+def _static_engine(bundle: Bundle, name: str, runner: GraphRunner) -> StaticEngine:
+    graphs = bundle.manifest["graphs"]
+    return StaticEngine(name, bundle.config, int(graphs["capacity"]), list(graphs["prefill_gears"]), runner,
+                        bundle.tokenizer().special.pad)
+
+
+def _graph_files(bundle: Bundle, kind: str) -> dict[str, str]:
+    """The bundle's ``device`` graphs (the target's compute precision) or its fp32 ``check`` graphs, by graph key."""
+    return {key: str(bundle.path / rel) for key, rel in bundle.manifest["graphs"][kind].items()}
+
+
+def open_on_onnxruntime(bundle: Bundle, options: EngineOptions) -> StaticEngine:
+    """A static bundle's fp32 check graphs on the CPU (how Ascend bundles are checked without an NPU)."""
+    return _static_engine(bundle, "onnxruntime", OrtGraphRunner(_graph_files(bundle, "check"), options.threads))
+
+
+def open_on_mindspore_lite(bundle: Bundle, options: EngineOptions) -> StaticEngine:
+    """A static bundle on MindSpore Lite: its device graphs on the NPU (``STREAMCHAT_LITE_DEVICE=ascend``, card
+    ``STREAMCHAT_LITE_DEVICE_ID``), its fp32 check graphs on the CPU otherwise; converted graphs are cached per
+    manifest and device."""
+    from appliance.bundle import MANIFEST
+    from appliance.engines.mindspore_lite import LiteStepServer
+
+    device = os.environ.get("STREAMCHAT_LITE_DEVICE", "cpu")
+    stamp = hashlib.sha256((bundle.path / MANIFEST).read_bytes()).hexdigest()[:16]
+    runner = LiteStepServer(_graph_files(bundle, "device" if device == "ascend" else "check"),
+                            cache_dir() / "mindir" / f"{stamp}-{device}", bundle.config.vocab_size, device=device,
+                            threads=options.threads, device_id=int(os.environ.get("STREAMCHAT_LITE_DEVICE_ID", "0")))
+    return _static_engine(bundle, "mindspore-lite", runner)

@@ -1,12 +1,15 @@
 /* Prompt kernels for AVX2 CPUs: Y = X @ W.T with W in onnxruntime's MatMulNBits INT4 layout, and tanh GELU.
  *
- * Why: onnxruntime's INT4 kernel multiplies a 128-row prompt at 120-170 GFLOP/s on an AVX2 CPU without VNNI, which
- * bounds time to first token. Here a panel of 8 weight columns is unpacked once into int8 codes laid out
- * [K/4][8 columns][4], then every 4-row tile of the prompt runs over it: one vpmaddubsw multiplies 4 codes of 8 columns
- * by 4 broadcast activation bytes, so the per-block scales are applied once per 8 columns, not per dot product.
+ * Why: a prompt is arithmetic-bound, and onnxruntime's INT4 kernels for more than one row are built for AVX-512 VNNI;
+ * on AVX2 CPUs without it this kernel multiplies prompts faster on the same weights (docs/performance.md). A panel of
+ * NR weight columns is unpacked once into int8 codes laid out [K/4][NR columns][4], then every 4-row tile of the prompt
+ * runs over it: one vpmaddubsw multiplies 4 codes of 8 columns by 4 broadcast activation bytes, so the per-block
+ * scales are applied once per 8 columns, not per dot product.
  *
  * W [N][K/G][G/2] uint8: codes 0..15, low nibble first, zero point 8; scales [N][K/G] fp32 (model_export/quantize.py).
  * X is quantized per row and per block of G to int8 (scale = max|x| / 127), as MatMulNBits' accuracy level 4 does.
+ * Each entry point (sc_*) checks the CPU, its shapes and its pointers before any AVX2 code runs and returns SC_OK or
+ * why it refused (SC_NO_AVX2, SC_BAD_SHAPE, SC_MISALIGNED): a wrong call is an error code, not a crash or SIGILL.
  * The library is also a (empty) Python extension module, so installers and freezers ship it like any other.
  */
 #define PY_SSIZE_T_CLEAN
@@ -19,13 +22,20 @@
 #define NR 16 /* weight columns per panel: two vectors of 8 */
 #define AVX2 __attribute__((target("avx2,fma")))
 
+enum { SC_OK = 0, SC_BAD_SHAPE = 1, SC_MISALIGNED = 2, SC_NO_AVX2 = 3 };
+
 int sc_kernels_supported(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
+static int aligned(const void *p, size_t to) { return p != NULL && (uintptr_t)p % to == 0; }
+
+/* The blocking both kernels share: K in whole groups, groups of whole 32-code runs of at most 256 codes. */
+static int groups_fit(int K, int G) { return G >= 32 && G <= 256 && G % 32 == 0 && K >= G && K % G == 0; }
+
 /* x [M][K] fp32, M a multiple of MR -> codes [M/MR][K/4][MR][4] int8; per row and block: scale, 8 * scale * sum. */
-AVX2 void sc_quantize_rows(const float *x, int M, int K, int G, int8_t *codes, float *scales, float *offsets) {
+AVX2 static void quantize_rows(const float *x, int M, int K, int G, int8_t *codes, float *scales, float *offsets) {
     const int blocks = K / G;
     const __m256 sign = _mm256_set1_ps(-0.f);
     for (int m = 0; m < M; m++) {
@@ -56,6 +66,14 @@ AVX2 void sc_quantize_rows(const float *x, int M, int K, int G, int8_t *codes, f
             offsets[(size_t)m * blocks + b] = 8.f * scale * (float)_mm_cvtsi128_si32(s);
         }
     }
+}
+
+int sc_quantize_rows(const float *x, int M, int K, int G, int8_t *codes, float *scales, float *offsets) {
+    if (!sc_kernels_supported()) return SC_NO_AVX2;
+    if (M <= 0 || M % MR || !groups_fit(K, G)) return SC_BAD_SHAPE;
+    if (!aligned(x, 4) || !aligned(codes, 4) || !aligned(scales, 4) || !aligned(offsets, 4)) return SC_MISALIGNED;
+    quantize_rows(x, M, K, G, codes, scales, offsets);
+    return SC_OK;
 }
 
 /* 8 weight columns -> their codes in a panel of NR columns: for k-group g (codes 4g..4g+3), 8 dwords at
@@ -121,7 +139,7 @@ AVX2 static void tile(const int8_t *xq, const float *xs, const float *xo, int bl
                 DOT4(h10, h11, c0, c1, x[1]);
                 DOT4(h20, h21, c0, c1, x[2]);
                 DOT4(h30, h31, c0, c1, x[3]);
-                /* keeps GCC from computing all 64 products first and spilling them (measured 1.5x slower) */
+                /* keeps GCC from computing all 64 products first and spilling them to the stack */
                 __asm__("" : "+x"(h00), "+x"(h01), "+x"(h10), "+x"(h11), "+x"(h20), "+x"(h21), "+x"(h30), "+x"(h31));
             }
             const __m256i h[MR][2] = {{h00, h01}, {h10, h11}, {h20, h21}, {h30, h31}};
@@ -142,8 +160,8 @@ AVX2 static void tile(const int8_t *xq, const float *xs, const float *xo, int bl
 }
 
 /* Columns n0..n1 (multiples of NR) of y [M][ldy]; scratch: 32-byte aligned, K * NR + 4 * (K / G) * NR bytes. */
-AVX2 void sc_int4_gemm(const int8_t *xq, const float *xs, const float *xo, int M, int K, int G, const uint8_t *w,
-                       const float *ws, float *y, int ldy, int n0, int n1, uint8_t *scratch) {
+AVX2 static void int4_gemm(const int8_t *xq, const float *xs, const float *xo, int M, int K, int G, const uint8_t *w,
+                           const float *ws, float *y, int ldy, int n0, int n1, uint8_t *scratch) {
     const int blocks = K / G;
     float *panel_scales = (float *)(scratch + (size_t)K * NR);
     for (int n = n0; n < n1; n += NR) {
@@ -156,6 +174,18 @@ AVX2 void sc_int4_gemm(const int8_t *xq, const float *xs, const float *xo, int M
             tile(xq + (size_t)m * K, xs + (size_t)m * blocks, xo + (size_t)m * blocks, blocks, G, scratch,
                  panel_scales, y + (size_t)m * ldy + n, ldy);
     }
+}
+
+int sc_int4_gemm(const int8_t *xq, const float *xs, const float *xo, int M, int K, int G, const uint8_t *w,
+                 const float *ws, float *y, int ldy, int n0, int n1, uint8_t *scratch) {
+    if (!sc_kernels_supported()) return SC_NO_AVX2;
+    if (M <= 0 || M % MR || !groups_fit(K, G) || n0 < 0 || n0 > n1 || n0 % NR || n1 % NR || n1 > ldy)
+        return SC_BAD_SHAPE;
+    if (w == NULL || !aligned(xq, 4) || !aligned(xs, 4) || !aligned(xo, 4) || !aligned(ws, 4) || !aligned(y, 4)
+        || !aligned(scratch, 32))
+        return SC_MISALIGNED;
+    int4_gemm(xq, xs, xo, M, K, G, w, ws, y, ldy, n0, n1, scratch);
+    return SC_OK;
 }
 
 /* exp(x) for |x| <= 88: 2^n * e^r with r = x - n ln2 in [-ln2/2, ln2/2], e^r by its Taylor polynomial of degree 6
@@ -176,9 +206,9 @@ AVX2 static inline __m256 exp256(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
 }
 
-/* In place: x * 0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))), written as x / (1 + exp(-2 * that argument)).
- * numpy needs 12-20 ms for the 127 x 16384 activations of one layer's MLP; this takes about 1. */
-AVX2 void sc_gelu(float *x, size_t n) {
+/* In place: x * 0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))), written as x / (1 + exp(-2 * that argument)),
+ * in one pass where numpy makes several over temporaries of the MLP's activations. */
+AVX2 static void gelu(float *x, size_t n) {
     const __m256 c = _mm256_set1_ps(-2.f * 0.7978845608028654f), c3 = _mm256_set1_ps(0.044715f), one = _mm256_set1_ps(1.f);
     size_t i = 0;
     for (; i + 8 <= n; i += 8) {
@@ -190,6 +220,13 @@ AVX2 void sc_gelu(float *x, size_t n) {
         const float v = x[i];
         x[i] = v / (1.f + expf(-2.f * 0.7978845608028654f * (v + 0.044715f * v * v * v)));
     }
+}
+
+int sc_gelu(float *x, size_t n) {
+    if (!sc_kernels_supported()) return SC_NO_AVX2;
+    if (n && !aligned(x, 4)) return SC_MISALIGNED;
+    gelu(x, n);
+    return SC_OK;
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_prompt_kernels",

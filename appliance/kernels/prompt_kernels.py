@@ -14,9 +14,15 @@ from functools import cache
 
 import numpy as np
 
+from appliance.errors import EngineError
+
 ROWS_PER_TILE = 4  # MR in the C file
 COLUMNS_PER_PANEL = 16  # NR
 _P, _I = ctypes.c_void_p, ctypes.c_int
+# what the C entry points return instead of 0 when they refuse a call (the enum in prompt_kernels.c)
+BAD_SHAPE, MISALIGNED, NO_AVX2 = 1, 2, 3
+REFUSALS = {BAD_SHAPE: "a shape it does not handle", MISALIGNED: "a misaligned or missing buffer",
+            NO_AVX2: "this CPU has no AVX2/FMA"}
 
 
 @cache
@@ -31,7 +37,16 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.sc_quantize_rows.argtypes = [_P, _I, _I, _I, _P, _P, _P]
     lib.sc_int4_gemm.argtypes = [_P, _P, _P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _P]
     lib.sc_gelu.argtypes = [_P, ctypes.c_size_t]
+    for function in (lib.sc_quantize_rows, lib.sc_int4_gemm, lib.sc_gelu):
+        function.restype = _I
     return lib, "loaded (AVX2 INT4 prompts)"
+
+
+def check(code: int, function: str) -> None:
+    """Raise the refusal a kernel entry point returned (``REFUSALS``); 0 is success."""
+    if code:
+        raise EngineError(f"the AVX2 prompt kernel refused a call to {function}: {REFUSALS.get(code, f'code {code}')} "
+                          "(the Python side should have prevented it: please report this)")
 
 
 def load() -> ctypes.CDLL | None:
@@ -41,14 +56,6 @@ def load() -> ctypes.CDLL | None:
 
 def status() -> str:
     return _load()[1]
-
-
-def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
-    """uint8 codes [..., blocks, group] from MatMulNBits bytes [..., blocks, blob] (INT4: low nibble first)."""
-    if bits == 8:
-        return packed
-    low, high = packed & 0x0F, packed >> 4
-    return np.stack([low, high], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
 @dataclass(frozen=True)
@@ -114,8 +121,8 @@ class PromptKernels:
         offsets = np.empty_like(scales)
 
         def run(first: int, end: int, _part: int) -> None:  # whole tiles: rows first.. have codes from first * k on
-            self.lib.sc_quantize_rows(x[first].ctypes.data, end - first, k, group, codes[first * k:].ctypes.data,
-                                      scales[first].ctypes.data, offsets[first].ctypes.data)
+            check(self.lib.sc_quantize_rows(x[first].ctypes.data, end - first, k, group, codes[first * k:].ctypes.data,
+                                            scales[first].ctypes.data, offsets[first].ctypes.data), "sc_quantize_rows")
 
         self._parallel(run, padded, ROWS_PER_TILE)
         return QuantizedRows(codes, scales, offsets, rows, group)
@@ -134,9 +141,9 @@ class PromptKernels:
         scratch = self._scratch(weight.k, weight.group)
 
         def run(first: int, end: int, part: int) -> None:
-            self.lib.sc_int4_gemm(x.codes.ctypes.data, x.scales.ctypes.data, x.offsets.ctypes.data, padded, weight.k,
-                                  weight.group, packed.ctypes.data, scales.ctypes.data, y.ctypes.data, n, first, end,
-                                  scratch[part].ctypes.data)
+            check(self.lib.sc_int4_gemm(x.codes.ctypes.data, x.scales.ctypes.data, x.offsets.ctypes.data, padded,
+                                        weight.k, weight.group, packed.ctypes.data, scales.ctypes.data, y.ctypes.data, n,
+                                        first, end, scratch[part].ctypes.data), "sc_int4_gemm")
 
         self._parallel(run, n, COLUMNS_PER_PANEL)
         y = y[:x.rows]
@@ -160,7 +167,7 @@ class PromptKernels:
         """tanh GELU of a C-contiguous float32 array, in place (returned for chaining)."""
         if x.dtype != np.float32 or not x.flags.c_contiguous:
             raise ValueError("gelu works in place on a C-contiguous float32 array")
-        self.lib.sc_gelu(x.ctypes.data, x.size)
+        check(self.lib.sc_gelu(x.ctypes.data, x.size), "sc_gelu")
         return x
 
     def _scratch(self, k: int, group: int) -> list[np.ndarray]:

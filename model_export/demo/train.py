@@ -5,7 +5,8 @@
 
 Deterministic (fixed seeds, single-threaded sentencepiece, deterministic torch kernels); a few minutes on 2 cores.
 It writes THUDM's layout (config.json, tokenizer_config.json, ice_text.model, model.safetensors with a tied lm_head)
-and checks the result with the numpy reference before it writes anything.
+and then runs the written checkpoint through the numpy reference. The model trained is ``appliance.model.definition``
+on torch tensors (``TorchOps``), the same definition every backend of the appliance runs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +24,14 @@ import sentencepiece as spm
 import torch
 from torch import nn
 
-from appliance.chatglm_ops import ALPHA, MASK_FILL, rotary_tables
 from appliance.generation import GenerationConfig, StreamGenerator
+from appliance.model.definition import MASK_FILL, attention_coefficient, forward, rotary_half_table
+from appliance.model.weights import EMBEDDING, LM_HEAD
 from appliance.model_config import ModelConfig
 from appliance.positions import PromptLayout, layout_of
 from appliance.prompt import build_prompt
 from appliance.tokenizer import MAX_BLANK, SPECIAL_PIECES, ChatGLMTokenizer
+from model_export.checkpoint import expected_shapes
 from model_export.demo.corpus import read_corpus
 from model_export.reference import ReferenceEngine, ReferenceModel
 
@@ -66,72 +70,121 @@ def train_tokenizer(corpus: list[dict], out: Path) -> Path:
     return path
 
 
-class TinyChatGLM(nn.Module):
-    """ChatGLM-6B's forward (the numpy reference's semantics) in torch, for training only."""
+class TorchOps:
+    """The definition's operations on torch tensors (autograd flows through them), over ``model``'s parameters, for
+    ids [b, L] at ``positions`` [b, 2, L] under ``mask`` [b, 1, L, L] (True = masked); logits at every position."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, model: TinyChatGLM, positions: torch.Tensor, mask: torch.Tensor) -> None:
+        self.config, self.model, self.positions, self.mask = model.cfg, model, positions, mask
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.model.weight(EMBEDDING))
+
+    def rotary_half(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = self.positions[:, row]
+        return self.model.cos[index][:, :, None], self.model.sin[index][:, :, None]
+
+    def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.model.weight(name + ".weight"), self.model.weight(name + ".bias"))
+
+    def layer_norm(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.model.weight(name + ".weight"), self.model.weight(name + ".bias")
+        return nn.functional.layer_norm(x, weight.shape, weight, bias, self.config.layernorm_epsilon)
+
+    def split_heads(self, x: torch.Tensor, parts: int) -> list[torch.Tensor]:
+        cfg = self.config
+        return self.split(x.view(*x.shape[:-1], cfg.num_heads, parts * cfg.head_dim), parts)
+
+    @staticmethod
+    def split(x: torch.Tensor, parts: int) -> list[torch.Tensor]:
+        return list(x.chunk(parts, dim=-1))
+
+    @staticmethod
+    def concat(xs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(xs, dim=-1)
+
+    @staticmethod
+    def add(a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
+        return a + b
+
+    @staticmethod
+    def mul(a: torch.Tensor, b: torch.Tensor | float | np.ndarray) -> torch.Tensor:
+        return a * (torch.from_numpy(b) if isinstance(b, np.ndarray) else b)
+
+    tanh = staticmethod(torch.tanh)
+
+    @staticmethod
+    def gelu(x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.gelu(x, approximate="tanh")  # torch's own tanh GELU, the definition's formula
+
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """THUDM's arithmetic, as the numpy reference does it: q divided by sqrt(hd) * coeff, masked scores MASK_FILL,
+        rescaled by coeff before the softmax."""
+        b, length, _, head_dim = q.shape
+        coeff = attention_coefficient(layer)
+        scores = (q.transpose(1, 2) / (math.sqrt(head_dim) * coeff)) @ k.permute(0, 2, 3, 1)
+        probs = (scores.masked_fill(self.mask, MASK_FILL) * coeff).softmax(-1)
+        return (probs @ v.transpose(1, 2)).transpose(1, 2).reshape(b, length, self.config.hidden_size)
+
+    @staticmethod
+    def output_rows(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.model.weight(EMBEDDING).T  # tied
+
+
+class TinyChatGLM(nn.Module):
+    """``appliance.model.definition`` on torch parameters named as THUDM's checkpoint (the head tied to the
+    embedding, as the demo is saved): initialised for training, or loaded from ``tensors`` (name -> array)."""
+
+    def __init__(self, cfg: ModelConfig, tensors: Mapping[str, np.ndarray] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        h, f = cfg.hidden_size, cfg.inner_hidden_size
-        self.embed = nn.Embedding(cfg.vocab_size, h)
-        self.layers = nn.ModuleList()
-        for _ in range(cfg.num_layers):
-            self.layers.append(nn.ModuleDict({
-                "input_layernorm": nn.LayerNorm(h, eps=cfg.layernorm_epsilon),
-                "query_key_value": nn.Linear(h, 3 * h), "dense": nn.Linear(h, h),
-                "post_attention_layernorm": nn.LayerNorm(h, eps=cfg.layernorm_epsilon),
-                "dense_h_to_4h": nn.Linear(h, f), "dense_4h_to_h": nn.Linear(f, h)}))
-        self.final_layernorm = nn.LayerNorm(h, eps=cfg.layernorm_epsilon)
-        for module in self.modules():
-            if isinstance(module, nn.Linear | nn.Embedding):
-                nn.init.normal_(module.weight, std=0.02)
-            if isinstance(module, nn.Linear):
-                nn.init.zeros_(module.bias)
-        cos, sin = rotary_tables(np.arange(cfg.max_sequence_length + 1), cfg.rotary_dim)
+        self.names = [name for name in expected_shapes(cfg) if name != LM_HEAD]
+        self.params = nn.ParameterDict({_key(name): nn.Parameter(
+            torch.from_numpy(np.asarray(tensors[name], dtype=np.float32)) if tensors is not None else
+            _initial(name, expected_shapes(cfg)[name])) for name in self.names})
+        cos, sin = rotary_half_table(np.arange(cfg.max_sequence_length + 1), cfg.rotary_dim)
         self.register_buffer("cos", torch.from_numpy(cos), persistent=False)
         self.register_buffer("sin", torch.from_numpy(sin), persistent=False)
 
-    def _rotary(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        rd = self.cfg.rotary_dim
-        parts = []
-        for half, row in ((x[..., :rd], pos[:, 0]), (x[..., rd:], pos[:, 1])):
-            cos, sin = self.cos[row][:, :, None], self.sin[row][:, :, None]
-            a, b = half[..., : rd // 2], half[..., rd // 2:]
-            parts.append(half * cos + torch.cat([-b, a], dim=-1) * sin)
-        return torch.cat(parts, dim=-1)
+    def weight(self, name: str) -> nn.Parameter:
+        return self.params[_key(name)]
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
-        b, length = ids.shape
-        x = self.embed(ids)
-        for n, layer in enumerate(self.layers):
-            ln1 = layer["input_layernorm"](x)
-            qkv = layer["query_key_value"](ln1).view(b, length, cfg.num_heads, 3 * cfg.head_dim)
-            q, k, v = qkv.chunk(3, dim=-1)
-            q, k = self._rotary(q, pos), self._rotary(k, pos)
-            coeff = float(n + 1)
-            q = q.transpose(1, 2) / (math.sqrt(cfg.head_dim) * coeff)
-            scores = q @ k.permute(0, 2, 3, 1)
-            scores = scores.masked_fill(mask, MASK_FILL) * coeff
-            context = (scores.softmax(-1) @ v.transpose(1, 2)).transpose(1, 2).reshape(b, length, cfg.hidden_size)
-            x = ln1 * ALPHA + layer["dense"](context)
-            ln2 = layer["post_attention_layernorm"](x)
-            up = nn.functional.gelu(layer["dense_h_to_4h"](ln2), approximate="tanh")
-            x = ln2 * ALPHA + layer["dense_4h_to_h"](up)
-        return self.final_layernorm(x) @ self.embed.weight.T
+        """Logits [b, L, vocab] of ids [b, L] at positions pos [b, 2, L] under mask [b, 1, L, L] (True = masked)."""
+        return forward(TorchOps(self, pos, mask), ids)
 
     def state_dict_thudm(self) -> dict[str, np.ndarray]:
         """THUDM's key names (lm_head tied, so only the embedding is stored, as save_pretrained does)."""
-        out = {"transformer.word_embeddings.weight": self.embed.weight,
-               "transformer.final_layernorm.weight": self.final_layernorm.weight,
-               "transformer.final_layernorm.bias": self.final_layernorm.bias}
-        for n, layer in enumerate(self.layers):
-            for name, module in layer.items():
-                group = "attention." if name in ("query_key_value", "dense") else \
-                    "mlp." if name.startswith("dense_") else ""
-                for param in ("weight", "bias"):
-                    out[f"transformer.layers.{n}.{group}{name}.{param}"] = getattr(module, param)
-        return {k: v.detach().numpy().astype(np.float16) for k, v in out.items()}
+        return {name: self.weight(name).detach().numpy().astype(np.float16) for name in self.names}
+
+
+def _key(name: str) -> str:
+    """A parameter key for a THUDM name (torch refuses dots in parameter names)."""
+    return name.replace(".", "/")
+
+
+def _initial(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Biases 0, LayerNorm gains 1, matrices N(0, 0.02)."""
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
+    if len(shape) == 1:
+        return torch.ones(shape)
+    return torch.randn(shape) * 0.02
+
+
+def train_step(model: TinyChatGLM, opt: torch.optim.Optimizer, batch: list[torch.Tensor]) -> torch.Tensor:
+    """One optimiser step on the answer tokens of ``batch`` (ids, positions, masks, targets); returns the loss."""
+    ids, pos, mask, targets = batch
+    logits = model(ids, pos, mask)
+    loss = nn.functional.cross_entropy(logits.reshape(-1, model.cfg.vocab_size), targets.reshape(-1), ignore_index=-100)
+    opt.zero_grad()
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss
 
 
 def encode_examples(corpus: list[dict], tok: ChatGLMTokenizer, cfg: ModelConfig):
@@ -205,18 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ModelConfig.from_dict({**SIZES, "vocab_size": tok.vocab_size, "bos_token_id": tok.special.bos,
                                  "eos_token_id": tok.special.eos, "mask_token_id": tok.special.mask,
                                  "gmask_token_id": tok.special.gmask, "pad_token_id": tok.special.pad})
-    ids, pos, mask, targets = encode_examples(corpus, tok, cfg)
+    batch = encode_examples(corpus, tok, cfg)
     model = TinyChatGLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=args.steps, pct_start=0.1)
     start = time.time()
     for step in range(args.steps):
-        logits = model(ids, pos, mask[:, :, :, :])
-        loss = nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), targets.reshape(-1), ignore_index=-100)
-        opt.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = train_step(model, opt, batch)
         sched.step()
         if step % 100 == 0 or step == args.steps - 1:
             print(f"step {step:5d}  loss {loss.item():.4f}  {time.time() - start:.0f}s", flush=True)

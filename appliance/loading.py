@@ -1,0 +1,64 @@
+"""Open a model bundle, or the built-in demo, as a warmed-up engine plus its tokenizer: what every front end runs.
+
+The demo ships as a checkpoint and becomes a bundle through the normal export stage on first use. The runtime core
+does not contain that stage: the front end that has it (the CLI, which passes it on to the window) hands it in as
+``export``, so the app needs neither ``model_export`` nor ``onnx`` once the demo bundle exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from appliance.bundle import Bundle
+from appliance.engines import Engine, warm_up
+from appliance.errors import BundleError
+from appliance.tokenizer import ChatGLMTokenizer
+
+DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo" / "checkpoint"
+DEMO_QUANT = "int8"
+
+
+@dataclass
+class LoadedModel:
+    engine: Engine
+    tokenizer: ChatGLMTokenizer
+    label: str
+    summary: dict = field(default_factory=dict)  # target, quant, demo, path: what the status bar and settings show
+
+
+class DemoExporter(Protocol):
+    """The export stage, as the front end that owns it passes it in (``model_export.export.export_bundle`` fits)."""
+
+    def __call__(self, checkpoint_dir: Path, out: Path, *, quant: str, force: bool, name: str,
+                 extra_manifest: dict) -> object: ...
+
+
+def demo_bundle(data: Path, export: DemoExporter | None, progress: Callable[[str], None] = lambda _: None) -> Path:
+    """The built-in demo model as a bundle in the data folder, exported by ``export`` on first use (and again if the
+    stored one no longer opens, e.g. after an upgrade changed the bundle format); ``progress`` hears of an export."""
+    path = data / "bundles" / f"streamchat-demo-{DEMO_QUANT}"
+    try:
+        Bundle.open(path)
+        return path
+    except BundleError as exc:
+        if export is None:
+            raise BundleError(f"the built-in demo model is not prepared in {path} ({exc}): start the app with "
+                              "`streamchat gui --demo` once, which prepares it") from exc
+    progress("preparing the built-in demo model (first run only)...")
+    export(DEMO_CHECKPOINT, path, quant=DEMO_QUANT, force=True, name="StreamChat demo model",
+           extra_manifest={"demo": True})
+    return path
+
+
+def open_bundle(path: Path, threads: int | None = None, engine: str = "auto", context: int | None = None) -> LoadedModel:
+    """``threads`` None = the machine's physical cores; ``context`` caps the context window (and so the KV cache) of a
+    cpu bundle. The engine is warmed up, so the first message does not pay the runtime's first runs."""
+    opened = Bundle.open(path)
+    summary = {"target": opened.target, "quant": opened.manifest["quant"]["weights"], "demo": opened.is_demo,
+               "path": str(opened.path)}
+    loaded, tokenizer = opened.engine(threads=threads, kind=engine, context=context), opened.tokenizer()
+    warm_up(loaded, tokenizer.special.bos, tokenizer.special.gmask)
+    return LoadedModel(loaded, tokenizer, opened.label, summary)
