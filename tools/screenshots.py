@@ -23,6 +23,7 @@ def main() -> int:
     from PySide6.QtWidgets import QApplication
 
     from appliance.app import AppContext
+    from streamchat.models import export_demo
     from ui.app import model_loader
     from ui.i18n import translator_for
     from ui.main_window import MainWindow
@@ -35,7 +36,7 @@ def main() -> int:
     def window(kiosk: bool) -> MainWindow:
         app = AppContext.load()
         app.settings.generation.temperature = 0.3
-        w = MainWindow(app, model_loader(app, None, demo=True), kiosk=kiosk)
+        w = MainWindow(app, model_loader(app, None, demo=True, export=export_demo), kiosk=kiosk)
         w.resize(1100, 720)
         if not kiosk:
             w.show()
