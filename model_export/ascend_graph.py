@@ -3,9 +3,10 @@
 MindSpore Lite compiles fixed shapes and rejects contrib ops and INT4 tensors, so (facts measured with Lite 2.0.0):
 - one prefill graph per sequence gear (the prompt is right-padded to the gear) and a one-token decode graph, all
   reading one weight file;
-- the KV cache has a fixed capacity ``C`` (``[batch, heads, C, head_dim]``): prefill returns it padded with zeros,
-  decode writes the new token's K/V into the slot selected by a one-hot ``write_slot`` input and attends over the
-  whole capacity under ``attention_bias``, added to the scores (past length 0 and bool ``Where`` masks fail in Lite);
+- the KV cache has a fixed capacity ``C`` (``[batch, heads, C, head_dim]``): prefill returns the prompt's rows with
+  zero rows concatenated after them (a Pad of that axis comes out of Lite's converter on the wrong axis), decode
+  writes the new token's K/V into the slot selected by a one-hot ``write_slot`` input and attends over the whole
+  capacity under ``attention_bias``, added to the scores (past length 0 and bool ``Where`` masks fail in Lite);
 - int32 ids and positions (Lite turns int64 into int32), rotary cos/sin as precomputed tables (Lite's Cos loses 1e-3),
   LayerNorm and tanh-GELU from elementary ops;
 - INT4 weights are packed two per byte and unpacked in the graph with arithmetic (Floor/Mul/Sub), INT8 weights are
@@ -119,12 +120,24 @@ class AscendDecoderGraph(DecoderGraph):
         self.shape_qkv = b.const([-1, self.seq, heads, 3 * hd])
         if self.decode:
             self.write = self._compute("write_slot")
+        elif self.seq < cap:
+            self.empty_rows = self._empty_rows()
         forward(self, "input_ids")
         return b.model(inputs, outputs, OPSET, contrib=False, doc=doc)
 
+    def _empty_rows(self) -> str:
+        """Zeros ``[batch, heads, capacity - gear, head_dim]``: the cache rows a prefill leaves empty, appended to its
+        keys and values with Concat (Lite 2.0.0 converts a Pad of the sequence axis of these graphs onto the last axis:
+        ``[1, 4, 64, 472]`` for ``[1, 4, 512, 24]``). The batch size comes from ``last_position``, whose rows sum to 1."""
+        b, cfg = self.b, self.config
+        ones = b.op("Unsqueeze", [b.op("ReduceSum", ["last_position", b.const([1])], keepdims=1), b.const([3])])
+        zeros = b.op("ConstantOfShape", [b.const([1, cfg.num_heads, self.capacity - self.seq, cfg.head_dim])],
+                     value=helper.make_tensor("value", self.ftype, [1], [0]))
+        return b.op("Mul", [self._compute(ones), zeros])
+
     def attention(self, n: int, q: str, k: str, v: str) -> str:
         """THUDM's fp16 arithmetic: q divided by sqrt(hd) * (layer + 1), the scores scaled back up in fp32. The cache
-        is the capacity buffers: written whole by a prefill (padded), one slot by a decode step."""
+        is the capacity buffers: written whole by a prefill (zero rows after the gear's), one slot by a decode step."""
         cfg, b = self.config, self.b
         hd, cap = cfg.head_dim, self.capacity
         heads_first = {"perm": [0, 2, 1, 3]}
@@ -137,10 +150,12 @@ class AscendDecoderGraph(DecoderGraph):
             k = b.op("Add", [b.op("Mul", [f"past_key.{n}", keep]), b.op("Mul", [k, self.write])], [f"present_key.{n}"])
             v = b.op("Add", [b.op("Mul", [f"past_value.{n}", keep]), b.op("Mul", [v, self.write])],
                      [f"present_value.{n}"])
+        elif self.seq < cap:
+            b.op("Concat", [k, self.empty_rows], [f"present_key.{n}"], axis=2)
+            b.op("Concat", [v, self.empty_rows], [f"present_value.{n}"], axis=2)
         else:
-            pads = b.const([0, 0, 0, 0, 0, 0, cap - self.seq, 0])
-            b.op("Pad", [k, pads], [f"present_key.{n}"])
-            b.op("Pad", [v, pads], [f"present_value.{n}"])
+            b.op("Identity", [k], [f"present_key.{n}"])
+            b.op("Identity", [v], [f"present_value.{n}"])
         scores = b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 1, 3, 2])])
         scores = b.op("Cast", [scores], to=TensorProto.FLOAT) if self.np_ftype == np.float16 else scores
         # attention_bias is 0 where visible, MASK_FILL where hidden: after the rescale a hidden score is MASK_FILL x coeff
