@@ -49,8 +49,8 @@ class AppContext:
 
     def apply_settings(self, settings: Settings) -> bool:
         """Save ``settings`` and make them this context's (a new object: nothing another thread reads is changed in
-        place). When they move the data folder, the history and audit log open there first, so a folder that cannot be
-        used is refused (HistoryError) before anything is saved. True when the data folder moved: sessions on the old
+        place). When they move the data folder, the history opens there first, so a folder that cannot be used is refused
+        (HistoryError) before anything is saved; the audit log follows. True when the data folder moved: sessions on the old
         history must then be replaced (``ChatSession.update`` carries the rest)."""
         data = data_dir(settings)
         history = History(data) if data != self.data_dir and self.history is not None else self.history

@@ -2,7 +2,7 @@
 
 The demo ships as a checkpoint and becomes a bundle through the normal export stage on first use. The runtime core
 does not contain that stage: the front end that has it (the CLI, which passes it on to the window) hands it in as
-``export``, so the app needs neither ``model_export`` nor ``onnx`` once the demo bundle exists.
+``export``, so the app does not need ``model_export`` once the demo bundle exists.
 """
 
 from __future__ import annotations

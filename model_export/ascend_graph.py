@@ -23,7 +23,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from appliance.conversion import static_input_shapes
-from appliance.model.definition import attention_coefficient, forward, tanh_gelu
+from appliance.model.definition import attention_scales, forward, tanh_gelu
 from appliance.model.weights import EMBEDDING, LM_HEAD, dequantize
 from model_export.graph import DecoderGraph, QuantSpec
 from model_export.quantize import BITS, effective_group, quantize_blockwise
@@ -136,13 +136,13 @@ class AscendDecoderGraph(DecoderGraph):
         return b.op("Mul", [self._compute(ones), zeros])
 
     def attention(self, n: int, q: str, k: str, v: str) -> str:
-        """THUDM's fp16 arithmetic: q divided by sqrt(hd) * (layer + 1), the scores scaled back up in fp32. The cache
+        """THUDM's fp16 arithmetic: q divided and the scores scaled back up in fp32 by ``attention_scales``. The cache
         is the capacity buffers: written whole by a prefill (zero rows after the gear's), one slot by a decode step."""
         cfg, b = self.config, self.b
         hd, cap = cfg.head_dim, self.capacity
         heads_first = {"perm": [0, 2, 1, 3]}
-        coeff = attention_coefficient(n)
-        q = b.op("Mul", [b.op("Transpose", [q], **heads_first), self.value(1 / (np.sqrt(hd) * coeff))])
+        divisor, coeff = attention_scales(n, hd)
+        q = b.op("Mul", [b.op("Transpose", [q], **heads_first), self.value(1 / divisor)])
         k = b.op("Transpose", [k], **heads_first)
         v = b.op("Transpose", [v], **heads_first)
         if self.decode:
@@ -168,7 +168,7 @@ class AscendDecoderGraph(DecoderGraph):
     def embed(self, ids: str) -> str:
         """lm_head as a compute-dtype matrix (shared with the embedding when tied); the embedded input ids."""
         self.head_matrix = self._matrix("lm_head", self.get(LM_HEAD))
-        table = self.head_matrix if self.tied else self._matrix("transformer.word_embeddings", self.get(EMBEDDING))
+        table = self.head_matrix if self.tied else self._matrix(EMBEDDING.removesuffix(".weight"), self.get(EMBEDDING))
         self.on_tensor("lm_head")
         return self.b.op("Gather", [table, ids])
 

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from appliance.model.definition import MASK_FILL, forward, rotary_half_table
+from appliance.model.definition import MASK_FILL, forward, net_attention_scale, rotary_half_table
 from appliance.model.weights import EMBEDDING, LM_HEAD, dequantize
 from appliance.model_config import ModelConfig
 from model_export.onnx_builder import GraphBuilder
@@ -244,7 +244,7 @@ class DecoderGraph:
         context, key, value = decode.op(
             "GroupQueryAttention", [decode.op("Reshape", [t, rows]) for t in (q, k, v)]
             + [f"past_key.{n}", f"past_value.{n}", self.seqlens_k, self.total], outputs=3, domain="com.microsoft",
-            num_heads=cfg.num_heads, kv_num_heads=cfg.num_heads, scale=float(1 / np.sqrt(cfg.head_dim)))
+            num_heads=cfg.num_heads, kv_num_heads=cfg.num_heads, scale=net_attention_scale(cfg.head_dim))
         decode_out = [decode.op("Reshape", [context, flat]), key, value]
 
         return b.op("If", [self.is_prefill], [b.fresh("context"), f"present_key.{n}", f"present_value.{n}"],
@@ -261,7 +261,7 @@ class DecoderGraph:
         start = body.op("Unsqueeze", [body.op("Mul", [step, b.const(PROMPT_CHUNK)]), b.const([0])])
         rows = [start, body.op("Add", [start, b.const([PROMPT_CHUNK])]), b.const([2])]
         scores = body.op("FusedMatMul", [body.op("Slice", [qt, *rows]), kt], domain="com.microsoft", transB=1,
-                         alpha=float(1 / np.sqrt(cfg.head_dim)))
+                         alpha=net_attention_scale(cfg.head_dim))
         scores = body.op("Where", [body.op("Slice", ["prefix_mask", *rows]), b.const(MASK_FILL, np.float32), scores])
         context = body.op("MatMul", [body.op("Softmax", [scores], axis=-1), vt])  # [batch, heads, chunk, head_dim]
         context = body.op("Reshape", [body.op("Transpose", [context], perm=[0, 2, 1, 3]), b.const([0, 0, -1])])

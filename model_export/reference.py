@@ -2,7 +2,7 @@
 
 The model is ``appliance.model.definition`` on numpy arrays; this module adds what only the reference does: weights
 held in fp32 (or converted per use), a KV cache grown by concatenation, and attention computed exactly as THUDM's code
-does (q divided by sqrt(head_dim) * (layer + 1), masked scores -10000, rescaled by (layer + 1) before the softmax).
+does (``attention_scales``: q divided first, masked scores filled, the scores rescaled before the softmax).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 
 from appliance.engines import Engine
 from appliance.errors import EngineError
-from appliance.model.definition import MASK_FILL, attention_coefficient, forward
+from appliance.model.definition import MASK_FILL, attention_scales, forward
 from appliance.model.numpy_ops import NumpyOps, softmax
 from appliance.model.weights import EMBEDDING, LM_HEAD
 from appliance.model_config import ModelConfig
@@ -66,8 +66,8 @@ class _ReferenceOps(NumpyOps):
         if self.past is not None:
             k_seq, v_seq = np.concatenate([self.past[layer][0], k_seq]), np.concatenate([self.past[layer][1], v_seq])
         self.presents.append((k_seq, v_seq))
-        coeff = np.float32(attention_coefficient(layer))
-        qh = q.transpose(0, 2, 1, 3) / (np.float32(np.sqrt(head_dim)) * coeff)  # [b, heads, L, hd]
+        divisor, coeff = attention_scales(layer, head_dim)
+        qh = q.transpose(0, 2, 1, 3) / divisor  # [b, heads, L, hd]
         scores = qh @ k_seq.transpose(1, 2, 3, 0)  # [b, heads, L, S]
         if self.mask is not None and self.mask.any():
             scores = np.where(self.mask, np.float32(MASK_FILL), scores)

@@ -92,7 +92,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     app = AppContext.load(with_history=False)
     settings = _apply_generation_args(app.settings, args)
     model = load_model(checkpoint=args.checkpoint, bundle=args.bundle, threads=args.threads or settings.threads or None,
-                       demo=args.demo, data=app.data_dir, engine=args.engine)
+                       demo=args.demo, data=app.data_dir, engine=args.engine, context=settings.context_budget)
     session = app.session(model.engine, model.tokenizer, model.label, settings)
     session.open(None, turns)
     for delta in session.send(args.prompt, greedy=args.greedy, seed=args.seed):
@@ -148,7 +148,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     app = AppContext.load()
     settings = _apply_generation_args(app.settings, args)
     model = load_model(checkpoint=args.checkpoint, bundle=args.bundle, threads=args.threads or settings.threads or None,
-                       demo=args.demo, data=app.data_dir, engine=args.engine)
+                       demo=args.demo, data=app.data_dir, engine=args.engine, context=settings.context_budget)
     session = app.session(model.engine, model.tokenizer, model.label, settings)
     session.open(args.conversation)
     turns = session.turns()

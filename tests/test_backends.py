@@ -179,7 +179,11 @@ ONE_PLACE = {
                         r"\[ *-|outputs=4|split\(x, 4\)", "appliance/model/definition.py"),
     "nibble unpacking": (r">> *4\b|& *(0x0[fF]|15)\b|BitShift|[Ff]loor\W.*\b16\b|\b[Dd]iv\W.*\b16\b",
                          "appliance/model/weights.py"),
+    "attention scaling": (r"sqrt\((hd|head_dim|cfg\.head_dim|config\.head_dim)\)|layer \+ 1\)? *\*|\* *\(layer \+ 1\)",
+                          "appliance/model/definition.py"),
 }
+# The C kernel (appliance/kernels/prompt_kernels.c) necessarily has its own GELU and nibble code; test_prompt_kernels.py
+# checks its GELU against the definition's and its products against the numpy unpacking.
 
 
 def _non_test_sources() -> list[Path]:

@@ -212,7 +212,7 @@ def test_cache_is_sized_to_the_context_and_full_is_a_clear_error(bundles, tokeni
     engine = Bundle.open(bundles["fp32"]).engine(context=40)
     ids = tokenizer.encode_prompt("你好")
     seq, layout, _ = _prefilled(engine, tokenizer, ids)
-    assert engine.max_context == 40 and engine.cache[0].shape == (1, engine.config.num_heads, 40, engine.config.head_dim)
+    assert engine.max_context == 40 and engine.decoder.cache[0].shape == (1, engine.config.num_heads, 40, engine.config.head_dim)
     for total in range(len(ids) + 1, engine.max_context + 1):
         seq.step(5, layout.step_position(total))
     with pytest.raises(EngineError, match="KV cache holds 40 positions and is full"):
@@ -247,7 +247,7 @@ def test_warm_up_leaves_nothing_in_the_cache(bundles, tokenizer):
     """The app warms an engine up right after loading; the first real prompt must see a clean cache."""
     warmed, cold = (Bundle.open(bundles["fp32"]).engine() for _ in range(2))
     warm_up(warmed, tokenizer.special.bos, tokenizer.special.gmask)
-    assert warmed.cache  # the warm-up allocated and wrote the cache the prompt reuses
+    assert warmed.decoder.cache  # the warm-up allocated and wrote the cache the prompt reuses
     ids = tokenizer.encode_prompt("你好")
     (warm_seq, layout, warm_logits), (cold_seq, _, cold_logits) = (_prefilled(e, tokenizer, ids) for e in (warmed, cold))
     np.testing.assert_array_equal(warm_logits, cold_logits)

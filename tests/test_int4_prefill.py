@@ -37,9 +37,9 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 
 @needs_kernel
 def test_only_int4_bundles_take_the_kernel_path(bundles):
-    assert _engine(bundles, "int4").prompts is not None
+    assert _engine(bundles, "int4").prefill.name == "int4-kernel"
     for quant in ("fp32", "fp16", "int8"):
-        assert _engine(bundles, quant).prompts is None
+        assert _engine(bundles, quant).prefill.name == "graph"
 
 
 @needs_kernel
@@ -47,11 +47,11 @@ def test_kernel_prefill_gives_the_graphs_cache_logits_and_answer(bundles, tokeni
     ids, layout = _prompt(tokenizer)
     assert len(ids) >= MIN_PROMPT
     engines = [_engine(bundles, prompt_kernel=k) for k in (True, False)]
-    assert engines[0].prompts is not None and engines[1].prompts is None
+    assert engines[0].prefill.name == "int4-kernel" and engines[1].prefill.name == "graph"
     sequences = [e.start() for e in engines]
     logits = [s.prefill(np.array(ids), layout.position_ids(), layout.mask()) for s in sequences]
     assert _cos(*logits) > 0.99999 and np.argmax(logits[0]) == np.argmax(logits[1])
-    for kernel_cache, graph_cache in zip(engines[0].cache, engines[1].cache, strict=True):
+    for kernel_cache, graph_cache in zip(engines[0].decoder.cache, engines[1].decoder.cache, strict=True):
         assert _cos(kernel_cache[0, :, :len(ids)], graph_cache[0, :, :len(ids)]) > 0.99999
     answers = [[], []]
     for total in range(len(ids) + 1, len(ids) + 9):  # greedy decoding continues identically
@@ -66,7 +66,7 @@ def test_the_weights_pages_leave_the_process_after_a_prompt(bundles, tokenizer):
     engine = _engine(bundles, "int4")
     ids, layout = _prompt(tokenizer)
     engine.start().prefill(np.array(ids), layout.position_ids(), layout.mask())
-    data = engine.prompts.tensors.map
+    data = engine.prefill.rows.tensors.map
     mappings = [m for m in file_mappings(bundles["int4"] / "decoder.onnx.data") if m[1] - m[0] >= len(data)]
     assert mappings and all(resident == 0 for _, _, resident, _ in mappings)
 
@@ -87,7 +87,7 @@ def test_which_prompts_the_split_is_exact_for(tokenizer):
 def test_without_the_kernel_the_graph_prefills(bundles, tokenizer, monkeypatch):
     monkeypatch.setattr(int4_prefill, "load", lambda: None)
     engine = _engine(bundles, "int4")
-    assert engine.prompts is None
+    assert engine.prefill.name == "graph"
     ids, layout = _prompt(tokenizer)
     logits = engine.start().prefill(np.array(ids), layout.position_ids(), layout.mask())
     assert logits.shape == (engine.config.vocab_size,) and np.isfinite(logits).all()
@@ -102,7 +102,7 @@ def test_row_chunks_change_nothing(bundles, tokenizer, monkeypatch):
     def prefill():
         engine = _engine(bundles)
         logits = engine.start().prefill(np.array(ids), layout.position_ids(), layout.mask())
-        return logits, [c[0, :, :len(ids) - 1].copy() for c in engine.cache]
+        return logits, [c[0, :, :len(ids) - 1].copy() for c in engine.decoder.cache]
 
     whole_logits, whole_cache = prefill()
     monkeypatch.setattr(int4_prefill, "ROWS", 8)

@@ -63,8 +63,8 @@ def test_a_cache_over_the_address_space_limit_is_refused_before_allocating(tiny_
 def test_the_estimate_is_what_the_engine_allocates(tiny_bundles):
     model = load_model(bundle=tiny_bundles[0], threads=1)  # loading warms up, which allocates the cache
     engine = model.engine
-    assert engine.max_context == 256 and len(engine.cache) == 2 * 2
-    assert sum(buffer.nbytes for buffer in engine.cache) == kv_cache_bytes(engine.config, 256) == 256 << 10
+    assert engine.max_context == 256 and len(engine.decoder.cache) == 2 * 2
+    assert sum(buffer.nbytes for buffer in engine.decoder.cache) == kv_cache_bytes(engine.config, 256) == 256 << 10
 
 
 def test_the_static_engine_refuses_a_cache_that_cannot_fit():

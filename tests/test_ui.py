@@ -39,7 +39,7 @@ def _window(qtbot, bundle, kiosk=False, tweak=lambda s: None):
     app = AppContext.load()
     app.settings.generation.max_new_tokens = 200
     tweak(app.settings)
-    window = MainWindow(app, model_loader(app, bundle, demo=False), kiosk=kiosk)
+    window = MainWindow(app, model_loader(bundle, demo=False), kiosk=kiosk)
     qtbot.addWidget(window)
     with qtbot.waitSignal(window.model_ready, timeout=60000):
         pass

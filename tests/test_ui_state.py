@@ -21,7 +21,7 @@ from PySide6.QtCore import QTimer, SignalInstance  # noqa: E402
 from PySide6.QtWidgets import QApplication, QMessageBox, QPushButton  # noqa: E402
 
 from appliance.app import AppContext  # noqa: E402
-from appliance.errors import BundleError  # noqa: E402
+from appliance.errors import BundleError, StreamChatError  # noqa: E402
 from appliance.history import History, HistoryError  # noqa: E402
 from appliance.loading import DEMO_QUANT, demo_bundle  # noqa: E402
 from model_export.export import export_bundle  # noqa: E402
@@ -52,7 +52,7 @@ def _window(qtbot, bundle):
     """A window on ``bundle`` answering deterministically (top-k 1); ``loads`` counts every model (re)load."""
     app = AppContext.load()
     app.settings.generation.top_k, app.settings.generation.max_new_tokens = 1, 24
-    window = MainWindow(app, model_loader(app, bundle, demo=False))
+    window = MainWindow(app, model_loader(bundle, demo=False))
     qtbot.addWidget(window)
     loads = []
     window.model_ready.connect(lambda: loads.append(window.model_label))
@@ -96,6 +96,35 @@ def test_reloaded_safety_list_masks_the_very_next_answer_without_reloading_the_m
     assert word not in after.response
     assert after.response == window.app.rules.mask(before.response) != before.response
     assert loads == [window.model_label]  # the model was not reloaded
+
+
+def test_a_reload_whose_model_fails_to_open_still_reaches_the_running_chat(qtbot, tiny, app_dirs):
+    """One Save both reloads the safety list and changes the context budget, and reopening the model then fails (the
+    disk holding the bundle went away, say): the chat goes on with the model it has, and with the new list."""
+    opens, calls = model_loader(tiny, demo=False), []
+
+    def first_time_only(settings, progress):
+        calls.append(settings.context_budget)
+        if len(calls) > 1:
+            raise StreamChatError("the bundle's disk is gone")
+        return opens(settings, progress)
+
+    app = AppContext.load()
+    app.settings.generation.top_k, app.settings.generation.max_new_tokens = 1, 24
+    window = MainWindow(app, first_time_only)
+    qtbot.addWidget(window)
+    qtbot.waitUntil(lambda: window.model_label != "", timeout=60000)
+    before = _ask(qtbot, window, "你好")
+    word = re.search(r"\w{2}", before.response).group()
+    (app_dirs / "config" / "safety").mkdir(parents=True)
+    (app_dirs / "config" / "safety" / "operator.txt").write_text(f"{word}\n", encoding="utf-8")
+    window.app.settings.context_budget = 128
+    with qtbot.waitSignal(window.worker.failed, timeout=60000) as failed:
+        _in_settings(window, lambda dialog: (_click(dialog, "Reload"), dialog.accept()))
+    assert failed.args[0] == "the bundle's disk is gone" and calls == [2048, 128]
+    window.new_conversation()
+    after = _ask(qtbot, window, "你好")
+    assert word not in after.response and after.response == window.app.rules.mask(before.response)
 
 
 def test_saved_settings_reach_the_next_answer_and_a_new_context_budget_reopens_the_model(qtbot, tiny, app_dirs):
@@ -145,7 +174,7 @@ def test_timings_arrive_as_a_signal_payload_and_the_speed_label_shows_them(qtbot
 def test_a_send_while_no_model_is_loaded_is_answered_and_the_window_stays_usable(qtbot, tiny, app_dirs):
     """Every send gets one ``finished``: without a model it says so, and after a reload the window answers again."""
     app = AppContext.load()
-    opens = model_loader(app, tiny, demo=False)
+    opens = model_loader(tiny, demo=False)
     calls = []
 
     def loader(settings, progress):
@@ -196,9 +225,8 @@ def test_messages_a_full_disk_refused_are_reported_when_the_window_closes(qtbot,
 IMPORT_GRAPH = """import json, sys
 import ui.app, ui.main_window, ui.settings_dialog, ui.worker
 imported = set(sys.modules)
-from appliance.app import AppContext
 from appliance.settings import Settings
-loaded = ui.app.model_loader(AppContext.load(), None, demo=True)(Settings(), lambda line: None)
+loaded = ui.app.model_loader(None, demo=True)(Settings(), lambda line: None)
 top = lambda names: sorted({name.split(".")[0] for name in names} & {"streamchat", "model_export"})
 print(json.dumps({"demo": loaded.summary["demo"], "imported": top(imported), "running": top(sys.modules)}))
 """

@@ -36,7 +36,7 @@ def main() -> int:
     def window(kiosk: bool) -> MainWindow:
         app = AppContext.load()
         app.settings.generation.temperature = 0.3
-        w = MainWindow(app, model_loader(app, None, demo=True, export=export_demo), kiosk=kiosk)
+        w = MainWindow(app, model_loader(None, demo=True, export=export_demo), kiosk=kiosk)
         w.resize(1100, 720)
         if not kiosk:
             w.show()

@@ -13,22 +13,22 @@ from pathlib import Path
 
 from appliance import crash
 from appliance.app import AppContext
+from appliance.folders import data_dir
 from appliance.loading import DemoExporter, LoadedModel, demo_bundle, open_bundle
 from appliance.settings import Settings
 
 ModelLoader = Callable[[Settings, Callable[[str], None]], LoadedModel]
 
 
-def model_loader(app: AppContext, bundle: Path | None, demo: bool, export: DemoExporter | None = None) -> ModelLoader:
+def model_loader(bundle: Path | None, demo: bool, export: DemoExporter | None = None) -> ModelLoader:
     """What the worker calls (in its thread) with its own copy of the settings and a progress callback: the given
     bundle, the configured one, or the demo (exported by ``export`` on first use)."""
-    data = app.data_dir
 
     def load(settings: Settings, progress: Callable[[str], None]) -> LoadedModel:
         chosen = bundle or (Path(settings.model_bundle) if settings.model_bundle and not demo else None)
         if chosen is None:
             progress("the built-in demo model")
-            chosen = demo_bundle(data, export, progress)
+            chosen = demo_bundle(data_dir(settings), export, progress)  # the data folder the settings name now
         else:
             progress(str(chosen))
         return open_bundle(chosen, threads=settings.threads or None, context=settings.context_budget)
@@ -76,7 +76,7 @@ def run(bundle: Path | None = None, kiosk: bool = False, demo: bool = False, arg
     translator = translator_for(app.settings.language)
     if translator is not None:
         qt.installTranslator(translator)
-    window = MainWindow(app, model_loader(app, bundle, demo, export), kiosk=kiosk or app.settings.kiosk.enabled)
+    window = MainWindow(app, model_loader(bundle, demo, export), kiosk=kiosk or app.settings.kiosk.enabled)
     if not window.isFullScreen():
         window.show()
     if ready_exit:

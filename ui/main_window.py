@@ -187,8 +187,8 @@ class MainWindow(QMainWindow):
         self.load_requested.emit()
 
     def _snapshot(self) -> AppContext:
-        """The app context as the worker gets it: with its own copy of the settings, which the settings dialog may change
-        in place; the rest is replaced, never changed, when settings or safety lists change."""
+        """The app context as the worker gets it, with its own copy of the settings: the settings, rules and history are
+        replaced, never changed in place, when the dialog applies a change, and the copy keeps it that way for good."""
         return dataclasses.replace(self.app, settings=copy.deepcopy(self.app.settings))
 
     # -- conversations ---------------------------------------------------------------------------------------

@@ -77,11 +77,11 @@ class ChatWorker(QObject):
         self.app = app
         if moved:
             self.session = None  # its conversations are in the old folder
+        if self.session is not None:  # also before a reopen: should loading fail, the running chat still gets them
+            self.session.update(settings=app.settings, rules=app.rules)
         if reopen:
             self.load()
-        elif self.session is not None:
-            self.session.update(settings=app.settings, rules=app.rules)
-        elif self.model is not None:
+        elif self.session is None and self.model is not None:
             self._start_session(None)
 
     @Slot(str, object)

@@ -25,7 +25,7 @@ import numpy as np
 
 from appliance.errors import EngineError
 from appliance.kernels.prompt_kernels import Int4Weight, PromptKernels, load
-from appliance.model.definition import MASK_FILL, attention_inputs, attention_output, rotary_tables
+from appliance.model.definition import MASK_FILL, attention_inputs, attention_output, net_attention_scale, rotary_tables
 from appliance.model.numpy_ops import ARRAY, NumpyOps, softmax
 from appliance.model.weights import EMBEDDING, LINEARS, QUERY_KEY_VALUE, dequantize, layer_prefix
 from appliance.model_config import ModelConfig
@@ -157,7 +157,7 @@ class Int4Prefill:
         queries = np.empty((heads, length, hd), np.float32)
         for rows in _chunks(length, ROWS):
             ln1[rows], q, k, v = attention_inputs(ops, n, x[rows], (rope[0][rows], rope[1][rows]))  # [rows, heads, hd]
-            queries[:, rows] = q.transpose(1, 0, 2) * np.float32(1 / np.sqrt(hd))
+            queries[:, rows] = q.transpose(1, 0, 2) * np.float32(net_attention_scale(hd))
             key_cache[0, :, rows] = k.transpose(1, 0, 2)
             value_cache[0, :, rows] = v.transpose(1, 0, 2)
         self.tensors.release(p + QUERY_KEY_VALUE)
@@ -168,7 +168,7 @@ class Int4Prefill:
         self.tensors.release()
 
     def _attention(self, queries: np.ndarray, keys: np.ndarray, values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """queries [heads, L, hd] (already scaled by 1/sqrt(hd)); keys/values [heads, L, hd] -> context [L, hidden],
+        """queries [heads, L, hd] (already scaled by net_attention_scale); keys/values [heads, L, hd] -> context [L, hidden],
         QUERY_CHUNK queries at a time."""
         length = queries.shape[1]
         context = np.empty((length, self.config.hidden_size), np.float32)

@@ -173,16 +173,6 @@ class OrtEngine:
         self.decoder, self.prefill = decoder, prefill
         self.config, self.max_context, self.threads = decoder.config, decoder.max_context, decoder.threads
 
-    @property
-    def cache(self) -> list[np.ndarray]:
-        """The decoder's KV cache buffers (empty before the first prompt)."""
-        return self.decoder.cache
-
-    @property
-    def prompts(self) -> Int4Prefill | None:
-        """The kernel's prompt path where it was chosen at open, else None."""
-        return self.prefill.rows if isinstance(self.prefill, KernelPrefill) else None
-
     def start(self) -> OrtSequence:
         self.decoder.active = OrtSequence(self)
         return self.decoder.active

@@ -6,7 +6,7 @@
  * runs over it: one vpmaddubsw multiplies 4 codes of 8 columns by 4 broadcast activation bytes, so the per-block
  * scales are applied once per 8 columns, not per dot product.
  *
- * W [N][K/G][G/2] uint8: codes 0..15, low nibble first, zero point 8; scales [N][K/G] fp32 (model_export/quantize.py).
+ * W [N][K/G][G/2] uint8: codes 0..15, low nibble first, zero point 8; scales [N][K/G] fp32 (appliance/model/weights.py).
  * X is quantized per row and per block of G to int8 (scale = max|x| / 127), as MatMulNBits' accuracy level 4 does.
  * Each entry point (sc_*) checks the CPU, its shapes and its pointers before any AVX2 code runs and returns SC_OK or
  * why it refused (SC_NO_AVX2, SC_BAD_SHAPE, SC_MISALIGNED): a wrong call is an error code, not a crash or SIGILL.

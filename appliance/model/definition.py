@@ -73,7 +73,7 @@ class Ops(Protocol):
     def gelu(self, x: Tensor) -> Tensor: ...  # tanh_gelu(self, x), or a native op computing the same formula
 
     def attention(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...  # softmax attention of the
-    # rotated q/k [..., length, heads, hd] under the prefix-LM mask, with THUDM's scaling (attention_coefficient),
+    # rotated q/k [..., length, heads, hd] under the prefix-LM mask, with THUDM's scaling (attention_scales),
     # keeping k/v in the backend's cache -> context [..., length, hidden]
 
     def output_rows(self, x: Tensor) -> Tensor: ...  # the positions whose logits are wanted (usually the last)
@@ -95,11 +95,18 @@ def rotary_half_table(positions: np.ndarray, rotary_dim: int) -> tuple[np.ndarra
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def attention_coefficient(layer: int) -> float:
-    """THUDM's attention scaling: q is divided by sqrt(head_dim) * (layer + 1) and the scores are multiplied back by
-    (layer + 1) in fp32 before the softmax, so fp16 scores cannot overflow. The net scale is 1/sqrt(head_dim) and a
-    masked score becomes MASK_FILL * (layer + 1); an fp32 backend may fold it (the masked weights are 0 either way)."""
-    return float(layer + 1)
+def attention_scales(layer: int, head_dim: int) -> tuple[np.float32, np.float32]:
+    """THUDM's attention scaling as (q's divisor, the scores' multiplier): q is divided by sqrt(head_dim) * (layer + 1)
+    and the scores are multiplied back by (layer + 1) in fp32 before the softmax, so fp16 scores cannot overflow; a
+    masked score becomes MASK_FILL * (layer + 1). Their net effect is ``net_attention_scale``."""
+    coefficient = np.float32(layer + 1)
+    return np.float32(np.sqrt(head_dim)) * coefficient, coefficient
+
+
+def net_attention_scale(head_dim: int) -> float:
+    """What ``attention_scales`` amounts to on unmasked scores, 1/sqrt(head_dim): an fp32 backend may apply it at once
+    (masked weights are 0 after the softmax either way)."""
+    return float(1 / np.sqrt(head_dim))
 
 
 def forward(ops: Ops, ids: Tensor, observe: Callable[[Tensor], None] | None = None) -> Tensor:

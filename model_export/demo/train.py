@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import tempfile
 import time
 from collections.abc import Mapping
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from appliance.generation import GenerationConfig, StreamGenerator
-from appliance.model.definition import MASK_FILL, attention_coefficient, forward, rotary_half_table
+from appliance.model.definition import MASK_FILL, attention_scales, forward, rotary_half_table
 from appliance.model.weights import EMBEDDING, LM_HEAD
 from appliance.model_config import ModelConfig
 from appliance.positions import PromptLayout, layout_of
@@ -118,12 +117,12 @@ class TorchOps:
         return nn.functional.gelu(x, approximate="tanh")  # torch's own tanh GELU, the definition's formula
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """THUDM's arithmetic, as the numpy reference does it: q divided by sqrt(hd) * coeff, masked scores MASK_FILL,
-        rescaled by coeff before the softmax."""
+        """THUDM's arithmetic, as the numpy reference does it: q divided and the scores rescaled by
+        ``attention_scales``, masked scores MASK_FILL."""
         b, length, _, head_dim = q.shape
-        coeff = attention_coefficient(layer)
-        scores = (q.transpose(1, 2) / (math.sqrt(head_dim) * coeff)) @ k.permute(0, 2, 3, 1)
-        probs = (scores.masked_fill(self.mask, MASK_FILL) * coeff).softmax(-1)
+        divisor, coeff = attention_scales(layer, head_dim)
+        scores = (q.transpose(1, 2) / float(divisor)) @ k.permute(0, 2, 3, 1)
+        probs = (scores.masked_fill(self.mask, MASK_FILL) * float(coeff)).softmax(-1)
         return (probs @ v.transpose(1, 2)).transpose(1, 2).reshape(b, length, self.config.hidden_size)
 
     @staticmethod
