@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from appliance.bundle import Bundle
-from appliance.engines import Engine, warm_up
+from appliance.engines import AUTO, Engine, warm_up
 from appliance.errors import BundleError
 from appliance.tokenizer import ChatGLMTokenizer
 
@@ -53,7 +53,7 @@ def demo_bundle(data: Path, export: DemoExporter | None, progress: Callable[[str
     return path
 
 
-def open_bundle(path: Path, threads: int | None = None, engine: str = "auto", context: int | None = None) -> LoadedModel:
+def open_bundle(path: Path, threads: int | None = None, engine: str = AUTO, context: int | None = None) -> LoadedModel:
     """``threads`` None = the machine's physical cores; ``context`` caps the context window (and so the KV cache) of a
     cpu bundle. The engine is warmed up, so the first message does not pay the runtime's first runs."""
     opened = Bundle.open(path)

@@ -58,8 +58,7 @@ def default_embeddings(quant: str, target: str) -> str:
 
 def weakest_precision(*precisions: str) -> str:
     """The precision that bounds a bundle's accuracy (its verification thresholds follow it)."""
-    order = ("int4", "int8", "fp16", "fp32")
-    return min(precisions, key=order.index)
+    return min(precisions, key=WEIGHT_PRECISIONS.index)  # listed from the fewest bits
 
 
 def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
@@ -90,8 +89,8 @@ def _check_request(target: str, quant: str, group_size: int, embeddings: str | N
         raise ExportError(f"unknown quantization {quant!r}: choose one of {', '.join(WEIGHT_PRECISIONS)}")
     if quant in BITS and group_size not in GROUP_SIZES:
         raise ExportError(f"group size {group_size} is not supported: choose one of {GROUP_SIZES}")
-    if embeddings is not None and embeddings not in ("fp16", "fp32", "int8", "int4"):
-        raise ExportError(f"unknown embedding precision {embeddings!r}: choose fp16, fp32, int8 or int4")
+    if embeddings is not None and embeddings not in WEIGHT_PRECISIONS:
+        raise ExportError(f"unknown embedding precision {embeddings!r}: choose one of {', '.join(WEIGHT_PRECISIONS)}")
 
 
 def _check_tokenizer(tokenizer: ChatGLMTokenizer, ckpt: Checkpoint) -> None:

@@ -73,7 +73,7 @@ class QuantReport:
 
 class DecoderGraph:
     """Writes one ChatGLM-6B decoder graph; weights are read from ``source`` and stored per ``spec``. Implements the
-    definition's ``Ops`` (and ``weights.ArrayOps``) on value names."""
+    definition's ``Ops`` (and ``weights.DequantOps``) on value names."""
 
     def __init__(self, cfg: ModelConfig, source: TensorSource, spec: QuantSpec, builder: GraphBuilder,
                  tied: bool, max_positions: int, on_tensor: Callable[[str], None] = lambda name: None) -> None:

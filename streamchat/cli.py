@@ -390,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--quant", default="int4", metavar="PREC", help=f"{' | '.join(WEIGHT_PRECISIONS)} (default int4)")
     export.add_argument("--group-size", type=int, default=128, help=f"INT4/INT8 group size, one of {GROUP_SIZES}")
     export.add_argument("--quantize-embeddings", default=None, metavar="PREC",
-                        help="lm_head/embedding precision: int8 | int4 | fp16 | fp32 (default int8 for int4/int8 "
+                        help=f"lm_head/embedding precision: {' | '.join(WEIGHT_PRECISIONS)} (default int8 for int4/int8 "
                              "bundles, else as --quant)")
     export.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
                         help="MatMulNBits accuracy level (4: int8 activations, fastest; 0: fp32)")

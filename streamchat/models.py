@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from appliance.engines import AUTO
 from appliance.errors import StreamChatError
 from appliance.loading import LoadedModel, demo_bundle, open_bundle
 
@@ -18,7 +19,7 @@ def export_demo(checkpoint_dir: Path, out: Path, **options) -> None:
 
 
 def load_model(checkpoint: Path | None = None, bundle: Path | None = None, threads: int | None = None,
-               demo: bool = False, data: Path | None = None, engine: str = "auto", quiet: bool = False,
+               demo: bool = False, data: Path | None = None, engine: str = AUTO, quiet: bool = False,
                context: int | None = None) -> LoadedModel:
     """``threads`` None = the machine's physical cores (bundles only; the reference uses numpy's BLAS threads);
     ``context`` caps the context window (and so the KV cache) of a cpu bundle."""

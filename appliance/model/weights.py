@@ -24,7 +24,7 @@ POST_ATTENTION_NORM = "post_attention_layernorm"
 MLP_UP = "mlp.dense_h_to_4h"
 MLP_DOWN = "mlp.dense_4h_to_h"
 LINEARS = (QUERY_KEY_VALUE, ATTENTION_DENSE, MLP_UP, MLP_DOWN)
-WEIGHT_PRECISIONS = ("int4", "int8", "fp16", "fp32")  # how a bundle can store the linear layers
+WEIGHT_PRECISIONS = ("int4", "int8", "fp16", "fp32")  # how a bundle can store the linear layers, fewest bits first
 
 
 def layer_prefix(layer: int) -> str:
@@ -41,7 +41,7 @@ def pack_nibbles(codes: np.ndarray) -> np.ndarray:
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 
-class ArrayOps(Protocol):
+class DequantOps(Protocol):
     """The elementwise and shape operations ``dequantize`` needs (numpy arrays, or ONNX value names). ``reshape``
     follows ONNX: 0 keeps that axis."""
 
@@ -66,7 +66,7 @@ class ArrayOps(Protocol):
     def slice_last(self, x: Any, length: int) -> Any: ...
 
 
-def dequantize(ops: ArrayOps, packed: Any, scales: Any, bits: int, k: int, row_axes: int) -> Any:
+def dequantize(ops: DequantOps, packed: Any, scales: Any, bits: int, k: int, row_axes: int) -> Any:
     """Values ``[*rows, k]`` of a MatMulNBits matrix, or of some of its rows, from ``packed [*rows, blocks, blob]``
     (uint8) and float ``scales [*rows, blocks]``; ``row_axes`` is len(rows). The code arithmetic runs in floats (exact
     for bytes), which every target's op set has."""
