@@ -5,7 +5,8 @@ Both are rendered here from the manifest's graph entry, and nowhere else: the ex
 checksummed by its own manifest, so checksums alone do not make ``convert.sh`` safe to run; an operator runs it.
 
 The static graphs' input shapes are stated here too (``static_input_shapes``): the export builds the graphs' inputs
-from them and writes them into each converter config's ``input_shape`` line.
+from them and writes them into each converter config's ``input_shape`` line. So is their output order
+(``static_output_names``), by which the runners take outputs.
 """
 
 from __future__ import annotations
@@ -136,6 +137,13 @@ def static_input_shapes(cfg: ModelConfig, capacity: int, gear: int | None, batch
         for kind in ("key", "value"):
             shapes[f"past_{kind}.{n}"] = [batch, cfg.num_heads, capacity, cfg.head_dim]
     return shapes
+
+
+def static_output_names(cfg: ModelConfig) -> list[str]:
+    """The outputs of every static graph (each prefill gear and the decode step) in graph order: ``logits``, then each
+    layer's ``present_key.N`` and ``present_value.N``, the order of the decode step's ``past_*`` inputs. Runners take
+    outputs by this position, not by name (the Ascend graph compiler may rename outputs)."""
+    return ["logits"] + [f"present_{kind}.{n}" for n in range(cfg.num_layers) for kind in ("key", "value")]
 
 
 def _input_shape(cfg: ModelConfig, capacity: int, batch_gears: list[int], gear: int | None) -> str:

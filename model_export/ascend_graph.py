@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from appliance.conversion import static_input_shapes
+from appliance.conversion import static_input_shapes, static_output_names
 from appliance.model.definition import attention_scales, forward, tanh_gelu
 from appliance.model.weights import EMBEDDING, LM_HEAD, dequantize
 from model_export.graph import DecoderGraph, QuantSpec
@@ -113,9 +113,9 @@ class AscendDecoderGraph(DecoderGraph):
         inputs = [helper.make_tensor_value_info(name, self.ftype if name.startswith("past_") else
                                                 types.get(name, TensorProto.FLOAT), shape)
                   for name, shape in static_input_shapes(cfg, cap, gear, "batch").items()]
-        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", cfg.vocab_size])]
-        outputs += [helper.make_tensor_value_info(f"present_{kind}.{n}", self.ftype, ["batch", heads, cap, hd])
-                    for n in range(cfg.num_layers) for kind in ("key", "value")]
+        logits, *cache = static_output_names(cfg)  # the order runners read them in
+        outputs = [helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["batch", cfg.vocab_size])]
+        outputs += [helper.make_tensor_value_info(name, self.ftype, ["batch", heads, cap, hd]) for name in cache]
         self.seq, self.decode = gear or 1, gear is None
         self.shape_qkv = b.const([-1, self.seq, heads, 3 * hd])
         if self.decode:

@@ -353,8 +353,8 @@ def test_a_failing_static_graph_prints_no_onnxruntime_log(built, capfd):
             dtype = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
                      "tensor(bool)": bool}[item.type]
             feed[item.name] = np.full([d if isinstance(d, int) else 1 for d in item.shape], 1_000_000).astype(dtype)
-    runner.cache = {o.name: np.zeros([d if isinstance(d, int) else 1 for d in o.shape], np.float32)
-                    for o in runner.sessions["decode"].get_outputs() if o.name.startswith("present_")}
+    runner.cache = [np.zeros([d if isinstance(d, int) else 1 for d in o.shape], np.float32)
+                    for o in runner.sessions["decode"].get_outputs() if o.name.startswith("present_")]
     capfd.readouterr()
     with pytest.raises(Exception):  # noqa: B017 - any onnxruntime failure: what matters is what it printed
         runner.run("decode", feed)

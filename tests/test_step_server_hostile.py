@@ -128,7 +128,8 @@ def decode_inputs() -> dict[str, np.ndarray]:
 def test_a_misbehaving_server_is_one_error_within_seconds_and_is_killed(tmp_path, monkeypatch, mode):
     script, pidfile = fake_server(tmp_path, mode)
     monkeypatch.setenv("STREAMCHAT_LITE_PYTHON", str(script))
-    runner = LiteStepServer({"decode": str(tmp_path / "decode.onnx")}, tmp_path / "cache", VOCAB, timeout=TIMEOUT)
+    runner = LiteStepServer({"decode": str(tmp_path / "decode.onnx")}, tmp_path / "cache", VOCAB, timeout=TIMEOUT,
+                            load_timeout=TIMEOUT)
     started = time.monotonic()
     with pytest.raises(EngineError) as raised:
         runner.reset()
@@ -143,7 +144,7 @@ def test_a_server_that_recovers_serves_the_next_sequence(tmp_path, monkeypatch):
     """After a killed server, the next sequence (reset) starts a new one; here a good one, whose logits come back."""
     script, pidfile = fake_server(tmp_path, "hang")
     monkeypatch.setenv("STREAMCHAT_LITE_PYTHON", str(script))
-    runner = LiteStepServer({"decode": "decode.onnx"}, tmp_path / "cache", VOCAB, timeout=TIMEOUT)
+    runner = LiteStepServer({"decode": "decode.onnx"}, tmp_path / "cache", VOCAB, timeout=TIMEOUT, load_timeout=TIMEOUT)
     with pytest.raises(EngineError, match="did not answer"):
         runner.reset()
     first = int(pidfile.read_text())

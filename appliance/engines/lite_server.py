@@ -7,8 +7,15 @@ on Python 3.7 with only numpy and mindspore_lite (no package imports, no 3.8+ sy
 Frame: 4-byte big-endian length, then a 4-byte header length, a UTF-8 JSON header, and the raw bytes of the arrays
 the header lists (``{"arrays": [{"dtype", "shape"}, ...]}``), within MAX_HEADER and MAX_FRAME. Requests: ``load``
 (graph name -> ONNX path; converted to MindIR on first use into ``cache_dir``), ``reset`` (forget the KV cache), ``run``
-(inputs -> logits; ``present_*`` outputs are kept and fed as the next ``past_*`` inputs). Replies are ``{"ok": true}``
-(with the logits for ``run``) or ``{"error": message}``. Both sides parse frames with the same strict checks.
+(inputs -> logits). Replies are ``{"ok": true}`` (with the logits for ``run``) or ``{"error": message}``; while loading,
+the server also sends ``{"op": "progress", "stage": one of STAGES, "graph": name}`` before converting and before
+building each graph (building compiles it for the device), which can take hours for a 6B model on a board. Both sides
+parse frames with the same strict checks.
+
+Outputs are taken by position, never by name (the Ascend graph compiler may rename them): every static graph's outputs
+are the logits, then each layer's present key and value (``appliance.conversion.static_output_names``), and the
+presents are kept and fed, in that order, to the next graph's ``past_*`` inputs, which list the same layers in the same
+order. Input names stay: the converter config's ``input_shape`` names them.
 """
 
 import json
@@ -24,6 +31,7 @@ MAX_FRAME = 1 << 28  # the largest request, a prefill's gear x gear fp32 attenti
 MAX_DIMS = 8
 DTYPES = ("<f4", "<f2", "<i4", "<i8", "|b1")
 GRAPH_NAME = re.compile(r"[A-Za-z0-9_]{1,32}(:[0-9]{1,6})?\Z")
+STAGES = ("converting", "building")  # a load's progress: ONNX -> MindIR (first use only), then compiling the MindIR
 
 
 class ProtocolError(ValueError):
@@ -117,9 +125,11 @@ class Server:
 
         self.mslite = mslite
         self.models = {}
-        self.cache = {}
+        self.decode_inputs = []  # the decode step's input names: how many presents each graph must return
+        self.cache = []
 
-    def load(self, request):
+    def load(self, request, progress):
+        """Convert (first use) and build every graph, calling ``progress(stage, graph)`` before each step."""
         mslite = self.mslite
         context = mslite.Context()
         context.target = ["ascend"] if request.get("device") == "ascend" else ["cpu"]
@@ -131,21 +141,26 @@ class Server:
         for name, onnx_path in request["graphs"].items():
             mindir = os.path.join(request["cache_dir"], graph_file_name(name))
             if not os.path.exists(mindir + ".mindir"):
+                progress("converting", name)
                 # converted under another name and renamed when complete: a server killed while converting (deadline,
                 # Ctrl-C) leaves no truncated model that the next start would take for a converted one
                 converter = mslite.Converter()
                 converter.convert(mslite.FmkType.ONNX, onnx_path, mindir + ".partial")
                 os.replace(mindir + ".partial.mindir", mindir + ".mindir")
+            progress("building", name)
             model = mslite.Model()
             model.build_from_file(mindir + ".mindir", mslite.ModelType.MINDIR, context)
             self.models[name] = model
+        if "decode" in self.models:
+            self.decode_inputs = [t.name for t in self.models["decode"].get_inputs()]
         return {"ok": True, "graphs": sorted(self.models)}
 
     def run(self, request, arrays):
-        model = self.models[request["graph"]]
+        name = request["graph"]
+        model = self.models[name]
         given = dict(zip(request["names"], arrays))
         inputs = model.get_inputs()
-        values = [self.cache["present_" + t.name[5:]] if t.name.startswith("past_") else given[t.name] for t in inputs]
+        values = graph_inputs(name, [t.name for t in inputs], [list(t.shape) for t in inputs], given, self.cache)
         if any(list(t.shape) != list(v.shape) for t, v in zip(inputs, values)):
             # dynamic (batch) dimensions: give Lite the concrete shapes; the old input tensors go stale after resize
             model.resize(inputs, [list(v.shape) for v in values])
@@ -153,9 +168,35 @@ class Server:
         for tensor, value in zip(inputs, values):
             tensor.set_data_from_numpy(np.ascontiguousarray(value))
         outputs = model.predict(inputs)
-        values = {t.name: np.array(t.get_data_to_numpy(), copy=True) for t in outputs}  # Lite reuses its buffers
-        self.cache = {n: v for n, v in values.items() if n.startswith("present_")}
-        return values["logits"]
+        check_output_count(name, len(outputs), self.decode_inputs)  # here: Lite 2.0.0 has no Model.get_outputs
+        outputs = [np.array(t.get_data_to_numpy(), copy=True) for t in outputs]  # Lite reuses its buffers
+        self.cache = outputs[1:]
+        return outputs[0]
+
+
+def check_output_count(graph, count, decode_inputs):
+    """A graph returns the logits and one present per ``past_*`` input of the decode step (``decode_inputs``, its
+    input names), or its outputs cannot be taken by position."""
+    presents = sum(n.startswith("past_") for n in decode_inputs)
+    if count != 1 + presents:
+        raise ValueError("graph %s has %d outputs where 1 + %d were expected (logits, then each layer's present key "
+                         "and value, as the decode step's past_* inputs): re-export the bundle" % (graph, count, presents))
+
+
+def graph_inputs(graph, names, shapes, given, cache):
+    """A graph's input values in its input order: the request's arrays by name, and for the ``past_*`` inputs the
+    kept presents by position; each present must have its input's shape (batch aside)."""
+    past = [i for i, n in enumerate(names) if n.startswith("past_")]
+    if past and len(past) != len(cache):
+        raise ValueError("graph %s takes %d past_* inputs and %d presents are kept (run a prefill graph first, or "
+                         "re-export the bundle)" % (graph, len(past), len(cache)))
+    values = [None if n.startswith("past_") else given[n] for n in names]
+    for slot, (i, present) in enumerate(zip(past, cache)):
+        if list(present.shape[1:]) != list(shapes[i][1:]):
+            raise ValueError("output %d of the previous graph has shape %s where input %s of graph %s takes %s" % (
+                slot + 1, list(present.shape), names[i], graph, list(shapes[i])))
+        values[i] = present
+    return values
 
 
 def serve(stdin, stdout):
@@ -172,9 +213,10 @@ def serve(stdin, stdout):
             op = request["op"]
             if op == "load":
                 server = server or Server()
-                write_frame(stdout, server.load(request))
+                write_frame(stdout, server.load(request, lambda stage, graph: write_frame(
+                    stdout, {"op": "progress", "stage": stage, "graph": graph})))
             elif op == "reset":
-                server.cache = {}
+                server.cache = []
                 write_frame(stdout, {"ok": True})
             elif op == "run":
                 write_frame(stdout, {"ok": True}, [server.run(request, arrays)])

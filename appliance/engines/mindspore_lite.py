@@ -2,7 +2,8 @@
 
 ``STREAMCHAT_LITE_PYTHON`` (or the current interpreter, when it can import mindspore_lite) names that Python. A
 crashed or hung server is reported as an EngineError; the next sequence starts a new server, and the conversation
-(kept by the session and history) goes on.
+(kept by the session and history) goes on. Loading (converting on first use, then compiling every graph) has its own
+deadline, ``STREAMCHAT_LITE_LOAD_TIMEOUT`` seconds: hours for a 6B model on a board, where a step takes seconds.
 """
 
 from __future__ import annotations
@@ -13,16 +14,20 @@ import subprocess
 import sys
 import time
 import weakref
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
 
-from appliance.engines.lite_server import ProtocolError, encode_frame, frame_length, graph_file_name, parse_frame
+from appliance.engines.lite_server import STAGES, ProtocolError, encode_frame, frame_length, graph_file_name, parse_frame
 from appliance.errors import BundleError, EngineError
 
 SERVER = Path(__file__).with_name("lite_server.py")
-REPLY_TIMEOUT_S = 600  # first use converts ONNX to MindIR, which takes a while for a real model
+REPLY_TIMEOUT_S = 600  # a reset or one step; loading has LOAD_TIMEOUT
+LOAD_TIMEOUT = "STREAMCHAT_LITE_LOAD_TIMEOUT"
+LOAD_TIMEOUT_S = 4 * 3600  # converting and compiling a 6B model on a 310B board (swap, one compile core) takes hours
+LOAD_TIMEOUT_RANGE = (10, 7 * 24 * 3600)
 DEVICES = ("cpu", "ascend")
 CHUNK = 1 << 20
 
@@ -41,6 +46,21 @@ def lite_python() -> str:
         raise EngineError("MindSpore Lite is not importable here: set STREAMCHAT_LITE_PYTHON to a Python that has "
                           "the mindspore_lite wheel (e.g. Lite 2.0.0 needs Python 3.7)") from exc
     return sys.executable
+
+
+def configured_load_timeout() -> float:
+    """Seconds a load may take: ``STREAMCHAT_LITE_LOAD_TIMEOUT``, or LOAD_TIMEOUT_S."""
+    value = os.environ.get(LOAD_TIMEOUT)
+    if value is None:
+        return LOAD_TIMEOUT_S
+    low, high = LOAD_TIMEOUT_RANGE
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not low <= seconds <= high:  # also refuses nan and inf
+        raise EngineError(f"{LOAD_TIMEOUT}={value[:40]!r} is not a number of seconds from {low} to {high}")
+    return seconds
 
 
 def _end(proc: subprocess.Popen) -> None:
@@ -68,16 +88,34 @@ def _check_reply(reply: dict, values: list[np.ndarray], shapes: list[tuple[int, 
     return None
 
 
+def _progress(reply: dict, values: list[np.ndarray], request: dict) -> tuple[str, str] | None:
+    """A load's progress frame as (stage, graph), or None for a reply; a frame with any other op, or a progress frame
+    that answers anything but a load, is a protocol error."""
+    if "op" not in reply:
+        return None
+    if reply["op"] != "progress":
+        raise ProtocolError(f"a frame with the unknown op {str(reply['op'])[:40]!r}")
+    if request["op"] != "load":
+        raise ProtocolError(f"a progress frame in reply to a {request['op']} request")
+    if set(reply) != {"op", "stage", "graph", "arrays"} or reply["stage"] not in STAGES or values \
+            or not isinstance(reply["graph"], str) or reply["graph"] not in request["graphs"]:
+        raise ProtocolError(f"a progress frame that is not {{\"op\": \"progress\", \"stage\": one of {', '.join(STAGES)}, "
+                            "\"graph\": a graph being loaded}} without arrays")
+    return reply["stage"], reply["graph"]
+
+
 class LiteStepServer:
     """A GraphRunner backed by the step server; restarts it when it has died.
 
-    Every reply must arrive whole within ``timeout`` seconds of the request and pass the frame checks of
-    ``lite_server.parse_frame`` and ``_check_reply``; otherwise, and on Ctrl-C while waiting, the server is killed and
-    reaped, and the next sequence starts a new one.
+    Every reply must arrive whole within ``timeout`` seconds of the request (``load_timeout`` for the load, None:
+    ``configured_load_timeout()``) and pass the frame checks of ``lite_server.parse_frame`` and ``_check_reply``;
+    otherwise, and on Ctrl-C while waiting, the server is killed and reaped, and the next sequence starts a new one.
+    The load's progress frames (each stage of each graph at most once) go to ``progress`` as one line each.
     """
 
     def __init__(self, graphs: dict[str, str], cache_dir: Path, vocab_size: int, device: str = "cpu",
-                 device_id: int = 0, threads: int | None = None, timeout: float = REPLY_TIMEOUT_S) -> None:
+                 device_id: int = 0, threads: int | None = None, timeout: float = REPLY_TIMEOUT_S,
+                 load_timeout: float | None = None, progress: Callable[[str], None] = lambda _: None) -> None:
         for name in graphs:
             try:
                 graph_file_name(name)
@@ -88,7 +126,8 @@ class LiteStepServer:
                               "(STREAMCHAT_LITE_DEVICE)")
         self.load_request = {"op": "load", "graphs": graphs, "cache_dir": str(cache_dir), "device": device,
                              "device_id": device_id, "threads": threads or 0}
-        self.vocab_size, self.timeout = vocab_size, timeout
+        self.vocab_size, self.timeout, self.progress = vocab_size, timeout, progress
+        self.load_timeout = configured_load_timeout() if load_timeout is None else load_timeout
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -117,14 +156,15 @@ class LiteStepServer:
 
     def _call(self, header: dict, arrays: list[np.ndarray] = (), shapes: list[tuple[int, ...]] = ()) -> list[np.ndarray]:
         """Send a request and return the reply's arrays, which must be floats of ``shapes``."""
-        deadline = time.monotonic() + self.timeout
+        timeout = self.load_timeout if header["op"] == "load" else self.timeout
+        deadline = time.monotonic() + timeout
         try:
             self._send(encode_frame(header, arrays), deadline)
-            reply, values = self._receive(deadline)
+            reply, values = self._receive_reply(header, deadline)
             error = _check_reply(reply, values, list(shapes))
         except (ProtocolError, EOFError, OSError) as exc:
             _end(self.proc)
-            raise self._failure(exc) from exc
+            raise self._failure(exc, header["op"], timeout) from exc
         except BaseException:  # Ctrl-C while waiting: the server may be mid-frame, so it goes
             _end(self.proc)
             raise
@@ -132,10 +172,25 @@ class LiteStepServer:
             raise EngineError(f"MindSpore Lite: {error}")
         return values
 
-    def _failure(self, exc: BaseException) -> EngineError:
+    def _receive_reply(self, request: dict, deadline: float) -> tuple[dict, list[np.ndarray]]:
+        """The reply to ``request``, after the progress frames of a load, each passed on to ``progress``."""
+        seen = set()
+        while True:
+            reply, values = self._receive(deadline)
+            step = _progress(reply, values, request)
+            if step is None:
+                return reply, values
+            if step in seen:
+                raise ProtocolError(f"a second progress frame for {step[0]} {step[1]}")
+            seen.add(step)
+            number = list(request["graphs"]).index(step[1]) + 1
+            self.progress(f"MindSpore Lite: {step[0]} {step[1]} (graph {number} of {len(request['graphs'])})")
+
+    def _failure(self, exc: BaseException, op: str, timeout: float) -> EngineError:
         if isinstance(exc, TimeoutError):
-            return EngineError(f"the MindSpore Lite step server did not answer within {self.timeout:g} s and was "
-                               "stopped; send the message again to restart it")
+            hint = f" (loading converts and compiles every graph: raise {LOAD_TIMEOUT})" if op == "load" else ""
+            return EngineError(f"the MindSpore Lite step server did not answer within {timeout:g} s and was "
+                               f"stopped; send the message again to restart it{hint}")
         if isinstance(exc, ProtocolError):
             return EngineError(f"the MindSpore Lite step server sent a bad reply ({exc}) and was stopped; send the "
                                "message again to restart it")

@@ -3,8 +3,8 @@
 The generator's calls (prefill with a bool prefix-LM mask, one-token steps) become fixed-shape inputs: the prompt is
 right-padded to the smallest prefill gear, the KV cache has a fixed capacity, a one-hot ``write_slot`` says where a
 step's K/V go, and ``attention_bias`` (added to the scores: 0 visible, MASK_FILL hidden) carries the prefix-LM mask
-and hides the slots not yet written. The runner keeps the cache between calls
-(``present_*`` outputs become the next ``past_*`` inputs), in onnxruntime here or in the MindSpore Lite step server.
+and hides the slots not yet written. The runner keeps the cache between calls (the presents, the outputs after the
+logits, become the next ``past_*`` inputs, by position), in onnxruntime here or in the MindSpore Lite step server.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from appliance.engines import EngineOptions
+from appliance.engines.lite_server import check_output_count, graph_inputs
 from appliance.engines.memory import kv_cache_bytes, require_memory
 from appliance.errors import EngineError, PromptError
 from appliance.folders import cache_dir
@@ -112,21 +113,28 @@ class OrtGraphRunner:
         options.log_severity_level = 4
         self.sessions = {name: ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
                          for name, path in files.items()}
-        self.cache: dict[str, np.ndarray] = {}
+        decode = [item.name for item in self.sessions["decode"].get_inputs()] if "decode" in self.sessions else []
+        try:
+            for name, session in self.sessions.items():
+                check_output_count(name, len(session.get_outputs()), decode)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from None
+        self.cache: list[np.ndarray] = []
 
     def reset(self) -> None:
-        self.cache = {}
+        self.cache = []
 
     def run(self, graph: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """Outputs by position, as the step server takes them (``lite_server`` states the order)."""
         session = self.sessions[graph]
-        feed = dict(inputs)
-        for item in session.get_inputs():
-            if item.name.startswith("past_"):
-                feed[item.name] = self.cache["present_" + item.name[5:]]
-        names = [o.name for o in session.get_outputs()]
-        outputs = session.run(names, feed)
-        self.cache = {n: v for n, v in zip(names, outputs, strict=True) if n.startswith("present_")}
-        return outputs[names.index("logits")]
+        names = [item.name for item in session.get_inputs()]
+        try:
+            values = graph_inputs(graph, names, [item.shape for item in session.get_inputs()], inputs, self.cache)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from None
+        outputs = session.run(None, dict(zip(names, values, strict=True)))
+        self.cache = outputs[1:]
+        return outputs[0]
 
 
 def _static_engine(bundle: Bundle, name: str, runner: GraphRunner) -> StaticEngine:
