@@ -53,12 +53,15 @@ def demo_bundle(data: Path, export: DemoExporter | None, progress: Callable[[str
     return path
 
 
-def open_bundle(path: Path, threads: int | None = None, engine: str = AUTO, context: int | None = None) -> LoadedModel:
+def open_bundle(path: Path, threads: int | None = None, engine: str = AUTO, context: int | None = None,
+                progress: Callable[[str], None] | None = None) -> LoadedModel:
     """``threads`` None = the machine's physical cores; ``context`` caps the context window (and so the KV cache) of a
-    cpu bundle. The engine is warmed up, so the first message does not pay the runtime's first runs."""
+    cpu bundle; ``progress`` hears the stages of a long load. The engine is warmed up, so the first message does not
+    pay the runtime's first runs (on MindSpore Lite that is when the graphs are converted and built)."""
     opened = Bundle.open(path)
     summary = {"target": opened.target, "quant": opened.manifest["quant"]["weights"], "demo": opened.is_demo,
                "path": str(opened.path)}
-    loaded, tokenizer = opened.engine(threads=threads, kind=engine, context=context), opened.tokenizer()
+    loaded = opened.engine(threads=threads, kind=engine, context=context, progress=progress)
+    tokenizer = opened.tokenizer()
     warm_up(loaded, tokenizer.special.bos, tokenizer.special.gmask)
     return LoadedModel(loaded, tokenizer, opened.label, summary)

@@ -23,13 +23,13 @@ def load_model(checkpoint: Path | None = None, bundle: Path | None = None, threa
                context: int | None = None) -> LoadedModel:
     """``threads`` None = the machine's physical cores (bundles only; the reference uses numpy's BLAS threads);
     ``context`` caps the context window (and so the KV cache) of a cpu bundle."""
+    def say(line: str) -> None:
+        if not quiet:
+            print(line, file=sys.stderr, flush=True)
+
     if demo:
         from appliance.folders import data_dir
         from appliance.settings import load_settings
-
-        def say(line: str) -> None:
-            if not quiet:
-                print(line, file=sys.stderr, flush=True)
 
         bundle = demo_bundle(data or data_dir(load_settings()), export_demo, say)
     if checkpoint is not None:
@@ -42,5 +42,5 @@ def load_model(checkpoint: Path | None = None, bundle: Path | None = None, threa
         return LoadedModel(engine, ChatGLMTokenizer.from_dir(checkpoint), f"{checkpoint.name} (numpy reference)",
                            {"target": "numpy", "quant": "fp32", "demo": False, "path": str(checkpoint)})
     if bundle is not None:
-        return open_bundle(bundle, threads=threads, engine=engine, context=context)
+        return open_bundle(bundle, threads=threads, engine=engine, context=context, progress=say)
     raise StreamChatError("give --checkpoint DIR or --bundle DIR")

@@ -304,3 +304,24 @@ def test_the_real_server_refuses_a_graph_with_the_wrong_output_count(bundle, tmp
                                           rf"where 1 \+ {2 * layers} were expected"):
         run_sequence(runner, bundle)
     runner.close()
+
+
+@needs_lite
+def test_the_command_line_shows_the_load_progress(bundle, tmp_path):
+    """What a field engineer sees on first use of an Ascend bundle: a line per graph converted and built, then the
+    answer; the second run finds the converted graphs and only builds them."""
+    import subprocess
+
+    env = {**os.environ, "STREAMCHAT_CACHE_DIR": str(tmp_path / "cache"), "STREAMCHAT_DATA_DIR": str(tmp_path / "data"),
+           "STREAMCHAT_CONFIG_DIR": str(tmp_path / "config")}
+    argv = [sys.executable, "-m", "streamchat", "generate", "--bundle", str(bundle.path), "--engine", "mindspore-lite",
+            "--prompt", "你好", "--greedy", "--max-new-tokens", "4"]
+    graphs = len(bundle.manifest["graphs"]["check"])
+    for run, stages in ((1, ("converting", "building")), (2, ("building",))):
+        proc = subprocess.run(argv, cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0 and proc.stdout.strip(), (run, proc.stderr)
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("MindSpore Lite: ")]
+        assert len(lines) == graphs * len(stages), (run, lines)
+        assert {line.split()[2] for line in lines} == set(stages)
+        assert lines[-1].endswith(f"(graph {graphs} of {graphs})")

@@ -31,7 +31,7 @@ def model_loader(bundle: Path | None, demo: bool, export: DemoExporter | None = 
             chosen = demo_bundle(data_dir(settings), export, progress)  # the data folder the settings name now
         else:
             progress(str(chosen))
-        return open_bundle(chosen, threads=settings.threads or None, context=settings.context_budget)
+        return open_bundle(chosen, threads=settings.threads or None, context=settings.context_budget, progress=progress)
 
     return load
 

@@ -11,6 +11,7 @@ onnxruntime nor onnx; adding an engine is one entry here plus its module.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -64,11 +65,13 @@ class BundleEngine(Engine, Protocol):
 class EngineOptions:
     """How to open a bundle's engine: ``threads`` None = the physical cores; ``context`` caps a decoder bundle's
     context window (its KV cache is allocated for that many positions); ``prompt_kernel`` False keeps an INT4
-    bundle's prompts in the graph instead of the AVX2 kernel (for comparison)."""
+    bundle's prompts in the graph instead of the AVX2 kernel (for comparison); ``progress`` gets one line per stage of
+    a long load (MindSpore Lite converting and building each graph)."""
 
     threads: int | None = None
     context: int | None = None
     prompt_kernel: bool = True
+    progress: Callable[[str], None] | None = None
 
 
 @dataclass(frozen=True)

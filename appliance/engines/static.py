@@ -164,5 +164,6 @@ def open_on_mindspore_lite(bundle: Bundle, options: EngineOptions) -> StaticEngi
     stamp = hashlib.sha256((bundle.path / MANIFEST).read_bytes()).hexdigest()[:16]
     runner = LiteStepServer(_graph_files(bundle, "device" if device == "ascend" else "check"),
                             cache_dir() / "mindir" / f"{stamp}-{device}", bundle.config.vocab_size, device=device,
-                            threads=options.threads, device_id=int(os.environ.get("STREAMCHAT_LITE_DEVICE_ID", "0")))
+                            threads=options.threads, device_id=int(os.environ.get("STREAMCHAT_LITE_DEVICE_ID", "0")),
+                            progress=options.progress or (lambda line: None))
     return _static_engine(bundle, "mindspore-lite", runner)
