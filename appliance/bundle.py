@@ -2,9 +2,10 @@
 
 ``manifest.json`` is covered by ``manifest.sha256`` (its sha256, in ``sha256sum`` format) and lists every other file
 with its size and sha256; every path it names must be one of those files, and a file it does not list is refused.
-Sizes, and the files every graph reads its external weights from, are checked on every open (cheap: catches truncated
-and missing files, and weights named outside the bundle); the full sha256 check runs on the first open of a bundle and
-on demand. A passed check is remembered in the user cache dir for exactly those files (path, inode, size, mtime, ctime).
+Sizes are checked on every open (cheap: catches truncated and missing files); the full sha256 check and the check that
+every graph reads its external weights from a listed file run on the first open of a bundle and on demand. A passed
+check is remembered in the user cache dir for exactly those files (path, inode, size, mtime, ctime), so their graphs are
+not parsed again at every start.
 """
 
 from __future__ import annotations
@@ -208,7 +209,8 @@ class Bundle:
 
     @classmethod
     def open(cls, path: str | Path, full_check: bool | None = None) -> Bundle:
-        """Validate and return the bundle; ``full_check`` None = hash everything only on the first open."""
+        """Validate and return the bundle; ``full_check`` None = hash everything and check the graphs only on the first
+        open of these files, False = trust them (a bundle this process has just written or only reads the manifest of)."""
         path = Path(path)
         if not path.is_dir():
             raise BundleError(f"bundle not found: {path}")
@@ -226,12 +228,12 @@ class Bundle:
         marker = cache_dir() / "verified" / bundle._stamp()
         if full_check or (full_check is None and not marker.exists()):
             bundle.check_checksums()
+            bundle.check_graph_data()  # the marker names these very files: once they passed, their graphs did too
             try:
                 marker.parent.mkdir(parents=True, exist_ok=True)
                 marker.write_text(str(path))
             except OSError:
                 pass  # a read-only cache only costs a re-check next time
-        bundle.check_graph_data()
         return bundle
 
     def _stamp(self) -> str:
