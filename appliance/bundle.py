@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from appliance.conversion import CONVERT_SCRIPT, CONVERTER_FOLDER, check_conversion_files
 from appliance.engines import AUTO, BundleEngine, EngineOptions, open_engine
 from appliance.errors import BundleError, CheckpointError
-from appliance.folders import cache_dir
+from appliance.folders import Refused, cache_dir, read_small_file
 from appliance.model.weights import WEIGHT_PRECISIONS
 from appliance.model_config import ModelConfig
 from appliance.targets import DECODER, STATIC, TARGETS
@@ -61,11 +61,13 @@ def _digest_line(raw: bytes) -> bytes:
 
 def _read_small(path: Path, limit: int) -> bytes:
     """A file the bundle format keeps small (the manifest, its digest), refused above ``limit`` bytes."""
-    with path.open("rb") as fh:
-        data = fh.read(limit + 1)
-    if len(data) > limit:
-        raise BundleError(f"{path} is over {limit} bytes; a StreamChat manifest is far smaller: re-copy or re-export the bundle")
-    return data
+    try:
+        return read_small_file(path, limit)
+    except Refused as exc:
+        if exc.size is None:
+            raise BundleError(f"{path} is {exc.reason}: re-copy or re-export the bundle") from exc
+        raise BundleError(f"{path} is over {limit} bytes; a StreamChat manifest is far smaller: re-copy or re-export the "
+                          "bundle") from exc
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:

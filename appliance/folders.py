@@ -70,6 +70,34 @@ def why_not_writable(path: Path) -> str | None:
     return None
 
 
+class Refused(Exception):
+    """``read_small_file`` did not read a file: ``reason`` says why ("not a regular file", or its size over the cap)."""
+
+    def __init__(self, reason: str, size: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason, self.size = reason, size
+
+
+def read_small_file(path: Path, limit: int) -> bytes:
+    """The bytes of a file that must be small (a manifest, a config, an import), read only if it is a regular file of
+    at most ``limit`` bytes, checked on the open file: a device such as /dev/zero would be read until memory runs out,
+    opening a FIFO would wait for a writer forever. Raises Refused, or OSError when the file cannot be read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once instead of waiting for a writer
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise Refused("not a regular file")
+        if info.st_size > limit:
+            raise Refused("too big", info.st_size)
+        with open(fd, "rb", closefd=False) as fh:
+            data = fh.read(limit + 1)  # one byte over the cap shows a file that grew since fstat
+        if len(data) > limit:
+            raise Refused("too big", os.fstat(fd).st_size)
+        return data
+    finally:
+        os.close(fd)
+
+
 def cache_dir() -> Path:
     """Verification results, converted models and crash logs: anything that can be rebuilt or thrown away."""
     return _folder("STREAMCHAT_CACHE_DIR", "cache", "user_cache_dir")

@@ -19,7 +19,6 @@ import math
 import os
 import re
 import sqlite3
-import stat
 import tempfile
 import threading
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 
 from appliance.display import quoted
 from appliance.errors import StreamChatError
-from appliance.folders import why_not_writable
+from appliance.folders import Refused, read_small_file, why_not_writable
 
 SCHEMA_VERSION = 2
 DB_FILE = "history.sqlite3"
@@ -374,34 +373,20 @@ class History:
 def read_export(path: Path) -> object:
     """The parsed JSON of a history export file; unreadable, invalid or too deeply nested JSON is one line.
 
-    Only a regular file of at most ``IMPORT_CAP`` bytes is read, checked on the open file before reading: a device
-    such as /dev/zero would be read until memory runs out, and opening a FIFO would wait for a writer forever."""
+    Only a regular file of at most ``IMPORT_CAP`` bytes is read (``read_small_file``)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once instead of waiting for a writer
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise HistoryError(f"cannot import {path}: not a regular file; nothing was imported")
-            if info.st_size > IMPORT_CAP:
-                raise _too_big(path, info.st_size)
-            with open(fd, "rb", closefd=False) as fh:
-                data = fh.read(IMPORT_CAP + 1)  # one byte over the cap shows a file that grew since fstat
-            if len(data) > IMPORT_CAP:
-                raise _too_big(path, os.fstat(fd).st_size)
-        finally:
-            os.close(fd)
-        return json.loads(data.decode("utf-8"))
+        return json.loads(read_small_file(path, IMPORT_CAP).decode("utf-8"))
+    except Refused as exc:
+        if exc.size is None:
+            raise HistoryError(f"cannot import {path}: {exc.reason}; nothing was imported") from exc
+        raise HistoryError(f"cannot import {path}: it is {exc.size} bytes, more than the {IMPORT_CAP} (256 MiB) a history "
+                           "export may have; nothing was imported") from exc
     except RecursionError as exc:
         raise HistoryError(f"{path} is nested too deeply to be a history export; nothing was imported") from exc
     except OSError as exc:
         raise HistoryError(f"cannot read {path}: {exc.strerror}; nothing was imported") from exc
     except ValueError as exc:  # also UnicodeDecodeError
         raise HistoryError(f"{path} is not a JSON history export ({exc}); nothing was imported") from exc
-
-
-def _too_big(path: Path, size: int) -> HistoryError:
-    return HistoryError(f"cannot import {path}: it is {size} bytes, more than the {IMPORT_CAP} (256 MiB) a history "
-                        "export may have; nothing was imported")
 
 
 def write_export(path: Path, text: str) -> None:

@@ -31,6 +31,7 @@ import numpy as np
 
 from appliance.display import quoted
 from appliance.errors import CheckpointError
+from appliance.folders import Refused, read_small_file
 from appliance.model.weights import EMBEDDING, FINAL_NORM, INPUT_NORM, LM_HEAD, POST_ATTENTION_NORM, layer_prefix
 from appliance.model_config import ModelConfig
 
@@ -484,10 +485,11 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def _read_json(path: Path) -> object:
     """A small JSON file (config.json, a shard index), size-capped before reading."""
     try:
-        size = path.stat().st_size
-        if size > INDEX_CAP:
-            raise CheckpointError(f"{path}: {size} bytes, more than the {INDEX_CAP} allowed for this file")
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_small_file(path, INDEX_CAP).decode("utf-8"))
+    except Refused as exc:
+        if exc.size is None:
+            raise CheckpointError(f"{path}: {exc.reason}") from exc
+        raise CheckpointError(f"{path}: {exc.size} bytes, more than the {INDEX_CAP} allowed for this file") from exc
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
     except (ValueError, RecursionError) as exc:
