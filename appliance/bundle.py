@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from appliance.conversion import CONVERT_SCRIPT, CONVERTER_FOLDER, check_conversion_files
+from appliance.conversion import CONVERT_SCRIPT, CONVERTED, CONVERTER_FOLDER, check_conversion_files, smoke_graphs
 from appliance.engines import AUTO, BundleEngine, EngineOptions, open_engine
 from appliance.errors import BundleError, CheckpointError
 from appliance.folders import Refused, cache_dir, read_small_file
@@ -158,16 +158,16 @@ def validate_manifest(m: dict, source: str) -> None:
         need(isinstance(gears, list) and gears and all(whole(g, 1, graphs["capacity"]) for g in gears)
              and gears == sorted(set(gears)), "graphs.prefill_gears",
              f"ascending whole numbers from 1 to the capacity {graphs['capacity']}")
-        batches = graphs.get("batch_gears")
-        need(isinstance(batches, list) and batches and all(whole(b, 1, 64) for b in batches), "graphs.batch_gears",
-             "a list of whole numbers from 1 to 64")
         need(graphs.get("compute") in ("fp16", "fp32"), "graphs.compute", "fp16 or fp32")
         for kind in ("device", "check"):
             need(isinstance(graphs.get(kind), dict) and graphs[kind], f"graphs.{kind}", "an object naming one graph per gear")
             named.update({f"graphs.{kind}[{key}]": rel for key, rel in graphs[kind].items()})
-        mindir = graphs.get("mindir", [])
-        need(isinstance(mindir, list), "graphs.mindir", "a list of paths")
-        named.update({f"graphs.mindir[{i}]": rel for i, rel in enumerate(mindir)})
+        for kind, suffix in CONVERTED.items():  # what convert.sh recorded
+            converted = graphs.get(kind, [])
+            need(isinstance(converted, list) and all(isinstance(rel, str) and rel.startswith(f"{kind}/")
+                                                     and rel.endswith(suffix) for rel in converted),
+                 f"graphs.{kind}", f"a list of {kind}/*{suffix} paths")
+            named.update({f"graphs.{kind}[{i}]": rel for i, rel in enumerate(converted)})
     for field, rel in named.items():
         need(is_safe_path(rel), field, "a relative path inside the bundle")
         if rel not in listed:
@@ -284,7 +284,7 @@ class Bundle:
         graphs = self.manifest["graphs"]
         if TARGETS[self.target].graphs == DECODER:
             return [graphs["decoder"]]
-        return sorted({*graphs["device"].values(), *graphs["check"].values()})
+        return sorted({*graphs["device"].values(), *graphs["check"].values(), *smoke_graphs(graphs)})
 
     def check_graph_data(self) -> None:
         """Every tensor a graph keeps outside itself (ONNX external data, in subgraphs and functions too) lies in a file

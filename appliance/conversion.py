@@ -1,12 +1,18 @@
-"""What an Ascend bundle holds besides its graphs: the conversion script and one converter config per device graph.
+"""What an Ascend bundle holds besides its graphs: the conversion script, the converter settings of each device
+graph and the runtime config, and the options the MindSpore Lite engine converts and builds with.
 
-Both are rendered here from the manifest's graph entry, and nowhere else: the export writes exactly these texts, and
+All are rendered here from the manifest's graph entry, and nowhere else: the export writes exactly these texts, and
 ``Bundle.open`` requires an Ascend bundle to hold exactly these texts, byte for byte. A bundle can carry any script,
 checksummed by its own manifest, so checksums alone do not make ``convert.sh`` safe to run; an operator runs it.
+The engine's own conversion (on first use, when the bundle holds no recorded MindIR) reads the same files.
+
+Every Ascend bundle also carries a smoke test (``smoke_test.py``, ``appliance.ascend_smoke``): the model's first layer
+as one more device graph (``smoke.onnx``, with its converter files; ``convert.sh`` skips it), a prompt's inputs and the
+reference's logits for them, which the script converts, runs and compares on the board before the hours of conversion.
 
 The static graphs' input shapes are stated here too (``static_input_shapes``): the export builds the graphs' inputs
-from them and writes them into each converter config's ``input_shape`` line. So is their output order
-(``static_output_names``), by which the runners take outputs.
+from them and writes them into each graph's ``.shape`` file. So is their output order (``static_output_names``), by
+which the runners take outputs.
 """
 
 from __future__ import annotations
@@ -14,52 +20,74 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from appliance.ascend_smoke import smoke_script
 from appliance.errors import BundleError
 from appliance.model_config import ModelConfig
 
 CONVERT_SCRIPT, CONVERTER_FOLDER = "convert.sh", "converter/"
+RUNTIME_CONFIG = CONVERTER_FOLDER + "runtime.ini"
+# the smoke test: its script, its one-layer graph's stem (smoke.onnx, and smoke.fp32.onnx in fp16 bundles), its data
+SMOKE_SCRIPT, SMOKE_GRAPH = "smoke_test.py", "smoke"
+SMOKE_INPUTS, SMOKE_EXPECTED = "smoke/inputs.npz", "smoke/expected_logits.npy"
+CONVERTED = {"mindir": ".mindir", "om": ".om"}  # folder and suffix of each route's output, listed by graphs.<folder>
 
-CONVERTER_INI = {
-    "ascend-910b": """[ascend_context]
-# Lite >= 2.2 with CANN (GE backend): one weight set shared by the prefill and decode graphs.
+# MindSpore Lite converter settings, per key the source that documents it (docs/ascend.md cites each one):
+# - [ascend_context] input_format, precision_mode: config_file_parser.cc reads them (soc_version it does not: the
+#   converter compiles for the NPU of the machine it runs on); enforce_origin (CANN must_keep_origin_dtype) keeps
+#   the graph's dtypes: fp16 matrix products, fp32 LayerNorm statistics and softmax
+# - the input shapes are converter_lite's --inputShape flag, from converter/<graph>.shape
+LITE_CONFIG = """[ascend_context]
+input_format=ND
+precision_mode=enforce_origin
+"""
+# 8-bit weights: the converter's weight quantization, dequantized by the NPU while running (ON_THE_FLY, Ascend only)
+LITE_WEIGHT_QUANT = """
+[common_quant_param]
+quant_type=WEIGHT_QUANT
+bit_num=8
+min_quant_weight_size=0
+min_quant_weight_channel=16
+
+[weight_quant_param]
+dequant_strategy=ON_THE_FLY
+"""
+# Model.build_from_file's config_path: the GE backend with the graphs' own dtypes (MindFormers' Lite settings)
+RUNTIME_INI = """[ascend_context]
 provider=ge
-soc_version=@SOC_VERSION@
-precision_mode=must_keep_origin_dtype
-dynamic_batch_size=@BATCH_GEARS@
-input_shape=@INPUT_SHAPE@
 
 [ge_session_options]
-ge.externalWeight=1
 ge.exec.formatMode=1
 ge.exec.precision_mode=must_keep_origin_dtype
-""",
-    "ascend-310b": """[ascend_context]
-soc_version=@SOC_VERSION@
-input_shape=@INPUT_SHAPE@
-
-[acl_build_options]
-precision_mode=force_fp16
-input_format=ND
-""",
-}
+"""
 
 CONVERT_SH = r"""#!/usr/bin/env bash
-# Convert this bundle's ONNX graphs to MindIR for the Ascend NPU. Run on the board or a CANN host with
-# MindSpore Lite's converter_lite on PATH. The SoC is read from npu-smi (override: SOC_VERSION=Ascend310B4 ./convert.sh).
-# Each graph's converter settings are in converter/<graph>.ini; this script only fills in the SoC, after checking it.
+# Convert this bundle's ONNX graphs for the Ascend NPU of this machine, and record the results in manifest.json.
+#   ./convert.sh        MindSpore Lite's converter_lite (on PATH) -> mindir/<graph>.mindir
+#   ./convert.sh atc    CANN's ATC (on PATH; the route proven on 310B boards) -> om/<graph>.om; the SoC is read from
+#                       npu-smi (override: SOC_VERSION=Ascend310B1 ./convert.sh atc)
+# Each graph's settings are converter/<graph>.ini (converter_lite) and converter/<graph>.shape (its input shapes);
+# this script passes them as files and arguments, never as code.
 set -euo pipefail
 cd "$(dirname "$0")"
-command -v converter_lite >/dev/null || { echo "convert.sh: converter_lite not found (install MindSpore Lite for CANN)"; exit 2; }
-SOC_VERSION=${SOC_VERSION:-}
-if [ -z "$SOC_VERSION" ]; then
-  chip=$(npu-smi info 2>/dev/null | grep -oE '(910B[0-9]*|310B[0-9]*|310P[0-9]*|910[0-9]*)' | head -n 1 || true)
-  [ -n "$chip" ] || { echo "convert.sh: no NPU found by npu-smi; set SOC_VERSION"; exit 2; }
-  SOC_VERSION="Ascend${chip}"
-fi
-[[ "$SOC_VERSION" =~ ^Ascend[0-9A-Za-z]+$ ]] || { echo "convert.sh: SOC_VERSION must look like Ascend310B4"; exit 2; }
-echo "convert.sh: target SoC $SOC_VERSION"
+route=${1:-lite}
+case "$route" in
+  lite) command -v converter_lite >/dev/null \
+          || { echo "convert.sh: converter_lite not found (install MindSpore Lite for CANN, or run ./convert.sh atc)"; exit 2; }
+        folder=mindir ;;
+  atc)  command -v atc >/dev/null || { echo "convert.sh: atc not found: source the CANN toolkit's set_env.sh first"; exit 2; }
+        folder=om
+        SOC_VERSION=${SOC_VERSION:-}
+        if [ -z "$SOC_VERSION" ]; then
+          chip=$(npu-smi info 2>/dev/null | grep -oE '(910B[0-9]*|310B[0-9]*|310P[0-9]*|910[0-9]*)' | head -n 1 || true)
+          [ -n "$chip" ] || { echo "convert.sh: no NPU found by npu-smi; set SOC_VERSION"; exit 2; }
+          SOC_VERSION="Ascend${chip}"
+        fi
+        [[ "$SOC_VERSION" =~ ^Ascend[0-9A-Za-z]+$ ]] || { echo "convert.sh: SOC_VERSION must look like Ascend310B1"; exit 2; }
+        echo "convert.sh: ATC for $SOC_VERSION (keeps the graphs' fp16 weights: 8-bit weights are a converter_lite setting)" ;;
+  *)    echo "convert.sh: unknown route '$route': use no argument (converter_lite) or atc"; exit 2 ;;
+esac
 
-# check: manifest.json matches manifest.sha256; record: list the files under mindir/ and write both again
+# check: manifest.json matches manifest.sha256; record: list the files under mindir/ and om/ and write both again
 manifest() {
   python3 - "$1" <<'PY'
 import hashlib, json, os, sys
@@ -79,32 +107,49 @@ if open("manifest.sha256", "rb").read() != digest_line(raw):
     sys.exit("convert.sh: manifest.json does not match manifest.sha256 (edited or damaged): re-copy or re-export the bundle")
 if sys.argv[1] == "record":
     manifest = json.loads(raw)
-    files = [f for f in manifest["files"] if not f["path"].startswith("mindir/")]
-    for folder, _, names in sorted(os.walk("mindir")):
-        for path in sorted(os.path.join(folder, name) for name in names):
-            files.append({"path": path, "bytes": os.path.getsize(path), "sha256": sha256(path)})
+    files = [f for f in manifest["files"] if f["path"].split("/")[0] not in ("mindir", "om")]
+    for kind, suffix in (("mindir", ".mindir"), ("om", ".om")):
+        converted = []
+        for folder, _, names in sorted(os.walk(kind)):
+            for path in sorted(os.path.join(folder, name) for name in names):
+                files.append({"path": path, "bytes": os.path.getsize(path), "sha256": sha256(path)})
+                if path.endswith(suffix):
+                    converted.append(path)
+        manifest["graphs"][kind] = converted
     manifest["files"] = files
-    manifest["graphs"]["mindir"] = [f["path"] for f in files if f["path"].endswith(".mindir")]
     raw = json.dumps(manifest, indent=1, ensure_ascii=False).encode("utf-8")
     for name, data in (("manifest.json", raw), ("manifest.sha256", digest_line(raw))):
         with open(name + ".partial", "wb") as fh:
             fh.write(data)
         os.replace(name + ".partial", name)
-    print("convert.sh: recorded", len(manifest["graphs"]["mindir"]), "MindIR files in manifest.json")
+    print("convert.sh: recorded", len(manifest["graphs"]["mindir"]), "MindIR and", len(manifest["graphs"]["om"]),
+          "OM files in manifest.json")
 PY
 }
 
 manifest check
-work=$(mktemp -d)
+work=$(mktemp -d "./.convert.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-mkdir -p mindir
 for ini in converter/*.ini; do
   name=$(basename "$ini" .ini)
-  sed "s/@SOC_VERSION@/$SOC_VERSION/" "$ini" > "$work/$name.ini"
+  case "$name" in runtime|smoke) continue ;; esac  # smoke.onnx is smoke_test.py's, converted by it when it runs
+  shape=$(cat "converter/$name.shape")
   echo "convert.sh: $name.onnx"
-  converter_lite --fmk=ONNX --modelFile="$name.onnx" --outputFile="mindir/$name" --configFile="$work/$name.ini" \
-      --optimize=ascend_oriented
+  if [ "$route" = lite ]; then
+    converter_lite --fmk=ONNX --modelFile="$name.onnx" --outputFile="$work/$name" --configFile="$ini" \
+        --inputShape="$shape" --optimize=ascend_oriented
+    # a model over 2 GB comes as <name>_graph.mindir reading <name>_variables/ by that folder's name
+    [ ! -e "$work/${name}_graph.mindir" ] || mv "$work/${name}_graph.mindir" "$work/$name.mindir"
+  else
+    atc --framework=5 --model="$name.onnx" --output="$work/$name" --soc_version="$SOC_VERSION" --input_format=ND \
+        --input_shape="$shape" --precision_mode=must_keep_origin_dtype
+    for om in "$work/$name"_*.om; do [ ! -e "$om" ] || mv "$om" "$work/$name.om"; done  # ATC may add _<os>_<arch>
+  fi
 done
+# every graph converted: only now replace what an earlier run recorded
+rm -rf "$folder"
+mv "$work" "$folder"
+trap - EXIT
 manifest record
 """
 # converter settings filled in from the manifest; anything else could change what converter_lite loads or runs
@@ -114,6 +159,17 @@ CONFIG_VALUE = re.compile(r"[A-Za-z0-9_.:,;-]+")
 def graph_files(gears: list[int], suffix: str = "") -> dict[str, str]:
     """The graph files an Ascend bundle holds, by graph key: one per prefill gear and the decode step."""
     return {**{f"prefill:{g}": f"prefill_{g}{suffix}.onnx" for g in gears}, "decode": f"decode{suffix}.onnx"}
+
+
+def smoke_graph_files(gears: list[int], suffix: str = "") -> dict[str, str]:
+    """The smoke test's one-layer graph by graph key: a prefill graph of the smallest gear ("smoke:64")."""
+    return {f"{SMOKE_GRAPH}:{gears[0]}": f"{SMOKE_GRAPH}{suffix}.onnx"}
+
+
+def smoke_graphs(graphs: dict) -> list[str]:
+    """The smoke graph files of a manifest's graph entry: the device graph, and an fp16 bundle's fp32 check graph."""
+    gears, suffix = graphs["prefill_gears"], ".fp32" if graphs["compute"] == "fp16" else ""
+    return sorted({*smoke_graph_files(gears).values(), *smoke_graph_files(gears, suffix).values()})
 
 
 def gear_of(key: str) -> int | None:
@@ -146,44 +202,52 @@ def static_output_names(cfg: ModelConfig) -> list[str]:
     return ["logits"] + [f"present_{kind}.{n}" for n in range(cfg.num_layers) for kind in ("key", "value")]
 
 
-def _input_shape(cfg: ModelConfig, capacity: int, batch_gears: list[int], gear: int | None) -> str:
-    """converter_lite's input_shape line for one graph (batch -1 where batch gears are dynamic)."""
-    batch = -1 if len(batch_gears) > 1 else 1
-    shapes = static_input_shapes(cfg, capacity, gear, batch)
+def input_shape_text(cfg: ModelConfig, capacity: int, gear: int | None) -> str:
+    """One graph's input shapes as converter_lite's --inputShape and ATC's --input_shape take them (batch 1)."""
+    shapes = static_input_shapes(cfg, capacity, gear, 1)
     return ";".join(f"{name}:{','.join(map(str, shape))}" for name, shape in shapes.items())
 
 
-def conversion_files(target: str, capacity: int, gears: list[int], batch_gears: list[int],
-                     cfg: ModelConfig) -> dict[str, str]:
-    """``convert.sh`` and one converter config per device graph, by bundle path, for a manifest's graph entry."""
-    files = {CONVERT_SCRIPT: CONVERT_SH}
-    for key, graph in graph_files(gears).items():
-        text = CONVERTER_INI[target]
-        for placeholder, value in (("@BATCH_GEARS@", ",".join(map(str, batch_gears))),
-                                   ("@INPUT_SHAPE@", _input_shape(cfg, capacity, batch_gears, gear_of(key)))):
-            if not CONFIG_VALUE.fullmatch(value):
-                raise BundleError(f"converter setting {value[:60]!r} is not a plain value; re-export the bundle")
-            text = text.replace(placeholder, value)
-        files[f"{CONVERTER_FOLDER}{Path(graph).stem}.ini"] = text
+def converter_config(quant: str) -> str:
+    """converter_lite's config for a bundle's device graphs: 8-bit weight quantization when ``quant`` is int8."""
+    return LITE_CONFIG + (LITE_WEIGHT_QUANT if quant == "int8" else "")
+
+
+def conversion_files(capacity: int, gears: list[int], quant: str, cfg: ModelConfig) -> dict[str, str]:
+    """``convert.sh``, the runtime config, ``smoke_test.py`` and each device graph's converter config and input shapes
+    (the smoke graph's too), by bundle path."""
+    files = {CONVERT_SCRIPT: CONVERT_SH, RUNTIME_CONFIG: RUNTIME_INI, SMOKE_SCRIPT: smoke_script()}
+    for key, graph in {**graph_files(gears), **smoke_graph_files(gears)}.items():
+        shape = input_shape_text(cfg, capacity, gear_of(key))
+        if not CONFIG_VALUE.fullmatch(shape):
+            raise BundleError(f"converter setting {shape[:60]!r} is not a plain value; re-export the bundle")
+        files[f"{CONVERTER_FOLDER}{Path(graph).stem}.ini"] = converter_config(quant)
+        files[f"{CONVERTER_FOLDER}{Path(graph).stem}.shape"] = shape + "\n"
     return files
 
 
 def check_conversion_files(bundle: Path, manifest: dict, cfg: ModelConfig) -> None:
-    """An Ascend bundle names the graphs its export writes and holds exactly the conversion files it writes."""
+    """An Ascend bundle names the graphs its export writes, holds exactly the conversion files it writes and lists the
+    smoke test's files."""
     graphs, source = manifest["graphs"], bundle / "manifest.json"
     device = graph_files(graphs["prefill_gears"])
     check = device if graphs["compute"] == "fp32" else graph_files(graphs["prefill_gears"], ".fp32")
     if graphs["device"] != device or graphs["check"] != check:
         raise BundleError(f"{source}: graphs.device and graphs.check must name the graphs an export writes for gears "
                           f"{graphs['prefill_gears']} ({', '.join(device.values())}); re-export the bundle")
-    expected = conversion_files(manifest["target"], graphs["capacity"], graphs["prefill_gears"], graphs["batch_gears"], cfg)
-    listed = {f["path"] for f in manifest["files"] if f["path"] == CONVERT_SCRIPT or f["path"].startswith(CONVERTER_FOLDER)}
+    expected = conversion_files(graphs["capacity"], graphs["prefill_gears"], manifest["quant"]["weights"], cfg)
+    missing = sorted({*smoke_graphs(graphs), SMOKE_INPUTS, SMOKE_EXPECTED} - {f["path"] for f in manifest["files"]})
+    if missing:
+        raise BundleError(f"{source}: its files list lacks {', '.join(missing)}, which smoke_test.py reads; re-export "
+                          "the bundle")
+    listed = {f["path"] for f in manifest["files"]
+              if f["path"] in (CONVERT_SCRIPT, SMOKE_SCRIPT) or f["path"].startswith(CONVERTER_FOLDER)}
     if listed != set(expected):
         raise BundleError(f"{source}: the conversion files it lists ({', '.join(sorted(listed))}) are not the ones an "
                           f"export writes ({', '.join(sorted(expected))}); re-export the bundle")
     for rel, text in expected.items():
         data = text.encode()
         if (bundle / rel).stat().st_size != len(data) or (bundle / rel).read_bytes() != data:
-            what = "conversion script" if rel == CONVERT_SCRIPT else "converter config"
+            what = {CONVERT_SCRIPT: "conversion script", SMOKE_SCRIPT: "smoke test"}.get(rel, "converter config")
             raise BundleError(f"{bundle}: {rel} is not the {what} this StreamChat writes (edited, or exported by another "
                               "version): re-export the bundle")

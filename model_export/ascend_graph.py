@@ -9,11 +9,13 @@ MindSpore Lite compiles fixed shapes and rejects contrib ops and INT4 tensors, s
   capacity under ``attention_bias``, added to the scores (past length 0 and bool ``Where`` masks fail in Lite);
 - int32 ids and positions (Lite turns int64 into int32), rotary cos/sin as precomputed tables (Lite's Cos loses 1e-3),
   LayerNorm and tanh-GELU from elementary ops;
-- INT4 weights are packed two per byte and unpacked in the graph with arithmetic (Floor/Mul/Sub), INT8 weights are
-  dequantized with Cast/Mul; the query is pre-scaled per layer as THUDM does, so fp16 compute does not overflow.
+- weights in fp16 (fp32 for ``--quant fp32``), never unpacked in the graph: Lite's converter folds unpacking
+  arithmetic into full-size float constants (a 0.79 MB INT4 decode graph became a 67.6 MB MindIR); 8-bit weights
+  are the converter's own weight quantization (``appliance.conversion``);
+- the query is pre-scaled per layer as THUDM does, so fp16 compute does not overflow.
 
 The model is ``appliance.model.definition`` (the cpu graph's ``Ops`` with these storage, arithmetic and attention
-choices); the dequantization is ``appliance.model.weights.dequantize``.
+choices).
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from onnx import TensorProto, helper
 
 from appliance.conversion import static_input_shapes, static_output_names
 from appliance.model.definition import attention_scales, forward, tanh_gelu
-from appliance.model.weights import EMBEDDING, LM_HEAD, dequantize
+from appliance.model.weights import EMBEDDING, LM_HEAD
 from model_export.graph import DecoderGraph, QuantSpec
-from model_export.quantize import BITS, effective_group, quantize_blockwise
+from model_export.quantize import BITS, quantize_blockwise
 
 OPSET = 13
 
@@ -40,14 +42,9 @@ class AscendDecoderGraph(DecoderGraph):
         self.ftype = TensorProto.FLOAT16 if compute == "fp16" else TensorProto.FLOAT
         self.np_ftype = np.float16 if compute == "fp16" else np.float32
         self.capacity = capacity
-        self.shared = shared if shared is not None else {}  # initializer names per weight, reused by every graph
+        self.shared = shared if shared is not None else {}  # the weights an earlier graph already wrote and reported
 
     # -- weights ------------------------------------------------------------------------------------------------
-    def _once(self, key: str, make) -> list[str]:
-        if key not in self.shared:
-            self.shared[key] = make()
-        return self.shared[key]
-
     def value(self, x) -> str:
         return x if isinstance(x, str) else self.b.const(x, self.np_ftype)
 
@@ -59,25 +56,23 @@ class AscendDecoderGraph(DecoderGraph):
         return x if self.np_ftype == np.float32 else self.to_float(x)
 
     def _matrix(self, prefix: str, weight) -> str:
-        """The weight as a compute-dtype [N, K] tensor: stored per the spec, dequantized in the graph if packed."""
-        b, spec = self.b, self.spec
-        k = weight.shape[1]
-        if spec.weights not in BITS:
-            dtype = np.float32 if spec.weights == "fp32" else np.float16
-            name = b.weight(prefix + ".weight", weight, dtype)
-            return name if np.dtype(dtype) == self.np_ftype else b.op("Cast", [name], to=self.ftype)
-        bits = BITS[spec.weights]
-
-        def store() -> list[str]:
-            q = quantize_blockwise(weight, bits, effective_group(k, spec.group_size))
-            self._record(prefix, q.rel_error)
-            self.report.linear_bytes += q.packed.nbytes + q.scales.size * 2
-            return [b.weight(prefix + ".packed", q.packed), b.weight(prefix + ".scales", q.scales, np.float16)]
-
-        packed, scales = self._once(prefix, store)
-        b.reuse(packed)
-        b.reuse(scales)
-        return dequantize(self, packed, self.to_float(scales), bits, k, row_axes=1)
+        """The weight as a compute-dtype [N, K] tensor, stored in fp16 (fp32 for ``--quant fp32``) and never unpacked
+        in the graph: Lite's converter folds such arithmetic into full-size float constants. An int8 bundle's graphs
+        hold fp16 too and its converter configs quantize them (``appliance.conversion``); the report then carries
+        the error of per-output-channel symmetric 8-bit codes, the scheme that quantization applies."""
+        b, quant = self.b, self.spec.weights
+        dtype = np.float32 if quant == "fp32" else np.float16
+        if prefix not in self.shared:
+            self.shared[prefix] = True
+            if quant in BITS:
+                q = quantize_blockwise(weight, BITS[quant], weight.shape[1])
+                self._record(prefix, q.rel_error)
+                self.report.linear_bytes += q.packed.nbytes + q.scales.nbytes
+            else:
+                self._record(prefix, self._cast_error(weight, dtype))
+                self.report.linear_bytes += weight.size * np.dtype(dtype).itemsize
+        name = b.weight(prefix + ".weight", weight, dtype)
+        return name if np.dtype(dtype) == self.np_ftype else b.op("Cast", [name], to=self.ftype)
 
     def linear(self, prefix: str, x: str) -> str:
         b = self.b
@@ -132,8 +127,8 @@ class AscendDecoderGraph(DecoderGraph):
         b, cfg = self.b, self.config
         ones = b.op("Unsqueeze", [b.op("ReduceSum", ["last_position", b.const([1])], keepdims=1), b.const([3])])
         zeros = b.op("ConstantOfShape", [b.const([1, cfg.num_heads, self.capacity - self.seq, cfg.head_dim])],
-                     value=helper.make_tensor("value", self.ftype, [1], [0]))
-        return b.op("Mul", [self._compute(ones), zeros])
+                     value=helper.make_tensor("value", TensorProto.FLOAT, [1], [0]))
+        return self._compute(b.op("Mul", [ones, zeros]))  # in fp32: Lite 2.0.0 cannot parse an fp16 ConstantOfShape
 
     def attention(self, n: int, q: str, k: str, v: str) -> str:
         """THUDM's fp16 arithmetic: q divided and the scores scaled back up in fp32 by ``attention_scales``. The cache
@@ -181,7 +176,8 @@ class AscendDecoderGraph(DecoderGraph):
 
     def lm_head(self, x: str) -> str:
         b = self.b
-        logits = b.op("MatMul", [x, b.op("Transpose", [self.head_matrix], perm=[1, 0])])
+        # Gemm reads the [vocab, hidden] table as it is; a Transpose would be folded into a second copy of it
+        logits = b.op("Gemm", [x, self.head_matrix], transB=1)
         return b.op("Cast", [logits], ["logits"], to=TensorProto.FLOAT) if self.np_ftype == np.float16 else \
             b.op("Identity", [logits], ["logits"])
 

@@ -61,6 +61,14 @@ def weakest_precision(*precisions: str) -> str:
     return min(precisions, key=WEIGHT_PRECISIONS.index)  # listed from the fewest bits
 
 
+def verified_precision(quant: str, embeddings: str, target: str) -> str:
+    """The weakest precision of the graphs the export verifies. Static (Ascend) graphs hold fp16 weights for every
+    quantization but fp32: their 8-bit weights are made by the converter on the conversion host, not in the graphs."""
+    if TARGETS[target].graphs == STATIC:
+        return "fp32" if quant == "fp32" else "fp16"
+    return weakest_precision(quant, embeddings)
+
+
 def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
     """sha256 over config.json and, per weight file, its name, size and first/last MiB (hashing 13.7 GB would
     dominate the export; this still tells checkpoints apart and detects most truncation or replacement)."""
@@ -75,11 +83,13 @@ def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
     return digest.hexdigest()
 
 
-def estimate_bytes(ckpt: Checkpoint, spec: QuantSpec, tied: bool) -> int:
+def estimate_bytes(ckpt: Checkpoint, spec: QuantSpec, tied: bool, target: str) -> int:
     cfg = ckpt.config
     linear = sum(o * i for o, i in cfg.linear_shapes().values()) * cfg.num_layers
     tables = cfg.vocab_size * cfg.hidden_size * (1 if tied else 2)
-    return int(linear * BYTES_PER_WEIGHT[spec.weights] + tables * BYTES_PER_WEIGHT[spec.embeddings]) + (64 << 20)
+    stored = verified_precision(spec.weights, spec.embeddings, target)  # what the graphs hold, for Ascend too
+    weights, embeddings = (stored, stored) if TARGETS[target].graphs == STATIC else (spec.weights, spec.embeddings)
+    return int(linear * BYTES_PER_WEIGHT[weights] + tables * BYTES_PER_WEIGHT[embeddings]) + (64 << 20)
 
 
 def _check_request(target: str, quant: str, group_size: int, embeddings: str | None) -> None:
@@ -87,6 +97,10 @@ def _check_request(target: str, quant: str, group_size: int, embeddings: str | N
         raise ExportError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
     if quant not in WEIGHT_PRECISIONS:
         raise ExportError(f"unknown quantization {quant!r}: choose one of {', '.join(WEIGHT_PRECISIONS)}")
+    if quant not in TARGETS[target].quants:
+        raise ExportError(f"--quant {quant} is not offered for {target}: choose one of "
+                          f"{', '.join(TARGETS[target].quants)} (Ascend runs fp16 weights, or 8-bit weights its "
+                          "converter quantizes: --quant int8)")
     if quant in BITS and group_size not in GROUP_SIZES:
         raise ExportError(f"group size {group_size} is not supported: choose one of {GROUP_SIZES}")
     if embeddings is not None and embeddings not in WEIGHT_PRECISIONS:
@@ -130,7 +144,7 @@ def _publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_bundle(checkpoint_dir: str | Path, out: str | Path, target: str = "cpu", quant: str = "int4",
+def export_bundle(checkpoint_dir: str | Path, out: str | Path, target: str = "cpu", quant: str | None = None,
                   group_size: int = DEFAULT_GROUP_SIZE, embeddings: str | None = None, accuracy_level: int = 4,
                   force: bool = False, progress: Progress | None = None, name: str | None = None,
                   extra_manifest: dict | None = None) -> ExportResult:
@@ -138,6 +152,8 @@ def export_bundle(checkpoint_dir: str | Path, out: str | Path, target: str = "cp
     started = time.perf_counter()
     progress = progress or Progress(enabled=False)
     out = Path(out)
+    if quant is None and target in TARGETS:
+        quant = TARGETS[target].quants[0]  # the target's default
     _check_request(target, quant, group_size, embeddings)
     embeddings = embeddings or default_embeddings(quant, target)
     if out.exists() and not force:
@@ -149,7 +165,7 @@ def export_bundle(checkpoint_dir: str | Path, out: str | Path, target: str = "cp
                      accuracy_level=accuracy_level if TARGETS[target].graphs == DECODER else 0)
     tied = ckpt.lm_head_is_tied()
     out.parent.mkdir(parents=True, exist_ok=True)
-    need, free = estimate_bytes(ckpt, spec, tied), shutil.disk_usage(out.parent).free
+    need, free = estimate_bytes(ckpt, spec, tied, target), shutil.disk_usage(out.parent).free
     if need > free:
         raise ExportError(f"not enough disk space in {out.parent}: the bundle needs about {need / 1e9:.2f} GB, "
                           f"{free / 1e9:.2f} GB are free")
@@ -161,7 +177,7 @@ def export_bundle(checkpoint_dir: str | Path, out: str | Path, target: str = "cp
         ckpt.check_crcs()  # the build's in-order reads hashed the tensor entries; this covers anything they skipped
         manifest.update(extra_manifest or {})
         _write_manifest(tmp, manifest, progress)
-        report = _verify(ckpt, tmp, tokenizer, weakest_precision(quant, embeddings), progress, target)
+        report = _verify(ckpt, tmp, tokenizer, verified_precision(quant, embeddings, target), progress, target)
         (tmp / "verify_report.json").write_text(json.dumps(report.to_dict(), indent=1), encoding="utf-8")
         if not report.passed:
             raise ExportError(f"verification failed, nothing published: {report.describe()}")

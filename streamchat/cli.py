@@ -397,7 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Convert a THUDM ChatGLM-6B checkpoint into a quantized, self-verified bundle.")
     export.add_argument("checkpoint", type=Path, metavar="CHECKPOINT_DIR")
     export.add_argument("--target", default="cpu", metavar="NAME", help=f"{describe_targets()} (default cpu)")
-    export.add_argument("--quant", default="int4", metavar="PREC", help=f"{' | '.join(WEIGHT_PRECISIONS)} (default int4)")
+    export.add_argument("--quant", default=None, metavar="PREC",
+                        help=f"{' | '.join(WEIGHT_PRECISIONS)} (default: the target's first, int4 for cpu, int8 for "
+                             "Ascend, which offers int8 | fp16 | fp32)")
     export.add_argument("--group-size", type=int, default=128, help=f"INT4/INT8 group size, one of {GROUP_SIZES}")
     export.add_argument("--quantize-embeddings", default=None, metavar="PREC",
                         help=f"lm_head/embedding precision: {' | '.join(WEIGHT_PRECISIONS)} (default int8 for int4/int8 "

@@ -73,7 +73,7 @@ def _greedy_ids(source: list[str], prompt: str, capsys) -> list[int]:
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_capacity_is_clamped_everywhere_it_is_stated(bundles, target):
-    """The manifest, every graph's cache inputs/outputs and every converter config's input_shape agree on the capacity
+    """The manifest, every graph's cache inputs/outputs and every graph's converter input shapes agree on the capacity
     clamped to max_sequence_length (not the target's own)."""
     bundle = Bundle.open(bundles[("wide-cache", target)])
     graphs, cfg = bundle.manifest["graphs"], bundle.config
@@ -88,12 +88,10 @@ def test_capacity_is_clamped_everywhere_it_is_stated(bundles, target):
         assert {name: dims[name] for name in want} == want
         for n in range(cfg.num_layers):
             assert dims[f"present_key.{n}"] == ["batch", cfg.num_heads, capacity, cfg.head_dim]
-        ini = (bundle.path / "converter" / f"{Path(rel).stem}.ini").read_text()
-        line = next(x for x in ini.splitlines() if x.startswith("input_shape="))
-        batch = -1 if len(graphs["batch_gears"]) > 1 else 1
-        assert line == "input_shape=" + ";".join(f"{k}:{','.join(map(str, [batch, *v[1:]]))}" for k, v in want.items())
+        line = (bundle.path / "converter" / f"{Path(rel).stem}.shape").read_text()
+        assert line == ";".join(f"{k}:{','.join(map(str, [1, *v[1:]]))}" for k, v in want.items()) + "\n"
         if gear is None:
-            assert f"past_key.0:{batch},{cfg.num_heads},{capacity},{cfg.head_dim}" in line
+            assert f"past_key.0:1,{cfg.num_heads},{capacity},{cfg.head_dim}" in line
 
 
 @needs_lite

@@ -108,26 +108,36 @@ def test_install_refuses_a_plain_folder_at_the_name(built, tmp_path, capsys):
 FAKE_CONVERTER = """#!/usr/bin/env bash
 set -eu
 for arg in "$@"; do
-  case "$arg" in --outputFile=*) out=${arg#--outputFile=} ;; --configFile=*) cfg=${arg#--configFile=} ;; esac
+  case "$arg" in --outputFile=*) out=${arg#--outputFile=} ;; --configFile=*) cfg=${arg#--configFile=} ;;
+                 --inputShape=*) shape=${arg#--inputShape=} ;; esac
 done
-grep -q '^soc_version=Ascend310B4$' "$cfg"
-grep -q '^input_shape=input_ids:1,' "$cfg"
-printf 'mindir %s' "$out" > "$out.mindir"
+grep -q '^precision_mode=enforce_origin$' "$cfg"
+case "$shape" in input_ids:1,*) ;; *) exit 3 ;; esac
+printf 'mindir %s' "$(basename "$out")" > "$out.mindir"
+"""
+FAKE_ATC = """#!/usr/bin/env bash
+set -eu
+for arg in "$@"; do
+  case "$arg" in --output=*) out=${arg#--output=} ;; --soc_version=*) soc=${arg#--soc_version=} ;; esac
+done
+[ "$soc" = Ascend310B4 ]
+printf 'om %s' "$(basename "$out")" > "$out.om"
 """
 
 
-def run_convert(bundle, tmp_path, soc=None):
+def run_convert(bundle, tmp_path, soc=None, route=(), converter=FAKE_CONVERTER):
     bin_dir = tmp_path / "fakebin"
     bin_dir.mkdir(exist_ok=True)
-    for name, text in (("converter_lite", FAKE_CONVERTER), ("npu-smi", "#!/usr/bin/env bash\necho '| 0  310B4  | OK |'\n")):
+    for name, text in (("converter_lite", converter), ("atc", FAKE_ATC),
+                       ("npu-smi", "#!/usr/bin/env bash\necho '| 0  310B4  | OK |'\n")):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     env.pop("SOC_VERSION", None)
     if soc is not None:
         env["SOC_VERSION"] = soc
-    return subprocess.run(["bash", str(bundle / "convert.sh")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(["bash", str(bundle / "convert.sh"), *route], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
 
 
 def test_convert_runs_no_manifest_value_and_records_its_files(built, tmp_path, capsys):
@@ -141,20 +151,42 @@ def test_convert_runs_no_manifest_value_and_records_its_files(built, tmp_path, c
     proc = run_convert(bundle, tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not marker.exists()
-    assert "recorded 3 MindIR files" in proc.stdout
+    assert "recorded 3 MindIR and 0 OM files" in proc.stdout
     recorded = load(bundle)
     assert recorded["graphs"]["mindir"] == ["mindir/decode.mindir", "mindir/prefill_256.mindir", "mindir/prefill_64.mindir"]
-    assert (bundle / "mindir" / "decode.mindir").read_text() == "mindir mindir/decode"
+    assert (bundle / "mindir" / "decode.mindir").read_text() == "mindir decode"
+    assert not [p.name for p in bundle.iterdir() if p.name.startswith(".convert")]
     assert main(["verify", str(bundle)]) == 0, capsys.readouterr().err
     assert "checksums match" in capsys.readouterr().out
+
+
+def test_convert_with_atc_records_om_files(built, tmp_path, capsys):
+    bundle = copy_of(built, "ascend", tmp_path)
+    proc = run_convert(bundle, tmp_path, route=["atc"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ATC for Ascend310B4" in proc.stdout and "recorded 0 MindIR and 3 OM files" in proc.stdout
+    assert load(bundle)["graphs"]["om"] == ["om/decode.om", "om/prefill_256.om", "om/prefill_64.om"]
+    assert main(["verify", str(bundle)]) == 0, capsys.readouterr().err
+
+
+def test_a_failed_conversion_keeps_what_was_recorded(built, tmp_path, capsys):
+    """A converter that fails on a later graph leaves the bundle as it was: no partial mindir/, nothing recorded."""
+    bundle = copy_of(built, "ascend", tmp_path)
+    before = load(bundle)
+    failing = FAKE_CONVERTER.replace("set -eu", 'set -eu\ncase "$*" in *prefill_64*) exit 7 ;; esac')
+    proc = run_convert(bundle, tmp_path, converter=failing)
+    assert proc.returncode == 7 and "convert.sh: prefill_256.onnx" in proc.stdout
+    assert load(bundle) == before
+    assert sorted(p.name for p in bundle.iterdir()) == sorted(p.name for p in built["ascend"].iterdir())
+    assert main(["verify", str(bundle)]) == 0, capsys.readouterr().err
 
 
 def test_convert_refuses_a_soc_version_that_is_not_a_name(built, tmp_path):
     bundle = copy_of(built, "ascend", tmp_path)
     marker = tmp_path / "ran"
-    proc = run_convert(bundle, tmp_path, soc=f"x/;e touch {marker};#")
-    assert proc.returncode == 2 and "SOC_VERSION must look like Ascend310B4" in proc.stdout
-    assert not marker.exists() and not (bundle / "mindir").exists()
+    proc = run_convert(bundle, tmp_path, soc=f"x/;e touch {marker};#", route=["atc"])
+    assert proc.returncode == 2 and "SOC_VERSION must look like Ascend310B1" in proc.stdout
+    assert not marker.exists() and not (bundle / "om").exists()
 
 
 def test_edited_manifest_fails_verify_and_convert(built, tmp_path, capsys):

@@ -183,7 +183,7 @@ def test_the_cli_offers_every_engine_target_and_precision(capsys):
 def test_an_unknown_engine_is_one_line(bundles, capsys):
     assert main(["generate", "--bundle", str(bundles["fp32"]), "--engine", "gpu", "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
-    assert err == "error: unknown engine 'gpu': choose one of auto, onnxruntime, mindspore-lite\n"
+    assert err == "error: unknown engine 'gpu': choose one of auto, onnxruntime, mindspore-lite, acl\n"
     with pytest.raises(BundleError, match="targets cpu; it cannot run on engine mindspore-lite .engines for it: onnxruntime"):
         Bundle.open(bundles["fp32"]).engine(kind="mindspore-lite")
 
@@ -211,7 +211,7 @@ def test_an_ascend_bundle_names_its_target_shapes_from_the_table(tmp_path, token
     capacity = min(shapes.capacity, bundle.config.max_sequence_length)
     assert bundle.manifest["runtime"] == TARGETS["ascend-310b"].runtime
     assert bundle.manifest["graphs"]["capacity"] == capacity
-    assert bundle.manifest["graphs"]["batch_gears"] == list(shapes.batch_gears)
+    assert bundle.manifest["graphs"]["prefill_gears"] == sorted({min(g, capacity) for g in shapes.prefill_gears})
     engine = bundle.engine(kind="onnxruntime")
     ids, layout = _prompt(tokenizer)
     assert engine.prefill_paths(ids, layout.mask()) == {"graph": engine}

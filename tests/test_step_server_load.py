@@ -22,7 +22,7 @@ from appliance.bundle import Bundle
 from appliance.conversion import static_input_shapes, static_output_names
 from appliance.engines.lite_server import graph_inputs
 from appliance.engines.mindspore_lite import LOAD_TIMEOUT, LOAD_TIMEOUT_S, LiteStepServer, configured_load_timeout
-from appliance.engines.static import OrtGraphRunner
+from appliance.engines.static import OrtGraphRunner, lite_graphs
 from appliance.errors import EngineError
 from model_export.export import export_bundle
 from tests.conftest import TINY
@@ -212,6 +212,11 @@ def renamed(files: dict[str, Path], out: Path, drop_last: str | None = None) -> 
     return copies
 
 
+def lite_specs(bundle: Bundle, files: dict[str, str]) -> dict[str, dict[str, str]]:
+    """What the engine gives the step server for the bundle's check graphs, with ``files`` as their ONNX files."""
+    return {key: {**spec, "onnx": files[key]} for key, spec in lite_graphs(bundle, "cpu").items()}
+
+
 def run_sequence(runner, bundle: Bundle) -> list[np.ndarray]:
     """A prefill of the smallest gear and two decode steps, with made-up ids; the logits of each."""
     graphs, cfg = bundle.manifest["graphs"], bundle.config
@@ -277,7 +282,7 @@ def test_the_real_server_takes_outputs_by_position_and_reports_progress(bundle, 
     converts and builds each graph, a second one (converted models cached) only builds."""
     files = check_graphs(bundle)
     want = run_sequence(OrtGraphRunner({k: str(v) for k, v in files.items()}, threads=1), bundle)
-    graphs = renamed(files, tmp_path / "renamed")
+    graphs = lite_specs(bundle, renamed(files, tmp_path / "renamed"))
     heard: list[str] = []
     runner = LiteStepServer(graphs, tmp_path / "cache", bundle.config.vocab_size, threads=1, progress=heard.append)
     got = run_sequence(runner, bundle)
@@ -297,7 +302,7 @@ def test_the_real_server_takes_outputs_by_position_and_reports_progress(bundle, 
 def test_the_real_server_refuses_a_graph_with_the_wrong_output_count(bundle, tmp_path):
     """Lite 2.0.0 cannot list a model's outputs before running it: the first run of such a graph fails."""
     gear = min(bundle.manifest["graphs"]["prefill_gears"])
-    graphs = renamed(check_graphs(bundle), tmp_path / "renamed", drop_last=f"prefill:{gear}")
+    graphs = lite_specs(bundle, renamed(check_graphs(bundle), tmp_path / "renamed", drop_last=f"prefill:{gear}"))
     runner = LiteStepServer(graphs, tmp_path / "cache", bundle.config.vocab_size, threads=1)
     layers = bundle.config.num_layers
     with pytest.raises(EngineError, match=rf"^MindSpore Lite: ValueError: graph prefill:{gear} has {2 * layers} outputs "

@@ -97,6 +97,8 @@ ENGINES = {kind.name: kind for kind in (
                {DECODER: "appliance.engines.onnxruntime:open_bundle", STATIC: "appliance.engines.static:open_on_onnxruntime"}),
     EngineKind("mindspore-lite", "a MindSpore Lite step server on the CPU or an Ascend NPU, see STREAMCHAT_LITE_DEVICE",
                {STATIC: "appliance.engines.static:open_on_mindspore_lite"}),
+    EngineKind("acl", "CANN's pyACL on an Ascend NPU, running the offline models `convert.sh atc` made (310B boards)",
+               {STATIC: "appliance.engines.acl_runner:open_on_acl"}),
 )}
 
 

@@ -75,7 +75,8 @@ def _end(proc: subprocess.Popen) -> None:
 
 
 def _check_reply(reply: dict, values: list[np.ndarray], shapes: list[tuple[int, ...]]) -> str | None:
-    """The server's error message, or None for an ok reply that carries float arrays of exactly ``shapes``."""
+    """The server's error message, or None for an ok reply that carries float arrays of exactly ``shapes`` (and, for a
+    run, the bytes the server copied as ``host_bytes``)."""
     if "error" in reply:
         if not isinstance(reply["error"], str):
             raise ProtocolError("an error reply whose \"error\" is not a string")
@@ -85,6 +86,9 @@ def _check_reply(reply: dict, values: list[np.ndarray], shapes: list[tuple[int, 
     if [v.shape for v in values] != shapes or any(v.dtype.kind != "f" for v in values):
         got = ", ".join(f"{v.dtype}{list(v.shape)}" for v in values) or "no arrays"
         raise ProtocolError(f"{got} where float arrays {[list(s) for s in shapes]} were asked for")
+    moved = reply.get("host_bytes", 0)
+    if type(moved) is not int or moved < 0:
+        raise ProtocolError("a reply whose \"host_bytes\" is not a count of bytes")
     return None
 
 
@@ -113,9 +117,12 @@ class LiteStepServer:
     The load's progress frames (each stage of each graph at most once) go to ``progress`` as one line each.
     """
 
-    def __init__(self, graphs: dict[str, str], cache_dir: Path, vocab_size: int, device: str = "cpu",
+    def __init__(self, graphs: dict[str, dict[str, str]], cache_dir: Path, vocab_size: int, device: str = "cpu",
                  device_id: int = 0, threads: int | None = None, timeout: float = REPLY_TIMEOUT_S,
-                 load_timeout: float | None = None, progress: Callable[[str], None] = lambda _: None) -> None:
+                 load_timeout: float | None = None, progress: Callable[[str], None] = lambda _: None,
+                 runtime_config: str = "", optimize: str = "general") -> None:
+        """``graphs``: per graph key, what ``lite_server.Server.load`` takes (``static.lite_graphs``);
+        ``runtime_config``: the text of the bundle's runtime config; ``optimize``: the converter's optimize mode."""
         for name in graphs:
             try:
                 graph_file_name(name)
@@ -124,11 +131,13 @@ class LiteStepServer:
         if device not in DEVICES:
             raise EngineError(f"MindSpore Lite device {device!r} is not one of {', '.join(DEVICES)} "
                               "(STREAMCHAT_LITE_DEVICE)")
-        self.load_request = {"op": "load", "graphs": graphs, "cache_dir": str(cache_dir), "device": device,
-                             "device_id": device_id, "threads": threads or 0}
+        self.load_request = {"op": "load", "graphs": graphs, "runtime_config": runtime_config, "optimize": optimize,
+                             "cache_dir": str(cache_dir), "device": device, "device_id": device_id,
+                             "threads": threads or 0}
         self.vocab_size, self.timeout, self.progress = vocab_size, timeout, progress
         self.load_timeout = configured_load_timeout() if load_timeout is None else load_timeout
         self.proc: subprocess.Popen | None = None
+        self.host_bytes: int | None = None  # what the server copied for the last request (``Server.run``)
 
     @property
     def pid(self) -> int | None:
@@ -170,6 +179,7 @@ class LiteStepServer:
             raise
         if error is not None:
             raise EngineError(f"MindSpore Lite: {error}")
+        self.host_bytes = reply.get("host_bytes")
         return values
 
     def _receive_reply(self, request: dict, deadline: float) -> tuple[dict, list[np.ndarray]]:

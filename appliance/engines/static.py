@@ -10,11 +10,14 @@ logits, become the next ``past_*`` inputs, by position), in onnxruntime here or 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from appliance.conversion import CONVERTER_FOLDER, LITE_CONFIG, RUNTIME_CONFIG
 from appliance.engines import EngineOptions
 from appliance.engines.lite_server import check_output_count, graph_inputs
 from appliance.engines.memory import kv_cache_bytes, require_memory
@@ -56,6 +59,23 @@ class StaticEngine:
         return {"graph": self}
 
 
+def prefill_inputs(ids: np.ndarray, position_ids: np.ndarray, mask: np.ndarray, gear: int,
+                   pad_id: int) -> dict[str, np.ndarray]:
+    """A prefill graph's inputs (batch 1) for a prompt right-padded to ``gear``: what the engine runs, and what an
+    Ascend bundle's smoke test (``model_export.ascend_smoke``) runs."""
+    length = len(ids)
+    padded_ids = np.full((1, gear), pad_id, dtype=np.int32)
+    padded_ids[0, :length] = ids
+    positions = np.zeros((1, 2, gear), dtype=np.int32)
+    positions[0, :, :length] = position_ids
+    bias = np.full((1, 1, gear, gear), MASK_FILL, dtype=np.float32)
+    bias[0, 0, :length, :length] = np.where(mask, MASK_FILL, 0.0)
+    bias[0, 0, length:, 0] = 0.0  # padding rows see one slot, so no row is fully masked
+    last = np.zeros((1, gear, 1), dtype=np.float32)
+    last[0, length - 1, 0] = 1.0
+    return {"input_ids": padded_ids, "position_ids": positions, "attention_bias": bias, "last_position": last}
+
+
 class StaticSequence:
     def __init__(self, engine: StaticEngine) -> None:
         self.engine = engine
@@ -67,17 +87,8 @@ class StaticSequence:
         if gear is None:
             raise PromptError(f"the prompt has {length} tokens; this bundle's longest prefill gear is "
                               f"{self.engine.gears[-1]}: shorten the conversation or lower the context budget")
-        padded_ids = np.full((1, gear), self.engine.pad_id, dtype=np.int32)
-        padded_ids[0, :length] = ids
-        positions = np.zeros((1, 2, gear), dtype=np.int32)
-        positions[0, :, :length] = position_ids
-        bias = np.full((1, 1, gear, gear), MASK_FILL, dtype=np.float32)
-        bias[0, 0, :length, :length] = np.where(mask, MASK_FILL, 0.0)
-        bias[0, 0, length:, 0] = 0.0  # padding rows see one slot, so no row is fully masked
-        last = np.zeros((1, gear, 1), dtype=np.float32)
-        last[0, length - 1, 0] = 1.0
-        logits = self.engine.runner.run(f"prefill:{gear}", {"input_ids": padded_ids, "position_ids": positions,
-                                                            "attention_bias": bias, "last_position": last})
+        logits = self.engine.runner.run(f"prefill:{gear}", prefill_inputs(ids, position_ids, mask, gear,
+                                                                          self.engine.pad_id))
         self.length = length
         return logits[0]
 
@@ -137,7 +148,7 @@ class OrtGraphRunner:
         return outputs[0]
 
 
-def _static_engine(bundle: Bundle, name: str, runner: GraphRunner) -> StaticEngine:
+def static_engine(bundle: Bundle, name: str, runner: GraphRunner) -> StaticEngine:
     graphs = bundle.manifest["graphs"]
     return StaticEngine(name, bundle.config, int(graphs["capacity"]), list(graphs["prefill_gears"]), runner,
                         bundle.tokenizer().special.pad)
@@ -150,20 +161,46 @@ def _graph_files(bundle: Bundle, kind: str) -> dict[str, str]:
 
 def open_on_onnxruntime(bundle: Bundle, options: EngineOptions) -> StaticEngine:
     """A static bundle's fp32 check graphs on the CPU (how Ascend bundles are checked without an NPU)."""
-    return _static_engine(bundle, "onnxruntime", OrtGraphRunner(_graph_files(bundle, "check"), options.threads))
+    return static_engine(bundle, "onnxruntime", OrtGraphRunner(_graph_files(bundle, "check"), options.threads))
+
+
+def lite_graphs(bundle: Bundle, device: str) -> dict[str, dict[str, str]]:
+    """What the step server loads per graph key: the ONNX file, its converter config and input shapes, and the MindIR
+    ``convert.sh`` recorded for it ("" when there is none: the server converts with the same settings).
+
+    On the NPU these are the device graphs with the bundle's converter files. On the CPU they are the fp32 check
+    graphs: the same files when the bundle computes in fp32, otherwise the same settings without 8-bit weight
+    quantization, whose models Lite 2.0.0's CPU backend cannot build."""
+    graphs = bundle.manifest["graphs"]
+    kind = "device" if device == "ascend" else "check"
+    own = graphs[kind] == graphs["device"]  # the graphs convert.sh converts: its settings, and its MindIR if recorded
+    specs = {}
+    for key, rel in graphs[kind].items():
+        settings = bundle.path / CONVERTER_FOLDER / Path(graphs["device"][key]).stem
+        mindir = f"mindir/{Path(rel).stem}.mindir"
+        specs[key] = {"onnx": str(bundle.path / rel),
+                      "config": settings.with_suffix(".ini").read_text(encoding="utf-8") if own else LITE_CONFIG,
+                      "shape": settings.with_suffix(".shape").read_text(encoding="utf-8").strip(),
+                      "mindir": str(bundle.path / mindir) if own and mindir in graphs["mindir"] else ""}
+    return specs
 
 
 def open_on_mindspore_lite(bundle: Bundle, options: EngineOptions) -> StaticEngine:
     """A static bundle on MindSpore Lite: its device graphs on the NPU (``STREAMCHAT_LITE_DEVICE=ascend``, card
-    ``STREAMCHAT_LITE_DEVICE_ID``), its fp32 check graphs on the CPU otherwise; converted graphs are cached per
-    manifest and device."""
+    ``STREAMCHAT_LITE_DEVICE_ID``), its fp32 check graphs on the CPU otherwise; graphs ``convert.sh`` did not convert
+    are converted on first use into a cache per manifest, device and settings."""
     from appliance.bundle import MANIFEST
     from appliance.engines.mindspore_lite import LiteStepServer
 
-    device = os.environ.get("STREAMCHAT_LITE_DEVICE", "cpu")
-    stamp = hashlib.sha256((bundle.path / MANIFEST).read_bytes()).hexdigest()[:16]
-    runner = LiteStepServer(_graph_files(bundle, "device" if device == "ascend" else "check"),
-                            cache_dir() / "mindir" / f"{stamp}-{device}", bundle.config.vocab_size, device=device,
-                            threads=options.threads, device_id=int(os.environ.get("STREAMCHAT_LITE_DEVICE_ID", "0")),
-                            progress=options.progress or (lambda line: None))
-    return _static_engine(bundle, "mindspore-lite", runner)
+    device, device_id = os.environ.get("STREAMCHAT_LITE_DEVICE", "cpu"), os.environ.get("STREAMCHAT_LITE_DEVICE_ID", "0")
+    if not device_id.isdigit():
+        raise EngineError(f"STREAMCHAT_LITE_DEVICE_ID must be an NPU number such as 0, not {device_id[:20]!r}")
+    graphs = lite_graphs(bundle, device)
+    optimize = "ascend_oriented" if device == "ascend" else "general"
+    stamp = hashlib.sha256((bundle.path / MANIFEST).read_bytes() + json.dumps([graphs, optimize]).encode()).hexdigest()
+    runner = LiteStepServer(graphs, cache_dir() / "mindir" / f"{stamp[:16]}-{device}", bundle.config.vocab_size,
+                            device=device, threads=options.threads,
+                            device_id=int(device_id),
+                            progress=options.progress or (lambda line: None),
+                            runtime_config=(bundle.path / RUNTIME_CONFIG).read_text(encoding="utf-8"), optimize=optimize)
+    return static_engine(bundle, "mindspore-lite", runner)
