@@ -43,19 +43,22 @@ Use a Python with numpy and mindspore_lite (Lite 2.0.0: Python 3.7), after sourc
 Exit status: 0 PASS, 1 FAIL (the stack failed or computed wrong), 2 setup error (this Python, this folder).
 Written by StreamChat: the app refuses a bundle whose copy of this file differs.
 """
-import argparse
-import json
 import os
-import re
-import shutil
-import subprocess
 import sys
-import tempfile
-import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-# run as a script, the bundle folder is sys.path[0]: no module may be imported from it
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
+# run as a script, the bundle folder is sys.path[0]: no module may be imported from it, the standard library's
+# included (os and sys are loaded before any script runs)
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))  # the bundle (``--bundle`` when StreamChat runs its own copy)
 
 '''
 
@@ -215,6 +218,7 @@ def parse_args(argv):
     parser.add_argument("--device", choices=("ascend", "cpu"), default="ascend",
                         help="ascend: the device graph on the NPU (default); cpu: the fp32 check graph on Lite's CPU")
     parser.add_argument("--device-id", type=int, default=0, help="the NPU to use (npu-smi lists them; default 0)")
+    parser.add_argument("--bundle", default=HERE, help="the bundle folder (default: this file's)")
     args = parser.parse_args(argv)
     if args.device_id < 0:
         parser.error("--device-id must be 0 or more")
@@ -241,9 +245,9 @@ def main(args, say):
     weights, compute = precisions()
     shape = read_text(SHAPE).strip()
     inputs, expected = load_data(np, shape)
-    if on_npu:  # the device graph with the bundle's converter config: what convert.sh converts
-        graph, config, optimize, precision = DEVICE_GRAPH, read_text(CONVERTER_CONFIG), "ascend_oriented", weights
-        settings = "%s, %s" % (CONVERTER_CONFIG, SHAPE)
+    if on_npu:  # the device graph with the converter config of its precision: what convert.sh converts
+        graph, config, optimize, precision = DEVICE_GRAPH, DEVICE_CONFIGS[weights], "ascend_oriented", weights
+        settings = "the %s converter config, %s" % (weights, SHAPE)
     else:  # Lite's CPU backend builds neither fp16 compute nor 8-bit weights: the fp32 check graph, unquantized
         graph, config, optimize, precision = CHECK_GRAPHS[compute], CPU_CONFIG, "general", compute
         settings = "CPU config without weight quantization, %s" % SHAPE
@@ -276,6 +280,7 @@ def main(args, say):
 
 if __name__ == "__main__":
     arguments = parse_args(sys.argv[1:])
+    HERE = os.path.abspath(arguments.bundle)
     sys.stdout.flush()
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # Lite's converter and logger print to stdout: this script's lines keep it, theirs go to stderr
@@ -312,7 +317,7 @@ def smoke_script() -> str:
         "LIMITS": SMOKE_LIMITS,
         "DEVICE_GRAPH": conversion.SMOKE_GRAPH + ".onnx",
         "CHECK_GRAPHS": {"fp32": conversion.SMOKE_GRAPH + ".onnx", "fp16": conversion.SMOKE_GRAPH + ".fp32.onnx"},
-        "CONVERTER_CONFIG": f"{conversion.CONVERTER_FOLDER}{conversion.SMOKE_GRAPH}.ini",
+        "DEVICE_CONFIGS": {quant: conversion.converter_config(quant) for quant in ("fp32", "fp16", "int8")},
         "SHAPE": f"{conversion.CONVERTER_FOLDER}{conversion.SMOKE_GRAPH}.shape",
         "RUNTIME_CONFIG": conversion.RUNTIME_CONFIG,
         "CPU_CONFIG": conversion.LITE_CONFIG,

@@ -65,8 +65,10 @@ CONVERT_SH = r"""#!/usr/bin/env bash
 #   ./convert.sh        MindSpore Lite's converter_lite (on PATH) -> mindir/<graph>.mindir
 #   ./convert.sh atc    CANN's ATC (on PATH; the route proven on 310B boards) -> om/<graph>.om; the SoC is read from
 #                       npu-smi (override: SOC_VERSION=Ascend310B1 ./convert.sh atc)
-# Each graph's settings are converter/<graph>.ini (converter_lite) and converter/<graph>.shape (its input shapes);
-# this script passes them as files and arguments, never as code.
+# converter_lite's config is written below by StreamChat (the same text as converter/<graph>.ini, which only a
+# checked bundle's reader uses: a config can name plugins to load); each graph's input shapes come from
+# converter/<graph>.shape, passed as one argument, never as code. `streamchat bundle convert DIR` checks the bundle
+# and runs StreamChat's own copy of this script: prefer it to running a copy that came with a bundle.
 set -euo pipefail
 cd "$(dirname "$0")"
 route=${1:-lite}
@@ -89,8 +91,8 @@ esac
 
 # check: manifest.json matches manifest.sha256; record: list the files under mindir/ and om/ and write both again
 manifest() {
-  python3 - "$1" <<'PY'
-import hashlib, json, os, sys
+  python3 -I - "$1" <<'PY'
+import hashlib, json, os, stat, sys, tempfile
 
 def digest_line(raw):
     return (hashlib.sha256(raw).hexdigest() + "  manifest.json\n").encode()
@@ -110,8 +112,12 @@ if sys.argv[1] == "record":
     files = [f for f in manifest["files"] if f["path"].split("/")[0] not in ("mindir", "om")]
     for kind, suffix in (("mindir", ".mindir"), ("om", ".om")):
         converted = []
+        if os.path.islink(kind):
+            sys.exit("convert.sh: %s is a symbolic link: remove it and convert again" % kind)
         for folder, _, names in sorted(os.walk(kind)):
             for path in sorted(os.path.join(folder, name) for name in names):
+                if not stat.S_ISREG(os.lstat(path).st_mode):
+                    sys.exit("convert.sh: %s is not a regular file: remove it and convert again" % path)
                 files.append({"path": path, "bytes": os.path.getsize(path), "sha256": sha256(path)})
                 if path.endswith(suffix):
                     converted.append(path)
@@ -119,9 +125,11 @@ if sys.argv[1] == "record":
     manifest["files"] = files
     raw = json.dumps(manifest, indent=1, ensure_ascii=False).encode("utf-8")
     for name, data in (("manifest.json", raw), ("manifest.sha256", digest_line(raw))):
-        with open(name + ".partial", "wb") as fh:
+        handle, partial = tempfile.mkstemp(dir=".", prefix=".%s." % name)  # a new file: no link is followed
+        with os.fdopen(handle, "wb") as fh:
             fh.write(data)
-        os.replace(name + ".partial", name)
+        os.chmod(partial, 0o644)
+        os.replace(partial, name)
     print("convert.sh: recorded", len(manifest["graphs"]["mindir"]), "MindIR and", len(manifest["graphs"]["om"]),
           "OM files in manifest.json")
 PY
@@ -129,14 +137,17 @@ PY
 
 manifest check
 work=$(mktemp -d "./.convert.XXXXXX")
-trap 'rm -rf "$work"' EXIT
-for ini in converter/*.ini; do
-  name=$(basename "$ini" .ini)
-  case "$name" in runtime|smoke) continue ;; esac  # smoke.onnx is smoke_test.py's, converted by it when it runs
-  shape=$(cat "converter/$name.shape")
+config=$(mktemp)
+trap 'rm -rf "$work" "$config"' EXIT
+cat > "$config" <<'INI'
+@CONVERTER_CONFIG@INI
+for shapes in converter/*.shape; do
+  name=$(basename "$shapes" .shape)
+  [ "$name" != smoke ] || continue  # smoke.onnx is smoke_test.py's, converted by it when it runs
+  shape=$(cat "$shapes")
   echo "convert.sh: $name.onnx"
   if [ "$route" = lite ]; then
-    converter_lite --fmk=ONNX --modelFile="$name.onnx" --outputFile="$work/$name" --configFile="$ini" \
+    converter_lite --fmk=ONNX --modelFile="$name.onnx" --outputFile="$work/$name" --configFile="$config" \
         --inputShape="$shape" --optimize=ascend_oriented
     # a model over 2 GB comes as <name>_graph.mindir reading <name>_variables/ by that folder's name
     [ ! -e "$work/${name}_graph.mindir" ] || mv "$work/${name}_graph.mindir" "$work/$name.mindir"
@@ -146,14 +157,21 @@ for ini in converter/*.ini; do
     for om in "$work/$name"_*.om; do [ ! -e "$om" ] || mv "$om" "$work/$name.om"; done  # ATC may add _<os>_<arch>
   fi
 done
-# every graph converted: only now replace what an earlier run recorded
+# every graph converted: only now replace what an earlier run recorded, readable by the app's user
+chmod -R u+w,a+rX "$work"
 rm -rf "$folder"
 mv "$work" "$folder"
+rm -f "$config"
 trap - EXIT
 manifest record
 """
 # converter settings filled in from the manifest; anything else could change what converter_lite loads or runs
 CONFIG_VALUE = re.compile(r"[A-Za-z0-9_.:,;-]+")
+
+
+def convert_script(quant: str) -> str:
+    """``convert.sh`` of a bundle of weight precision ``quant``: it carries its converter config itself."""
+    return CONVERT_SH.replace("@CONVERTER_CONFIG@", converter_config(quant))
 
 
 def graph_files(gears: list[int], suffix: str = "") -> dict[str, str]:
@@ -216,7 +234,7 @@ def converter_config(quant: str) -> str:
 def conversion_files(capacity: int, gears: list[int], quant: str, cfg: ModelConfig) -> dict[str, str]:
     """``convert.sh``, the runtime config, ``smoke_test.py`` and each device graph's converter config and input shapes
     (the smoke graph's too), by bundle path."""
-    files = {CONVERT_SCRIPT: CONVERT_SH, RUNTIME_CONFIG: RUNTIME_INI, SMOKE_SCRIPT: smoke_script()}
+    files = {CONVERT_SCRIPT: convert_script(quant), RUNTIME_CONFIG: RUNTIME_INI, SMOKE_SCRIPT: smoke_script()}
     for key, graph in {**graph_files(gears), **smoke_graph_files(gears)}.items():
         shape = input_shape_text(cfg, capacity, gear_of(key))
         if not CONFIG_VALUE.fullmatch(shape):

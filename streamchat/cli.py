@@ -295,6 +295,8 @@ def _add_history_parser(sub) -> None:
 def cmd_bundle(args: argparse.Namespace) -> int:
     from appliance import bundle_package
 
+    if args.action in ("convert", "smoke-test"):
+        return _run_bundle_script(args)
     if args.action == "pack":
         if args.format == "deb" and not shutil.which("dpkg-deb"):
             raise StreamChatError("--format deb needs dpkg-deb (Debian's dpkg package)")
@@ -308,6 +310,33 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         installed = bundle_package.install(args.file, into)
         print(f"installed and verified: {installed}")
     return 0
+
+
+def _run_bundle_script(args: argparse.Namespace) -> int:
+    """An Ascend bundle's conversion or smoke test, with StreamChat's own copy of the script, after the bundle passed
+    every check (its converter files byte for byte included); the script's exit status is the command's."""
+    import subprocess
+    import tempfile
+
+    from appliance.bundle import Bundle
+    from appliance.conversion import convert_script
+    from appliance.targets import STATIC, TARGETS
+
+    bundle = Bundle.open(args.bundle, full_check=True)
+    if TARGETS[bundle.target].graphs != STATIC:
+        raise StreamChatError(f"{args.bundle} is a {bundle.target} bundle: only Ascend bundles are converted and "
+                              "smoke-tested")
+    if args.action == "convert":
+        script = convert_script(bundle.manifest["quant"]["weights"])
+        return subprocess.run(["bash", "-s", "--", args.route], input=script.encode(), cwd=bundle.path).returncode
+    from appliance.ascend_smoke import smoke_script
+    from appliance.engines.mindspore_lite import lite_python
+
+    with tempfile.TemporaryDirectory(prefix="streamchat-smoke-") as folder:
+        script = Path(folder) / "smoke_test.py"
+        script.write_text(smoke_script(), encoding="utf-8")
+        return subprocess.run([lite_python(), "-I", str(script), "--bundle", str(bundle.path.resolve()),
+                               "--device", args.device, "--device-id", str(args.device_id)]).returncode
 
 
 def cmd_self_test(args: argparse.Namespace) -> int:
@@ -364,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
     _add_history_parser(sub)
 
-    bundle = sub.add_parser("bundle", help="pack a bundle into one file, or install such a file",
+    bundle = sub.add_parser("bundle", help="pack, install, convert (Ascend) or smoke-test (Ascend) a bundle",
                             description="Move model bundles between machines.")
     bundle_actions = bundle.add_subparsers(dest="action", metavar="ACTION", required=True)
     pack = bundle_actions.add_parser("pack", help="one archive holding the bundle, manifest and checksums")
@@ -375,6 +404,17 @@ def build_parser() -> argparse.ArgumentParser:
     inst = bundle_actions.add_parser("install", help="verify a packed bundle, then switch to it atomically")
     inst.add_argument("file", type=Path, metavar="FILE")
     inst.add_argument("--into", type=Path, default=None, metavar="DIR", help="models folder (default: <data>/bundles)")
+    convert = bundle_actions.add_parser("convert", help="check an Ascend bundle, then convert its graphs for this "
+                                        "machine's NPU with StreamChat's own convert.sh (hours for a 6B model)")
+    convert.add_argument("bundle", type=Path, metavar="BUNDLE_DIR")
+    convert.add_argument("--route", choices=("lite", "atc"), default="lite",
+                         help="lite: MindSpore Lite's converter_lite -> mindir/ (default); atc: CANN's ATC -> om/")
+    smoke = bundle_actions.add_parser("smoke-test", help="check an Ascend bundle, then convert, build and run its "
+                                      "one-layer model against the export's logits (minutes; before converting)")
+    smoke.add_argument("bundle", type=Path, metavar="BUNDLE_DIR")
+    smoke.add_argument("--device", choices=("ascend", "cpu"), default="ascend",
+                       help="ascend: on the NPU (default); cpu: the fp32 check graph on Lite's CPU backend")
+    smoke.add_argument("--device-id", type=int, default=0, metavar="N", help="the NPU (default 0)")
     bundle.set_defaults(func=cmd_bundle)
 
     selftest = sub.add_parser("self-test", help="headless check: model, a short answer, history (exit 0 when fine)",

@@ -191,10 +191,10 @@ def test_bundle_open_refuses_an_edited_or_missing_smoke_test(bundles, tmp_path, 
 @pytest.mark.skipif(importlib.util.find_spec("mindspore_lite") is not None, reason="this Python has mindspore_lite")
 def test_without_mindspore_lite_it_is_a_setup_error_with_the_hint(bundles, tmp_path):
     """Run with this Python (no mindspore_lite): exit 2 and the hint. npu-smi is summarized; modules in the bundle
-    folder (numpy.py, mindspore_lite.py) are never imported."""
+    folder (numpy.py, mindspore_lite.py, and standard modules the script imports) are never imported."""
     bundle = shutil.copytree(bundles[("ascend-910b", "int8")], tmp_path / "bundle")
     marker = tmp_path / "imported"
-    for module in ("numpy", "mindspore_lite"):
+    for module in ("numpy", "mindspore_lite", "argparse", "json", "tempfile"):
         (bundle / f"{module}.py").write_text(f"open({str(marker)!r}, 'w').write('{module}')\n")
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "npu-smi").write_text(NPU_SMI)
@@ -250,3 +250,20 @@ def test_damaged_smoke_data_is_a_setup_error(bundles, tmp_path):
     status, lines, _ = smoke_run(LITE, bundle, "--device", "cpu")
     assert status == 2 and lines[-1].startswith("SETUP ERROR: the smoke test's files cannot be read (")
     assert lines[-1].endswith("): re-copy the bundle") and len(lines) == 3
+
+
+@needs_lite
+def test_the_cli_runs_its_own_script_on_a_checked_bundle(bundles, tmp_path, capfd, monkeypatch):
+    """``streamchat bundle smoke-test``: the bundle is checked first (an edited converter file is refused before
+    anything runs), then StreamChat's own copy of the script runs on it under the Lite Python."""
+    from streamchat.cli import main
+
+    monkeypatch.setenv("STREAMCHAT_LITE_PYTHON", LITE)
+    bundle = bundles[("ascend-310b", "int8")]
+    assert main(["bundle", "smoke-test", str(bundle), "--device", "cpu"]) == 0
+    out = capfd.readouterr().out.splitlines()
+    assert out[-1] == "PASS" and out[-2].startswith("compare: ")
+    edited = shutil.copytree(bundle, tmp_path / "edited")
+    (edited / "converter" / "smoke.ini").write_text("[registry]\nplugin_path=./x.so\n")
+    assert main(["bundle", "smoke-test", str(edited), "--device", "cpu"]) == 2
+    assert "converter/smoke.ini is 30 bytes but the manifest says" in capfd.readouterr().err

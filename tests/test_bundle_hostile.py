@@ -411,3 +411,83 @@ def test_installed_ascend_bundle_keeps_a_runnable_convert_script(built, tmp_path
 def test_package_with_an_entry_twice_is_refused(built, tmp_path):
     package = package_of(built["cpu"], tmp_path / "p.tar", extra=[(f"{NAME}/export_report.json", b"{}")])
     refused(package, tmp_path / "models", "holds an entry twice")
+
+
+# the review of the converter files: what a bundle's own files can make convert.sh and smoke_test.py do
+
+RECORDING_CONVERTER = FAKE_CONVERTER.replace("set -eu", 'set -eu\nfor arg in "$@"; do case "$arg" in --configFile=*) '
+                                             'cat "${arg#--configFile=}" >> "$RECORD" ;; esac; done')
+
+
+def test_convert_uses_its_own_converter_config(built, tmp_path, monkeypatch):
+    """A converter config can name a plugin library the converter loads: convert.sh writes its own."""
+    bundle = copy_of(built, "ascend", tmp_path)
+    for ini in (bundle / "converter").glob("*.ini"):
+        ini.write_text(ini.read_text() + "\n[registry]\nplugin_path=./.plugin.so\n")
+    monkeypatch.setenv("RECORD", str(tmp_path / "configs"))
+    proc = run_convert(bundle, tmp_path, converter=RECORDING_CONVERTER)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    seen = (tmp_path / "configs").read_text()
+    assert "precision_mode=enforce_origin" in seen and "registry" not in seen and "plugin_path" not in seen
+
+
+def test_convert_imports_nothing_from_the_bundle(built, tmp_path):
+    bundle = copy_of(built, "ascend", tmp_path)
+    marker = tmp_path / "ran"
+    for module in ("json", "hashlib", "tempfile"):
+        (bundle / f"{module}.py").write_text(f"open({str(marker)!r}, 'w').write('{module}')\n")
+    proc = run_convert(bundle, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not marker.exists()
+
+
+def test_convert_writes_no_file_through_a_planted_link(built, tmp_path):
+    bundle = copy_of(built, "ascend", tmp_path)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    for name in ("manifest.json.partial", "manifest.sha256.partial"):
+        (bundle / name).symlink_to(victim)
+    proc = run_convert(bundle, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert victim.read_text() == "mine" and not (bundle / "manifest.json").is_symlink()
+
+
+def test_convert_refuses_a_linked_output_folder(built, tmp_path):
+    bundle = copy_of(built, "ascend", tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious").write_text("mine")
+    (bundle / "om").symlink_to(elsewhere)
+    proc = run_convert(bundle, tmp_path)
+    assert proc.returncode != 0 and "convert.sh: om is a symbolic link" in proc.stderr
+    assert "om/precious" not in (bundle / "manifest.json").read_text()
+    assert (elsewhere / "precious").read_text() == "mine"
+
+
+def test_converted_models_are_readable_by_other_users(built, tmp_path):
+    bundle = copy_of(built, "ascend", tmp_path)
+    private = FAKE_CONVERTER.replace('printf', 'umask 077; printf').replace('> "$out.mindir"',
+                                                                         '> "$out.mindir"; chmod 400 "$out.mindir"')
+    proc = run_convert(bundle, tmp_path, converter=private)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert oct((bundle / "mindir").stat().st_mode & 0o777) == "0o755"
+    assert {oct(p.stat().st_mode & 0o777) for p in (bundle / "mindir").iterdir()} == {"0o644"}
+
+
+def test_bundle_convert_checks_the_bundle_before_running_its_own_script(built, tmp_path, capfd, monkeypatch):
+    bundle = copy_of(built, "ascend", tmp_path)
+    tools = tmp_path / "fakebin"
+    tools.mkdir()
+    (tools / "converter_lite").write_text(FAKE_CONVERTER)
+    (tools / "converter_lite").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}:{os.environ['PATH']}")
+    (bundle / "convert.sh").write_text((bundle / "convert.sh").read_text().replace("set -euo", "touch owned; set -euo"))
+    resign(bundle, load(bundle))
+    assert main(["bundle", "convert", str(bundle)]) == 2
+    assert "convert.sh is not the conversion script this StreamChat writes" in capfd.readouterr().err
+    fresh = copy_of(built, "ascend", tmp_path / "fresh")
+    assert main(["bundle", "convert", str(fresh)]) == 0
+    assert "recorded 3 MindIR and 0 OM files" in capfd.readouterr().out
+    assert load(fresh)["graphs"]["mindir"] == ["mindir/decode.mindir", "mindir/prefill_256.mindir",
+                                               "mindir/prefill_64.mindir"]
+    assert not (bundle / "owned").exists() and not (fresh / "owned").exists()
