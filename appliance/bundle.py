@@ -215,7 +215,8 @@ class Bundle:
         open of these files, False = trust them (a bundle this process has just written or only reads the manifest of)."""
         path = Path(path)
         if not path.is_dir():
-            raise BundleError(f"bundle not found: {path}")
+            raise BundleError(f"bundle not found: {path} (no such folder): give the folder `streamchat export` wrote, "
+                              "or install a bundle package with `streamchat bundle install FILE`")
         if not (path / MANIFEST).is_file():
             raise BundleError(f"{path} is not a StreamChat bundle (no {MANIFEST}); export one with `streamchat export`")
         try:

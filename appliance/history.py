@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from appliance.display import quoted
+from appliance.display import one_line, quoted
 from appliance.errors import StreamChatError
 from appliance.folders import Refused, read_small_file, why_not_writable
 
@@ -280,7 +280,7 @@ class History:
                 (conversation_id, role, text, now, bundle_id, json.dumps(settings) if settings else None, stop_reason,
                  json.dumps(timings) if timings else None))
             conn.execute("UPDATE conversations SET updated = ?, title = CASE WHEN title = 'New conversation' AND ? = "
-                         "'user' THEN ? ELSE title END WHERE id = ?", (now, role, text.strip()[:40], conversation_id))
+                         "'user' THEN ? ELSE title END WHERE id = ?", (now, role, one_line(text)[:40], conversation_id))
         return int(cur.lastrowid)
 
     @_reported(READING)
@@ -350,12 +350,17 @@ class History:
         """Add the conversations of an ``export_json`` document (as new conversations); returns their ids.
 
         Every field is checked (type, known role and stop reason, times from 1970 to 9999, flat finite settings) before
-        anything is written, so a hostile document is refused whole with one line naming the bad field.
+        anything is written, so a hostile document is refused whole with one line naming the bad field. A conversation
+        already stored is skipped, so importing the same export twice adds nothing: the same title and start time, and
+        the same messages (role, text and time, in order). The document's conversations that are not among the
+        returned ids are the ones skipped.
         """
         conversations = _checked_export(data)
         ids = []
         with self._transaction() as conn:
             for conv in conversations:
+                if _stored(conn, conv):
+                    continue
                 cur = conn.execute("INSERT INTO conversations(title, created, updated) VALUES (?, ?, ?)",
                                    (conv["title"], conv["created"], conv["updated"]))
                 cid = int(cur.lastrowid)
@@ -368,6 +373,17 @@ class History:
                          json.dumps(m["timings"]) if m["timings"] else None))
                 ids.append(cid)
         return ids
+
+
+def _stored(conn: sqlite3.Connection, conv: dict) -> bool:
+    """Whether a conversation with ``conv``'s title, start time and exactly its messages (role, text, time) is stored."""
+    wanted = [(m["role"], m["text"], m["created"]) for m in conv["messages"]]
+    for (cid,) in conn.execute("SELECT id FROM conversations WHERE title = ? AND created = ?",
+                               (conv["title"], conv["created"])).fetchall():
+        rows = conn.execute("SELECT role, text, created FROM messages WHERE conversation_id = ? ORDER BY id", (cid,))
+        if [tuple(r) for r in rows.fetchall()] == wanted:
+            return True
+    return False
 
 
 def read_export(path: Path) -> object:

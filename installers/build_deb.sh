@@ -19,13 +19,16 @@ cp installers/deb/streamchat.svg "$root/usr/share/icons/hicolor/scalable/apps/"
 cp installers/deb/streamchat-kiosk.service "$root/lib/systemd/system/"
 for script in postinst prerm postrm; do install -m 755 "installers/deb/$script" "$root/DEBIAN/$script"; done
 size=$(du -sk "$root" | cut -f1)
+# The libraries of Qt's xcb platform plugin, from the list the window's start-up check names (ui/platform_check.py).
+xcb_debs=$(.venv/bin/python -c "from ui.platform_check import XCB_LIBRARIES
+print(', '.join(sorted(set(XCB_LIBRARIES.values()))))")
 cat > "$root/DEBIAN/control" <<CONTROL
 Package: streamchat
 Version: $version
 Architecture: $arch
 Maintainer: StreamChat developers <streamchat@localhost>
 Installed-Size: $size
-Depends: libc6, libegl1, libgl1, libglib2.0-0, libfontconfig1, libxkbcommon0, libdbus-1-3, fonts-noto-cjk
+Depends: libc6, libegl1, libgl1, libglib2.0-0, libfontconfig1, libdbus-1-3, $xcb_debs, fonts-noto-cjk
 Recommends: cage
 Section: utils
 Priority: optional

@@ -24,8 +24,8 @@ fi
 mountpoint -q "$ROOT/proc" || mount -t proc proc "$ROOT/proc"
 trap 'umount "$ROOT/proc" 2>/dev/null || true' EXIT
 log "base image: the .deb's dependencies"
-chroot "$ROOT" apt-get install -y -qq --no-install-recommends adduser libegl1 libgl1 libglib2.0-0 libfontconfig1 \
-  libxkbcommon0 libdbus-1-3 fonts-noto-cjk >/dev/null
+depends=$(dpkg-deb -f "$deb" Depends | tr -d ',')
+chroot "$ROOT" apt-get install -y -qq --no-install-recommends adduser $depends >/dev/null
 chroot "$ROOT" sh -c 'dpkg -P streamchat >/dev/null 2>&1; rm -rf /root/.local/share/streamchat /root/.config/streamchat'
 cp "$deb" "$ROOT/tmp/streamchat.deb"
 
@@ -43,6 +43,14 @@ fi
 log "offline: cold start of the window (offscreen)"
 offline env QT_QPA_PLATFORM=offscreen streamchat gui --demo --ready-exit 2>/dev/null | tee /tmp/streamchat-start.txt
 grep -q "window ready" /tmp/streamchat-start.txt || fail "window did not become ready"
+log "offline: the window without a display says so in one line (exit 2), not Qt's abort"
+set +e
+offline streamchat gui --demo 2>/tmp/streamchat-nodisplay.txt
+status=$?
+set -e
+[ "$status" = 2 ] && [ "$(wc -l < /tmp/streamchat-nodisplay.txt)" = 1 ] \
+  && grep -q "^error: no display" /tmp/streamchat-nodisplay.txt \
+  || fail "no display: exit $status, $(cat /tmp/streamchat-nodisplay.txt)"
 log "offline: user data (a stored conversation)"
 printf 'StreamChat 是什么？\n/exit\n' | offline streamchat chat --demo --greedy >/dev/null
 offline streamchat history list | grep -q "StreamChat" || fail "conversation not stored"

@@ -1,4 +1,4 @@
-"""The ``streamchat`` command: generate, chat, export, verify, history, bundle, gui.
+"""The ``streamchat`` command: generate, chat, serve, export, verify, history, bundle, gui.
 
 Errors are one line on stderr: exit code 2 for bad input or too little memory, 1 for a bug (whose traceback goes to a
 crash log, see ``appliance.crash``). The runtime (numpy, onnxruntime) is imported only when a command runs, inside
@@ -250,15 +250,21 @@ def cmd_history(args: argparse.Namespace) -> int:
         print(printable(history.export_markdown(args.id)))
     elif args.action == "search":
         typed = args.text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # undecodable bytes -> U+FFFD
-        for m in history.search(typed):
+        found = history.search(typed)
+        for m in found:
             print(f"[{m.conversation_id}] {m.role}: {one_line(m.text[:200])}")
+        if not found:  # on stderr: a script reading the matches gets none
+            print(f"no stored message contains {one_line(typed)[:80]!r}", file=sys.stderr)
     elif args.action == "export":
         text = (json.dumps(history.export_json(args.id), ensure_ascii=False, indent=1) if args.format == "json"
                 else history.export_markdown(args.id))
         write_export(args.out, text)
         print(f"exported to {args.out}")
     elif args.action == "import":
-        print(f"imported {len(history.import_json(read_export(args.file)))} conversation(s)")
+        document = read_export(args.file)
+        added = len(history.import_json(document))
+        skipped = len(document["conversations"]) - added  # a document import_json accepted has this list
+        print(f"imported {added} conversation(s)" + (f"; skipped {skipped} already in the history" if skipped else ""))
     elif args.action == "delete":
         history.delete(args.id)
         print(f"deleted conversation {args.id}")
@@ -360,6 +366,37 @@ def cmd_self_test(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+SERVICE_MODULES = ("fastapi", "starlette", "uvicorn", "prometheus_client", "pydantic")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The local HTTP/WebSocket service (docs/service.md); each replica opens the model on its own engine."""
+    from appliance.app import AppContext
+    from appliance.engines.cpu import physical_cores
+    from appliance.service.config import ServiceConfig, check_config, read_token
+
+    config = ServiceConfig(host=args.host, port=args.port, replicas=args.replicas, queue=args.queue,
+                           token=read_token(args.token_file))
+    check_config(config)
+    try:
+        from appliance.service.server import serve
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] not in SERVICE_MODULES:
+            raise
+        raise StreamChatError(f"streamchat serve needs {exc.name}: pip install 'streamchat[service]'") from exc
+    from streamchat.models import load_model
+
+    app = AppContext.load()
+    threads = args.threads or app.settings.threads or max(1, physical_cores() // config.replicas)
+
+    def load(replica: int):
+        return load_model(bundle=args.bundle, demo=args.demo, threads=threads, data=app.data_dir, engine=args.engine,
+                          context=app.settings.context_budget, quiet=replica > 0)
+
+    serve(config, app, load)
+    return 0
+
+
 def cmd_gui(args: argparse.Namespace) -> int:
     try:
         from ui.app import run
@@ -421,6 +458,26 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Open the configured bundle or the demo, answer, store and read history.")
     selftest.set_defaults(func=cmd_self_test)
 
+    serve = sub.add_parser("serve", help="local WebSocket and OpenAI-compatible API (docs/service.md)",
+                           description="Serve chat over HTTP: /ws/chat, /v1/chat/completions, /health, /ready, /metrics.")
+    served = serve.add_mutually_exclusive_group(required=True)
+    served.add_argument("--demo", action="store_true", help="the built-in demo model")
+    served.add_argument("--bundle", type=Path, metavar="DIR", help="an exported model bundle")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs a token)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    serve.add_argument("--replicas", type=int, default=1, metavar="N", help="engines answering at once, each with its "
+                       "own KV cache and memory (default 1)")
+    serve.add_argument("--queue", type=int, default=16, metavar="N", help="requests that may wait for a free replica; "
+                       "more are answered 429 (default 16)")
+    serve.add_argument("--token-file", type=Path, metavar="FILE", help="bearer token clients must send (first line; "
+                       "default: $STREAMCHAT_TOKEN, else none, allowed on loopback only)")
+    serve.add_argument("--threads", type=int, default=None, help="CPU threads per replica (default: the physical "
+                       "cores shared among the replicas)")
+    from appliance.engines import AUTO, describe_engines
+
+    serve.add_argument("--engine", default=AUTO, metavar="NAME", help=f"runtime for a bundle: {describe_engines()}")
+    serve.set_defaults(func=cmd_serve)
+
     gui = sub.add_parser("gui", help="the desktop chat window (the default command)",
                          description="Open the chat window (the built-in demo model when no bundle is configured).")
     gui.add_argument("--bundle", type=Path, metavar="DIR", help="a model bundle (default: from settings, else the demo)")
@@ -470,7 +527,9 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "func", None):
             args = parser.parse_args(["gui", *argv])
         doing = f"running `streamchat {args.command or 'gui'}`"
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, where a reader that left is a BrokenPipeError below, not a message at exit
+        return code
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

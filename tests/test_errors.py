@@ -128,7 +128,7 @@ def test_history_search_with_undecodable_bytes_is_answered(tmp_path):
     typed = b"bad \xff".decode("utf-8", "surrogateescape")  # how Python hands an undecodable argv to the program
     proc = subprocess.run([sys.executable, "-m", "streamchat", "history", "search", typed], cwd=ROOT, env=env,
                           capture_output=True, timeout=120)
-    assert proc.returncode == 0 and proc.stderr == b""
+    assert proc.returncode == 0 and proc.stderr.decode() == "no stored message contains 'bad \ufffd'\n"
 
 
 def test_history_list_shows_a_stored_time_out_of_range(tmp_path, monkeypatch, capsys):

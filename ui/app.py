@@ -13,6 +13,7 @@ from pathlib import Path
 
 from appliance import crash
 from appliance.app import AppContext
+from appliance.errors import StreamChatError
 from appliance.folders import data_dir
 from appliance.loading import DemoExporter, LoadedModel, demo_bundle, open_bundle
 from appliance.settings import Settings
@@ -59,30 +60,34 @@ def install_crash_dialog() -> None:
 
 def run(bundle: Path | None = None, kiosk: bool = False, demo: bool = False, argv: list[str] | None = None,
         ready_exit: bool = False, export: DemoExporter | None = None) -> int:
-    """``ready_exit``: quit as soon as the model is loaded, printing the cold-start time (installer smoke tests);
-    ``export``: the export stage, for the demo's first run (without it the demo must have been prepared before)."""
+    """``ready_exit``: quit as soon as the model is loaded, printing the cold-start time (installer smoke tests), or
+    with status 1 when it fails to load; ``export``: the export stage, for the demo's first run (without it the demo
+    must have been prepared before). No display Qt can use: a ``StreamChatError`` saying so (exit 2), not Qt's abort."""
     import time
 
     started = time.perf_counter()
     from PySide6.QtWidgets import QApplication
 
-    from ui.i18n import translator_for
+    from ui.i18n import translators_for
     from ui.main_window import MainWindow
+    from ui.platform_check import why_no_window
 
+    if QApplication.instance() is None and (problem := why_no_window()) is not None:
+        raise StreamChatError(problem)
     qt = QApplication.instance() or QApplication(argv or sys.argv[:1])
     qt.setApplicationName("StreamChat")
     install_crash_dialog()
     app = AppContext.load()
-    translator = translator_for(app.settings.language)
-    if translator is not None:
+    translators = translators_for(app.settings.language)  # held here: Qt does not own an installed translator
+    for translator in translators:
         qt.installTranslator(translator)
     window = MainWindow(app, model_loader(bundle, demo, export), kiosk=kiosk or app.settings.kiosk.enabled)
     if not window.isFullScreen():
         window.show()
-    if ready_exit:
+    if ready_exit:  # exit(), not quit(): Qt 6's quit() first closes the windows, and a kiosk window refuses
         window.model_ready.connect(lambda: (print(f"window ready with {window.model_label} in "
-                                                  f"{time.perf_counter() - started:.2f} s", flush=True), qt.quit()))
-        window.worker.failed.connect(window.close)
+                                                  f"{time.perf_counter() - started:.2f} s", flush=True), qt.exit(0)))
+        window.model_failed.connect(lambda line: (print(f"error: {line}", file=sys.stderr, flush=True), qt.exit(1)))
     code = qt.exec()
     # Leave without interpreter finalisation: PySide6 6.x can abort while collecting its wrappers at shutdown, and a
     # kiosk's systemd unit would read that as a crash and restart the app after an operator exit.

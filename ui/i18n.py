@@ -1,8 +1,10 @@
-"""Simplified Chinese for the window, installed as a QTranslator (the system locale decides unless a setting does)."""
+"""Simplified Chinese for the window, installed as QTranslators (the system locale decides unless a setting does):
+StreamChat's own texts from the table below, Qt's (dialog buttons such as OK, Cancel, Save, Yes, No) from the
+translations that ship with Qt."""
 
 from __future__ import annotations
 
-from PySide6.QtCore import QLocale, QTranslator
+from PySide6.QtCore import QLibraryInfo, QLocale, QTranslator
 
 ZH_CN = {
     "New conversation": "新对话",
@@ -22,7 +24,18 @@ ZH_CN = {
     "Type a message. Enter sends, Shift+Enter starts a new line, Esc stops.":
         "输入消息。Enter 发送，Shift+Enter 换行，Esc 停止。",
     "Loading the model...": "正在加载模型...",
-    "first token {0:.2f} s · {1:.1f} tokens/s": "首字 {0:.2f} 秒 · {1:.1f} 字/秒",
+    "first token {0:.2f} s · {1:.1f} tokens/s": "首个词元 {0:.2f} 秒 · {1:.1f} 词元/秒",
+    "{0:.1f} tokens/s": "{0:.1f} 词元/秒",
+    "the built-in demo model": "内置演示模型",
+    "preparing the built-in demo model (first run only)...": "正在准备内置演示模型（仅首次运行）...",
+    "Choose another bundle in Settings, or leave its field empty for the built-in demo model.":
+        "请在设置中选择其他模型包，或将该项留空以使用内置演示模型。",
+    "the model is not loaded": "模型尚未加载",
+    "an answer is still being written: stop it or wait": "正在生成回答：请先停止或等待其完成",
+    "Editing a sent message: sending replaces it and everything after it.":
+        "正在编辑已发送的消息：发送后将替换它及其后的所有消息。",
+    "Cancel editing": "取消编辑",
+    'Delete the conversation "{0}"? This cannot be undone.': "删除对话“{0}”？此操作无法撤销。",
     "This is the built-in demo model: it only knows about StreamChat. To chat with ChatGLM-6B, export a bundle "
     "(streamchat export CHECKPOINT --out BUNDLE) and open it in Settings.":
         "这是内置的演示模型，只了解 StreamChat。要使用 ChatGLM-6B，请导出模型包（streamchat export 模型目录 --out 模型包目录），"
@@ -38,6 +51,8 @@ ZH_CN = {
     "Open folder...": "打开文件夹...",
     "Verify": "校验",
     "Use the demo model": "使用演示模型",
+    "The field is empty: the built-in demo model is used. It is checked when it loads; open a bundle folder to verify "
+    "a bundle.": "此项为空：使用内置演示模型，加载时会自动检查；要校验模型包，请打开其文件夹。",
     "Data folder": "数据文件夹",
     "Safety lists": "安全词表",
     "Open the folder": "打开文件夹",
@@ -45,6 +60,8 @@ ZH_CN = {
     "Language": "语言",
     "Font size": "字号",
     "Follow the system": "跟随系统",
+    "简体中文": "简体中文",
+    "English": "English",
     "Operator exit": "管理员退出",
     "PIN": "PIN",
     "Stopped": "已停止",
@@ -69,7 +86,14 @@ class DictTranslator(QTranslator):
         return False
 
 
-def translator_for(language: str) -> DictTranslator | None:
-    """``auto`` follows the system locale; zh_CN gets the table, anything else stays English."""
+def translators_for(language: str) -> list[QTranslator]:
+    """What to install for ``language`` (``auto`` follows the system locale): for Chinese, the table and Qt's own
+    qtbase translation when this Qt has it; for anything else none (English)."""
     code = QLocale.system().name() if language == "auto" else language
-    return DictTranslator(ZH_CN) if code.startswith("zh") else None
+    if not code.startswith("zh"):
+        return []
+    translators: list[QTranslator] = [DictTranslator(ZH_CN)]
+    qt_own = QTranslator()
+    if qt_own.load("qtbase_zh_CN", QLibraryInfo.path(QLibraryInfo.LibraryPath.TranslationsPath)):
+        translators.append(qt_own)
+    return translators

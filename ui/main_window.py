@@ -31,6 +31,7 @@ from PySide6.QtWidgets import (
 )
 
 from appliance.app import AppContext
+from appliance.display import one_line
 from appliance.errors import StreamChatError
 from appliance.history import write_export
 from appliance.session import TurnResult
@@ -75,6 +76,7 @@ class MainWindow(QMainWindow):
     delta_shown = Signal(str)  # emitted in the GUI thread once a delta is on screen
     answer_finished = Signal(object)  # TurnResult, in the GUI thread, after the view is final
     model_ready = Signal()  # in the GUI thread, once the status bar shows the loaded model
+    model_failed = Signal(str)  # in the GUI thread: loading the model failed, with the one line saying why
 
     def __init__(self, app: AppContext, model_loader, kiosk: bool = False) -> None:
         super().__init__()
@@ -82,6 +84,7 @@ class MainWindow(QMainWindow):
         self.model_label, self.model_summary = "", {}
         self.answer_view: MessageView | None = None
         self.answering = False
+        self.loading_model = False  # between the worker's ``loading`` and its ``loaded`` or ``failed``
         self.edit_target: int | None = None
         self.current_conversation: int | None = None
         self.setWindowTitle("StreamChat")
@@ -129,6 +132,15 @@ class MainWindow(QMainWindow):
         self.banner.setObjectName("banner")
         self.banner.hide()
         self.transcript = Transcript()
+        self.editing = QLabel(t("Editing a sent message: sending replaces it and everything after it."))
+        self.cancel_edit_button = QPushButton(t("Cancel editing"))
+        self.cancel_edit_button.clicked.connect(self.cancel_edit)
+        self.edit_bar = QWidget()
+        edit_row = QHBoxLayout(self.edit_bar)
+        edit_row.setContentsMargins(0, 0, 0, 0)
+        edit_row.addWidget(self.editing, 1)
+        edit_row.addWidget(self.cancel_edit_button)
+        self.edit_bar.hide()
         self.composer = Composer(placeholderText=t("Type a message. Enter sends, Shift+Enter starts a new line, Esc stops."))
         self.composer.setFixedHeight(90)
         self.composer.submitted.connect(self.send_current)
@@ -150,6 +162,7 @@ class MainWindow(QMainWindow):
         column = QVBoxLayout(chat)
         column.addWidget(self.banner)
         column.addWidget(self.transcript, 1)
+        column.addWidget(self.edit_bar)
         column.addWidget(self.composer)
         column.addLayout(buttons)
         splitter = QSplitter()
@@ -173,11 +186,14 @@ class MainWindow(QMainWindow):
 
     # -- model -----------------------------------------------------------------------------------------------
     def _on_loading(self, text: str) -> None:
-        self.status.setText(t("Loading the model...") + " " + text)
+        self.loading_model = True
+        self.status.setText(f"{t('Loading the model...')} {t(text)}".strip())
 
     def _on_loaded(self, label: str, summary: dict) -> None:
+        self.loading_model = False
         self.model_label, self.model_summary = label, summary
         self.status.setText(f"{label}")
+        self.speed.clear()  # the last answer's speed was another model's
         self.banner.setVisible(bool(summary.get("demo")) and not self.kiosk)
         self.banner.setText(t("This is the built-in demo model: it only knows about StreamChat. To chat with ChatGLM-6B, "
                               "export a bundle (streamchat export CHECKPOINT --out BUNDLE) and open it in Settings."))
@@ -207,7 +223,8 @@ class MainWindow(QMainWindow):
                 self._add_item(conv.id, conv.title, "")
 
     def _add_item(self, conversation_id: int, title: str, hit: str) -> None:
-        item = QListWidgetItem(title if not hit else f"{title}\n  … {hit[:40]}")
+        title = one_line(title)  # a title stored from a multi-line first message, or imported, is shown on one line
+        item = QListWidgetItem(title if not hit else f"{title}\n  … {one_line(hit)[:40]}")
         item.setData(Qt.UserRole, conversation_id)
         self.conversations.addItem(item)
 
@@ -218,6 +235,7 @@ class MainWindow(QMainWindow):
         if self.answering:
             self.statusBar().showMessage(t("an answer is still being written: stop it or wait"), 4000)
             return
+        self.cancel_edit()  # the message being edited belongs to the conversation on screen
         self.current_conversation = conversation_id
         self.open_requested.emit(conversation_id)
         self.transcript.clear()
@@ -254,6 +272,12 @@ class MainWindow(QMainWindow):
             self.refresh_sidebar()
 
     def _delete(self, conversation_id: int) -> None:
+        """Delete for good (the freed pages are overwritten, see History.delete), so only after the user confirms."""
+        title = one_line(self.app.history.conversation(conversation_id).title)
+        answer = QMessageBox.question(self, t("Delete"), t("Delete the conversation \"{0}\"? This cannot be undone.")
+                                      .format(title[:60]), QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
+        if answer != QMessageBox.Yes:
+            return
         self.app.history.delete(conversation_id)
         if self.current_conversation == conversation_id:
             self.new_conversation()
@@ -283,15 +307,15 @@ class MainWindow(QMainWindow):
         if self.answering:
             self.statusBar().showMessage(t("an answer is still being written: stop it or wait"), 4000)
             return
+        target, self.edit_target = self.edit_target, None
+        self.edit_bar.hide()
         self.composer.clear()
-        self.send(text, self.edit_target)
-        self.edit_target = None
+        self.send(text, target)
 
     def send(self, text: str, replace_from: int | None = None) -> None:
         if replace_from is not None:
             self.open_conversation(self.current_conversation)
-            while self.transcript.views and (self.transcript.views[-1].message_id or 0) >= replace_from:
-                self.transcript.views.pop().setParent(None)
+            self.transcript.remove_from(replace_from)
         self.answering = True
         self._add_message("user", text, None)
         self.cancel.clear()
@@ -311,12 +335,20 @@ class MainWindow(QMainWindow):
             self.send(last.text, last.message_id)
 
     def _edit_message(self, message_id: int, text: str) -> None:
-        """Put a sent message back in the composer; sending it replaces that message and everything after."""
+        """Put a sent message back in the composer, with a bar saying so; sending it replaces that message and
+        everything after, Cancel editing leaves the conversation as it is."""
         if message_id < 0:
             return
         self.edit_target = message_id
+        self.edit_bar.show()
         self.composer.setPlainText(text)
         self.composer.setFocus()
+
+    def cancel_edit(self) -> None:
+        if self.edit_target is not None:
+            self.edit_target = None
+            self.edit_bar.hide()
+            self.composer.clear()
 
     def _on_started(self) -> None:
         self.answer_view = self._add_message("assistant", "", None)
@@ -337,20 +369,29 @@ class MainWindow(QMainWindow):
         self.regenerate_button.setEnabled(True)
         note = t("The answer was stopped.") if result.stopped == "cancelled" else ""
         if result.blocked_reason:
-            note = t("Not sent: {0}").format(result.blocked_reason)
+            note = t("Not sent: {0}").format(t(result.blocked_reason))
         if self.answer_view is not None:
             self.answer_view.finish(note)
         elif note:
             self._add_message("assistant", "", None).finish(note)
         self._refresh_ids(result)
-        gen = result.generation
-        if gen and gen.token_ids:
-            rate = 1000 / gen.decode_ms_per_token if gen.decode_ms_per_token else 0.0
-            self.speed.setText(t("first token {0:.2f} s · {1:.1f} tokens/s").format(first_token_s, rate))
+        self._show_speed(result, first_token_s)
         self.answer_view = None
-        self.current_conversation = result.conversation_id
+        if result.conversation_id is not None:  # a refused send leaves the conversation on screen as it was
+            self.current_conversation = result.conversation_id
         self.refresh_sidebar()
         self.answer_finished.emit(result)
+
+    def _show_speed(self, result: TurnResult, first_token_s: float) -> None:
+        """Tokens/s of this answer, and the time to its first shown text when it showed any (an answer the filter
+        held back entirely, or one stopped before its first text, has none); cleared when no token was generated."""
+        gen = result.generation
+        if not (gen and gen.token_ids):
+            self.speed.clear()
+            return
+        rate = 1000 / gen.decode_ms_per_token if gen.decode_ms_per_token else 0.0
+        self.speed.setText(t("first token {0:.2f} s · {1:.1f} tokens/s").format(first_token_s, rate) if first_token_s
+                           else t("{0:.1f} tokens/s").format(rate))
 
     def _refresh_ids(self, result: TurnResult) -> None:
         """Give the views of this turn their stored ids (for edit and regenerate)."""
@@ -363,9 +404,18 @@ class MainWindow(QMainWindow):
             views[-1].message_id = result.answer_message_id
 
     def _on_failed(self, message: str) -> None:
-        self.status.setText(t("Error: {0}").format(message))
+        """A failed load says what the user can do about it (kiosk: the app retries by itself); a failed answer keeps
+        the conversation, and the model stays loaded."""
+        advice = ""
+        if self.loading_model:
+            self.loading_model = False
+            self.model_failed.emit(message)
+            if not self.kiosk:
+                advice = t("Choose another bundle in Settings, or leave its field empty for the built-in demo model.")
+        self.status.setText(f"{t('Error: {0}').format(message)} {advice}".strip())
         if self.kiosk:
-            QTimer.singleShot(3000, self.reload_model)  # unattended: bring the engine back by itself
+            QTimer.singleShot(3000, self, self.reload_model)  # unattended: bring the engine back by itself (the window
+            # as context: the timer ends with it)
 
     # -- settings --------------------------------------------------------------------------------------------
     def open_settings(self) -> None:
@@ -404,12 +454,13 @@ class MainWindow(QMainWindow):
         """Unattended: stop any answer and show a fresh conversation (the old one kept or deleted per setting)."""
         self.stop()
         if self.answering:  # the worker ends the answer within a token; reset right after
-            QTimer.singleShot(100, self._idle_reset)
+            QTimer.singleShot(100, self, self._idle_reset)
             return
         previous = self.current_conversation
         if previous is not None and not self.app.settings.kiosk.keep_history:
             self.app.history.delete(previous)
         self.new_conversation()
+        self.speed.clear()  # the next visitor does not see the last one's timings
 
     def _operator_exit(self) -> None:
         pin, ok = QInputDialog.getText(self, t("Operator exit"), t("PIN"), QLineEdit.Password)

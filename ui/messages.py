@@ -125,10 +125,23 @@ class Transcript(QScrollArea):
         return view
 
     def clear(self) -> None:
-        for view in self.views:
+        self.remove(self.views)
+
+    def remove_from(self, message_id: int) -> None:
+        """Take away the stored message ``message_id`` and every message shown after it (edit, regenerate)."""
+        first = next((i for i, view in enumerate(self.views) if (view.message_id or 0) >= message_id), len(self.views))
+        self.remove(self.views[first:])
+
+    def remove(self, views: list[MessageView]) -> None:
+        """Hide, detach and delete ``views``. Hidden first: a view taken out of the transcript is a top-level widget
+        until it is deleted, and the show its layout queued for it when it was added would otherwise open it as a
+        window of its own ("StreamChat", one per message, keeping the app running). Detached, so that its deletion
+        never meets the window's: the window may be deleted (by Python) while Qt deletes the view."""
+        for view in list(views):
+            view.hide()
             view.setParent(None)
             view.deleteLater()
-        self.views = []
+            self.views.remove(view)
 
     def follow(self) -> None:
         bar = self.verticalScrollBar()

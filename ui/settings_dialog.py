@@ -68,6 +68,11 @@ def setting_widget(setting: Setting, value: Any) -> QWidget:
     return widget
 
 
+def _described(bundle: Bundle) -> str:
+    summary = {k: bundle.manifest.get(k) for k in ("name", "target", "quant", "max_context", "created_by")}
+    return json.dumps(summary, ensure_ascii=False, indent=1)
+
+
 def widget_value(widget: QWidget) -> Any:
     if isinstance(widget, QComboBox):
         return widget.currentData()
@@ -82,6 +87,8 @@ class SettingsDialog(QDialog):
     def __init__(self, app: AppContext, model_summary: dict, parent=None) -> None:
         super().__init__(parent)
         self.app = app
+        # what an empty bundle field means: the built-in demo model, whose folder is known once it has been loaded
+        self.demo_path = model_summary.get("path", "") if model_summary.get("demo") else ""
         self.setWindowTitle(t("Settings"))
         s = app.settings
         self.editors = {st.key: setting_widget(st, value_of(s, st.key)) for st in SCHEMA if st.label}
@@ -136,17 +143,19 @@ class SettingsDialog(QDialog):
             self.manifest.setPlainText("")
             return
         try:
-            bundle = Bundle.open(folder, full_check=False)
-            summary = {k: bundle.manifest.get(k) for k in ("name", "target", "quant", "max_context", "created_by")}
-            self.manifest.setPlainText(json.dumps(summary, ensure_ascii=False, indent=1))
+            self.manifest.setPlainText(_described(Bundle.open(folder, full_check=False)))
         except StreamChatError as exc:
             self.manifest.setPlainText(str(exc))
 
     def _verify(self) -> None:
-        folder = self.bundle.text().strip()
+        """Check every file of the bundle in the field (empty: the demo's) and show that bundle's own manifest."""
+        folder = self.bundle.text().strip() or self.demo_path
+        if not folder:
+            self.manifest.setPlainText(t("The field is empty: the built-in demo model is used. It is checked when it "
+                                         "loads; open a bundle folder to verify a bundle."))
+            return
         try:
-            Bundle.open(folder, full_check=True)
-            self.manifest.setPlainText(f"OK: {folder}\n" + self.manifest.toPlainText())
+            self.manifest.setPlainText(f"OK: {folder}\n" + _described(Bundle.open(folder, full_check=True)))
         except StreamChatError as exc:
             self.manifest.setPlainText(str(exc))
 

@@ -56,7 +56,7 @@ class ChatWorker(QObject):
     def load(self) -> None:
         """(Re)open the model with the current settings; the open conversation stays open."""
         try:
-            self.loading.emit("loading model...")
+            self.loading.emit("")  # the window says a model is loading; the loader's progress says what
             self.model = self.model_loader(self.app.settings, self.loading.emit)
             self._start_session(self.session.conversation_id if self.session else None)
             self.loaded.emit(self.model.label, self.model.summary)

@@ -1,0 +1,177 @@
+"""One answer of the service: a ``ChatSession`` turn run on a replica in a worker thread, streamed to the event loop.
+
+Every answer goes through ``appliance.session.ChatSession``, exactly as ``streamchat chat`` and ``generate`` do
+(safety filter, context planning, history). Cancelling sets the session's cancel event, which the generator checks
+between tokens, so the answer ends (and is stored as ``cancelled``) within one token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.app import AppContext
+from appliance.errors import StreamChatError
+from appliance.history import HistoryError
+from appliance.prompt import Turn
+from appliance.service.metrics import Metrics
+from appliance.service.pool import EnginePool, NotReady, QueueFull, Replica
+from appliance.session import ChatSession, TurnResult
+from appliance.settings import Settings
+
+_END = object()
+
+
+class ConversationBusy(StreamChatError):
+    """Another request is answering in the same conversation."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """What to answer: ``store`` False answers from ``turns`` without the history (the OpenAI endpoint)."""
+
+    query: str
+    settings: Settings  # the app's settings with this request's generation options
+    greedy: bool = False
+    seed: int | None = None
+    conversation_id: int | None = None
+    turns: tuple[Turn, ...] = ()
+    store: bool = True
+
+
+def error_kind(exc: BaseException) -> str:
+    """The ``streamchat_errors`` label of a failed answer."""
+    if isinstance(exc, QueueFull):
+        return "queue_full"
+    if isinstance(exc, NotReady):
+        return "not_ready"
+    if isinstance(exc, HistoryError):
+        return "history"
+    if isinstance(exc, ConversationBusy):
+        return "bad_request"
+    return "engine" if isinstance(exc, StreamChatError) else "internal"
+
+
+class Service:
+    """The replicas, the app's history/safety context and the metrics, shared by every endpoint."""
+
+    def __init__(self, pool: EnginePool, app: AppContext, metrics: Metrics) -> None:
+        self.pool, self.app, self.metrics = pool, app, metrics
+        self.executor = ThreadPoolExecutor(max_workers=pool.size, thread_name_prefix="streamchat-replica")
+        self.running: set[Answer] = set()
+        self._conversations: set[int] = set()  # conversations with an answer in flight
+
+    @property
+    def model_id(self) -> str:
+        """The model's name in the API: its bundle folder's name ("" until a replica has loaded)."""
+        return Path(self.pool.replicas[0].model.summary.get("path", "streamchat")).name if self.pool.replicas else ""
+
+    def answer(self, job: Job, endpoint: str) -> Answer:
+        return Answer(self, job, endpoint)
+
+    def cancel_all(self) -> None:
+        """Shutdown: every answer in flight ends within one token and is stored; then the workers finish."""
+        for answer in list(self.running):
+            answer.cancel()
+        self.executor.shutdown(wait=True)
+
+
+class Answer:
+    """``await begin()`` waits for a replica (QueueFull/NotReady at once) and starts the turn; ``deltas()`` streams
+    it; ``result`` is the session's TurnResult once the stream has ended."""
+
+    def __init__(self, service: Service, job: Job, endpoint: str) -> None:
+        self.service, self.job, self.endpoint = service, job, endpoint
+        self.received = time.perf_counter()
+        self.first_token_s: float | None = None
+        self.result: TurnResult | None = None
+        self._cancel = threading.Event()
+        self._out: asyncio.Queue[object] = asyncio.Queue()
+        self._error: BaseException | None = None
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    async def begin(self) -> None:
+        service, conversation = self.service, self.job.conversation_id
+        try:
+            if conversation is not None and conversation in service._conversations:
+                raise ConversationBusy(f"conversation {conversation} is answering another message: wait for its end")
+            replica = await service.pool.acquire()
+        except StreamChatError as exc:
+            service.metrics.error(error_kind(exc))
+            raise
+        if conversation is not None:
+            service._conversations.add(conversation)
+        service.running.add(self)
+        loop = asyncio.get_running_loop()
+        service.executor.submit(self._work, replica, loop)
+
+    def _work(self, replica: Replica, loop: asyncio.AbstractEventLoop) -> None:
+        """Runs in a worker thread: the turn, each delta posted to the event loop, then _END."""
+        job, model, app = self.job, replica.model, self.service.app
+        session = ChatSession(model.engine, model.tokenizer, job.settings, app.history if job.store else None,
+                              app.rules, app.audit, model.label)
+        try:
+            session.open(job.conversation_id, list(job.turns))
+            for delta in session.send(job.query, self._cancel, greedy=job.greedy, seed=job.seed):
+                self._post(loop, self._out.put_nowait, delta)
+        except BaseException as exc:  # reported by ``deltas`` on the event loop
+            self._error = exc
+        finally:
+            self.result = session.last
+            self.service.pool.release(replica)
+            self._post(loop, self._settle)
+            self._post(loop, self._out.put_nowait, _END)
+
+    def _post(self, loop: asyncio.AbstractEventLoop, call: Callable[..., None], *args: object) -> None:
+        try:
+            loop.call_soon_threadsafe(call, *args)
+        except RuntimeError:  # the loop has closed (shutdown): nobody reads this answer any more
+            self._cancel.set()
+
+    def _settle(self) -> None:
+        """On the event loop once the turn has ended, whether or not anyone still reads it: the bookkeeping."""
+        service, metrics, result = self.service, self.service.metrics, self.result
+        service.running.discard(self)
+        if self.job.conversation_id is not None:
+            service._conversations.discard(self.job.conversation_id)
+        if result is not None:
+            metrics.answers.labels(result.stopped or "error").inc()
+            if result.generation is not None:
+                metrics.tokens.inc(len(result.generation.token_ids))
+        if self._error is not None:
+            metrics.error(error_kind(self._error))
+
+    async def deltas(self) -> AsyncIterator[str]:
+        """The answer's text deltas; the turn's error, if it failed, is raised at the end (what was streamed is
+        stored, with stop reason ``error``). Leaving early cancels the answer."""
+        metrics, last, item = self.service.metrics, None, None
+        try:
+            while (item := await self._out.get()) is not _END:
+                now = time.perf_counter()
+                if last is None:
+                    self.first_token_s = now - self.received
+                    metrics.ttft.observe(self.first_token_s)
+                else:
+                    metrics.inter_token.observe(now - last)
+                last = now
+                yield item  # type: ignore[misc]
+        finally:
+            if item is not _END:
+                self.cancel()
+        metrics.latency.labels(self.endpoint).observe(time.perf_counter() - self.received)
+        if self._error is not None:
+            raise self._error
+
+    def timings(self) -> dict:
+        """The generation's timings plus what the client saw: time to first token and the whole request."""
+        gen = self.result.generation if self.result is not None else None
+        own = gen.timings() if gen is not None else {"tokens": 0}
+        return {**own, "ttft_ms": None if self.first_token_s is None else round(self.first_token_s * 1000, 3),
+                "total_ms": round((time.perf_counter() - self.received) * 1000, 3)}

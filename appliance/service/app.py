@@ -1,0 +1,57 @@
+"""The FastAPI application: routes only; the work is in ``answer`` (the pipeline), ``pool`` and ``metrics``.
+
+``/health`` and ``/ready`` answer without a token (probes); every other route needs it when one is configured.
+No CORS headers are sent: browsers on other origins are refused by their own rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+
+from fastapi import Depends, FastAPI, Request, WebSocket
+from fastapi.responses import JSONResponse, Response
+
+from appliance.service.answer import Service
+from appliance.service.auth import allowed
+from appliance.service.config import ServiceConfig
+from appliance.service.errors import ApiError, api_error_response
+from appliance.service.openai_routes import openai_router
+from appliance.service.ws import chat_socket
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def create_app(service: Service, config: ServiceConfig,
+               lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None) -> FastAPI:
+    def authorized(request: Request) -> None:
+        if not allowed(config.token, request.headers):
+            service.metrics.error("unauthorized")
+            raise ApiError(401, "unauthorized: send the server's token as 'Authorization: Bearer TOKEN'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    app = FastAPI(title="StreamChat", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_exception_handler(ApiError, api_error_response)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        pool = service.pool
+        body = {"status": "ready" if pool.ready else "loading", "replicas": len(pool.replicas), "of": pool.size}
+        return JSONResponse(body, status_code=200 if pool.ready else 503)
+
+    @app.get("/metrics", dependencies=[Depends(authorized)])
+    async def metrics() -> Response:
+        return Response(service.metrics.exposition(), media_type=PROMETHEUS_TEXT)
+
+    app.include_router(openai_router(service, config), dependencies=[Depends(authorized)])
+
+    @app.websocket("/ws/chat")
+    async def ws_chat(ws: WebSocket) -> None:
+        await chat_socket(ws, service, config)
+
+    return app
+
