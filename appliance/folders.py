@@ -98,6 +98,21 @@ def read_small_file(path: Path, limit: int) -> bytes:
         os.close(fd)
 
 
+def read_small_text(path: Path, limit: int, what: str) -> str:
+    """``read_small_file`` as UTF-8 text, its refusals as one line naming ``what`` the file is ("token file")."""
+    from appliance.errors import StreamChatError
+
+    try:
+        return read_small_file(path, limit).decode("utf-8")
+    except Refused as exc:
+        problem = exc.reason if exc.size is None else f"{exc.size} bytes, more than the {limit} allowed"
+        raise StreamChatError(f"cannot read {what} {path}: {problem}") from exc
+    except OSError as exc:
+        raise StreamChatError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise StreamChatError(f"{what} {path} is not UTF-8 text") from exc
+
+
 def cache_dir() -> Path:
     """Verification results, converted models and crash logs: anything that can be rebuilt or thrown away."""
     return _folder("STREAMCHAT_CACHE_DIR", "cache", "user_cache_dir")

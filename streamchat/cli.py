@@ -73,17 +73,13 @@ HISTORY_FILE_CAP = 64 << 20  # far above any context window's worth of turns
 
 def read_history(path: Path) -> list[Turn]:
     """A JSON list of ``[query, response]`` pairs, from a regular file of at most HISTORY_FILE_CAP bytes."""
-    from appliance.folders import Refused, read_small_file
+    from appliance.folders import read_small_text
 
+    text = read_small_text(path, HISTORY_FILE_CAP, "history file")
     try:
-        raw = json.loads(read_small_file(path, HISTORY_FILE_CAP).decode("utf-8"))
-    except Refused as exc:
-        problem = exc.reason if exc.size is None else f"{exc.size} bytes, more than the {HISTORY_FILE_CAP} allowed"
-        raise StreamChatError(f"cannot read history file {path}: {problem}") from exc
+        raw = json.loads(text)
     except RecursionError as exc:
         raise StreamChatError(f"history file {path} is nested too deeply") from exc
-    except OSError as exc:
-        raise StreamChatError(f"cannot read history file {path}: {exc.strerror}") from exc
     except ValueError as exc:
         raise StreamChatError(f"history file {path} is not valid JSON: {exc}") from exc
     if not (isinstance(raw, list) and all(isinstance(t, list | tuple) and len(t) == 2

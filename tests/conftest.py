@@ -52,6 +52,21 @@ def reference_engine(reference: ReferenceModel) -> ReferenceEngine:
     return ReferenceEngine(reference)
 
 
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    """The golden fixture as an fp32 cpu bundle (the window's tests)."""
+    os.environ.setdefault("STREAMCHAT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    return export_bundle(TINY, tmp_path_factory.mktemp("tiny") / "tiny", quant="fp32").bundle
+
+
+@pytest.fixture
+def app_dirs(tmp_path, monkeypatch) -> Path:
+    """Settings and data folders of the test's own, under ``tmp_path``."""
+    monkeypatch.setenv("STREAMCHAT_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.setenv("STREAMCHAT_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path
+
+
 _EXIT_STATUS = {"code": 0}
 
 

@@ -6,19 +6,25 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from appliance.bundle import Bundle
+from appliance.engines.mindspore_engine import read_weights
+from appliance.errors import BundleError
+from appliance.model.weights import EMBEDDING, LM_HEAD
 from appliance.positions import layout_of
 from appliance.tokenizer import ChatGLMTokenizer
 from model_export.checkpoint import Checkpoint
 from model_export.export import export_bundle
 from model_export.reference import ReferenceEngine, ReferenceModel
+from model_export.synthetic import write_checkpoint
 from model_export.verify import THRESHOLDS, VERIFY_PROMPTS, compare_engines
 from streamchat.cli import main
 from tests.conftest import GOLDEN, TINY
+from tests.test_ascend_shapes import WIDE_CACHE, _prompts
 
 try:
     import mindspore  # noqa: F401
@@ -32,7 +38,7 @@ def bundles(tmp_path_factory) -> dict[str, object]:
     os.environ.setdefault("STREAMCHAT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     root = tmp_path_factory.mktemp("ms")
     return {quant: export_bundle(TINY, root / quant, target="ascend-910b", quant=quant).bundle
-            for quant in ("fp32", "fp16")}
+            for quant in ("fp32", "fp16", "int8")}
 
 
 def _generate(source: list[str], prompt: str, rp: str, capsys, new_tokens: int = 24) -> dict:
@@ -52,9 +58,6 @@ def test_fp32_bundle_reproduces_the_fixture(bundles, capsys):
 def test_wide_cache_shape_set_gives_the_reference_greedy_ids(tmp_path, capsys):
     """The second shape set of tests/test_ascend_shapes.py: capacity 512 with gears 128/512, hidden 96, 3 layers; a
     short prompt (gear 128) and one longer than the smallest gear."""
-    from tests.test_ascend_shapes import WIDE_CACHE, _prompts
-    from model_export.synthetic import write_checkpoint
-
     checkpoint = write_checkpoint(tmp_path / "checkpoint", layers=3, seed=7, widths=WIDE_CACHE)
     bundle = export_bundle(checkpoint, tmp_path / "bundle", target="ascend-910b", quant="fp32").bundle
     graphs = Bundle.open(bundle).manifest["graphs"]
@@ -65,12 +68,26 @@ def test_wide_cache_shape_set_gives_the_reference_greedy_ids(tmp_path, capsys):
         assert got == want, (prompt[:16], got, want)
 
 
-def test_fp16_weights_within_the_fp16_thresholds(bundles):
-    engine = Bundle.open(bundles["fp16"]).engine(kind="mindspore")
+@pytest.mark.parametrize("quant", ["fp32", "fp16", "int8"])
+def test_stored_weights_within_the_export_thresholds(bundles, quant):
+    """Logits along the reference's greedy path within the export's thresholds for the bundle's precision: fp16
+    weights computed in fp32; an int8 bundle's weights as int8 codes widened a block of rows at a time."""
+    engine = Bundle.open(bundles[quant]).engine(kind="mindspore")
     reference = ReferenceEngine(ReferenceModel.from_checkpoint(Checkpoint(TINY)))
     metrics = compare_engines(engine, reference, ChatGLMTokenizer.from_dir(TINY), VERIFY_PROMPTS[:2], 6)
-    limits = THRESHOLDS["fp16"]
-    assert metrics["max_abs_diff"] <= limits["max_abs_diff"] and metrics["agreement"] >= limits["agreement"], metrics
+    limits = THRESHOLDS[quant]
+    assert metrics["max_abs_diff"] <= limits.get("max_abs_diff", np.inf), metrics
+    assert metrics["min_cosine"] >= limits.get("min_cosine", -1.0), metrics
+    assert metrics["agreement"] >= limits["agreement"], metrics
+    state, config = engine.runner.state, Bundle.open(bundles[quant]).config
+    if quant == "int8":  # every matrix as int8 row blocks with one scale per row; the tied table held once
+        assert len(state.scales) == 1 + 4 * config.num_layers
+        head = [state.weights[i] for i in state.blocks[LM_HEAD]]
+        assert {str(block.dtype) for block in head} == {"Int8"}, head
+        assert sum(block.shape[0] for block in head) == config.vocab_size and len(head) == -(-config.vocab_size // 8192)
+        assert state.blocks[EMBEDDING] == state.blocks[LM_HEAD]
+    else:
+        assert str(state.weights[state.index[LM_HEAD]].dtype) == "Float32" and len(state.scales) == 0
 
 
 def test_steps_move_only_ids_positions_bias_and_logits_and_write_the_cache_in_place(bundles):
@@ -95,3 +112,12 @@ def test_steps_move_only_ids_positions_bias_and_logits_and_write_the_cache_in_pl
         assert not np.array_equal(cache.asnumpy()[:, total - 1], before)
     assert counts[0] == counts[-1] == expected, counts
     np.testing.assert_array_equal(cache.asnumpy()[:, : len(ids)], written)  # earlier slots untouched
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(bundles, monkeypatch):
+    bundle = Bundle.open(bundles["fp32"])
+    config = bundle.config
+    monkeypatch.setattr(Bundle, "config", property(lambda self: replace(config, num_layers=config.num_layers + 1)))
+    with pytest.raises(BundleError, match="decode.onnx lacks transformer.layers.2.input_layernorm.weight or stores it "
+                                          "in another shape than the manifest's model config gives; re-export the bundle"):
+        read_weights(bundle)

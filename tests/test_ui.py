@@ -28,13 +28,6 @@ def bundles(tmp_path_factory):
             "demo": export_bundle(DEMO_CHECKPOINT, root / "demo", quant="int8", extra_manifest={"demo": True}).bundle}
 
 
-@pytest.fixture
-def app_dirs(tmp_path, monkeypatch):
-    monkeypatch.setenv("STREAMCHAT_CONFIG_DIR", str(tmp_path / "config"))
-    monkeypatch.setenv("STREAMCHAT_DATA_DIR", str(tmp_path / "data"))
-    return tmp_path
-
-
 def _window(qtbot, bundle, kiosk=False, tweak=lambda s: None):
     app = AppContext.load()
     app.settings.generation.max_new_tokens = 200

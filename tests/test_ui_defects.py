@@ -22,7 +22,6 @@ from appliance.loading import demo_bundle  # noqa: E402
 from appliance.session import TurnResult  # noqa: E402
 from appliance.settings import SCHEMA  # noqa: E402
 from model_export.export import export_bundle  # noqa: E402
-from tests.conftest import TINY  # noqa: E402
 from ui.app import model_loader  # noqa: E402
 from ui.i18n import ZH_CN, translators_for  # noqa: E402
 from ui.main_window import MainWindow  # noqa: E402
@@ -30,19 +29,6 @@ from ui.messages import MessageView, t  # noqa: E402
 from ui.settings_dialog import SettingsDialog  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    os.environ.setdefault("STREAMCHAT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-    return export_bundle(TINY, tmp_path_factory.mktemp("ui-defects") / "tiny", quant="fp32").bundle
-
-
-@pytest.fixture
-def app_dirs(tmp_path, monkeypatch):
-    monkeypatch.setenv("STREAMCHAT_CONFIG_DIR", str(tmp_path / "config"))
-    monkeypatch.setenv("STREAMCHAT_DATA_DIR", str(tmp_path / "data"))
-    return tmp_path
 
 
 def _app(tweak=lambda settings: None) -> AppContext:

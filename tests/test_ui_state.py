@@ -25,7 +25,6 @@ from appliance.errors import BundleError, StreamChatError  # noqa: E402
 from appliance.history import History, HistoryError  # noqa: E402
 from appliance.loading import DEMO_QUANT, demo_bundle  # noqa: E402
 from model_export.export import export_bundle  # noqa: E402
-from tests.conftest import TINY  # noqa: E402
 from ui.app import model_loader  # noqa: E402
 from ui.main_window import MainWindow  # noqa: E402
 from ui.messages import t  # noqa: E402
@@ -33,19 +32,6 @@ from ui.settings_dialog import SettingsDialog  # noqa: E402
 from ui.worker import ChatWorker  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    os.environ.setdefault("STREAMCHAT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-    return export_bundle(TINY, tmp_path_factory.mktemp("ui-state") / "tiny", quant="fp32").bundle
-
-
-@pytest.fixture
-def app_dirs(tmp_path, monkeypatch):
-    monkeypatch.setenv("STREAMCHAT_CONFIG_DIR", str(tmp_path / "config"))
-    monkeypatch.setenv("STREAMCHAT_DATA_DIR", str(tmp_path / "data"))
-    return tmp_path
 
 
 def _window(qtbot, bundle):

@@ -99,7 +99,8 @@ ENGINES = {kind.name: kind for kind in (
                {STATIC: "appliance.engines.static:open_on_mindspore_lite"}),
     EngineKind("acl", "CANN's pyACL on an Ascend NPU, running the offline models `convert.sh atc` made (310B boards)",
                {STATIC: "appliance.engines.acl_runner:open_on_acl"}),
-    EngineKind("mindspore", "MindSpore in process (GRAPH_MODE, CPU), an Ascend bundle's weights in the model's own Cells",
+    EngineKind("mindspore", "MindSpore in process (GRAPH_MODE) on an Ascend bundle's weights: the CPU, or an NPU with "
+               "STREAMCHAT_MS_DEVICE=ascend",
                {STATIC: "appliance.engines.mindspore_engine:open_on_mindspore"}),
 )}
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.errors import StreamChatError
-from appliance.folders import Refused, read_small_file
+from appliance.folders import read_small_text
 
 TOKEN_ENV = "STREAMCHAT_TOKEN"
 MIN_TOKEN_CHARS = 16
@@ -43,14 +43,7 @@ def is_loopback(host: str) -> bool:
 def read_token(path: Path | None) -> str | None:
     """The bearer token from ``path`` (its first line), else from $STREAMCHAT_TOKEN, else None."""
     if path is not None:
-        try:
-            text = read_small_file(path, TOKEN_FILE_CAP).decode("utf-8")
-        except Refused as exc:
-            raise StreamChatError(f"cannot read token file {path}: {exc.reason}") from exc
-        except OSError as exc:
-            raise StreamChatError(f"cannot read token file {path}: {exc.strerror}") from exc
-        except UnicodeDecodeError as exc:
-            raise StreamChatError(f"token file {path} is not UTF-8 text") from exc
+        text = read_small_text(path, TOKEN_FILE_CAP, "token file")
         token, source = (text.splitlines() or [""])[0].strip(), f"token file {path}"
     elif os.environ.get(TOKEN_ENV) is not None:
         token, source = os.environ[TOKEN_ENV].strip(), f"${TOKEN_ENV}"
