@@ -372,7 +372,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from appliance.service.config import ServiceConfig, check_config, read_token
 
     config = ServiceConfig(host=args.host, port=args.port, replicas=args.replicas, queue=args.queue,
-                           token=read_token(args.token_file))
+                           token=read_token(args.token_file), allow_origins=tuple(args.allow_origin))
     check_config(config)
     try:
         from appliance.service.server import serve
@@ -467,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "more are answered 429 (default 16)")
     serve.add_argument("--token-file", type=Path, metavar="FILE", help="bearer token clients must send (first line; "
                        "default: $STREAMCHAT_TOKEN, else none, allowed on loopback only)")
+    serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                       help="a web origin whose pages may open /ws/chat (repeatable; 'null' for a page opened from a file)")
     serve.add_argument("--threads", type=int, default=None, help="CPU threads per replica (default: the physical "
                        "cores shared among the replicas)")
     from appliance.engines import AUTO, describe_engines

@@ -23,6 +23,9 @@ PROMPT = "StreamChat 是什么？"
 LONG = {"text": "hello", "temperature": 5, "top_k": 0, "top_p": 1, "seed": 0, "max_new_tokens": 8192}
 LONG_TOKENS = 506  # LONG's answer runs into the demo's 512-token context (see test_long_answer_runs_to_the_context)
 TOKEN = "0123456789abcdef-test-token"
+JSON = {"Content-Type": "application/json"}
+OPENAI_LONG = {"messages": [{"role": "user", "content": "hello"}], "temperature": 5, "top_k": 0, "top_p": 1,
+               "seed": 0, "max_tokens": 8192}
 
 
 def _free_port() -> int:
@@ -210,11 +213,11 @@ def test_openai_bad_requests_get_400_in_openai_shape(server):
             "the last message (other than system messages) must be from the user",
         b'{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}': "temperature must be a number",
         b'{"messages": [{"role": "user", "content": "hi"}], "top_k": 1.5}': "top_k must be int",
-        b'{"messages": [{"role": "tool", "content": "hi"}]}': "role is one of",
+        b'{"messages": [{"role": "robot", "content": "hi"}]}': "role is one of",
         b'{"messages": [{"role": "user", "content": "hi"}], "frobnicate": 1, "stop": ["x"], "max_tokens": 2}': "",
     }
     for body, message in cases.items():
-        reply = httpx.post(srv.url + "/v1/chat/completions", content=body, timeout=30)
+        reply = httpx.post(srv.url + "/v1/chat/completions", content=body, headers=JSON, timeout=30)
         if not message:  # unknown and unsupported parameters are ignored
             assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 2
             continue
@@ -271,7 +274,7 @@ def test_token_and_size_limits_give_clear_errors_while_serving_others(server, tm
         reply = httpx.post(srv.url + "/v1/chat/completions", json=hi, headers=headers)
         assert reply.status_code == 401 and reply.json()["error"]["message"].startswith("unauthorized")
     assert httpx.get(srv.url + "/metrics").status_code == 401
-    big = httpx.post(srv.url + "/v1/chat/completions", content=b"{" + b" " * (1 << 20) + b"}", headers=good)
+    big = httpx.post(srv.url + "/v1/chat/completions", content=b"{" + b" " * (1 << 20) + b"}", headers={**good, **JSON})
     assert big.status_code == 413 and "limit is 1048576" in big.json()["error"]["message"]
     long = {"messages": [{"role": "user", "content": "长" * 16001}]}
     reply = httpx.post(srv.url + "/v1/chat/completions", json=long, headers=good)
@@ -362,3 +365,220 @@ def test_pool_serves_waiting_requests_in_arrival_order():
         return order, pool.waiting, pool.busy
 
     assert asyncio.run(run()) == (["second", "third"], 0, 0)
+
+
+def _metric(srv: Server, name: str) -> float:
+    """One sample of the server's /metrics, by its full name with labels."""
+    for line in httpx.get(srv.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rpartition(" ")[2])
+    raise AssertionError(f"no metric {name}")
+
+
+def _wait_for(condition, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def _raw_post(srv: Server, body: dict) -> socket.socket:
+    """A non-streaming completion request on a bare socket, so the test can leave without reading the answer."""
+    data = json.dumps(body).encode()
+    conn = socket.create_connection(("127.0.0.1", srv.port))
+    conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(data) + data)
+    return conn
+
+
+def test_a_queued_message_for_a_busy_conversation_is_refused(server):
+    """With two replicas busy, a second message for a conversation that already has one queued is refused at once
+    (it used to queue too, and both answers interleaved in the stored conversation)."""
+    srv = server("--replicas", "2")
+
+    async def chat():
+        async with websockets.connect(srv.ws_url) as ws:
+            _, first = await _answer(ws, {"text": "first", "max_new_tokens": 3})
+        conversation = first["conversation_id"]
+        async with websockets.connect(srv.ws_url) as b1, websockets.connect(srv.ws_url) as b2, \
+                websockets.connect(srv.ws_url) as a, websockets.connect(srv.ws_url) as b:
+            for blocker in (b1, b2):
+                await blocker.send(json.dumps(LONG))
+                await blocker.recv()  # both replicas are answering
+            await a.send(json.dumps({"text": "A", "conversation_id": conversation, "max_new_tokens": 3}))
+            await asyncio.sleep(0.05)
+            refused = await asyncio.wait_for(_answer(b, {"text": "B", "conversation_id": conversation}), 10)
+            for blocker in (b1, b2):
+                await _answer(blocker, {"type": "stop"})
+            while (answered := json.loads(await asyncio.wait_for(a.recv(), 30)))["type"] == "delta":
+                pass
+        return conversation, refused[1], answered
+
+    conversation, refused, answered = asyncio.run(chat())
+    assert refused == {"type": "error", "message": f"conversation {conversation} is answering another message: "
+                                                   "wait for its end"}
+    assert answered["type"] == "done" and answered["conversation_id"] == conversation
+    stored = srv.history().messages(conversation)
+    assert [(m.role, m.text) for m in stored][::2] == [("user", "first"), ("user", "A")] and len(stored) == 4
+
+
+def test_leaving_a_non_streaming_request_cancels_its_answer(server):
+    srv = server()
+    conn = _raw_post(srv, OPENAI_LONG)
+    _wait_for(lambda: _metric(srv, "streamchat_busy_replicas") == 1, "the answer did not start")
+    conn.close()
+    _wait_for(lambda: _metric(srv, "streamchat_busy_replicas") == 0, "the answer still runs", 60)
+    assert _metric(srv, 'streamchat_answers_total{stop_reason="cancelled"}') == 1
+    assert _metric(srv, "streamchat_generated_tokens_total") < LONG_TOKENS // 4
+
+
+def test_clients_leaving_the_queue_give_up_their_place(server):
+    """Queued requests whose clients leave (WebSocket or HTTP, or a stop frame) leave the queue: nothing is answered
+    or stored for them."""
+    srv = server("--replicas", "1")
+    leave = {**LONG, "text": "leaver"}
+
+    async def crowd():
+        clients = [await websockets.connect(srv.ws_url) for _ in range(5)]
+        await clients[0].send(json.dumps(LONG))
+        await clients[0].recv()
+        for keeper in clients[1:]:  # queued behind it: about 2 s of answers (LONG takes about 0.4 s)
+            await keeper.send(json.dumps(LONG))
+        for _ in range(3):
+            async with websockets.connect(srv.ws_url) as leaver:
+                await leaver.send(json.dumps(leave))
+                await asyncio.sleep(0.02)
+        http_leaver = _raw_post(srv, {**OPENAI_LONG, "messages": [{"role": "user", "content": "leaver"}]})
+        await asyncio.sleep(0.1)
+        http_leaver.close()
+        async with websockets.connect(srv.ws_url) as stopped:
+            await stopped.send(json.dumps(leave))
+            await asyncio.sleep(0.05)
+            _, withdrawn = await _answer(stopped, {"type": "stop"})
+        for client in clients:
+            await _answer(client, {"type": "stop"})
+            await client.close()
+        return withdrawn
+
+    withdrawn = asyncio.run(crowd())
+    assert withdrawn == {"type": "error", "message": "cancelled while waiting for a free model: nothing was answered "
+                                                     "or stored"}
+    _wait_for(lambda: _metric(srv, "streamchat_busy_replicas") == 0, "answers still run")
+    assert _metric(srv, "streamchat_queue_depth") == 0
+    history = srv.history()
+    assert len(history.conversations()) == 5
+    assert all(m.text != "leaver" for c in history.conversations() for m in history.messages(c.id))
+    answers = [line for line in httpx.get(srv.url + "/metrics").text.splitlines()
+               if line.startswith("streamchat_answers_total{")]
+    assert sum(float(line.rpartition(" ")[2]) for line in answers) == 5, answers
+    assert _metric(srv, "streamchat_generated_tokens_total") <= 5 * LONG_TOKENS  # the HTTP leaver made none
+
+
+def test_unknown_conversation_gets_an_error_frame_and_the_connection_goes_on(server):
+    srv = server()
+
+    async def chat():
+        async with websockets.connect(srv.ws_url) as ws:
+            unknown = await asyncio.wait_for(_answer(ws, {"text": "hi", "conversation_id": 424242}), 10)
+            huge = await asyncio.wait_for(_answer(ws, {"text": "hi", "conversation_id": 2**63 - 1}), 10)
+            fine = await asyncio.wait_for(_answer(ws, {"text": "hi", "max_new_tokens": 3}), 30)
+            return unknown[1], huge[1], fine[1]
+
+    unknown, huge, fine = asyncio.run(chat())
+    assert unknown["type"] == "error" and "no conversation 424242" in unknown["message"], unknown
+    assert "\n" not in unknown["message"] and f"no conversation {2**63 - 1}" in huge["message"]
+    assert fine["type"] == "done" and fine["conversation_id"] == 1
+
+
+def test_pages_of_other_sites_are_refused(server):
+    srv = server()
+
+    async def sockets():
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with websockets.connect(srv.ws_url, additional_headers={"Origin": "http://evil.example"}):
+                pass
+        own = {"Origin": f"http://127.0.0.1:{srv.port}"}
+        async with websockets.connect(srv.ws_url, additional_headers=own) as ws:
+            _, done = await _answer(ws, {"text": "hi", "max_new_tokens": 2})
+        return refused.value.response.status_code, done
+
+    status, done = asyncio.run(sockets())
+    assert status == 403 and done["type"] == "done"
+    rebound = httpx.get(srv.url + "/v1/models", headers={"Host": f"evil.example:{srv.port}"})
+    assert rebound.status_code == 403 and "Host header" in rebound.json()["error"]["message"]
+    assert httpx.get(srv.url + "/v1/models", headers={"Host": f"localhost:{srv.port}"}).status_code == 200
+    hi = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    plain = httpx.post(srv.url + "/v1/chat/completions", content=hi, headers={"Content-Type": "text/plain"})
+    assert plain.status_code == 415 and "application/json" in plain.json()["error"]["message"]
+    assert httpx.post(srv.url + "/v1/chat/completions", content=hi, headers=JSON).status_code == 200
+    assert _metric(srv, 'streamchat_errors_total{kind="forbidden"}') == 2
+
+
+def test_an_allowed_origin_may_open_the_websocket(server):
+    """``--allow-origin null``: a kiosk page opened from a file may connect; other sites still may not."""
+    srv = server("--allow-origin", "null")
+
+    async def sockets():
+        async with websockets.connect(srv.ws_url, additional_headers={"Origin": "null"}) as ws:
+            _, done = await _answer(ws, {"text": "hi", "max_new_tokens": 2})
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with websockets.connect(srv.ws_url, additional_headers={"Origin": "http://evil.example"}):
+                pass
+        return done, refused.value.response.status_code
+
+    done, status = asyncio.run(sockets())
+    assert done["type"] == "done" and status == 403
+
+
+def test_deeply_nested_json_is_malformed_json_not_a_crash(server):
+    srv = server()
+    deep = httpx.post(srv.url + "/v1/chat/completions", content="[" * 100000 + "]" * 100000, headers=JSON)
+    assert deep.status_code == 400 and deep.json()["error"]["message"] == "malformed JSON: nested too deeply"
+
+    async def chat():
+        async with websockets.connect(srv.ws_url) as ws:
+            nested = await _answer(ws, '{"text": ' + "[" * 100000 + "]" * 100000 + "}")
+            fine = await _answer(ws, {"text": "hi", "max_new_tokens": 2})
+            return nested[1], fine[1]
+
+    nested, fine = asyncio.run(chat())
+    assert nested == {"type": "error", "message": "malformed JSON: nested too deeply"} and fine["type"] == "done"
+    assert _metric(srv, 'streamchat_errors_total{kind="bad_request"}') == 2
+
+
+def test_a_lone_surrogate_is_refused_before_anything_is_stored(server):
+    srv = server()
+    reply = httpx.post(srv.url + "/v1/chat/completions", headers=JSON,
+                       content='{"messages": [{"role": "user", "content": "\\ud800 hi"}]}')
+    assert reply.status_code == 400
+    assert reply.json()["error"]["message"] == "messages[0].content is not valid Unicode: a lone surrogate at character 0"
+
+    async def chat():
+        async with websockets.connect(srv.ws_url) as ws:
+            lone = await _answer(ws, '{"text": "\\ud800 hi"}')
+            fine = await _answer(ws, {"text": "hi", "max_new_tokens": 2})
+            return lone[1], fine[1]
+
+    lone, fine = asyncio.run(chat())
+    assert lone == {"type": "error", "message": "text is not valid Unicode: a lone surrogate at character 0"}
+    assert fine["type"] == "done" and [c.id for c in srv.history().conversations()] == [fine["conversation_id"]]
+
+
+def test_tool_messages_are_left_out_and_parameter_types_are_strict(server):
+    srv = server()
+    url = srv.url + "/v1/chat/completions"
+    tools = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": []},
+             {"role": "tool", "content": "x", "tool_call_id": "1"}, {"role": "function", "content": "y"},
+             {"role": "user", "content": "ok"}]
+    with_tools = httpx.post(url, json={"messages": tools, "temperature": 0, "max_tokens": 8})
+    without = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}, {"role": "user", "content": "ok"}]
+    plain = httpx.post(url, json={"messages": without, "temperature": 0, "max_tokens": 8})
+    assert with_tools.status_code == 200, with_tools.text
+    assert with_tools.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
+    assert with_tools.json()["usage"] == plain.json()["usage"]
+    hi = [{"role": "user", "content": "hi"}]
+    for extra, message in (({"n": True}, "n must be 1: one answer per request, got true"),
+                           ({"n": 1.0}, "n must be 1: one answer per request, got 1.0"),
+                           ({"stream_options": []}, "stream_options must be an object")):
+        reply = httpx.post(url, json={"messages": hi, **extra})
+        assert reply.status_code == 400 and reply.json()["error"]["message"] == message, (extra, reply.text)

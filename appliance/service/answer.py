@@ -28,7 +28,11 @@ _END = object()
 
 
 class ConversationBusy(StreamChatError):
-    """Another request is answering in the same conversation."""
+    """Another request is answering, or waiting for a replica, in the same conversation."""
+
+
+class Withdrawn(StreamChatError):
+    """The request was cancelled (stop frame, client gone) while it waited for a replica."""
 
 
 @dataclass(frozen=True)
@@ -93,21 +97,38 @@ class Answer:
         self._cancel = threading.Event()
         self._out: asyncio.Queue[object] = asyncio.Queue()
         self._error: BaseException | None = None
+        self._acquiring: asyncio.Future[Replica] | None = None  # the wait for a replica, while queued
 
     def cancel(self) -> None:
+        """Ends the answer within one token; while it waits for a replica, it leaves the queue instead."""
         self._cancel.set()
+        if self._acquiring is not None:
+            self._acquiring.cancel()
 
     async def begin(self) -> None:
         service, conversation = self.service, self.job.conversation_id
-        try:
-            if conversation is not None and conversation in service._conversations:
-                raise ConversationBusy(f"conversation {conversation} is answering another message: wait for its end")
-            replica = await service.pool.acquire()
-        except StreamChatError as exc:
-            service.metrics.error(error_kind(exc))
-            raise
-        if conversation is not None:
+        if conversation is not None and conversation in service._conversations:
+            service.metrics.error("bad_request")
+            raise ConversationBusy(f"conversation {conversation} is answering another message: wait for its end")
+        if conversation is not None:  # claimed while queued, so a second request for it is refused, not queued
             service._conversations.add(conversation)
+        self._acquiring = asyncio.ensure_future(service.pool.acquire())
+        try:
+            replica = await self._acquiring
+        except BaseException as exc:  # refused, or the client left while queued: nothing runs, nothing is stored
+            if conversation is not None:
+                service._conversations.discard(conversation)
+            if isinstance(exc, StreamChatError):
+                service.metrics.error(error_kind(exc))
+            task = asyncio.current_task()
+            if isinstance(exc, asyncio.CancelledError) and not (task is not None and task.cancelling()):
+                raise Withdrawn("cancelled while waiting for a free model: nothing was answered or stored") from None
+            raise
+        if self._cancel.is_set():  # cancelled just as the replica was handed over
+            service.pool.release(replica)
+            if conversation is not None:
+                service._conversations.discard(conversation)
+            raise Withdrawn("cancelled while waiting for a free model: nothing was answered or stored")
         service.running.add(self)
         loop = asyncio.get_running_loop()
         service.executor.submit(self._work, replica, loop)
@@ -121,6 +142,12 @@ class Answer:
             session.open(job.conversation_id, list(job.turns))
             for delta in session.send(job.query, self._cancel, greedy=job.greedy, seed=job.seed):
                 self._post(loop, self._out.put_nowait, delta)
+        except HistoryError as exc:  # this session ends with the request: one more try, else say what was lost
+            self._error = exc
+            try:
+                session.save_unsaved()
+            except HistoryError as lost:
+                self._error = lost
         except BaseException as exc:  # reported by ``deltas`` on the event loop
             self._error = exc
         finally:

@@ -1,7 +1,8 @@
 """The FastAPI application: routes only; the work is in ``answer`` (the pipeline), ``pool`` and ``metrics``.
 
 ``/health`` and ``/ready`` answer without a token (probes); every other route needs it when one is configured.
-No CORS headers are sent: browsers on other origins are refused by their own rules.
+No CORS headers are sent, so a browser lets no page of another site read an answer or POST JSON; ``guard`` refuses
+the WebSocket handshakes and the Host headers of other sites.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from appliance.service.answer import Service
 from appliance.service.auth import allowed
 from appliance.service.config import ServiceConfig
 from appliance.service.errors import ApiError, api_error_response
+from appliance.service.guard import SiteGuard
 from appliance.service.openai_routes import openai_router
 from appliance.service.ws import chat_socket
 
@@ -32,6 +34,7 @@ def create_app(service: Service, config: ServiceConfig,
 
     app = FastAPI(title="StreamChat", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_exception_handler(ApiError, api_error_response)
+    app.add_middleware(SiteGuard, config=config, metrics=service.metrics)
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -28,6 +28,7 @@ class ServiceConfig:
     max_body_bytes: int = 1 << 20  # an HTTP request body or a WebSocket frame
     max_message_chars: int = 16000  # one message's text (the demo's context is 512 tokens, ChatGLM-6B's 2048)
     retry_after_s: int = 1  # the hint sent with a full queue's 429 / error frame
+    allow_origins: tuple[str, ...] = ()  # web origins (``https://kiosk.example``) whose pages may open /ws/chat
 
 
 def is_loopback(host: str) -> bool:

@@ -13,7 +13,8 @@ from appliance.service.pool import EnginePool
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
-ERROR_KINDS = ("bad_request", "unauthorized", "too_large", "queue_full", "not_ready", "engine", "history", "internal")
+ERROR_KINDS = ("bad_request", "unauthorized", "forbidden", "too_large", "queue_full", "not_ready", "engine", "history",
+               "internal")
 
 
 class Metrics:

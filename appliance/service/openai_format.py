@@ -7,8 +7,9 @@ ChatGLM-6B's prompt is rounds of (query, response) plus the new query, so:
 - ChatGLM-6B has no system prompt: the text of every ``system`` (or ``developer``) message, in order, is put before
   the query, separated by a blank line, so it always stays within the context window (the oldest rounds are the
   first left out, never the query).
-Parameters OpenAI defines that ChatGLM cannot honour (``stop``, penalties, ``logit_bias``, tools...) and unknown
-ones are ignored; the ones used are checked and a bad value is a 400.
+ChatGLM-6B has no tools: ``tool`` and ``function`` messages are left out. Parameters OpenAI defines that ChatGLM cannot
+honour (``stop``, penalties, ``logit_bias``, tools...) and unknown ones are ignored; the ones used are checked and a
+bad value is a 400.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from appliance.service.options import RequestError, flag, message_text, whole_nu
 from appliance.session import TurnResult
 
 ROLES = ("system", "developer", "user", "assistant")
+IGNORED_ROLES = ("tool", "function")  # tool results: ChatGLM-6B has no tools (tool parameters are ignored too)
 FINISH = {"eos": "stop", "cancelled": "stop", "max_new_tokens": "length", "context": "length",
           "safety": "content_filter", "blocked": "content_filter"}
 
@@ -71,6 +73,8 @@ def parse_request(body: Any, limit: int) -> CompletionRequest:
     system, spoken = [], []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
+        if isinstance(message, dict) and message.get("role") in IGNORED_ROLES:
+            continue
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise RequestError(f"{where} must be an object whose role is one of {', '.join(ROLES)}")
         text = _content(message, where, limit)
@@ -100,10 +104,12 @@ def parse_request(body: Any, limit: int) -> CompletionRequest:
     options = {"temperature": temperature or None, "top_p": _number(body, "top_p"), "max_new_tokens": max_tokens,
                "top_k": body.get("top_k"), "repetition_penalty": _number(body, "repetition_penalty")}
     n = body.get("n")
-    if n is not None and n != 1:
-        raise RequestError("n must be 1: one answer per request")
-    stream_options = body.get("stream_options") or {}
-    if not isinstance(stream_options, dict):
+    if n is not None and (type(n) is not int or n != 1):
+        raise RequestError(f"n must be 1: one answer per request, got {json.dumps(n)[:40]}")
+    stream_options = body.get("stream_options")
+    if stream_options is None:
+        stream_options = {}
+    elif not isinstance(stream_options, dict):
         raise RequestError("stream_options must be an object")
     seed = body.get("seed")
     return CompletionRequest(

@@ -6,6 +6,7 @@ has no conversation id, so storing would make each request a new, partial copy o
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -15,12 +16,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from appliance import crash
-from appliance.errors import PromptError, StreamChatError
+from appliance.errors import PromptError
 from appliance.service import openai_format as fmt
 from appliance.service.answer import Answer, ConversationBusy, Job, Service, error_kind
 from appliance.service.config import ServiceConfig
 from appliance.service.errors import ApiError
-from appliance.service.options import RequestError, generation_settings
+from appliance.service.options import RequestError, generation_settings, malformed
 from appliance.service.pool import NotReady, QueueFull
 from appliance.settings import SettingsError
 
@@ -37,7 +38,13 @@ def api_error(exc: BaseException, config: ServiceConfig) -> ApiError:
 
 
 async def read_json(request: Request, limit: int) -> object:
-    """The request body as JSON, refused with 413 past ``limit`` bytes (before reading when Content-Length says so)."""
+    """The request body as JSON, refused with 413 past ``limit`` bytes (before reading when Content-Length says so),
+    and with 415 unless it is declared ``application/json`` (a page of another site cannot POST that without a CORS
+    preflight, which this server never grants)."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise ApiError(415, f"the request body must be JSON sent as 'Content-Type: application/json', got "
+                       f"{json.dumps(media_type or '(none)')[:60]}", code="unsupported_media_type")
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise ApiError(413, f"the request body has {int(length)} bytes; the limit is {limit}", code="too_large")
@@ -48,8 +55,8 @@ async def read_json(request: Request, limit: int) -> object:
             raise ApiError(413, f"the request body is larger than the limit of {limit} bytes", code="too_large")
     try:
         return json.loads(body)
-    except ValueError as exc:
-        raise ApiError(400, f"malformed JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser's recursion limit
+        raise ApiError(400, f"malformed JSON: {malformed(exc)}") from exc
 
 
 class AnswerStream(StreamingResponse):
@@ -88,21 +95,28 @@ def openai_router(service: Service, config: ServiceConfig) -> APIRouter:
             raise
         answer = service.answer(Job(asked.query, settings, asked.greedy, asked.seed, None, asked.turns, store=False),
                                 "openai")
+        left = asyncio.create_task(_disconnect(request))  # leaving the queue, or the answer, cancels it
+        left.add_done_callback(lambda task: task.cancelled() or answer.cancel())
         try:
             await answer.begin()
-        except StreamChatError as exc:
-            raise api_error(exc, config) from exc
-        ident, model = fmt.completion_id(), service.model_id
-        if asked.stream:
-            return AnswerStream(answer, _events(answer, ident, model, asked.include_usage, config))
-        try:
+            ident, model = fmt.completion_id(), service.model_id
+            if asked.stream:  # from here the StreamingResponse watches for the disconnect itself
+                return AnswerStream(answer, _events(answer, ident, model, asked.include_usage, config))
             async for _ in answer.deltas():
                 pass
-        except Exception as exc:
+        except Exception as exc:  # refused (queue full, not ready) or failed
             raise api_error(exc, config) from exc
+        finally:
+            left.cancel()
         return JSONResponse(fmt.completion(ident, model, answer.result))
 
     return router
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client disconnects (its body has been read: the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _events(answer: Answer, ident: str, model: str, include_usage: bool,

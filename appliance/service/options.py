@@ -20,6 +20,11 @@ class RequestError(StreamChatError):
     """A request the server cannot take as sent: the message says which field and why (HTTP 400)."""
 
 
+def malformed(exc: ValueError | RecursionError) -> str:
+    """What is wrong with a JSON text json.loads refused."""
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+
+
 def generation_settings(base: Settings, options: dict[str, Any]) -> Settings:
     """``base`` with the generation options given in ``options`` (None: the saved setting)."""
     given = {}
@@ -50,6 +55,10 @@ def message_text(value: Any, name: str, limit: int) -> str:
         raise RequestError(f"{name} must be a string, got {type(value).__name__}")
     if len(value) > limit:
         raise RequestError(f"{name} has {len(value)} characters; the limit is {limit}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate (JSON "\ud800"): neither the tokenizer nor SQLite takes it
+        raise RequestError(f"{name} is not valid Unicode: a lone surrogate at character {exc.start}") from None
     return value
 
 
@@ -78,8 +87,8 @@ def chat_frame(raw: str, limit: int) -> ChatFrame:
         return ChatFrame(text=message_text(raw, "the message", limit))
     try:
         data = json.loads(raw)
-    except ValueError as exc:
-        raise RequestError(f"malformed JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser's recursion limit
+        raise RequestError(f"malformed JSON: {malformed(exc)}") from exc
     if not isinstance(data, dict):
         raise RequestError("a JSON frame must be an object")
     kind = data.get("type", "message")

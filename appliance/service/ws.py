@@ -103,17 +103,18 @@ class ChatConnection:
             await self._send({"type": "error", "message": crash.one_line(exc, "answering")})
             return
         result = self._follow(answer)
+        assert result is not None  # the stream ended without an error: the turn ran
         done: dict[str, Any] = {"type": "done", "conversation_id": result.conversation_id,
                                 "stop_reason": result.stopped, "timings": answer.timings(), "notes": result.notes}
         if result.blocked_reason:
             done["blocked_reason"] = result.blocked_reason
         await self._send(done)
 
-    def _follow(self, answer: Answer) -> TurnResult:
-        """The answer's result (set once its stream has ended); its conversation becomes the connection's."""
+    def _follow(self, answer: Answer) -> TurnResult | None:
+        """The answer's result (set once its stream has ended; None when the turn failed before it began, e.g. an
+        unknown conversation_id); its conversation becomes the connection's."""
         result = answer.result
-        assert result is not None
-        if result.conversation_id is not None:
+        if result is not None and result.conversation_id is not None:
             self.conversation_id = result.conversation_id
         return result
 
