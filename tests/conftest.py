@@ -52,9 +52,9 @@ def reference_engine(reference: ReferenceModel) -> ReferenceEngine:
     return ReferenceEngine(reference)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    """The golden fixture as an fp32 cpu bundle (the window's tests)."""
+    """The golden fixture as an fp32 cpu bundle (the window's tests), one per test module: a test may change it."""
     os.environ.setdefault("STREAMCHAT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     return export_bundle(TINY, tmp_path_factory.mktemp("tiny") / "tiny", quant="fp32").bundle
 

@@ -160,6 +160,7 @@ def test_timings_arrive_as_a_signal_payload_and_the_speed_label_shows_them(qtbot
 def test_a_send_while_no_model_is_loaded_is_answered_and_the_window_stays_usable(qtbot, tiny, app_dirs):
     """Every send gets one ``finished``: without a model it says so, and after a reload the window answers again."""
     app = AppContext.load()
+    app.settings.generation.max_new_tokens = 12  # sampled on random weights: the answer ends here, if not at <eop>
     opens = model_loader(tiny, demo=False)
     calls = []
 
