@@ -7,7 +7,7 @@ the tokenizer holds text back until a character is complete).
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 from appliance.service.pool import EnginePool
 
@@ -21,6 +21,7 @@ class Metrics:
     def __init__(self, pool: EnginePool) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ... (Linux)
         self.ttft = Histogram("streamchat_time_to_first_token_seconds", "request arrival to first streamed text",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.inter_token = Histogram("streamchat_inter_token_seconds", "time between streamed deltas",
