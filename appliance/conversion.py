@@ -165,7 +165,7 @@ rm -f "$config"
 trap - EXIT
 manifest record
 """
-# converter settings filled in from the manifest; anything else could change what converter_lite loads or runs
+# the input-shape texts the export writes, passed to the converters as one argument each: plain values only
 CONFIG_VALUE = re.compile(r"[A-Za-z0-9_.:,;-]+")
 
 

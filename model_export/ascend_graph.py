@@ -26,9 +26,9 @@ from onnx import TensorProto, helper
 
 from appliance.conversion import static_input_shapes, static_output_names
 from appliance.model.definition import attention_scales, forward, tanh_gelu
+from appliance.model.quantize import BITS, quantize_blockwise
 from appliance.model.weights import EMBEDDING, LM_HEAD
 from model_export.graph import DecoderGraph, QuantSpec
-from model_export.quantize import BITS, quantize_blockwise
 
 OPSET = 13
 

@@ -32,7 +32,7 @@ import numpy as np
 from appliance.display import quoted
 from appliance.errors import CheckpointError
 from appliance.folders import Refused, read_small_file
-from appliance.model.weights import EMBEDDING, FINAL_NORM, INPUT_NORM, LM_HEAD, POST_ATTENTION_NORM, layer_prefix
+from appliance.model.weights import EMBEDDING, LM_HEAD, expected_shapes
 from appliance.model_config import ModelConfig
 
 _TORCH_DTYPES = {"HalfStorage": np.float16, "FloatStorage": np.float32, "BFloat16Storage": "bfloat16",
@@ -465,21 +465,6 @@ def read_safetensors_index(path: Path) -> dict[str, TensorRef]:
         if ref.nbytes:
             previous = (key, ref)
     return refs
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor the model uses, with its [out, in] shape."""
-    h = cfg.hidden_size
-    shapes: dict[str, tuple[int, ...]] = {EMBEDDING: (cfg.vocab_size, h), FINAL_NORM + ".weight": (h,),
-                                          FINAL_NORM + ".bias": (h,), LM_HEAD: (cfg.vocab_size, h)}
-    for n in range(cfg.num_layers):
-        p = layer_prefix(n)
-        for ln in (INPUT_NORM, POST_ATTENTION_NORM):
-            shapes[p + ln + ".weight"] = shapes[p + ln + ".bias"] = (h,)
-        for name, (out, inp) in cfg.linear_shapes().items():
-            shapes[p + name + ".weight"] = (out, inp)
-            shapes[p + name + ".bias"] = (out,)
-    return shapes
 
 
 def _read_json(path: Path) -> object:

@@ -21,6 +21,7 @@ import onnx
 from appliance import __version__
 from appliance.bundle import DIGEST, FORMAT, FORMAT_VERSION, MANIFEST, Bundle, sha256_file, write_manifest
 from appliance.errors import StreamChatError
+from appliance.model.quantize import BITS, GROUP_SIZES
 from appliance.model.weights import WEIGHT_PRECISIONS
 from appliance.targets import DECODER, STATIC, TARGETS
 from appliance.tokenizer import ChatGLMTokenizer
@@ -28,7 +29,6 @@ from model_export.checkpoint import Checkpoint
 from model_export.graph import DecoderGraph, QuantReport, QuantSpec
 from model_export.onnx_builder import ExternalData, GraphBuilder
 from model_export.progress import Progress
-from model_export.quantize import BITS, GROUP_SIZES
 from model_export.reference import ReferenceEngine, ReferenceModel
 from model_export.verify import verify
 
@@ -87,8 +87,10 @@ def estimate_bytes(ckpt: Checkpoint, spec: QuantSpec, tied: bool, target: str) -
     cfg = ckpt.config
     linear = sum(o * i for o, i in cfg.linear_shapes().values()) * cfg.num_layers
     tables = cfg.vocab_size * cfg.hidden_size * (1 if tied else 2)
-    stored = verified_precision(spec.weights, spec.embeddings, target)  # what the graphs hold, for Ascend too
-    weights, embeddings = (stored, stored) if TARGETS[target].graphs == STATIC else (spec.weights, spec.embeddings)
+    if TARGETS[target].graphs == STATIC:  # the graphs' own precision: the converter quantizes int8
+        weights = embeddings = verified_precision(spec.weights, spec.embeddings, target)
+    else:
+        weights, embeddings = spec.weights, spec.embeddings
     return int(linear * BYTES_PER_WEIGHT[weights] + tables * BYTES_PER_WEIGHT[embeddings]) + (64 << 20)
 
 

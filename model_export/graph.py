@@ -29,10 +29,10 @@ import onnx
 from onnx import TensorProto, helper
 
 from appliance.model.definition import MASK_FILL, forward, net_attention_scale, rotary_half_table
+from appliance.model.quantize import BITS, effective_group, quantize_blockwise
 from appliance.model.weights import EMBEDDING, LM_HEAD, dequantize
 from appliance.model_config import ModelConfig
 from model_export.onnx_builder import GraphBuilder
-from model_export.quantize import BITS, effective_group, quantize_blockwise
 
 OPSET = 17
 FLOAT = TensorProto.FLOAT

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from appliance.model.weights import expected_shapes
 from appliance.model_config import ModelConfig
-from model_export.checkpoint import expected_shapes
 from model_export.progress import Progress
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "chatglm6b-tiny"

@@ -484,9 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     gui.add_argument("--ready-exit", action="store_true", help=argparse.SUPPRESS)  # installers/test.sh: cold start
     gui.set_defaults(func=cmd_gui)
 
+    from appliance.model.quantize import GROUP_SIZES
     from appliance.model.weights import WEIGHT_PRECISIONS
     from appliance.targets import describe_targets
-    from model_export.quantize import GROUP_SIZES
 
     export = sub.add_parser("export", help="convert a checkpoint into a verified model bundle",
                             description="Convert a THUDM ChatGLM-6B checkpoint into a quantized, self-verified bundle.")

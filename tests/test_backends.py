@@ -23,12 +23,12 @@ import pytest
 from appliance.bundle import Bundle
 from appliance.engines.int4_prefill import MIN_PROMPT, Int4Prefill
 from appliance.kernels.prompt_kernels import load
+from appliance.model.quantize import BITS, effective_group, quantize_blockwise
 from appliance.model.weights import EMBEDDING, LINEARS, LM_HEAD, layer_prefix
 from appliance.positions import layout_of
 from appliance.tokenizer import ChatGLMTokenizer
 from model_export.checkpoint import Checkpoint
 from model_export.export import default_embeddings, export_bundle
-from model_export.quantize import BITS, effective_group, quantize_blockwise
 from model_export.reference import ReferenceEngine, ReferenceModel
 from model_export.synthetic import write_checkpoint
 from model_export.verify import VERIFY_PROMPTS, compare_engines

@@ -128,7 +128,7 @@ def test_verification_uses_only_the_public_engine_protocol(bundles, tokenizer):
 
 
 def test_export_and_verification_import_no_runtime_internals():
-    code = ("import sys, json\nimport model_export.export, model_export.verify, model_export.quantize\n"
+    code = ("import sys, json\nimport model_export.export, model_export.verify, appliance.model.quantize\n"
             "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('appliance.kernels', 'appliance.engines.')))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
     assert json.loads(out) == []

@@ -10,7 +10,7 @@ import pytest
 
 from appliance.kernels.prompt_kernels import Int4Weight, PromptKernels, load, status
 from appliance.model.numpy_ops import ARRAY
-from model_export.quantize import quantize_blockwise
+from appliance.model.quantize import quantize_blockwise
 
 
 def _avx2_linux() -> bool:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from appliance.model.weights import EMBEDDING, LM_HEAD
+from appliance.model.weights import EMBEDDING, LM_HEAD, expected_shapes
 from appliance.positions import layout_of
-from model_export.checkpoint import Checkpoint, expected_shapes
+from model_export.checkpoint import Checkpoint
 from model_export.demo.corpus import read_corpus
 from tests.conftest import GOLDEN, TINY
 

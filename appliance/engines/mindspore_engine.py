@@ -37,9 +37,17 @@ from appliance.engines.static import StaticEngine, static_engine
 from appliance.errors import BundleError, EngineError
 from appliance.folders import cache_dir
 from appliance.model.definition import MASK_FILL, attention_scales, forward, rotary_half_table, tanh_gelu
-from appliance.model.weights import EMBEDDING, FINAL_NORM, INPUT_NORM, LM_HEAD, POST_ATTENTION_NORM, zero_point
+from appliance.model.quantize import BITS, quantize_blockwise
+from appliance.model.weights import (
+    EMBEDDING,
+    FINAL_NORM,
+    INPUT_NORM,
+    LM_HEAD,
+    POST_ATTENTION_NORM,
+    expected_shapes,
+    zero_point,
+)
 from appliance.model_config import ModelConfig
-from model_export.quantize import BITS, quantize_blockwise
 
 if TYPE_CHECKING:
     from appliance.bundle import Bundle
@@ -56,8 +64,6 @@ def read_weights(bundle: Bundle) -> dict[str, np.ndarray]:
     """The model's tensors from the decode device graph's external data, by checkpoint name: read-only memory maps in
     the stored type (ModelState converts one at a time, so loading never holds the model twice)."""
     import onnx
-
-    from model_export.checkpoint import expected_shapes
 
     graph = bundle.path / bundle.manifest["graphs"]["device"]["decode"]
     model = onnx.load(str(graph), load_external_data=False)

@@ -10,9 +10,12 @@ into groups; ``packed [N, blocks, group * bits / 8]`` uint8 codes, ``scales [N, 
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from appliance.model_config import ModelConfig
 
 EMBEDDING = "transformer.word_embeddings.weight"
 LM_HEAD = "lm_head.weight"
@@ -29,6 +32,21 @@ WEIGHT_PRECISIONS = ("int4", "int8", "fp16", "fp32")  # how a bundle can store t
 
 def layer_prefix(layer: int) -> str:
     return f"transformer.layers.{layer}."
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the model uses, with its [out, in] shape."""
+    h = cfg.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {EMBEDDING: (cfg.vocab_size, h), FINAL_NORM + ".weight": (h,),
+                                          FINAL_NORM + ".bias": (h,), LM_HEAD: (cfg.vocab_size, h)}
+    for n in range(cfg.num_layers):
+        p = layer_prefix(n)
+        for ln in (INPUT_NORM, POST_ATTENTION_NORM):
+            shapes[p + ln + ".weight"] = shapes[p + ln + ".bias"] = (h,)
+        for name, (out, inp) in cfg.linear_shapes().items():
+            shapes[p + name + ".weight"] = (out, inp)
+            shapes[p + name + ".bias"] = (out,)
+    return shapes
 
 
 def zero_point(bits: int) -> int:

@@ -25,12 +25,11 @@ from torch import nn
 
 from appliance.generation import GenerationConfig, StreamGenerator
 from appliance.model.definition import MASK_FILL, attention_scales, forward, rotary_half_table
-from appliance.model.weights import EMBEDDING, LM_HEAD
+from appliance.model.weights import EMBEDDING, LM_HEAD, expected_shapes
 from appliance.model_config import ModelConfig
 from appliance.positions import PromptLayout, layout_of
 from appliance.prompt import build_prompt
 from appliance.tokenizer import MAX_BLANK, SPECIAL_PIECES, ChatGLMTokenizer
-from model_export.checkpoint import expected_shapes
 from model_export.demo.corpus import read_corpus
 from model_export.reference import ReferenceEngine, ReferenceModel
 
