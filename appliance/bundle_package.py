@@ -157,9 +157,10 @@ def _small_member(archive: tarfile.TarFile, member: tarfile.TarInfo | None, sour
         raise BundleError(f"{source} is truncated or damaged ({exc}); the installed bundle was not touched") from exc
 
 
-def _extract(archive: tarfile.TarFile, members: list[tarfile.TarInfo], staging: Path) -> None:
+def _extract(archive: tarfile.TarFile, members: list[tarfile.TarInfo], staging: Path,
+             on_bytes: Callable[[int], None]) -> None:
     """Write the checked members as new plain files and folders (no links, owners, modes or times from the archive:
-    files are created rw-r--r--, so none is executable)."""
+    files are created rw-r--r--, so none is executable); ``on_bytes`` hears each chunk written."""
     for m in members:
         dest = staging / m.name
         if m.isdir():
@@ -167,7 +168,9 @@ def _extract(archive: tarfile.TarFile, members: list[tarfile.TarInfo], staging: 
             continue
         dest.parent.mkdir(parents=True, exist_ok=True)
         with archive.extractfile(m) as src, open(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as out:
-            shutil.copyfileobj(src, out, HASH_CHUNK)
+            while chunk := src.read(HASH_CHUNK):
+                out.write(chunk)
+                on_bytes(len(chunk))
 
 
 def _previous_version(link: Path, name: str) -> Path | None:
@@ -194,13 +197,15 @@ def _open_package(package: Path) -> BinaryIO:
     return os.fdopen(fd, "rb")
 
 
-def install(package: Path, models_dir: Path) -> Path:
-    """Install ``package`` into ``models_dir/<name>`` (a symlink to a verified, versioned folder)."""
+def install(package: Path, models_dir: Path, on_bytes: Callable[[int], None] = lambda n: None) -> Path:
+    """Install ``package`` into ``models_dir/<name>`` (a symlink to a verified, versioned folder). ``on_bytes`` hears
+    each chunk extracted (a progress bar); an exception it raises cancels the install, which then removes what it wrote
+    and leaves the installed bundle as it was."""
     with _open_package(package) as fh:
-        return _install(fh, package, models_dir)
+        return _install(fh, package, models_dir, on_bytes)
 
 
-def _install(fh: BinaryIO, package: Path, models_dir: Path) -> Path:
+def _install(fh: BinaryIO, package: Path, models_dir: Path, on_bytes: Callable[[int], None]) -> Path:
     try:
         archive = tarfile.open(fileobj=fh, mode="r:")  # noqa: SIM115 - closed by the `with archive:` below
     except tarfile.ReadError as exc:
@@ -226,7 +231,7 @@ def _install(fh: BinaryIO, package: Path, models_dir: Path) -> Path:
                               f"{free / 1e9:.2f} GB are free")
         version, moved = models_dir / f".{name}.{time.time_ns()}", False
         try:
-            _extract(archive, members, staging)
+            _extract(archive, members, staging, on_bytes)
             script = staging / name / CONVERT_SCRIPT
             if TARGETS[manifest["target"]].graphs == STATIC and script.is_file():
                 script.chmod(0o755)  # removed with the rest unless the byte-for-byte check below passes

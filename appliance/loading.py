@@ -54,14 +54,17 @@ def demo_bundle(data: Path, export: DemoExporter | None, progress: Callable[[str
 
 
 def open_bundle(path: Path, threads: int | None = None, engine: str = AUTO, context: int | None = None,
-                progress: Callable[[str], None] | None = None) -> LoadedModel:
+                progress: Callable[[str], None] | None = None, device: str = "cpu", device_id: int = 0,
+                weights: str | None = None) -> LoadedModel:
     """``threads`` None = the machine's physical cores; ``context`` caps the context window (and so the KV cache) of a
-    cpu bundle; ``progress`` hears the stages of a long load. The engine is warmed up, so the first message does not
+    cpu bundle; ``progress`` hears the stages of a long load; ``device``, ``device_id`` and ``weights`` go to the
+    engine (``appliance.engines.EngineOptions``). The engine is warmed up, so the first message does not
     pay the runtime's first runs (on MindSpore Lite that is when the graphs are converted and built)."""
     opened = Bundle.open(path)
     summary = {"target": opened.target, "quant": opened.manifest["quant"]["weights"], "demo": opened.is_demo,
                "path": str(opened.path)}
-    loaded = opened.engine(threads=threads, kind=engine, context=context, progress=progress)
+    loaded = opened.engine(threads=threads, kind=engine, context=context, progress=progress, device=device,
+                           device_id=device_id, weights=weights)
     tokenizer = opened.tokenizer()
     warm_up(loaded, tokenizer.special.bos, tokenizer.special.gmask)
     return LoadedModel(loaded, tokenizer, opened.label, summary)

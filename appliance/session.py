@@ -166,7 +166,7 @@ class ChatSession:
         config = GenerationConfig.from_settings(settings.generation, greedy=greedy, seed=seed)
         result.settings = config.to_dict()
         budget = min(settings.context_budget, self.engine.max_context)
-        plan = plan_prompt(self.tokenizer, query, self.turns(), budget, config.max_new_tokens)
+        plan = plan_prompt(self.tokenizer, query, self.turns(), budget, config.max_new_tokens, settings.system_prompt)
         result.notes = list(plan.notes)
         if self.history is not None:
             result.user_message_id = self._save("user", query, bundle_id=self.model_id)
@@ -238,6 +238,11 @@ class ChatSession:
             message_id = self.history.add_message(m.conversation, m.role, m.text, **m.fields)
             self._unsaved.pop(0)
         return message_id
+
+    @property
+    def has_unsaved(self) -> bool:
+        """Messages a storage failure left in memory, not yet in the history."""
+        return bool(self._unsaved)
 
     def save_unsaved(self) -> None:
         """Before quitting: store the messages kept after a storage failure, or say in one line that they are lost."""

@@ -37,11 +37,12 @@ class Setting:
     key: str  # "section.name", or "name" at the top level of settings.json
     default: bool | int | float | str  # its type is the setting's type
     help: str
-    label: str = ""  # the settings dialog's label (a translation key); "" = edited in settings.json only
+    label: str = ""  # the label in the window's dialogs (a translation key); "" = edited in settings.json only
     limits: tuple[float, float] | None = None  # inclusive, for numbers
     choices: tuple[str, ...] = ()
     choice_labels: tuple[str, ...] = ()  # the dialog's names of the choices (translation keys)
     step: float = 1  # the dialog's arrow step
+    lines: int = 1  # text settings: the dialog's editor height in lines (more than 1: a multi-line editor)
 
     @property
     def section(self) -> str:
@@ -97,20 +98,36 @@ SCHEMA: tuple[Setting, ...] = (
     Setting("generation.max_new_tokens", 512, "longest answer, in tokens", "Max new tokens", (1, 8192)),
     Setting("context_budget", 2048, "tokens of prompt and answer; the oldest turns are left out to fit",
             "Context budget", (64, 32768)),
+    Setting("system_prompt", "", "instructions the model gets before every conversation (ChatGLM-6B has no system "
+            "role: they are the conversation's first round, see appliance/prompt.py; empty: none)", "System prompt",
+            lines=4),
     Setting("model_bundle", "", "bundle folder (empty: the built-in demo model)", "Model bundle"),
+    Setting("engine", "auto", "runtime the bundle is opened on (auto: the one its target names; the engines are "
+            "appliance.engines.ENGINES)", "Engine"),
+    Setting("device", "cpu", "where an engine with a device choice runs (MindSpore, MindSpore Lite): the CPU or an "
+            "Ascend NPU", "Device", choices=("cpu", "ascend"), choice_labels=("CPU", "Ascend NPU")),
+    Setting("device_id", 0, "the Ascend NPU to run on, when the device is ascend", "NPU number", (0, 63)),
     Setting("data_dir", "", "folder of the history and the audit log (empty: the default data folder)", "Data folder"),
     Setting("threads", 0, "CPU threads (0: the physical cores)", limits=(0, 1024)),
     Setting("safety.mode", "mask", "a listed word in an answer is masked (mask) or ends the answer (stop); off turns the "
             "safety filter off", choices=("mask", "stop", "off")),
     Setting("safety.log_matched_text", False, "the audit log also stores the matched text"),
-    Setting("kiosk.enabled", False, "start in kiosk mode (full screen, unattended)"),
-    Setting("kiosk.idle_timeout_s", 180, "seconds without input before the kiosk starts over", limits=(5, 86400)),
-    Setting("kiosk.keep_history", False, "the kiosk keeps a conversation when it starts over (otherwise it is deleted)"),
-    Setting("kiosk.exit_pin", "", "PIN that lets an operator leave the kiosk (empty: no exit)"),
-    Setting("kiosk.font_scale", 1.6, "kiosk font size, times font_size", limits=(0.5, 4), step=0.1),
+    # the kiosk section: the operator's Kiosk settings dialog (behind the PIN), not the Settings dialog
+    Setting("kiosk.enabled", False, "start in kiosk mode (full screen, unattended)", "Start in kiosk mode"),
+    Setting("kiosk.idle_timeout_s", 180, "seconds without input before the kiosk starts over", "Idle timeout (s)",
+            (5, 86400)),
+    Setting("kiosk.keep_history", False, "the kiosk keeps a conversation when it starts over (otherwise it is deleted)",
+            "Keep visitors' conversations"),
+    Setting("kiosk.exit_pin", "", "PIN that lets an operator leave the kiosk and change its settings (empty: no exit)",
+            "Operator PIN"),
+    Setting("kiosk.font_scale", 1.6, "kiosk font size, times font_size", "Font scale", (0.5, 4), step=0.1),
+    Setting("kiosk.welcome_text", "", "text the kiosk shows above each visitor's conversation (empty: none)",
+            "Welcome text", lines=3),
     Setting("language", "auto", "language of the window (auto: the system's)", "Language", choices=("auto", "zh_CN", "en"),
             choice_labels=("Follow the system", "简体中文", "English")),
     Setting("font_size", 11, "font size of the window, in points", "Font size", (6, 48)),
+    Setting("theme", "system", "light or dark window (system: as the desktop is set, following its changes)", "Theme",
+            choices=("system", "light", "dark"), choice_labels=("Follow the system", "Light", "Dark")),
 )
 BY_KEY = {s.key: s for s in SCHEMA}
 

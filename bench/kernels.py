@@ -1,6 +1,9 @@
 """What bounds the cpu target on this machine: the matmul kernels alone, on ChatGLM-6B's shapes.
 
-    python bench/kernels.py
+    python bench/kernels.py              # every weight format through onnxruntime, and the prompt kernels
+    python bench/kernels.py --compare [--rounds 3]
+                                         # StreamChat's kernels on each path this CPU has against onnxruntime's
+                                         # MatMulNBits on the same weights, in alternating rounds
 
 Decode reads every weight once per token, so its kernels should stream at the machine's read bandwidth; prefill
 multiplies a whole prompt, so its kernels should reach the cores' arithmetic peak. This times the kernels alone (random
@@ -12,6 +15,7 @@ each rate would allow at most.
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
 
@@ -63,8 +67,9 @@ def qgemm(k: int, n: int) -> ort.InferenceSession:
     return session(nodes, {"W": weight}, TensorProto.INT32)
 
 
-def prompt_kernel(k: int, n: int, block: int) -> Callable[[np.ndarray], np.ndarray] | None:
-    """StreamChat's AVX2 INT4 prompt kernel on MatMulNBits weights, activations quantized per call like acc 4's."""
+def prompt_kernel(k: int, n: int, block: int, kernel: str | None = None) -> Callable[[np.ndarray], np.ndarray] | None:
+    """StreamChat's INT4 prompt kernel (the chosen path, or ``kernel``) on MatMulNBits weights, activations quantized
+    per call like acc 4's."""
     from appliance.kernels.prompt_kernels import Int4Weight, PromptKernels, load
 
     if load() is None:
@@ -72,8 +77,87 @@ def prompt_kernel(k: int, n: int, block: int) -> Callable[[np.ndarray], np.ndarr
     rng = np.random.default_rng(0)
     weight = Int4Weight(rng.integers(0, 256, size=(n, k // block, block // 2), dtype=np.uint8),
                         rng.random((n, k // block), dtype=np.float32) * 0.01)
-    kernels = PromptKernels(load(), threads=2)
+    kernels = PromptKernels(load(), threads=2, kernel=kernel)
     return lambda a: kernels.matmul(kernels.quantize(a, block), weight)
+
+
+DECODE_SHAPES = [(HIDDEN, HIDDEN), (HIDDEN, INNER), (INNER, HIDDEN)]  # (K, N): dense, MLP in, MLP out
+STREAM_BYTES = 256e6  # distinct copies of each matrix up to this size: 8x the L3 caches seen, so weights stream
+
+
+def decode_pair(k: int, n: int, block: int = 128) -> tuple[ort.InferenceSession, list, int]:
+    """Distinct INT4 K x N matrices filling STREAM_BYTES, as parallel MatMulNBits nodes (acc 4, as bundles export) and
+    as the same arrays for StreamChat's GEMV; their bytes."""
+    from appliance.kernels.prompt_kernels import Int4Weight
+
+    rng = np.random.default_rng(0)
+    per = n * k // 2 + n * k // block * 4
+    copies = max(1, int(np.ceil(STREAM_BYTES / per)))
+    nodes, weights, ours = [], {}, []
+    for i in range(copies):
+        packed = rng.integers(0, 256, size=(n, k // block, block // 2), dtype=np.uint8)
+        scales = rng.random((n, k // block), dtype=np.float32) * 0.01
+        weights[f"B{i}"], weights[f"S{i}"] = packed, scales.reshape(-1)
+        nodes.append(helper.make_node("MatMulNBits", ["A", f"B{i}", f"S{i}"], [f"Y{i}"], domain="com.microsoft", K=k,
+                                      N=n, bits=4, block_size=block, accuracy_level=4))
+        ours.append(Int4Weight(packed, scales))
+    graph = helper.make_graph(nodes, "decode", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, None) for i in range(copies)],
+                              [numpy_helper.from_array(w, name) for name, w in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), ours, copies * per
+
+
+def compare(rounds: int) -> None:
+    """Side by side in one run: onnxruntime's MatMulNBits and StreamChat's kernels on every path this CPU has, each
+    round measuring all of them in turn with the read bandwidth measured before and after it."""
+    from appliance.kernels.decode_kernels import DecodeKernels
+    from appliance.kernels.native import PATHS, cpu_features, library
+
+    lib = library()
+    paths = [p for p in PATHS if p in cpu_features()]
+    print(f"CPU features: {', '.join(cpu_features()) or 'none'}; paths measured: {', '.join(paths) or 'none'}")
+    gemvs = {p: DecodeKernels(lib, 2, p) for p in paths}
+    decode = {}
+    for k, n in DECODE_SHAPES:
+        sess, ours, nbytes = decode_pair(k, n)
+        runners = {"onnxruntime": lambda a, sess=sess: sess.run(None, {"A": a})}
+        for p, gemv in gemvs.items():
+            runners[p] = lambda a, gemv=gemv, ours=ours: [gemv.matvec(gemv.quantize(a, w.group), w) for w in ours]
+        decode[(k, n)] = runners, nbytes
+    prompts = {"onnxruntime": matmul_nbits([(HIDDEN, INNER)], 4, 128, 4)[0]}
+    prompts.update({p: prompt_kernel(HIDDEN, INNER, 128, p) for p in paths})
+    results: dict[tuple, list[float]] = {}
+    for r in range(rounds):
+        before = read_bandwidth_gbs(256, repeats=3)
+        for (k, n), (runners, nbytes) in decode.items():
+            for name, run in runners.items():
+                t = seconds(run, 1, k, 7)
+                results.setdefault(("decode", k, n, name), []).append(nbytes / t / 1e9)
+        for name, run in prompts.items():
+            t = seconds(run, PROMPT, HIDDEN, 3)
+            results.setdefault(("prefill", name), []).append(2 * PROMPT * HIDDEN * INNER / t / 1e9)
+        after = read_bandwidth_gbs(256, repeats=3)
+        results.setdefault(("bandwidth",), []).append((before + after) / 2)
+        print(f"round {r + 1}: read bandwidth {before:.1f} before, {after:.1f} GB/s after", flush=True)
+    bandwidth = results[("bandwidth",)]
+    print("\ndecode, one row, INT4 block 128 (acc 4), weights streamed from memory: GB/s per round (share of that "
+          "round's read bandwidth)")
+    print("| K x N | kernel | " + " | ".join(f"round {r + 1}" for r in range(rounds)) + " |")
+    print("|---|---|" + "---|" * rounds)
+    for (k, n), (runners, _) in decode.items():
+        for name in runners:
+            rates = results[("decode", k, n, name)]
+            print(f"| {k} x {n} | {name} | " + " | ".join(f"{v:.1f} ({v / b:.0%})" for v, b in zip(rates, bandwidth,
+                                                                                                     strict=True)) + " |")
+    print(f"\nprefill, {PROMPT} rows x {HIDDEN} x {INNER}, INT4 block 128, int8 activations: GFLOP/s per round")
+    print("| kernel | " + " | ".join(f"round {r + 1}" for r in range(rounds)) + " |")
+    print("|---|" + "---|" * rounds)
+    for name in prompts:
+        print(f"| {name} | " + " | ".join(f"{v:.0f}" for v in results[("prefill", name)]) + " |")
 
 
 def seconds(node: ort.InferenceSession | Callable[[np.ndarray], object], rows: int, k: int, repeats: int) -> float:
@@ -127,4 +211,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--compare", action="store_true", help="StreamChat's kernels against onnxruntime's, in rounds")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    compare(args.rounds) if args.compare else main()

@@ -146,6 +146,9 @@ def main() -> None:
 
     bandwidth = read_bandwidth_gbs()
     print(f"read bandwidth: {bandwidth:.1f} GB/s (2 threads, 1 GiB buffer, best of 5)")
+    from appliance.kernels import describe
+
+    print(f"kernels: {describe()}")  # which paths the runs below take (STREAMCHAT_KERNEL forces one)
     configs = [(128, 4, "int8")]
     if args.variants:
         configs += [(32, 4, "int8"), (256, 4, "int8"), (128, 4, "int4")]  # accuracy level 0: docs/performance.md

@@ -24,6 +24,7 @@ from appliance.display import one_line, printable
 from appliance.errors import StreamChatError
 
 if TYPE_CHECKING:
+    from appliance.app import AppContext
     from appliance.prompt import Turn
     from appliance.settings import Settings
 
@@ -43,6 +44,27 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     from appliance.engines import AUTO, describe_engines
 
     parser.add_argument("--engine", default=AUTO, metavar="NAME", help=f"runtime for a bundle: {describe_engines()}")
+    _add_device_args(parser)
+
+
+def _add_device_args(parser: argparse.ArgumentParser) -> None:
+    """Where a bundle's engine runs and the weights it holds (``appliance.engines.EngineOptions``); the values are
+    checked by ``_engine_placement``, so a bad one is one line."""
+    parser.add_argument("--device", default="cpu", metavar="{cpu,ascend}", help="where the engine runs: cpu (default) "
+                        "or ascend, an NPU (engines mindspore, mindspore-lite, acl)")
+    parser.add_argument("--device-id", default="0", metavar="N", help="the NPU number with --device ascend (default 0)")
+    parser.add_argument("--weights", default=None, metavar="{int8,int4}", help="engine mindspore: hold the matrices as "
+                        "int8 (per row) or int4 (groups of 128) codes quantized when the bundle is opened (default: "
+                        "the bundle's own precision)")
+
+
+def _engine_placement(args: argparse.Namespace) -> dict:
+    """``--device``, ``--device-id`` and ``--weights`` checked before anything loads (one line, exit 2), as keyword
+    arguments of ``load_model``."""
+    from appliance.engines import EngineOptions, device_number
+
+    options = EngineOptions(device=args.device, device_id=device_number(args.device_id), weights=args.weights)
+    return {"device": options.device, "device_id": options.device_id, "weights": options.weights}
 
 
 def _add_generation_args(parser: argparse.ArgumentParser) -> None:
@@ -95,10 +117,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from streamchat.models import load_model
 
     turns = read_history(args.history) if args.history else []
+    placement = _engine_placement(args)
     app = AppContext.load(with_history=False)
     settings = _apply_generation_args(app.settings, args)
     model = load_model(checkpoint=args.checkpoint, bundle=args.bundle, threads=args.threads or settings.threads or None,
-                       demo=args.demo, data=app.data_dir, engine=args.engine, context=settings.context_budget)
+                       demo=args.demo, data=app.data_dir, engine=args.engine, context=settings.context_budget,
+                       **placement)
     session = app.session(model.engine, model.tokenizer, model.label, settings)
     session.open(None, turns)
     for delta in session.send(args.prompt, greedy=args.greedy, seed=args.seed):
@@ -151,10 +175,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from appliance.app import AppContext
     from streamchat.models import load_model
 
+    placement = _engine_placement(args)
     app = AppContext.load()
     settings = _apply_generation_args(app.settings, args)
     model = load_model(checkpoint=args.checkpoint, bundle=args.bundle, threads=args.threads or settings.threads or None,
-                       demo=args.demo, data=app.data_dir, engine=args.engine, context=settings.context_budget)
+                       demo=args.demo, data=app.data_dir, engine=args.engine, context=settings.context_budget,
+                       **placement)
     session = app.session(model.engine, model.tokenizer, model.label, settings)
     session.open(args.conversation)
     turns = session.turns()
@@ -234,11 +260,33 @@ def _local_time(seconds: float) -> str:
         return "????-??-?? ??:??"
 
 
-def cmd_history(args: argparse.Namespace) -> int:
+HISTORY_URL_ENV = "STREAMCHAT_HISTORY_URL"
+
+
+def _add_history_url(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--history-url", metavar="URL", default=None,
+                        help="keep conversations in this PostgreSQL database, postgresql://USER@HOST:PORT/DATABASE "
+                             f"(default ${HISTORY_URL_ENV}; without either, SQLite in the data folder)")
+
+
+def _app_context(args: argparse.Namespace) -> AppContext:
+    """The app's context with its history where --history-url or $STREAMCHAT_HISTORY_URL says (a PostgreSQL database
+    shared by several servers), else in the data folder (SQLite)."""
     from appliance.app import AppContext
+    from appliance.history import History
+
+    url = args.history_url or os.environ.get(HISTORY_URL_ENV)
+    if not url:
+        return AppContext.load()
+    app = AppContext.load(with_history=False)
+    app.history = History(url)
+    return app
+
+
+def cmd_history(args: argparse.Namespace) -> int:
     from appliance.history import read_export, write_export
 
-    history = AppContext.load().history
+    history = _app_context(args).history
     if args.action == "list":
         for c in history.conversations():
             print(f"{c.id:>5}  {_local_time(c.updated)}  {c.messages:>3} msgs  {one_line(c.title)}")
@@ -291,6 +339,8 @@ def _add_history_parser(sub) -> None:
     export.add_argument("--out", type=Path, required=True)
     actions.add_parser("import", help="conversations from a JSON export").add_argument("file", type=Path)
     actions.add_parser("delete", help="delete a conversation for good").add_argument("id", type=conversation_id)
+    for action in actions.choices.values():
+        _add_history_url(action)
     hist.set_defaults(func=cmd_history)
 
 
@@ -344,7 +394,7 @@ def _run_bundle_script(args: argparse.Namespace) -> int:
 def cmd_self_test(args: argparse.Namespace) -> int:
     """Open the configured bundle (or the demo), stream a short answer, store and read it back, clean up."""
     from appliance.app import AppContext
-    from appliance.kernels import prompt_kernels
+    from appliance.kernels import describe
     from appliance.session import ChatSession
     from streamchat.models import load_model
 
@@ -358,7 +408,7 @@ def cmd_self_test(args: argparse.Namespace) -> int:
     ok = bool(answer) and [m.role for m in stored] == ["user", "assistant"] and stored[-1].text == answer
     app.history.delete(session.conversation_id)
     print(f"self-test {'ok' if ok else 'FAILED'}: model {model.label}; answer {answer[:60]!r}; history {app.history.path}; "
-          f"prompt kernel {prompt_kernels.status()}")
+          f"kernels: {describe()}")
     return 0 if ok else 1
 
 
@@ -367,13 +417,16 @@ SERVICE_MODULES = ("fastapi", "starlette", "uvicorn", "prometheus_client", "pyda
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """The local HTTP/WebSocket service (docs/service.md); each replica opens the model on its own engine."""
-    from appliance.app import AppContext
     from appliance.engines.cpu import physical_cores
-    from appliance.service.config import ServiceConfig, check_config, read_token
+    from appliance.service.config import ServiceConfig, check_config, parse_devices, read_token
 
-    config = ServiceConfig(host=args.host, port=args.port, replicas=args.replicas, queue=args.queue,
-                           token=read_token(args.token_file), allow_origins=tuple(args.allow_origin))
+    devices = parse_devices(args.devices, args.replicas)
+    replicas = 1 if args.replicas is None else args.replicas
+    config = ServiceConfig(host=args.host, port=args.port, replicas=replicas, devices=devices, queue=args.queue,
+                           token=read_token(args.token_file), allow_origins=tuple(args.allow_origin),
+                           client_connections=args.client_connections, log_messages=args.log_messages)
     check_config(config)
+    placement = _engine_placement(args)
     try:
         from appliance.service.server import serve
     except ImportError as exc:
@@ -382,15 +435,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise StreamChatError(f"streamchat serve needs {exc.name}: pip install 'streamchat[service]'") from exc
     from streamchat.models import load_model
 
-    app = AppContext.load()
-    threads = args.threads or app.settings.threads or max(1, physical_cores() // config.replicas)
+    app = _app_context(args)
+    threads = args.threads or app.settings.threads or max(1, physical_cores() // config.size)
+    if devices:
+        serve(config, app, _device_loader(args, app, threads, placement, devices))
+        return 0
 
     def load(replica: int):
         return load_model(bundle=args.bundle, demo=args.demo, threads=threads, data=app.data_dir, engine=args.engine,
-                          context=app.settings.context_budget, quiet=replica > 0)
+                          context=app.settings.context_budget, quiet=replica > 0, **placement)
 
     serve(config, app, load)
     return 0
+
+
+def _device_loader(args: argparse.Namespace, app, threads: int, placement: dict, devices: tuple[int, ...]):
+    """``serve --devices``: the bundle (the demo exported first, if it must be) opened in a worker process per device
+    id. With ``--device cpu`` the workers run on the CPU and the ids only name them (docs/service.md)."""
+    from dataclasses import replace
+
+    from appliance.engines import EngineOptions
+    from appliance.engines.worker import load_in_worker
+    from appliance.loading import demo_bundle
+    from streamchat.models import export_demo
+
+    if args.device_id != "0":
+        raise StreamChatError("--device-id picks the one NPU of a single replica; with --devices each replica has its "
+                              "own: leave --device-id out")
+    bundle = args.bundle or demo_bundle(app.data_dir, export_demo, lambda line: print(line, file=sys.stderr))
+    options = EngineOptions(threads=threads, context=app.settings.context_budget, **placement)
+    if options.device == "cpu":
+        print(f"note: --devices with --device cpu: {len(devices)} worker processes on the CPU, the ids only name "
+              "them (--device ascend puts one on each NPU)", file=sys.stderr, flush=True)
+    return lambda index: load_in_worker(bundle, args.engine, replace(options, device_id=devices[index]))
 
 
 def cmd_gui(args: argparse.Namespace) -> int:
@@ -461,19 +538,28 @@ def build_parser() -> argparse.ArgumentParser:
     served.add_argument("--bundle", type=Path, metavar="DIR", help="an exported model bundle")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs a token)")
     serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    serve.add_argument("--replicas", type=int, default=1, metavar="N", help="engines answering at once, each with its "
-                       "own KV cache and memory (default 1)")
+    serve.add_argument("--replicas", type=int, default=None, metavar="N", help="engines answering at once in this "
+                       "process, each with its own KV cache and memory (default 1)")
+    serve.add_argument("--devices", default=None, metavar="IDS", help="one replica per accelerator device, each in a "
+                       "worker process of its own: 0,1,2,3 with --device ascend (not with --replicas)")
     serve.add_argument("--queue", type=int, default=16, metavar="N", help="requests that may wait for a free replica; "
                        "more are answered 429 (default 16)")
+    _add_history_url(serve)
     serve.add_argument("--token-file", type=Path, metavar="FILE", help="bearer token clients must send (first line; "
                        "default: $STREAMCHAT_TOKEN, else none, allowed on loopback only)")
     serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
-                       help="a web origin whose pages may open /ws/chat (repeatable; 'null' for a page opened from a file)")
+                       help="a web origin whose pages may use the server: open /ws/chat and read HTTP answers (CORS, "
+                       "off without this flag); repeatable; 'null' for a page opened from a file")
+    serve.add_argument("--client-connections", type=int, default=32, metavar="N", help="WebSocket connections plus "
+                       "HTTP answers in flight one client address may hold at once (default 32)")
+    serve.add_argument("--log-messages", action="store_true", help="log one line per request with its text to stderr "
+                       "(default: no message text is logged)")
     serve.add_argument("--threads", type=int, default=None, help="CPU threads per replica (default: the physical "
                        "cores shared among the replicas)")
     from appliance.engines import AUTO, describe_engines
 
     serve.add_argument("--engine", default=AUTO, metavar="NAME", help=f"runtime for a bundle: {describe_engines()}")
+    _add_device_args(serve)
     serve.set_defaults(func=cmd_serve)
 
     gui = sub.add_parser("gui", help="the desktop chat window (the default command)",

@@ -14,6 +14,7 @@ from appliance.tokenizer import ChatGLMTokenizer
 from model_export.checkpoint import Checkpoint
 from model_export.export import export_bundle
 from model_export.reference import ReferenceEngine, ReferenceModel
+from tests.history_stores import postgres, stores  # noqa: F401 - the history suite's fixtures, on both databases
 
 # The suite never reads or writes the user's own settings, history or cache: every test starts from empty folders of
 # its own run unless it points the variables elsewhere (most tests do, per test, with monkeypatch).

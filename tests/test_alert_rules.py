@@ -1,5 +1,6 @@
 """The Prometheus alert rules (deploy/prometheus/streamchat-alerts.yml): well formed, and every metric they query is
-one the real server exports at /metrics (started as in test_service, after one answer so labelled series exist)."""
+one the real server exports at /metrics (started as in test_service, after one answer so labelled series exist), or,
+for the accelerator rules, one the server's collector exports for an engine that reports its device."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import pytest
 import websockets
 import yaml
 
+from appliance.device_usage import DeviceUsage
+from appliance.service.metrics import AcceleratorCollector
 from tests.test_service import PROMPT, Server, _answer
 
 RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "streamchat-alerts.yml"
@@ -22,7 +25,10 @@ PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", 
                 "group_right", "inf", "nan"}
 THRESHOLDS = {"StreamChatCpuHigh": "> 0.85", "StreamChatMemoryHigh": "> 0.85", "StreamChatLatencyP99High": "> 0.5",
               "StreamChatErrorRateHigh": "> 0.01", "StreamChatTimeToFirstTokenHigh": "> 1",
-              "StreamChatStreamStalls": "> 0.5"}
+              "StreamChatStreamStalls": "> 0.01", "StreamChatAcceleratorMemoryHigh": "> 0.85",
+              "StreamChatAcceleratorBusy": "> 0.85", "StreamChatReplicasSaturated": "> 0.85",
+              "StreamChatRepetitionHigh": "> 0.15", "StreamChatTopicConsistencyLow": "< 0.7",
+              "StreamChatReplicaDown": "== 0"}
 
 
 def metric_names(expr: str) -> set[str]:
@@ -78,10 +84,27 @@ def test_every_rule_is_complete_with_the_issue_thresholds():
         assert rule["expr"].rstrip().endswith(THRESHOLDS[name]), (name, rule["expr"])
 
 
+def accelerator_metrics() -> set[str]:
+    """The sample names the server's accelerator collector exports for an engine reporting every field."""
+    class Engine:
+        def device_usage(self) -> list[DeviceUsage]:
+            return [DeviceUsage("npu:0", 3 << 30, 32 << 30, 0.5)]
+
+    class Replica:
+        index, model = 0, type("Model", (), {"engine": Engine()})()
+
+    pool = type("Pool", (), {"replicas": [Replica()]})()
+    return {sample.name for family in AcceleratorCollector(pool).collect() for sample in family.samples}
+
+
 def test_every_metric_a_rule_uses_is_exported_by_the_server(exported):
+    assert not {n for n in exported if n.startswith("streamchat_accelerator_")}, "a CPU engine reports no device"
+    device = accelerator_metrics()
+    assert device == {"streamchat_accelerator_memory_used_bytes", "streamchat_accelerator_memory_total_bytes",
+                      "streamchat_accelerator_utilisation_ratio"}
     used = {name: metric_names(rule["expr"]) for name, rule in ((r["alert"], r) for r in rules())}
     assert all(used.values()), used
-    missing = {name: sorted(names - exported) for name, names in used.items() if names - exported}
+    missing = {name: sorted(names - exported - device) for name, names in used.items() if names - exported - device}
     assert not missing, f"not at /metrics: {missing}"
 
 
@@ -90,3 +113,11 @@ def test_promtool_checks_the_rules():
     run = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr
     assert f"SUCCESS: {len(rules())} rules found" in run.stdout
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed (Debian: apt install prometheus)")
+def test_rules_fire_over_their_thresholds_only():
+    """promtool's rule unit tests: synthetic series just over and just under each newer rule's threshold."""
+    run = subprocess.run(["promtool", "test", "rules", RULES.with_name("streamchat-alerts.test.yml").name],
+                         capture_output=True, text=True, timeout=60, cwd=RULES.parent)
+    assert run.returncode == 0 and "SUCCESS" in run.stdout, run.stdout + run.stderr

@@ -1,5 +1,6 @@
 """`streamchat history` as a shell user meets it: a reader that leaves early, a search that finds nothing, the same
-export imported twice; and titles made from a first message that has several lines."""
+export imported twice; and titles made from a first message that has several lines. Each test runs on SQLite in the data
+folder and on a PostgreSQL database given by $STREAMCHAT_HISTORY_URL (the ``stores`` fixture)."""
 
 import json
 import os
@@ -16,10 +17,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def data(tmp_path, monkeypatch):
+def data(tmp_path, monkeypatch, stores):
+    """Where ``streamchat history`` finds its history: the data folder, or a database."""
     for name in ("CONFIG", "DATA", "CACHE"):
         monkeypatch.setenv(f"STREAMCHAT_{name}_DIR", str(tmp_path / name.lower()))
-    return tmp_path / "data"
+    location = stores.location()
+    stores.use(monkeypatch, location)
+    return location
 
 
 def _stored(data: Path, count: int) -> History:
@@ -54,7 +58,7 @@ def test_a_search_without_a_match_says_so(data, capsys):
     assert capsys.readouterr().out == "[1] user: question 0 with a second line\n"
 
 
-def test_importing_the_same_export_twice_adds_nothing_the_second_time(data, tmp_path, capsys, monkeypatch):
+def test_importing_the_same_export_twice_adds_nothing_the_second_time(data, tmp_path, capsys, monkeypatch, stores):
     history = _stored(data, 2)
     export = tmp_path / "all.json"
     assert main(["history", "export", "--format", "json", "--out", str(export)]) == 0
@@ -62,9 +66,9 @@ def test_importing_the_same_export_twice_adds_nothing_the_second_time(data, tmp_
     assert capsys.readouterr().out.splitlines()[-1] == "imported 0 conversation(s); skipped 2 already in the history"
     assert len(history.conversations()) == 2
 
-    elsewhere = tmp_path / "elsewhere"
+    elsewhere = stores.location("elsewhere")
     History(elsewhere).close()
-    monkeypatch.setenv("STREAMCHAT_DATA_DIR", str(elsewhere))
+    stores.use(monkeypatch, elsewhere)
     assert main(["history", "import", str(export)]) == 0
     assert main(["history", "import", str(export)]) == 0
     assert capsys.readouterr().out.splitlines() == ["imported 2 conversation(s)",
@@ -72,7 +76,7 @@ def test_importing_the_same_export_twice_adds_nothing_the_second_time(data, tmp_
     assert len(History(elsewhere).conversations()) == 2
 
 
-def test_a_conversation_that_differs_is_imported(data, tmp_path):
+def test_a_conversation_that_differs_is_imported(data, stores):
     """Only the very same conversation is skipped: one renamed, continued after the export, or with the same
     messages at other times, is imported."""
     history = _stored(data, 1)
@@ -88,7 +92,7 @@ def test_a_conversation_that_differs_is_imported(data, tmp_path):
     added = history.import_json(renamed) + history.import_json(longer) + history.import_json(later)
     assert len(added) == 3 and len(history.conversations()) == 4
     twice = {**document, "conversations": [conversation, conversation]}
-    assert len(History(tmp_path / "fresh").import_json(twice)) == 1  # a document holding it twice adds it once
+    assert len(History(stores.location("fresh")).import_json(twice)) == 1  # a document holding it twice adds it once
 
 
 def test_a_first_message_of_several_lines_makes_a_one_line_title(data, capsys):

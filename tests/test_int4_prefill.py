@@ -1,4 +1,4 @@
-"""Prompts of INT4 bundles through the AVX2 kernel: same cache and logits as the graph's own prefill."""
+"""Prompts of INT4 bundles through the C prompt kernel: same cache and logits as the graph's own prefill."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from appliance.bundle import Bundle
 from appliance.engines import int4_prefill
 from appliance.engines.int4_prefill import MIN_PROMPT, Int4Prefill
 from appliance.engines.residency import file_mappings
+from appliance.errors import EngineError
+from appliance.kernels import native
 from appliance.kernels.prompt_kernels import load
 from appliance.positions import layout_of
 from model_export.export import ExportError, export_bundle
@@ -123,3 +125,27 @@ def test_export_verifies_the_prompt_kernel_too(bundles, tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="verification failed.*prompt kernel vs graph prefill cosine"):
         export_bundle(TINY, tmp_path / "b", quant="int4")
     assert not (tmp_path / "b").exists()
+
+
+@needs_kernel
+def test_each_forced_path_prefills_and_the_paths_agree(bundles, tokenizer, monkeypatch):
+    """STREAMCHAT_KERNEL picks the prompt path the engine takes; the paths' logits agree to the bit (same integer
+    dots, summed in the same order), and onnxruntime means the graph's own prefill."""
+    ids, layout = _prompt(tokenizer)
+    logits = {}
+    for forced in ("avx2", "avx512vnni", "onnxruntime"):
+        monkeypatch.setenv(native.ENV, forced)
+        native.choice.cache_clear()
+        if forced != "onnxruntime" and forced not in native.cpu_features():
+            with pytest.raises(EngineError, match=f"{forced} but this CPU lacks it"):
+                _engine(bundles)
+            continue
+        engine = _engine(bundles)
+        assert engine.prefill.name == ("graph" if forced == "onnxruntime" else "int4-kernel")
+        if forced != "onnxruntime":
+            assert engine.prefill.rows.kernels.kernel == forced
+        logits[forced] = engine.start().prefill(np.array(ids), layout.position_ids(), layout.mask())
+    native.choice.cache_clear()
+    if {"avx2", "avx512vnni"} <= logits.keys():
+        np.testing.assert_array_equal(logits["avx2"], logits["avx512vnni"])
+    assert _cos(logits["avx2"], logits["onnxruntime"]) > 0.99999

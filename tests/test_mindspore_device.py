@@ -1,5 +1,6 @@
-"""The mindspore engine's device choice (STREAMCHAT_MS_DEVICE / STREAMCHAT_MS_DEVICE_ID: the CPU in fp32, an Ascend NPU
-in fp16), where MindSpore writes a failed compile's dump, and its Cells exported to MindIR and run back with
+"""The mindspore engine's device choice (``--device`` / ``--device-id``, ``EngineOptions.device`` / ``device_id``: the
+CPU in fp32, an Ascend NPU in fp16), where MindSpore writes a failed compile's dump, and its Cells exported to MindIR
+and run back with
 ``mindspore.load`` + ``nn.GraphCell``. No NPU here: the Ascend path is checked up to MindSpore's device call (and its
 fp16 arithmetic on MindSpore's CPU kernels), and MindSpore's refusal of the Ascend target is one line."""
 
@@ -11,7 +12,6 @@ import numpy as np
 import pytest
 
 from appliance.bundle import Bundle
-from appliance.errors import EngineError
 from appliance.positions import layout_of
 from appliance.tokenizer import ChatGLMTokenizer
 from model_export.checkpoint import Checkpoint
@@ -40,28 +40,49 @@ def bundles(tmp_path_factory) -> dict[str, object]:
 
 def test_ascend_without_an_npu_is_one_line(bundles, monkeypatch, capsys):
     """MindSpore's own refusal here (a CPU-only wheel, no CANN), through the CLI."""
-    monkeypatch.setenv("STREAMCHAT_MS_DEVICE", "ascend")
-    monkeypatch.setenv("STREAMCHAT_MS_DEVICE_ID", "1")
-    code = main(["generate", "--bundle", str(bundles["fp32"]), "--engine", "mindspore", "--prompt", "hi"])
+    code = main(["generate", "--bundle", str(bundles["fp32"]), "--engine", "mindspore", "--device", "ascend",
+                 "--device-id", "1", "--prompt", "hi"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code != 0
+    assert code == 2
     assert err[-1] == (f"error: no Ascend device or CANN found (MindSpore {mindspore.__version__}, "
-                       "STREAMCHAT_MS_DEVICE=ascend, card 1): Unsupported device target Ascend. This process only "
+                       "device ascend, card 1): Unsupported device target Ascend. This process only "
                        "supports one of the ['CPU']"), err
     assert not any("Traceback" in line for line in err)
 
 
-@pytest.mark.parametrize(("device", "device_id", "message"), [
-    ("npu", "0", "MindSpore device 'npu' is not one of cpu, ascend (STREAMCHAT_MS_DEVICE)"),
-    ("ascend", "-1", "STREAMCHAT_MS_DEVICE_ID must be an NPU number such as 0, not '-1'"),
-    ("cpu", "0; rm", "STREAMCHAT_MS_DEVICE_ID must be an NPU number such as 0, not '0; rm'"),
+FLAG_CASES = [
+    (["--device", "npu"], "device 'npu' is not one of cpu, ascend"),
+    (["--device", "ascend", "--device-id", "-1"], "a device id is an NPU number such as 0, not '-1'"),
+    (["--device-id", "0; rm"], "a device id is an NPU number such as 0, not '0; rm'"),
+    (["--device-id", "\u00b2"], "a device id is an NPU number such as 0, not '\u00b2'"),
+    (["--weights", "int2"], "weights 'int2' is not one of int8, int4 (or the bundle's own)"),
+]
+PAIR_CASES = [
+    (["--engine", "onnxruntime", "--device", "ascend"], "engine onnxruntime runs on cpu, not on ascend (engines for "
+                                                        "ascend: mindspore-lite, acl, mindspore)"),
+    (["--engine", "acl"], "engine acl runs on ascend, not on cpu (engines for cpu: onnxruntime, mindspore-lite, "
+                          "mindspore)"),
+]
+
+
+@pytest.mark.parametrize(("command", "flags", "message"), [
+    *((command, *case) for command in ("generate", "chat", "serve") for case in FLAG_CASES),
+    *(("generate", *case) for case in PAIR_CASES), *(("chat", *case) for case in PAIR_CASES),
 ])
-def test_device_settings_are_checked(bundles, monkeypatch, device, device_id, message):
-    monkeypatch.setenv("STREAMCHAT_MS_DEVICE", device)
-    monkeypatch.setenv("STREAMCHAT_MS_DEVICE_ID", device_id)
-    with pytest.raises(EngineError) as caught:
-        Bundle.open(bundles["fp32"]).engine(kind="mindspore")
-    assert str(caught.value) == message
+def test_device_flags_are_checked_in_one_line(bundles, capsys, command, flags, message):
+    """Every command that opens an engine checks --device, --device-id and --weights before loading anything, and the
+    engine/device pair when the bundle is opened: one line, exit 2."""
+    extra = ["--prompt", "hi"] if command == "generate" else []
+    assert main([command, "--bundle", str(bundles["fp32"]), *extra, *flags]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+
+
+def test_help_names_the_device_flags(capsys):
+    for command in ("generate", "chat", "serve"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert "--device {cpu,ascend}" in out and "--device-id N" in out and "--weights {int8,int4}" in out, out
 
 
 def test_ascend_asks_for_the_npu_and_computes_in_fp16(bundles, monkeypatch):
@@ -71,9 +92,7 @@ def test_ascend_asks_for_the_npu_and_computes_in_fp16(bundles, monkeypatch):
     the fp32 reference (0.024 measured) and pick the same tokens, and are visibly not fp32 arithmetic (> 1e-3)."""
     calls = []
     monkeypatch.setattr(mindspore, "set_device", lambda target, device_id=None: calls.append((target, device_id)))
-    monkeypatch.setenv("STREAMCHAT_MS_DEVICE", "ascend")
-    monkeypatch.setenv("STREAMCHAT_MS_DEVICE_ID", "3")
-    engine = Bundle.open(bundles["fp16"]).engine(kind="mindspore")
+    engine = Bundle.open(bundles["fp16"]).engine(kind="mindspore", device="ascend", device_id=3)
     assert calls == [("Ascend", 3)]
     state = engine.runner.state
     dtypes = {name: str(state.weights[i].dtype) for name, i in state.index.items()}

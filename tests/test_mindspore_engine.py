@@ -80,11 +80,11 @@ def test_stored_weights_within_the_export_thresholds(bundles, quant):
     assert metrics["min_cosine"] >= limits.get("min_cosine", -1.0), metrics
     assert metrics["agreement"] >= limits["agreement"], metrics
     state, config = engine.runner.state, Bundle.open(bundles[quant]).config
-    if quant == "int8":  # every matrix as int8 row blocks with one scale per row; the tied table held once
-        assert len(state.scales) == 1 + 4 * config.num_layers
-        head = [state.weights[i] for i in state.blocks[LM_HEAD]]
-        assert {str(block.dtype) for block in head} == {"Int8"}, head
-        assert sum(block.shape[0] for block in head) == config.vocab_size and len(head) == -(-config.vocab_size // 8192)
+    if quant == "int8":  # every matrix as int8 codes with one scale per row; the tied table held once
+        assert len(state.blocks) == 2 + 4 * config.num_layers and set(state.kinds.values()) == {"int8"}
+        head = [(state.weights[codes], state.scales[scales]) for codes, scales in state.blocks[LM_HEAD]]
+        assert {str(codes.dtype) for codes, _ in head} == {"Int8"}, head
+        assert sum(codes.shape[0] for codes, _ in head) == sum(scales.shape[0] for _, scales in head) == config.vocab_size
         assert state.blocks[EMBEDDING] == state.blocks[LM_HEAD]
     else:
         assert str(state.weights[state.index[LM_HEAD]].dtype) == "Float32" and len(state.scales) == 0

@@ -188,14 +188,17 @@ def test_openai_sdk_streaming_and_not(server):
     short = client.chat.completions.create(model="any", messages=messages, temperature=0, max_tokens=3)
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
 
-    # history rounds and a system message map onto ChatGLM's prompt as generate --history builds it
+    # history rounds and a system message map onto ChatGLM's prompt as generate --history builds it with the same
+    # system prompt in its settings (appliance.prompt: the system round first)
     history = srv.root / "h.json"
     history.write_text(json.dumps([[PROMPT, expected]], ensure_ascii=False), encoding="utf-8")
     turns = [{"role": "system", "content": "简短回答。"}, *messages, {"role": "assistant", "content": expected},
              {"role": "user", "content": "需要联网吗？"}]
     multi = client.chat.completions.create(model="any", messages=turns, temperature=0, max_tokens=64)
-    same = generate(srv.env, "--prompt", "简短回答。\n\n需要联网吗？", "--history", str(history), "--greedy",
-                    "--max-new-tokens", "64")
+    (srv.root / "system-config").mkdir()
+    (srv.root / "system-config" / "settings.json").write_text('{"system_prompt": "简短回答。"}', encoding="utf-8")
+    same = generate({**srv.env, "STREAMCHAT_CONFIG_DIR": str(srv.root / "system-config")}, "--prompt", "需要联网吗？",
+                    "--history", str(history), "--greedy", "--max-new-tokens", "64")
     assert multi.choices[0].message.content == same["response"]
     assert multi.usage.prompt_tokens == len(same["prompt_ids"])
     assert srv.history().conversations() == []  # OpenAI requests are not stored
@@ -298,7 +301,7 @@ def test_token_and_size_limits_give_clear_errors_while_serving_others(server, tm
     assert refused["type"] == "error" and refused["message"].startswith("unauthorized") and code == 1008
     assert malformed[1]["message"].startswith("malformed JSON")
     assert too_long[1]["message"] == "the message has 16001 characters; the limit is 16000"
-    assert fine[1]["type"] == by_query[1]["type"] == "done" and fine[0] == by_query[0]
+    assert fine[1]["type"] == by_query[1]["type"] == "done" and "".join(fine[0]) == "".join(by_query[0])
     answered = httpx.post(srv.url + "/v1/chat/completions", json=hi, headers=good)
     assert answered.status_code == 200 and answered.json()["usage"]["completion_tokens"] >= 1
 

@@ -235,7 +235,7 @@ def test_plain_graph_names_map_to_plain_file_names():
 
 
 def test_an_unknown_lite_device_is_refused(tmp_path):
-    with pytest.raises(EngineError, match=r"MindSpore Lite device '\.\./x' is not one of cpu, ascend \(STREAMCHAT_LITE_DEVICE\)"):
+    with pytest.raises(EngineError, match=r"MindSpore Lite device '\.\./x' is not one of cpu, ascend$"):
         LiteStepServer({"decode": "x.onnx"}, tmp_path, VOCAB, device="../x")
 
 

@@ -3,6 +3,7 @@ crash log, and the window keeps running."""
 
 import os
 import sys
+import threading
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
@@ -46,13 +47,16 @@ def test_bug_in_a_gui_slot_shows_a_dialog_and_writes_a_crash_log(qtbot, dirs, mo
 
 
 def test_bug_while_loading_reaches_the_window_as_one_line(qtbot, dirs):
+    listening = threading.Event()  # the load fails only once the test listens for the signal
+
     def loader(settings, progress):
+        listening.wait(10)
         raise RuntimeError("engine exploded")
 
     window = MainWindow(AppContext.load(), loader)
     qtbot.addWidget(window)
     with qtbot.waitSignal(window.worker.failed, timeout=10000) as failed:
-        pass
+        listening.set()
     logs = list((dirs / "cache" / "crashes").glob("crash-*.txt"))
     assert len(logs) == 1
     assert failed.args[0] == (f"unexpected error while loading the model (RuntimeError: engine exploded); "

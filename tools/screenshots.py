@@ -1,9 +1,12 @@
-"""Screenshots of the real window for the docs: a Chinese conversation mid-answer, and kiosk mode.
+"""Screenshots of the real window for the docs: a conversation with a code block in the light and the dark theme, in
+Chinese and in English, and kiosk mode.
 
     xvfb-run -a -s "-screen 0 1280x800x24" .venv/bin/python tools/screenshots.py [--out DIR]
 
-Uses the built-in demo model with a throwaway config and data folder; needs a CJK font (Debian: fonts-noto-cjk).
-Prints the Qt platform it ran on and the files it wrote, and exits: 0 when both images were written.
+Uses the built-in demo model with a throwaway config and data folder; needs a CJK font (Debian: fonts-noto-cjk). Each
+conversation starts with a stored turn whose answer holds a code block (the demo model writes no code), then the demo
+model answers a question live; the window is pictured in the light theme, switched to dark while it runs, and pictured
+again. Prints the Qt platform it ran on and the files it wrote, and exits: 0 when every image was written.
 """
 
 from __future__ import annotations
@@ -14,12 +17,33 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-TIMEOUT_MS = 120000
+TIMEOUT_MS = 180000
+CONVERSATIONS = {
+    "zh_CN": ("导出模型包", "怎么把 ChatGLM-6B 导出成模型包？",
+              "在存放 ChatGLM-6B 检查点的电脑上运行 `streamchat export`，它会转换并校验模型包：\n\n"
+              "```bash\nstreamchat export ./chatglm-6b --out ./chatglm-6b-int4 --quant int4\n"
+              "streamchat verify ./chatglm-6b-int4\n```\n\n"
+              "然后在 **设置 → 模型包** 中打开这个文件夹，或者用 `streamchat gui --bundle ./chatglm-6b-int4` 启动。",
+              "StreamChat 是什么？"),
+    "en": ("Export a bundle", "How do I export ChatGLM-6B as a model bundle?",
+           "Run `streamchat export` on the machine that holds the ChatGLM-6B checkpoint; it converts and verifies the "
+           "bundle:\n\n```bash\nstreamchat export ./chatglm-6b --out ./chatglm-6b-int4 --quant int4\n"
+           "streamchat verify ./chatglm-6b-int4\n```\n\n"
+           "Then open that folder in **Settings → Model bundle**, or start with "
+           "`streamchat gui --bundle ./chatglm-6b-int4`.",
+           "What is StreamChat?"),
+}
+SHOTS = {"zh_CN": ("screenshot-chat.png", "screenshot-chat-dark.png"),
+         "en": ("screenshot-chat-en.png", "screenshot-chat-en-dark.png")}
+KIOSK = "screenshot-kiosk.png"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Screenshots of the chat window and kiosk mode for the docs.")
+    parser = argparse.ArgumentParser(description="Screenshots of the chat window (both themes, zh and en) and kiosk "
+                                                 "mode for the docs.")
     parser.add_argument("--out", type=Path, default=DOCS, help="folder for the images (default: docs/)")
     out = parser.parse_args(argv).out
     tmp = Path(tempfile.mkdtemp())
@@ -33,60 +57,95 @@ def main(argv: list[str] | None = None) -> int:
     from ui.app import model_loader
     from ui.i18n import translators_for
     from ui.main_window import MainWindow
+    from ui.theme import apply_theme
 
     qt = QApplication(sys.argv[:1])
     print(f"platform {qt.platformName()}", flush=True)
-    translators = translators_for("zh_CN")  # held: Qt does not own an installed translator
-    for translator in translators:
-        qt.installTranslator(translator)
-    shots = []
+    shots: list[str] = []
+    held: list = []  # translators (Qt does not own an installed one) and windows, alive until the end
+    steps = [*SHOTS, "kiosk"]
 
-    def window(kiosk: bool) -> MainWindow:
+    def use_language(language: str) -> None:
+        for translator in held[:]:
+            if not isinstance(translator, MainWindow):
+                qt.removeTranslator(translator)
+                held.remove(translator)
+        for translator in translators_for(language):
+            qt.installTranslator(translator)
+            held.append(translator)
+
+    def window(language: str, kiosk: bool) -> MainWindow:
+        use_language(language)
         app = AppContext.load()
-        app.settings.generation.temperature = 0.3
+        app.settings.generation.top_k = 1  # greedy: the same answer every run
+        app.settings.theme = "light"
         w = MainWindow(app, model_loader(None, demo=True, export=export_demo), kiosk=kiosk)
-        w.resize(1100, 720)
+        held.append(w)
+        w.resize(1200, 800)
         if not kiosk:
             w.show()
         return w
 
-    chat = window(kiosk=False)
+    def picture(w: MainWindow, name: str) -> None:
+        w.transcript._scroll_to_end()
+        for _ in range(5):
+            qt.processEvents()
+        if w.grab().save(str(out / name)):
+            shots.append(name)
 
-    def ask(w: MainWindow, questions: list[str], shot: str, after_deltas: int) -> None:
+    def chat(language: str) -> None:
+        title, question, answer, live = CONVERSATIONS[language]
+        w = window(language, kiosk=False)
+        for stored in w.app.history.conversations():  # the other language's
+            w.app.history.delete(stored.id)
+        cid = w.app.history.new_conversation(title)
+        w.app.history.add_message(cid, "user", question)
+        w.app.history.add_message(cid, "assistant", answer)
+        w.refresh_sidebar()
+
+        def ready() -> None:
+            w.open_conversation(cid)
+            w.conversations.setCurrentRow(0)
+            w.composer.setPlainText(live)
+            w.send_current()
+
+        def answered(_result) -> None:
+            light, dark = SHOTS[language]
+            picture(w, light)
+            apply_theme("dark")  # as the Settings dialog or the desktop switches it, on the running window
+            picture(w, dark)
+            apply_theme("light")
+            w.hide()
+            QTimer.singleShot(0, next_step)
+
+        w.model_ready.connect(ready)
+        w.answer_finished.connect(answered)
+
+    def kiosk_shot() -> None:
+        w = window("zh_CN", kiosk=True)
         count = {"n": 0}
 
-        def on_delta(_):
-            if len(questions) == 1:  # the last question is the one pictured
-                count["n"] += 1
-            if count["n"] == after_deltas:
-                w.grab().save(str(out / shot))  # mid-answer: the answer is still streaming
-                shots.append(shot)
-                QTimer.singleShot(500, next_step)
-
-        def on_finished(_):
-            questions.pop(0)
-            if questions:
-                w.composer.setPlainText(questions[0])
-                w.send_current()
+        def on_delta(_text: str) -> None:
+            count["n"] += 1
+            if count["n"] == 6:  # mid-answer: the answer is still streaming
+                picture(w, KIOSK)
+                QTimer.singleShot(300, next_step)
 
         w.delta_shown.connect(on_delta)
-        w.answer_finished.connect(on_finished)
-        w.composer.setPlainText(questions[0])
-        w.send_current()
+        w.model_ready.connect(lambda: (w.composer.setPlainText("怎么退出 kiosk 模式？"), w.send_current()))
 
     def next_step() -> None:
-        if len(shots) == 1:
-            kiosk = window(kiosk=True)
-            kiosk.model_ready.connect(lambda: ask(kiosk, ["怎么退出 kiosk 模式？"], "screenshot-kiosk.png", 6))
-        else:
+        if not steps:
             qt.exit(0)  # not quit(): Qt 6's quit() first asks every window to close, and the kiosk window refuses
+            return
+        step = steps.pop(0)
+        kiosk_shot() if step == "kiosk" else chat(step)
 
-    chat.model_ready.connect(lambda: ask(chat, ["如何导出真正的模型？", "导出以后怎么用？"],
-                                             "screenshot-chat.png", 10))
+    QTimer.singleShot(0, next_step)
     QTimer.singleShot(TIMEOUT_MS, lambda: qt.exit(1))
     qt.exec()
     print("wrote", ", ".join(str(out / s) for s in shots), flush=True)
-    return 0 if len(shots) == 2 else 1
+    return 0 if len(shots) == 2 * len(SHOTS) + 1 else 1
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ ModelLoader = Callable[[Settings, Callable[[str], None]], LoadedModel]
 
 def model_loader(bundle: Path | None, demo: bool, export: DemoExporter | None = None) -> ModelLoader:
     """What the worker calls (in its thread) with its own copy of the settings and a progress callback: the given
-    bundle, the configured one, or the demo (exported by ``export`` on first use)."""
+    bundle or the demo whatever the settings say (a fixed model, for tests and the screenshot tool), else the
+    configured one, or the demo (exported by ``export`` on first use); on the engine and device the settings name."""
 
     def load(settings: Settings, progress: Callable[[str], None]) -> LoadedModel:
         chosen = bundle or (Path(settings.model_bundle) if settings.model_bundle and not demo else None)
@@ -32,7 +33,9 @@ def model_loader(bundle: Path | None, demo: bool, export: DemoExporter | None = 
             chosen = demo_bundle(data_dir(settings), export, progress)  # the data folder the settings name now
         else:
             progress(str(chosen))
-        return open_bundle(chosen, threads=settings.threads or None, context=settings.context_budget, progress=progress)
+        return open_bundle(chosen, threads=settings.threads or None, engine=settings.engine,
+                           context=settings.context_budget, progress=progress, device=settings.device,
+                           device_id=settings.device_id)
 
     return load
 
@@ -76,12 +79,14 @@ def run(bundle: Path | None = None, kiosk: bool = False, demo: bool = False, arg
         raise StreamChatError(problem)
     qt = QApplication.instance() or QApplication(argv or sys.argv[:1])
     qt.setApplicationName("StreamChat")
+    qt.setDesktopFileName("streamchat")  # the desktop entry (installers/deb): its icon on Wayland docks and task bars
     install_crash_dialog()
     app = AppContext.load()
     translators = translators_for(app.settings.language)  # held here: Qt does not own an installed translator
     for translator in translators:
         qt.installTranslator(translator)
-    window = MainWindow(app, model_loader(bundle, demo, export), kiosk=kiosk or app.settings.kiosk.enabled)
+    window = MainWindow(app, model_loader(None, False, export), kiosk=kiosk or app.settings.kiosk.enabled,
+                        model="" if demo else (str(bundle) if bundle else None))  # until one is chosen in the window
     if not window.isFullScreen():
         window.show()
     if ready_exit:  # exit(), not quit(): Qt 6's quit() first closes the windows, and a kiosk window refuses

@@ -34,8 +34,14 @@ from appliance.app import AppContext
 from appliance.display import one_line
 from appliance.errors import StreamChatError
 from appliance.history import write_export
+from appliance.live_numbers import RunNumbers, tokens_per_second
 from appliance.session import TurnResult
+from appliance.settings import with_values
+from ui.alerts import alert
+from ui.menus import KIOSK_ACTION, build_menus
 from ui.messages import MessageView, Transcript, t
+from ui.progress import ProgressLine
+from ui.theme import app_icon, apply_theme
 from ui.worker import ChatWorker
 
 
@@ -77,17 +83,23 @@ class MainWindow(QMainWindow):
     answer_finished = Signal(object)  # TurnResult, in the GUI thread, after the view is final
     model_ready = Signal()  # in the GUI thread, once the status bar shows the loaded model
     model_failed = Signal(str)  # in the GUI thread: loading the model failed, with the one line saying why
+    answer_measured = Signal(object)  # AnswerNumbers, in the GUI thread, once ``run_numbers`` holds them
 
-    def __init__(self, app: AppContext, model_loader, kiosk: bool = False) -> None:
+    def __init__(self, app: AppContext, model_loader, kiosk: bool = False, model: str | None = None) -> None:
+        """``model``: the model_bundle value this run starts with instead of the saved one (the command line's
+        ``--bundle``/``--demo``), until a model is chosen in the window; the saved setting is left as it is."""
         super().__init__()
-        self.app, self.kiosk = app, kiosk
+        self.app, self.kiosk, self.model_override = app, kiosk, model
         self.model_label, self.model_summary = "", {}
         self.answer_view: MessageView | None = None
         self.answering = False
         self.loading_model = False  # between the worker's ``loading`` and its ``loaded`` or ``failed``
         self.edit_target: int | None = None
         self.current_conversation: int | None = None
+        self.run_numbers = RunNumbers()  # this run's answers, for the Live numbers panel (ui.live_numbers)
         self.setWindowTitle("StreamChat")
+        self.setWindowIcon(app_icon())
+        apply_theme(app.settings.theme)  # before the widgets: they take the application font's families
         self._build()
         self.thread = QThread(self)
         self.cancel = threading.Event()  # shared with the worker: set here, read there between tokens
@@ -103,6 +115,7 @@ class MainWindow(QMainWindow):
         self.worker.loaded.connect(self._on_loaded)
         self.worker.started.connect(self._on_started)
         self.worker.delta.connect(self._on_delta)
+        self.worker.measured.connect(self._on_measured)
         self.worker.finished.connect(self._on_finished)
         self.worker.failed.connect(self._on_failed)
         self.worker.not_saved.connect(self._on_not_saved)
@@ -142,10 +155,12 @@ class MainWindow(QMainWindow):
         edit_row.addWidget(self.cancel_edit_button)
         self.edit_bar.hide()
         self.composer = Composer(placeholderText=t("Type a message. Enter sends, Shift+Enter starts a new line, Esc stops."))
+        self.composer.setObjectName("composer")
         self.composer.setFixedHeight(90)
         self.composer.submitted.connect(self.send_current)
         self.composer.stop_requested.connect(self.stop)
         self.send_button, self.stop_button = QPushButton(t("Send")), QPushButton(t("Stop"))
+        self.send_button.setObjectName("primary")  # the accent colour (ui/theme.py)
         self.regenerate_button, self.settings_button = QPushButton(t("Regenerate")), QPushButton(t("Settings"))
         self.send_button.clicked.connect(self.send_current)
         self.stop_button.clicked.connect(self.stop)
@@ -172,40 +187,95 @@ class MainWindow(QMainWindow):
         self.setCentralWidget(splitter)
         self.status = QLabel(t("Loading the model..."))
         self.speed = QLabel()
+        self.load_progress = ProgressLine()
+        self.model_button = QPushButton(t("Models..."))
+        self.model_button.setFlat(True)
+        self.model_button.clicked.connect(lambda: self.choose_model())
         self.statusBar().addWidget(self.status, 1)
+        self.statusBar().addWidget(self.load_progress)
         self.statusBar().addPermanentWidget(self.speed)
-        QShortcut(QKeySequence("Ctrl+N"), self, self.new_conversation)
-        QShortcut(QKeySequence("Ctrl+F"), self, self.search.setFocus)
+        self.statusBar().addPermanentWidget(self.model_button)
+        self.menu_actions = build_menus(self)
         self.resize(1100, 760)
-        self._apply_font(self.app.settings.font_size)
+        self.apply_font()
+
+    def apply_font(self) -> None:
+        """The font size setting (times the kiosk's scale in kiosk mode)."""
+        scale = self.app.settings.kiosk.font_scale if self.kiosk else 1
+        self._apply_font(self.app.settings.font_size * scale)
 
     def _apply_font(self, size: float) -> None:
         font = QApplication.font()
         font.setPointSizeF(size)
-        self.setFont(font)
+        QApplication.setFont(font)  # the application's: a style sheet (ui/theme.py) stops a window's reaching new widgets
 
     # -- model -----------------------------------------------------------------------------------------------
     def _on_loading(self, text: str) -> None:
         self.loading_model = True
-        self.status.setText(f"{t('Loading the model...')} {t(text)}".strip())
+        self.status.setText(t("Loading the model..."))
+        self.load_progress.busy(t(text))  # a load reports stages, not fractions
 
     def _on_loaded(self, label: str, summary: dict) -> None:
         self.loading_model = False
+        self.load_progress.done()
         self.model_label, self.model_summary = label, summary
         self.status.setText(f"{label}")
         self.speed.clear()  # the last answer's speed was another model's
-        self.banner.setVisible(bool(summary.get("demo")) and not self.kiosk)
-        self.banner.setText(t("This is the built-in demo model: it only knows about StreamChat. To chat with ChatGLM-6B, "
-                              "export a bundle (streamchat export CHECKPOINT --out BUNDLE) and open it in Settings."))
+        self._show_banner()
         self.model_ready.emit()
+
+    def _show_banner(self) -> None:
+        """The kiosk's welcome text; outside kiosk mode, a note while the demo model is loaded."""
+        if self.kiosk:
+            text = self.app.settings.kiosk.welcome_text
+        elif self.model_summary.get("demo"):
+            text = t("This is the built-in demo model: it only knows about StreamChat. To chat with ChatGLM-6B, "
+                     "export a bundle (streamchat export CHECKPOINT --out BUNDLE) and open it in Settings.")
+        else:
+            text = ""
+        self.banner.setText(text)
+        self.banner.setVisible(bool(text))
+
+    def choose_model(self, install: bool = False) -> None:
+        """The model picker (``install``: straight to choosing a package to install); the chosen model loads."""
+        if self.kiosk:
+            return
+        from ui.model_picker import ModelPicker
+
+        picker = ModelPicker(self.app, self.model_summary.get("path", ""), self)
+        picker.setAttribute(Qt.WA_DeleteOnClose)
+        picker.chosen.connect(self.use_model)
+        picker.open()
+        if install:
+            picker.ask_install()
+
+    def use_model(self, bundle: str) -> None:
+        """Load ``bundle`` (a model_bundle value: "" is the demo) and keep it as the saved choice."""
+        if bundle != self.app.settings.model_bundle and not self.save_settings({"model_bundle": bundle}):
+            return
+        self.model_override = None
+        self.configure_requested.emit(self._snapshot())  # the worker reopens the model if it is another
+
+    def save_settings(self, values: dict) -> bool:
+        """Save changed settings (keys as in the schema) and make them the window's; a dialog when they cannot be."""
+        try:
+            self.app.apply_settings(with_values(self.app.settings, values))
+        except StreamChatError as exc:
+            alert(self, t("Settings"), str(exc))
+            return False
+        return True
 
     def reload_model(self) -> None:
         self.load_requested.emit()
 
     def _snapshot(self) -> AppContext:
         """The app context as the worker gets it, with its own copy of the settings: the settings, rules and history are
-        replaced, never changed in place, when the dialog applies a change, and the copy keeps it that way for good."""
-        return dataclasses.replace(self.app, settings=copy.deepcopy(self.app.settings))
+        replaced, never changed in place, when the dialog applies a change, and the copy keeps it that way for good.
+        The command line's model, while it holds, stands in for the saved one."""
+        settings = copy.deepcopy(self.app.settings)
+        if self.model_override is not None:
+            settings.model_bundle = self.model_override
+        return dataclasses.replace(self.app, settings=settings)
 
     # -- conversations ---------------------------------------------------------------------------------------
     def refresh_sidebar(self) -> None:
@@ -227,6 +297,16 @@ class MainWindow(QMainWindow):
         item = QListWidgetItem(title if not hit else f"{title}\n  … {one_line(hit)[:40]}")
         item.setData(Qt.UserRole, conversation_id)
         self.conversations.addItem(item)
+
+    def focus_search(self) -> None:
+        self.search.setFocus()
+        self.search.selectAll()
+
+    def export_current(self) -> None:
+        if self.current_conversation is None:
+            self.statusBar().showMessage(t("There is no saved conversation on screen to export."), 4000)
+            return
+        self._export(self.current_conversation)
 
     def _open_item(self, item: QListWidgetItem) -> None:
         self.open_conversation(item.data(Qt.UserRole))
@@ -362,6 +442,10 @@ class MainWindow(QMainWindow):
             self.transcript.follow()
         self.delta_shown.emit(text)
 
+    def _on_measured(self, numbers) -> None:
+        self.run_numbers.add(numbers)
+        self.answer_measured.emit(numbers)
+
     def _on_finished(self, result: TurnResult, first_token_s: float) -> None:
         self.answering = False
         self.stop_button.setEnabled(False)
@@ -389,7 +473,7 @@ class MainWindow(QMainWindow):
         if not (gen and gen.token_ids):
             self.speed.clear()
             return
-        rate = 1000 / gen.decode_ms_per_token if gen.decode_ms_per_token else 0.0
+        rate = tokens_per_second(gen) or 0.0
         self.speed.setText(t("first token {0:.2f} s · {1:.1f} tokens/s").format(first_token_s, rate) if first_token_s
                            else t("{0:.1f} tokens/s").format(rate))
 
@@ -403,16 +487,22 @@ class MainWindow(QMainWindow):
         if result.answer_message_id is not None and views and views[-1].role == "assistant":
             views[-1].message_id = result.answer_message_id
 
-    def _on_failed(self, message: str) -> None:
+    def _on_failed(self, message: str, must_act: bool = False) -> None:
         """A failed load says what the user can do about it (kiosk: the app retries by itself); a failed answer keeps
-        the conversation, and the model stays loaded."""
-        advice = ""
-        if self.loading_model:
+        the conversation, and the model stays loaded. What the user must act on (a model that did not load, messages
+        the history could not store) is also a dialog, except in kiosk mode, which nobody attends."""
+        advice, title, load_failed = "", t("StreamChat"), self.loading_model
+        if load_failed:
             self.loading_model = False
-            self.model_failed.emit(message)
+            self.load_progress.done()
+            title = t("The model could not be loaded")
             if not self.kiosk:
                 advice = t("Choose another bundle in Settings, or leave its field empty for the built-in demo model.")
         self.status.setText(f"{t('Error: {0}').format(message)} {advice}".strip())
+        if must_act and not self.kiosk:
+            alert(self, title, f"{message}\n\n{advice}".strip())
+        if load_failed:  # after the dialog: --ready-exit prints the line and quits on this signal
+            self.model_failed.emit(message)
         if self.kiosk:
             QTimer.singleShot(3000, self, self.reload_model)  # unattended: bring the engine back by itself (the window
             # as context: the timer ends with it)
@@ -425,9 +515,12 @@ class MainWindow(QMainWindow):
             return
         from ui.settings_dialog import SettingsDialog
 
-        history = self.app.history
+        history, bundle = self.app.history, self.app.settings.model_bundle
         if SettingsDialog(self.app, self.model_summary, self).exec():
-            self._apply_font(self.app.settings.font_size)
+            apply_theme(self.app.settings.theme)
+            self.apply_font()
+            if self.app.settings.model_bundle != bundle:  # a bundle chosen in Settings replaces the command line's
+                self.model_override = None
         self.configure_requested.emit(self._snapshot())
         if self.app.history is not history:  # the data folder moved: show the conversations stored there
             self.new_conversation()
@@ -435,15 +528,17 @@ class MainWindow(QMainWindow):
 
     # -- kiosk -----------------------------------------------------------------------------------------------
     def _enter_kiosk(self) -> None:
-        kiosk = self.app.settings.kiosk
         self.sidebar.hide()
         self.settings_button.hide()
+        self.model_button.hide()
+        self.menuBar().hide()
+        for name, action in self.menu_actions.items():
+            action.setEnabled(name == KIOSK_ACTION)  # the operator's, behind the PIN
         self.setWindowFlag(Qt.FramelessWindowHint, True)
-        self._apply_font(self.app.settings.font_size * kiosk.font_scale)
         self.idle = QTimer(self)
         self.idle.setSingleShot(True)
-        self.idle.setInterval(kiosk.idle_timeout_s * 1000)
         self.idle.timeout.connect(self._idle_reset)
+        self.apply_kiosk_settings()
         self.watcher = IdleWatcher(self.idle)
         QApplication.instance().installEventFilter(self.watcher)
         self.idle.start()
@@ -462,11 +557,27 @@ class MainWindow(QMainWindow):
         self.new_conversation()
         self.speed.clear()  # the next visitor does not see the last one's timings
 
+    def apply_kiosk_settings(self) -> None:
+        """The kiosk settings as saved now: font scale, idle timeout (counted again from now), welcome text."""
+        self.apply_font()
+        self._show_banner()
+        if self.kiosk:
+            self.idle.setInterval(self.app.settings.kiosk.idle_timeout_s * 1000)
+
+    def open_kiosk_settings(self) -> None:
+        """The kiosk's settings, for the operator: behind the PIN (ui.kiosk_settings)."""
+        from ui.kiosk_settings import KioskSettingsDialog, with_operator_pin
+
+        with_operator_pin(self, lambda: KioskSettingsDialog(self).open())
+
     def _operator_exit(self) -> None:
-        pin, ok = QInputDialog.getText(self, t("Operator exit"), t("PIN"), QLineEdit.Password)
-        if ok and self.app.settings.kiosk.exit_pin and pin == self.app.settings.kiosk.exit_pin:
-            QApplication.instance().setProperty("operator_exit", True)
-            self.close()
+        from ui.kiosk_settings import with_operator_pin
+
+        with_operator_pin(self, self._exit_as_operator)
+
+    def _exit_as_operator(self) -> None:
+        QApplication.instance().setProperty("operator_exit", True)
+        self.close()
 
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
         if self.kiosk and QApplication.instance().property("operator_exit") is not True:

@@ -1,5 +1,6 @@
-"""Settings: one row per setting of the schema that has a label (its widget, limits and tooltip come from the schema),
-the model bundle (open, verify, manifest), and the safety lists (open the folder, reload).
+"""Settings: one row per setting of the schema that has a label, the kiosk's aside (their widgets, limits and tooltips
+come from the schema), the model bundle (open, verify, manifest), the engine and device the bundle's target can run on,
+and the safety lists (open the folder, reload). The kiosk's settings are the operator's (ui.kiosk_settings).
 
 Save changes the context through ``AppContext.apply_settings`` (a new Settings object, saved first) and Reload through
 ``AppContext.reload_rules`` (a new RuleSet): nothing is changed in place, and the window passes the new objects on to
@@ -35,11 +36,27 @@ from PySide6.QtWidgets import (
 
 from appliance.app import AppContext
 from appliance.bundle import Bundle
+from appliance.engines import AUTO, ENGINES
 from appliance.errors import StreamChatError
 from appliance.settings import SCHEMA, Setting, value_of, with_values
+from appliance.targets import TARGETS
 from ui.messages import t
 
 SECTION_TITLES = {"generation": "Generation"}  # translation keys of the dialog's headings
+DIALOG_SETTINGS = tuple(st for st in SCHEMA if st.label and st.section != "kiosk")
+
+
+def engines_for(target: str | None) -> list[str]:
+    """The engine setting's choices for a bundle of ``target``: auto and every engine that runs its graph layout
+    (every engine when the target is not known)."""
+    layout = TARGETS[target].graphs if target in TARGETS else None
+    return [AUTO, *(kind.name for kind in ENGINES.values() if layout is None or layout in kind.opens)]
+
+
+def devices_for(engine: str, target: str | None) -> tuple[str, ...]:
+    """Where ``engine`` (auto: the target's own) can run; every device when that is not known."""
+    name = TARGETS[target].runtime if engine == AUTO and target in TARGETS else engine
+    return ENGINES[name].devices if name in ENGINES else ("cpu", "ascend")
 
 
 def setting_widget(setting: Setting, value: Any) -> QWidget:
@@ -62,6 +79,9 @@ def setting_widget(setting: Setting, value: Any) -> QWidget:
         widget.setRange(*setting.limits)
         widget.setSingleStep(setting.step)
         widget.setValue(value)
+    elif setting.lines > 1:
+        widget = QPlainTextEdit(value)
+        widget.setFixedHeight(widget.fontMetrics().lineSpacing() * setting.lines + 12)
     else:
         widget = QLineEdit(value)
     widget.setToolTip(setting.help)
@@ -80,6 +100,8 @@ def widget_value(widget: QWidget) -> Any:
         return widget.isChecked()
     if isinstance(widget, QLineEdit):
         return widget.text().strip()
+    if isinstance(widget, QPlainTextEdit):
+        return widget.toPlainText().strip()
     return widget.value()
 
 
@@ -91,9 +113,15 @@ class SettingsDialog(QDialog):
         self.demo_path = model_summary.get("path", "") if model_summary.get("demo") else ""
         self.setWindowTitle(t("Settings"))
         s = app.settings
-        self.editors = {st.key: setting_widget(st, value_of(s, st.key)) for st in SCHEMA if st.label}
-        self.shown = {key: widget_value(widget) for key, widget in self.editors.items()}  # to tell what was touched
+        self.target: str | None = None  # of the bundle in the field (None: it does not open)
+        self.editors = {st.key: setting_widget(st, value_of(s, st.key)) for st in DIALOG_SETTINGS}
+        self.editors["engine"] = QComboBox()  # its choices depend on the bundle in the field (_offer_engines)
+        self.shown = {key: widget_value(widget) for key, widget in self.editors.items() if key != "engine"}
+        self.shown["engine"] = s.engine  # to tell what was touched
         self.bundle = self.editors["model_bundle"]
+        self.bundle.textChanged.connect(lambda folder: self._offer_engines(folder))
+        self.editors["engine"].activated.connect(self._engine_picked)
+        self.editors["device"].currentIndexChanged.connect(self._enable_device_id)
         self.bundle.setPlaceholderText(t("Use the demo model"))
         self.editors["data_dir"].setPlaceholderText(str(app.data_dir))
         self.manifest = QPlainTextEdit(readOnly=True)
@@ -104,7 +132,7 @@ class SettingsDialog(QDialog):
                       "data_dir": (t("Safety lists"), self._buttons(None, ((t("Open the folder"), self._open_lists),
                                                                            (t("Reload"), self._reload_lists))))}
         form, headed = QFormLayout(), set()
-        for setting in (st for st in SCHEMA if st.label):
+        for setting in DIALOG_SETTINGS:
             if setting.section in SECTION_TITLES and setting.section not in headed:
                 headed.add(setting.section)
                 form.addRow(QLabel(f"<b>{t(SECTION_TITLES[setting.section])}</b>"))
@@ -119,6 +147,7 @@ class SettingsDialog(QDialog):
         layout.addLayout(form)
         layout.addWidget(box)
         self._show_manifest(s.model_bundle or model_summary.get("path", ""))
+        self._offer_engines(s.model_bundle, keep=s.engine)
 
     @staticmethod
     def _buttons(editor: QWidget | None, buttons) -> QHBoxLayout:
@@ -131,6 +160,47 @@ class SettingsDialog(QDialog):
             button.clicked.connect(action)
             row.addWidget(button)
         return row
+
+    def _target(self, folder: str) -> str | None:
+        """The target of the bundle in the field (empty: the demo's, a cpu bundle); None when it does not open."""
+        if not folder.strip():
+            return "cpu"
+        try:
+            return Bundle.open(folder.strip(), full_check=False).target
+        except StreamChatError:
+            return None
+
+    def _offer_engines(self, folder: str, keep: str | None = None) -> None:
+        """Offer the engines the bundle in the field can run on, keeping the one chosen (``keep``: the saved one, also
+        when it is not among them, so that an untouched value is saved as it was)."""
+        combo = self.editors["engine"]
+        current = keep if keep is not None else combo.currentData()
+        self.target = self._target(folder)
+        names = engines_for(self.target)
+        if current not in names:
+            names.append(current)
+        combo.clear()
+        for name in names:
+            combo.addItem(t("Automatic (the bundle's own)") if name == AUTO else name, name)
+        combo.setCurrentIndex(names.index(current))
+        self._enable_device()
+
+    def _engine_picked(self) -> None:
+        """An engine that cannot run on the chosen device takes the first it can run on."""
+        devices = devices_for(self.editors["engine"].currentData(), self.target)
+        device = self.editors["device"]
+        if device.currentData() not in devices:
+            device.setCurrentIndex(device.findData(devices[0]))
+        self._enable_device()
+
+    def _enable_device(self) -> None:
+        self.editors["device"].setEnabled(len(devices_for(self.editors["engine"].currentData(), self.target)) > 1)
+        self._enable_device_id()
+
+    def _enable_device_id(self) -> None:
+        device = self.editors["device"]
+        self.editors["device_id"].setEnabled(device.currentData() == "ascend" and "ascend" in
+                                             devices_for(self.editors["engine"].currentData(), self.target))
 
     def _browse(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, t("Model bundle"), self.bundle.text() or str(Path.home()))

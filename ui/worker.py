@@ -14,7 +14,6 @@ and clears it before a send, the worker only reads it between tokens, so an answ
 from __future__ import annotations
 
 import threading
-import time
 from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QObject, QThread, Signal, Slot
@@ -22,6 +21,8 @@ from PySide6.QtCore import QObject, QThread, Signal, Slot
 from appliance import crash
 from appliance.app import AppContext
 from appliance.errors import StreamChatError
+from appliance.history import HistoryError
+from appliance.live_numbers import AnswerClock, CountingAudit, measure
 from appliance.loading import LoadedModel
 from appliance.session import ChatSession, TurnResult
 from appliance.settings import Settings
@@ -32,7 +33,8 @@ if TYPE_CHECKING:
 
 def _opened_with(settings: Settings) -> tuple:
     """The settings the model is opened with: a change to any of them reopens it."""
-    return settings.model_bundle, settings.threads, settings.context_budget
+    return (settings.model_bundle, settings.threads, settings.context_budget, settings.engine, settings.device,
+            settings.device_id)
 
 
 class ChatWorker(QObject):
@@ -40,8 +42,9 @@ class ChatWorker(QObject):
     loaded = Signal(str, dict)  # model label, bundle manifest summary
     started = Signal()
     delta = Signal(str)
+    measured = Signal(object)  # the answer's AnswerNumbers (appliance.live_numbers), just before its ``finished``
     finished = Signal(object, float)  # TurnResult (the worker no longer touches it), seconds to the first shown text
-    failed = Signal(str)  # a message a user can act on
+    failed = Signal(str, bool)  # a message a user can act on; True: they must (a load failed, messages not stored)
     not_saved = Signal(str)  # on shutdown: messages of this chat that the history could not store are lost
 
     def __init__(self, app: AppContext, model_loader: ModelLoader, cancel: threading.Event) -> None:
@@ -59,12 +62,15 @@ class ChatWorker(QObject):
             self.loading.emit("")  # the window says a model is loading; the loader's progress says what
             self.model = self.model_loader(self.app.settings, self.loading.emit)
             self._start_session(self.session.conversation_id if self.session else None)
-            self.loaded.emit(self.model.label, self.model.summary)
+            settings = self.app.settings
+            device = "cpu" if settings.device == "cpu" else f"{settings.device}:{settings.device_id}"
+            self.loaded.emit(self.model.label, {**self.model.summary, "engine": self.model.engine.name, "device": device})
         except Exception as exc:  # engine crashes must reach the window, not kill the thread
-            self.failed.emit(crash.one_line(exc, "loading the model"))
+            self.failed.emit(crash.one_line(exc, "loading the model"), True)
 
     def _start_session(self, conversation: int | None) -> None:
         self.session = self.app.session(self.model.engine, self.model.tokenizer, self.model.label)
+        self.session.audit = CountingAudit(self.session.audit)  # the app's log; its hits counted for the live numbers
         self.session.open(conversation)
 
     @Slot(object)
@@ -90,20 +96,23 @@ class ChatWorker(QObject):
         if self.session is None:
             self.finished.emit(TurnResult(stopped="error", blocked_reason="the model is not loaded"), 0.0)
             return
-        first = 0.0
+        session, earlier = self.session, self.session.last
+        audit, failed = session.audit, False
+        hits, clock = audit.hits, AnswerClock()
         try:
             if replace_from is not None:
-                self.session.forget_from(int(replace_from))
+                session.forget_from(int(replace_from))
             self.started.emit()
-            start = time.perf_counter()
-            for piece in self.session.send(text, self.cancel):
-                first = first or time.perf_counter() - start
+            for piece in session.send(text, self.cancel):
+                clock.tick()
                 self.delta.emit(piece)
-            self.finished.emit(self.session.last, first)
         except Exception as exc:  # the conversation is kept; the window shows the line (a kiosk reloads the model)
-            line = crash.one_line(exc, "answering")
-            self.failed.emit(line if crash.expected(exc) else f"{line}. The conversation is kept.")
-            self.finished.emit(self.session.last or TurnResult(stopped="error"), first)
+            failed, line = True, crash.one_line(exc, "answering")
+            self.failed.emit(line if crash.expected(exc) else f"{line}. The conversation is kept.",
+                             isinstance(exc, HistoryError))
+        result = session.last if session.last is not earlier else TurnResult(stopped="error")  # none: it failed first
+        self.measured.emit(measure(text, result, clock, audit.hits - hits, failed))
+        self.finished.emit(result, clock.first_token_s or 0.0)
 
     @Slot(object)
     def open_conversation(self, conversation_id: object) -> None:

@@ -61,33 +61,72 @@ class BundleEngine(Engine, Protocol):
         ...
 
 
+DEVICES = ("cpu", "ascend")  # where an engine can run; ``EngineKind.devices`` says which of them each one can
+LOAD_QUANTS = ("int8", "int4")  # weight formats an engine that quantizes at load can hold (``EngineOptions.weights``)
+
+
+def device_number(text: str) -> int:
+    """An NPU number as typed (``--device-id``): one line naming the value when it is not one."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 6):
+        raise EngineError(f"a device id is an NPU number such as 0, not {text[:20]!r}")
+    return int(text)
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """How to open a bundle's engine: ``threads`` None = the physical cores; ``context`` caps a decoder bundle's
     context window (its KV cache is allocated for that many positions); ``prompt_kernel`` False keeps an INT4
     bundle's prompts in the graph instead of the AVX2 kernel (for comparison); ``progress`` gets one line per stage of
-    a long load (MindSpore Lite converting and building each graph)."""
+    a long load (MindSpore Lite converting and building each graph).
+
+    ``device`` (``cpu`` or ``ascend``) and ``device_id`` (the NPU number) say where the engine runs: each engine takes
+    them from here and nowhere else, and ``EngineKind.open`` refuses an engine the device cannot run (a service opens
+    one replica per ``device_id``). ``weights`` None runs the bundle's own precision; ``int8`` or ``int4`` asks an
+    engine that quantizes at load (mindspore) to hold its matrices in that format (docs/decisions.md). Bad values are
+    refused here, in one line."""
 
     threads: int | None = None
     context: int | None = None
     prompt_kernel: bool = True
     progress: Callable[[str], None] | None = None
+    device: str = "cpu"
+    device_id: int = 0
+    weights: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise EngineError(f"device {str(self.device)[:20]!r} is not one of {', '.join(DEVICES)}")
+        if type(self.device_id) is not int or not 0 <= self.device_id < 1_000_000:
+            raise EngineError(f"a device id is an NPU number such as 0, not {str(self.device_id)[:20]!r}")
+        if self.weights is not None and self.weights not in LOAD_QUANTS:
+            raise EngineError(f"weights {str(self.weights)[:20]!r} is not one of {', '.join(LOAD_QUANTS)} (or the "
+                              "bundle's own)")
 
 
 @dataclass(frozen=True)
 class EngineKind:
     """A runtime: ``opens`` maps each graph layout it runs to the ``module:function`` that opens such a bundle,
-    ``function(bundle: Bundle, options: EngineOptions) -> BundleEngine``."""
+    ``function(bundle: Bundle, options: EngineOptions) -> BundleEngine``; ``devices`` are the ``DEVICES`` it runs on;
+    ``quantizes`` says whether it can hold weights in a ``LOAD_QUANTS`` format of its own (``EngineOptions.weights``)."""
 
     name: str
     summary: str  # what `--help` says about it
     opens: dict[str, str]
+    devices: tuple[str, ...] = ("cpu",)
+    quantizes: bool = False
 
     def open(self, bundle: Bundle, options: EngineOptions) -> BundleEngine:
         layout = TARGETS[bundle.target].graphs
         if layout not in self.opens:
             raise BundleError(f"{bundle.path} targets {bundle.target}; it cannot run on engine {self.name} (engines for "
                               f"it: {', '.join(e.name for e in ENGINES.values() if layout in e.opens)})")
+        if options.device not in self.devices:
+            raise EngineError(f"engine {self.name} runs on {' or '.join(self.devices)}, not on {options.device} "
+                              f"(engines for {options.device}: "
+                              f"{', '.join(e.name for e in ENGINES.values() if options.device in e.devices)})")
+        if options.weights and not self.quantizes:
+            raise EngineError(f"engine {self.name} runs the bundle's own weights; {options.weights} weights are for "
+                              f"engine {', '.join(e.name for e in ENGINES.values() if e.quantizes)}")
         module, function = self.opens[layout].split(":")
         return getattr(importlib.import_module(module), function)(bundle, options)
 
@@ -95,13 +134,13 @@ class EngineKind:
 ENGINES = {kind.name: kind for kind in (
     EngineKind("onnxruntime", "in process on the CPU, every target (Ascend bundles through their fp32 check graphs)",
                {DECODER: "appliance.engines.onnxruntime:open_bundle", STATIC: "appliance.engines.static:open_on_onnxruntime"}),
-    EngineKind("mindspore-lite", "a MindSpore Lite step server on the CPU or an Ascend NPU, see STREAMCHAT_LITE_DEVICE",
-               {STATIC: "appliance.engines.static:open_on_mindspore_lite"}),
+    EngineKind("mindspore-lite", "a MindSpore Lite step server on the CPU (fp32 check graphs) or an Ascend NPU",
+               {STATIC: "appliance.engines.static:open_on_mindspore_lite"}, DEVICES),
     EngineKind("acl", "CANN's pyACL on an Ascend NPU, running the offline models `convert.sh atc` made (310B boards)",
-               {STATIC: "appliance.engines.acl_runner:open_on_acl"}),
-    EngineKind("mindspore", "MindSpore in process (GRAPH_MODE) on an Ascend bundle's weights: the CPU, or an NPU with "
-               "STREAMCHAT_MS_DEVICE=ascend",
-               {STATIC: "appliance.engines.mindspore_engine:open_on_mindspore"}),
+               {STATIC: "appliance.engines.acl_runner:open_on_acl"}, ("ascend",)),
+    EngineKind("mindspore", "MindSpore in process (GRAPH_MODE) on an Ascend bundle's weights, on the CPU (fp32) or an "
+               "Ascend NPU (fp16); int8/int4 weights quantized at load",
+               {STATIC: "appliance.engines.mindspore_engine:open_on_mindspore"}, DEVICES, quantizes=True),
 )}
 
 

@@ -16,7 +16,6 @@ current per thread, so each run makes it current first.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,16 +238,13 @@ class AclGraphRunner:
 
 
 def open_on_acl(bundle: Bundle, options: EngineOptions) -> StaticEngine:
-    """A static bundle's offline models (``convert.sh atc`` made and recorded them) on NPU ``STREAMCHAT_ACL_DEVICE_ID``
-    (0 by default) through pyACL."""
+    """A static bundle's offline models (``convert.sh atc`` made and recorded them) on NPU ``options.device_id``
+    through pyACL (``EngineKind.open`` lets this engine open on the ascend device only)."""
     graphs = bundle.manifest["graphs"]
     files = {key: om_file(rel) for key, rel in graphs["device"].items()}
     missing = [rel for rel in files.values() if rel not in graphs.get("om", [])]
     if missing:
         raise EngineError(f"{bundle.path} holds no {', '.join(missing)}: convert it on the board first "
                           "(./convert.sh atc, with CANN's set_env.sh sourced)")
-    device = os.environ.get("STREAMCHAT_ACL_DEVICE_ID", "0")
-    if not device.isdigit():
-        raise EngineError(f"STREAMCHAT_ACL_DEVICE_ID must be an NPU number such as 0, not {device!r}")
-    runner = AclGraphRunner({key: str(bundle.path / rel) for key, rel in files.items()}, int(device))
+    runner = AclGraphRunner({key: str(bundle.path / rel) for key, rel in files.items()}, options.device_id)
     return static_engine(bundle, "acl", runner)

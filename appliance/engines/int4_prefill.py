@@ -1,8 +1,7 @@
-"""Prompts of INT4 ``cpu`` bundles on the AVX2 kernel, with the decode graph taking over for the last token.
+"""Prompts of INT4 ``cpu`` bundles on the C prompt kernel, with the decode graph taking over for the last token.
 
-Why: a prompt is arithmetic-bound, and onnxruntime's INT4 kernels for more than one row are built for AVX-512 VNNI; on
-AVX2 CPUs without it ``appliance/kernels/prompt_kernels.c`` multiplies prompts faster on the same weights
-(docs/performance.md).
+Why: a prompt is arithmetic-bound; ``appliance/kernels/prompt_kernels.c`` multiplies prompts on the same weights
+faster than onnxruntime's INT4 kernel, with AVX2 or AVX-512 VNNI as the CPU has them (docs/performance.md).
 
 How: the layers are ``appliance.model.definition``'s, run here in numpy around the kernel (which does the linear
 layers and GELU) on the same MatMulNBits codes and scales the graph holds, read from the bundle's data file through a
@@ -117,6 +116,7 @@ class Int4Prefill:
         model = onnx.load(str(graph), load_external_data=False)
         attributes = _linear_attributes(model)
         tensors = BundleTensors(graph, model)
+        kernels = PromptKernels(lib, threads)
         for n in range(config.num_layers):
             for linear in LINEARS:
                 prefix = layer_prefix(n) + linear
@@ -124,10 +124,11 @@ class Int4Prefill:
                 if attrs is None or attrs.get("bits") != 4 or attrs.get("accuracy_level") != 4:
                     return None
                 weight = _int4_weight(tensors, prefix)
-                if weight.k != attrs["K"] or not weight.supported():  # no padded groups, shapes the kernel takes
+                # no padded groups, shapes the kernel takes
+                if weight.k != attrs["K"] or not weight.supported(kernels.columns_per_panel):
                     return None
         head = attributes.get("lm_head.qweight", {})
-        return cls(config, tensors, PromptKernels(lib, threads), int(head.get("bits", 0)))
+        return cls(config, tensors, kernels, int(head.get("bits", 0)))
 
     @staticmethod
     def takes(ids: np.ndarray, mask: np.ndarray) -> bool:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from appliance.engines import DEVICES
 from appliance.engines.lite_server import STAGES, ProtocolError, encode_frame, frame_length, graph_file_name, parse_frame
 from appliance.errors import BundleError, EngineError
 
@@ -28,7 +29,6 @@ REPLY_TIMEOUT_S = 600  # a reset or one step; loading has LOAD_TIMEOUT
 LOAD_TIMEOUT = "STREAMCHAT_LITE_LOAD_TIMEOUT"
 LOAD_TIMEOUT_S = 4 * 3600  # converting and compiling a 6B model on a 310B board (swap, one compile core) takes hours
 LOAD_TIMEOUT_RANGE = (10, 7 * 24 * 3600)
-DEVICES = ("cpu", "ascend")
 CHUNK = 1 << 20
 
 
@@ -129,8 +129,7 @@ class LiteStepServer:
             except ValueError as exc:
                 raise BundleError(f"this bundle's {exc}: re-export the bundle") from None
         if device not in DEVICES:
-            raise EngineError(f"MindSpore Lite device {device!r} is not one of {', '.join(DEVICES)} "
-                              "(STREAMCHAT_LITE_DEVICE)")
+            raise EngineError(f"MindSpore Lite device {device!r} is not one of {', '.join(DEVICES)}")
         self.load_request = {"op": "load", "graphs": graphs, "runtime_config": runtime_config, "optimize": optimize,
                              "cache_dir": str(cache_dir), "device": device, "device_id": device_id,
                              "threads": threads or 0}

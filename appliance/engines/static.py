@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -186,21 +185,18 @@ def lite_graphs(bundle: Bundle, device: str) -> dict[str, dict[str, str]]:
 
 
 def open_on_mindspore_lite(bundle: Bundle, options: EngineOptions) -> StaticEngine:
-    """A static bundle on MindSpore Lite: its device graphs on the NPU (``STREAMCHAT_LITE_DEVICE=ascend``, card
-    ``STREAMCHAT_LITE_DEVICE_ID``), its fp32 check graphs on the CPU otherwise; graphs ``convert.sh`` did not convert
-    are converted on first use into a cache per manifest, device and settings."""
+    """A static bundle on MindSpore Lite: its device graphs on NPU ``options.device_id`` (``options.device`` ascend),
+    its fp32 check graphs on the CPU otherwise; graphs ``convert.sh`` did not convert are converted on first use into a
+    cache per manifest, device and settings."""
     from appliance.bundle import MANIFEST
     from appliance.engines.mindspore_lite import LiteStepServer
 
-    device, device_id = os.environ.get("STREAMCHAT_LITE_DEVICE", "cpu"), os.environ.get("STREAMCHAT_LITE_DEVICE_ID", "0")
-    if not device_id.isdigit():
-        raise EngineError(f"STREAMCHAT_LITE_DEVICE_ID must be an NPU number such as 0, not {device_id[:20]!r}")
+    device = options.device
     graphs = lite_graphs(bundle, device)
     optimize = "ascend_oriented" if device == "ascend" else "general"
     stamp = hashlib.sha256((bundle.path / MANIFEST).read_bytes() + json.dumps([graphs, optimize]).encode()).hexdigest()
     runner = LiteStepServer(graphs, cache_dir() / "mindir" / f"{stamp[:16]}-{device}", bundle.config.vocab_size,
-                            device=device, threads=options.threads,
-                            device_id=int(device_id),
+                            device=device, threads=options.threads, device_id=options.device_id,
                             progress=options.progress or (lambda line: None),
                             runtime_config=(bundle.path / RUNTIME_CONFIG).read_text(encoding="utf-8"), optimize=optimize)
     return static_engine(bundle, "mindspore-lite", runner)

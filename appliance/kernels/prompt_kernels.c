@@ -1,69 +1,135 @@
-/* Prompt kernels for AVX2 CPUs: Y = X @ W.T with W in onnxruntime's MatMulNBits INT4 layout, and tanh GELU.
+/* CPU kernels on onnxruntime's MatMulNBits INT4 layout: prompt GEMM (AVX2, AVX-512 VNNI), decode GEMV (AVX2,
+ * AVX-512 VNNI), tanh GELU, and the CPUID checks that choose among them at run time.
  *
- * Why: a prompt is arithmetic-bound, and onnxruntime's INT4 kernels for more than one row are built for AVX-512 VNNI;
- * on AVX2 CPUs without it this kernel multiplies prompts faster on the same weights (docs/performance.md). A panel of
- * NR weight columns is unpacked once into int8 codes laid out [K/4][NR columns][4], then every 4-row tile of the prompt
- * runs over it: one vpmaddubsw multiplies 4 codes of 8 columns by 4 broadcast activation bytes, so the per-block
- * scales are applied once per 8 columns, not per dot product.
+ * Why: a prompt is arithmetic-bound and a decode step is bound by the bytes of weights it reads; both run on the
+ * bundle's own INT4 codes, unpacked to int8 on the fly (no second copy of the weights). docs/performance.md has the
+ * measured rates and where each path is used.
  *
  * W [N][K/G][G/2] uint8: codes 0..15, low nibble first, zero point 8; scales [N][K/G] fp32 (appliance/model/weights.py).
  * X is quantized per row and per block of G to int8 (scale = max|x| / 127), as MatMulNBits' accuracy level 4 does.
- * Each entry point (sc_*) checks the CPU, its shapes and its pointers before any AVX2 code runs and returns SC_OK or
- * why it refused (SC_NO_AVX2, SC_BAD_SHAPE, SC_MISALIGNED): a wrong call is an error code, not a crash or SIGILL.
- * The library is also a (empty) Python extension module, so installers and freezers ship it like any other.
+ * Every product is codes (u8, 0..15) times activations (s8): sum((c - 8) * x) = sum(c * x) - 8 * sum(x), so the zero
+ * point costs one precomputed term per row and block ("offsets" below), never a subtraction per code.
+ *
+ * Each entry point (sc_*) checks the CPU, its shapes and its pointers before any vector code runs and returns SC_OK or
+ * why it refused (SC_NO_AVX2 / SC_NO_AVX512_VNNI, SC_BAD_SHAPE, SC_MISALIGNED): a wrong call is an error code, not a
+ * crash or SIGILL. The library is also a (empty) Python extension module, so installers and freezers ship it like any
+ * other; appliance/kernels/native.py loads it through ctypes and chooses the path.
  */
+#ifndef SC_STANDALONE /* tests/kernel_harness.c builds the kernels without Python, under the sanitizers */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#endif
+#include <cpuid.h>
+#include <errno.h>
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
-#define MR 4 /* prompt rows per tile */
-#define NR 16 /* weight columns per panel: two vectors of 8 */
+#define MR 4 /* prompt rows per tile (both paths: one activation layout) */
+#define NR 16 /* weight columns per AVX2 panel: two vectors of 8 */
+#define NR512 32 /* weight columns per AVX-512 panel: two vectors of 16 */
+#define PREFETCH 1024 /* bytes ahead of the decode GEMV's weight stream */
 #define AVX2 __attribute__((target("avx2,fma")))
+#define VNNI512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
 
-enum { SC_OK = 0, SC_BAD_SHAPE = 1, SC_MISALIGNED = 2, SC_NO_AVX2 = 3 };
+enum { SC_OK = 0, SC_BAD_SHAPE = 1, SC_MISALIGNED = 2, SC_NO_AVX2 = 3, SC_NO_AVX512_VNNI = 4 };
 
-int sc_kernels_supported(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+/* -- which instructions this CPU and OS offer ------------------------------------------------------------------- */
+
+enum { SC_CPU_AVX2 = 1, SC_CPU_AVX512_VNNI = 2, SC_CPU_AVX_VNNI = 4, SC_CPU_AMX_INT8 = 8 };
+
+static uint64_t xcr0(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((uint64_t)hi << 32) | lo;
 }
+
+/* SC_CPU_* bits: the instructions, and the OS saving their registers (XCR0: ymm 0x6, zmm 0xE6, AMX tiles 0x60000). */
+static int detect(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(1, 0, &a, &b, &c, &d) || !(c & bit_OSXSAVE)) return 0;
+    const int fma = (c & bit_FMA) != 0;
+    const uint64_t os = xcr0();
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    const unsigned leaf7_b = b, leaf7_c = c, leaf7_d = d;
+    int found = 0;
+    if ((os & 0x6) == 0x6 && (leaf7_b & bit_AVX2) && fma) found |= SC_CPU_AVX2;
+    if ((found & SC_CPU_AVX2) && (os & 0xE6) == 0xE6 && (leaf7_b & bit_AVX512F) && (leaf7_b & bit_AVX512BW)
+        && (leaf7_b & bit_AVX512VL) && (leaf7_c & bit_AVX512VNNI))
+        found |= SC_CPU_AVX512_VNNI;
+    if ((found & SC_CPU_AVX2) && __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 4))) found |= SC_CPU_AVX_VNNI;
+    if ((os & 0x60000) == 0x60000 && (leaf7_d & (1u << 24)) && (leaf7_d & (1u << 25))) found |= SC_CPU_AMX_INT8;
+    return found;
+}
+
+int sc_cpu_features(void) {
+    static int features = -1; /* CPUID traps to the hypervisor in a VM: once per process (racing threads agree) */
+    if (features < 0) features = detect();
+    return features;
+}
+
+/* Linux gives a process AMX tile data state only on request: 0 when granted, else the errno. */
+int sc_request_amx(void) {
+    if (!(sc_cpu_features() & SC_CPU_AMX_INT8)) return ENODEV;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) ? errno : 0;
+}
+
+int sc_kernels_supported(void) { return (sc_cpu_features() & SC_CPU_AVX2) != 0; }
 
 static int aligned(const void *p, size_t to) { return p != NULL && (uintptr_t)p % to == 0; }
 
-/* The blocking both kernels share: K in whole groups, groups of whole 32-code runs of at most 256 codes. */
+/* The blocking the prompt kernels share: K in whole groups, groups of whole 32-code runs of at most 256 codes. */
 static int groups_fit(int K, int G) { return G >= 32 && G <= 256 && G % 32 == 0 && K >= G && K % G == 0; }
+
+/* -- activation quantization ------------------------------------------------------------------------------------ */
+
+/* max |src[0..G)| / 127 */
+AVX2 static float block_scale(const float *src, int G) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 mx = _mm256_setzero_ps();
+    for (int i = 0; i < G; i += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(src + i)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h) / 127.f;
+}
+
+/* 8 values times inv, rounded to nearest even, as int8 in the low 8 bytes; their sum added to *sum */
+AVX2 static inline __m128i quantize8(const float *src, __m256 inv, __m256i *sum) {
+    const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(src), inv));
+    *sum = _mm256_add_epi32(*sum, q);
+    const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    return _mm_packs_epi16(q16, q16);
+}
+
+AVX2 static int hsum8(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
 
 /* x [M][K] fp32, M a multiple of MR -> codes [M/MR][K/4][MR][4] int8; per row and block: scale, 8 * scale * sum. */
 AVX2 static void quantize_rows(const float *x, int M, int K, int G, int8_t *codes, float *scales, float *offsets) {
     const int blocks = K / G;
-    const __m256 sign = _mm256_set1_ps(-0.f);
     for (int m = 0; m < M; m++) {
         int32_t *tile = (int32_t *)(codes + (size_t)(m / MR) * K * MR) + m % MR;
         for (int b = 0; b < blocks; b++) {
             const float *src = x + (size_t)m * K + (size_t)b * G;
-            __m256 mx = _mm256_setzero_ps();
-            for (int i = 0; i < G; i += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(src + i)));
-            __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-            h = _mm_max_ss(h, _mm_movehdup_ps(h));
-            const float scale = _mm_cvtss_f32(h) / 127.f;
+            const float scale = block_scale(src, G);
             const __m256 inv = _mm256_set1_ps(scale > 0 ? 1.f / scale : 0.f);
             __m256i sum = _mm256_setzero_si256();
             for (int i = 0; i < G; i += 8) {
-                __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(src + i), inv));
-                sum = _mm256_add_epi32(sum, q);
-                __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
-                __m128i q8 = _mm_packs_epi16(q16, q16);
+                const __m128i q8 = quantize8(src + i, inv, &sum);
                 const int group = (b * G + i) / 4;
                 tile[(size_t)group * MR] = _mm_cvtsi128_si32(q8);
                 tile[(size_t)(group + 1) * MR] = _mm_extract_epi32(q8, 1);
             }
-            __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-            s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-            s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
             scales[(size_t)m * blocks + b] = scale;
-            offsets[(size_t)m * blocks + b] = 8.f * scale * (float)_mm_cvtsi128_si32(s);
+            offsets[(size_t)m * blocks + b] = 8.f * scale * (float)hsum8(sum);
         }
     }
 }
@@ -76,9 +142,12 @@ int sc_quantize_rows(const float *x, int M, int K, int G, int8_t *codes, float *
     return SC_OK;
 }
 
-/* 8 weight columns -> their codes in a panel of NR columns: for k-group g (codes 4g..4g+3), 8 dwords at
- * panel + g * NR * 4; scales [blocks][8] at panel_scales with a row stride of NR. */
-AVX2 static void pack_half(const uint8_t *w, const float *ws, int blocks, int G, uint8_t *panel, float *panel_scales) {
+/* -- prompt GEMM ------------------------------------------------------------------------------------------------ */
+
+/* 8 weight columns -> their codes in a panel of nr columns: for k-group g (codes 4g..4g+3), 8 dwords at
+ * panel + g * nr * 4; scales [blocks][8] at panel_scales with a row stride of nr. */
+AVX2 static void pack_eight(const uint8_t *w, const float *ws, int blocks, int G, int nr, uint8_t *panel,
+                            float *panel_scales) {
     const __m128i low4 = _mm_set1_epi8(0x0F);
     const int K = blocks * G;
     for (int k = 0; k < K; k += 32) {
@@ -97,18 +166,18 @@ AVX2 static void pack_half(const uint8_t *w, const float *ws, int blocks, int G,
         __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
         __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
         __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-        float *out = (float *)(panel + (size_t)k * NR);  /* k / 4 groups of NR * 4 bytes */
-        _mm256_store_ps(out + 0 * NR, _mm256_permute2f128_ps(u0, u4, 0x20));
-        _mm256_store_ps(out + 1 * NR, _mm256_permute2f128_ps(u1, u5, 0x20));
-        _mm256_store_ps(out + 2 * NR, _mm256_permute2f128_ps(u2, u6, 0x20));
-        _mm256_store_ps(out + 3 * NR, _mm256_permute2f128_ps(u3, u7, 0x20));
-        _mm256_store_ps(out + 4 * NR, _mm256_permute2f128_ps(u0, u4, 0x31));
-        _mm256_store_ps(out + 5 * NR, _mm256_permute2f128_ps(u1, u5, 0x31));
-        _mm256_store_ps(out + 6 * NR, _mm256_permute2f128_ps(u2, u6, 0x31));
-        _mm256_store_ps(out + 7 * NR, _mm256_permute2f128_ps(u3, u7, 0x31));
+        float *out = (float *)(panel + (size_t)k * nr);  /* k / 4 groups of nr * 4 bytes */
+        _mm256_store_ps(out + 0 * nr, _mm256_permute2f128_ps(u0, u4, 0x20));
+        _mm256_store_ps(out + 1 * nr, _mm256_permute2f128_ps(u1, u5, 0x20));
+        _mm256_store_ps(out + 2 * nr, _mm256_permute2f128_ps(u2, u6, 0x20));
+        _mm256_store_ps(out + 3 * nr, _mm256_permute2f128_ps(u3, u7, 0x20));
+        _mm256_store_ps(out + 4 * nr, _mm256_permute2f128_ps(u0, u4, 0x31));
+        _mm256_store_ps(out + 5 * nr, _mm256_permute2f128_ps(u1, u5, 0x31));
+        _mm256_store_ps(out + 6 * nr, _mm256_permute2f128_ps(u2, u6, 0x31));
+        _mm256_store_ps(out + 7 * nr, _mm256_permute2f128_ps(u3, u7, 0x31));
     }
     for (int b = 0; b < blocks; b++)
-        for (int c = 0; c < 8; c++) panel_scales[b * NR + c] = ws[(size_t)c * blocks + b];
+        for (int c = 0; c < 8; c++) panel_scales[b * nr + c] = ws[(size_t)c * blocks + b];
 }
 
 #define DOT4(h0, h1, codes0, codes1, x)                                          \
@@ -119,8 +188,8 @@ AVX2 static void pack_half(const uint8_t *w, const float *ws, int blocks, int G,
     } while (0)
 
 /* y[MR rows][NR columns] = sum over blocks of ws * (xs * dot(codes, xq) - 8 * xs * sum(xq)) */
-AVX2 static void tile(const int8_t *xq, const float *xs, const float *xo, int blocks, int G, const uint8_t *panel,
-                      const float *panel_scales, float *y, int ldy) {
+AVX2 static void tile_avx2(const int8_t *xq, const float *xs, const float *xo, int blocks, int G, const uint8_t *panel,
+                           const float *panel_scales, float *y, int ldy) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 f[MR][2];
     for (int r = 0; r < MR; r++) f[r][0] = f[r][1] = _mm256_setzero_ps();
@@ -159,16 +228,52 @@ AVX2 static void tile(const int8_t *xq, const float *xs, const float *xo, int bl
     }
 }
 
-/* Columns n0..n1 (multiples of NR) of y [M][ldy]; scratch: 32-byte aligned, K * NR + 4 * (K / G) * NR bytes. */
+/* The same tile over NR512 columns: one vpdpbusd multiplies 4 codes of 16 columns by 4 broadcast activation bytes and
+ * adds the 4 products into int32 (no int16 stage). 8 int32 and 8 fp32 accumulators stay in registers. */
+VNNI512 static void tile_avx512vnni(const int8_t *xq, const float *xs, const float *xo, int blocks, int G,
+                                    const uint8_t *panel, const float *panel_scales, float *y, int ldy) {
+    __m512 f[MR][2];
+    for (int r = 0; r < MR; r++) f[r][0] = f[r][1] = _mm512_setzero_ps();
+    const int32_t *x = (const int32_t *)xq;
+    const __m512i *w = (const __m512i *)panel;
+    for (int b = 0; b < blocks; b++) {
+        __m512i acc[MR][2];
+        for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+        for (int g = 0; g < G / 4; g++, w += 2, x += MR) {
+            const __m512i c0 = _mm512_load_si512(w), c1 = _mm512_load_si512(w + 1);
+            for (int r = 0; r < MR; r++) {
+                const __m512i a = _mm512_set1_epi32(x[r]);
+                acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], c0, a);
+                acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], c1, a);
+            }
+        }
+        const __m512 ws[2] = {_mm512_load_ps(panel_scales + b * NR512), _mm512_load_ps(panel_scales + b * NR512 + 16)};
+        for (int r = 0; r < MR; r++) {
+            const __m512 scale = _mm512_set1_ps(xs[r * blocks + b]), offset = _mm512_set1_ps(xo[r * blocks + b]);
+            for (int c = 0; c < 2; c++)
+                f[r][c] = _mm512_fmadd_ps(ws[c], _mm512_fmsub_ps(_mm512_cvtepi32_ps(acc[r][c]), scale, offset), f[r][c]);
+        }
+    }
+    for (int r = 0; r < MR; r++) {
+        _mm512_storeu_ps(y + (size_t)r * ldy, f[r][0]);
+        _mm512_storeu_ps(y + (size_t)r * ldy + 16, f[r][1]);
+    }
+}
+
+typedef void (*tile_fn)(const int8_t *, const float *, const float *, int, int, const uint8_t *, const float *, float *,
+                        int);
+
+/* Columns n0..n1 (multiples of nr) of y [M][ldy]: each panel of nr columns unpacked once into scratch (64-byte
+ * aligned, K * nr + 4 * (K / G) * nr bytes), then every MR-row tile of the prompt runs over it. */
 AVX2 static void int4_gemm(const int8_t *xq, const float *xs, const float *xo, int M, int K, int G, const uint8_t *w,
-                           const float *ws, float *y, int ldy, int n0, int n1, uint8_t *scratch) {
+                           const float *ws, float *y, int ldy, int n0, int n1, uint8_t *scratch, int nr, tile_fn tile) {
     const int blocks = K / G;
-    float *panel_scales = (float *)(scratch + (size_t)K * NR);
-    for (int n = n0; n < n1; n += NR) {
-        for (int half = 0; half < 2; half++) {
-            const int first = n + 8 * half;
-            pack_half(w + (size_t)first * blocks * (G / 2), ws + (size_t)first * blocks, blocks, G, scratch + 32 * half,
-                      panel_scales + 8 * half);
+    float *panel_scales = (float *)(scratch + (size_t)K * nr);
+    for (int n = n0; n < n1; n += nr) {
+        for (int part = 0; part < nr / 8; part++) {
+            const int first = n + 8 * part;
+            pack_eight(w + (size_t)first * blocks * (G / 2), ws + (size_t)first * blocks, blocks, G, nr,
+                       scratch + 32 * part, panel_scales + 8 * part);
         }
         for (int m = 0; m < M; m += MR)
             tile(xq + (size_t)m * K, xs + (size_t)m * blocks, xo + (size_t)m * blocks, blocks, G, scratch,
@@ -176,17 +281,175 @@ AVX2 static void int4_gemm(const int8_t *xq, const float *xs, const float *xo, i
     }
 }
 
+static int gemm_refusal(const int8_t *xq, const float *xs, const float *xo, int M, int K, int G, const uint8_t *w,
+                        const float *ws, const float *y, int ldy, int n0, int n1, const uint8_t *scratch, int nr) {
+    if (M <= 0 || M % MR || !groups_fit(K, G) || n0 < 0 || n0 > n1 || n0 % nr || n1 % nr || n1 > ldy)
+        return SC_BAD_SHAPE;
+    if (w == NULL || !aligned(xq, 4) || !aligned(xs, 4) || !aligned(xo, 4) || !aligned(ws, 4) || !aligned(y, 4)
+        || !aligned(scratch, 64))
+        return SC_MISALIGNED;
+    return SC_OK;
+}
+
 int sc_int4_gemm(const int8_t *xq, const float *xs, const float *xo, int M, int K, int G, const uint8_t *w,
                  const float *ws, float *y, int ldy, int n0, int n1, uint8_t *scratch) {
     if (!sc_kernels_supported()) return SC_NO_AVX2;
-    if (M <= 0 || M % MR || !groups_fit(K, G) || n0 < 0 || n0 > n1 || n0 % NR || n1 % NR || n1 > ldy)
-        return SC_BAD_SHAPE;
-    if (w == NULL || !aligned(xq, 4) || !aligned(xs, 4) || !aligned(xo, 4) || !aligned(ws, 4) || !aligned(y, 4)
-        || !aligned(scratch, 32))
-        return SC_MISALIGNED;
-    int4_gemm(xq, xs, xo, M, K, G, w, ws, y, ldy, n0, n1, scratch);
+    const int refused = gemm_refusal(xq, xs, xo, M, K, G, w, ws, y, ldy, n0, n1, scratch, NR);
+    if (!refused) int4_gemm(xq, xs, xo, M, K, G, w, ws, y, ldy, n0, n1, scratch, NR, tile_avx2);
+    return refused;
+}
+
+/* As sc_int4_gemm, in panels of NR512 columns (scratch K * 32 + 4 * (K / G) * 32 bytes, 64-byte aligned). */
+int sc_int4_gemm_avx512vnni(const int8_t *xq, const float *xs, const float *xo, int M, int K, int G, const uint8_t *w,
+                            const float *ws, float *y, int ldy, int n0, int n1, uint8_t *scratch) {
+    if (!(sc_cpu_features() & SC_CPU_AVX512_VNNI)) return SC_NO_AVX512_VNNI;
+    const int refused = gemm_refusal(xq, xs, xo, M, K, G, w, ws, y, ldy, n0, n1, scratch, NR512);
+    if (!refused) int4_gemm(xq, xs, xo, M, K, G, w, ws, y, ldy, n0, n1, scratch, NR512, tile_avx512vnni);
+    return refused;
+}
+
+/* -- decode GEMV ------------------------------------------------------------------------------------------------ */
+
+/* The shapes both GEMV paths take: K in 128-code chunks (one 64-byte load of a column), and blocks that a chunk
+ * either splits evenly (32, 64) or lies inside (multiples of 128). */
+static int gemv_fits(int K, int G) {
+    return K > 0 && G > 0 && K % 128 == 0 && K % G == 0 && (G == 32 || G == 64 || G % 128 == 0);
+}
+
+/* x [K] -> x_lo/x_hi [K/2] int8: the codes that meet a weight byte's low and high nibble (x[2j], x[2j+1]);
+ * lane_scales [K/8]: the scale of each run of 8 inputs; offsets [K/G]: 8 * scale * sum(codes) per block. */
+AVX2 static void quantize_vector(const float *x, int K, int G, int8_t *x_lo, int8_t *x_hi, float *lane_scales,
+                                 float *offsets) {
+    const __m128i split = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+    for (int b = 0; b < K / G; b++) {
+        const float *src = x + (size_t)b * G;
+        const float scale = block_scale(src, G);
+        const __m256 inv = _mm256_set1_ps(scale > 0 ? 1.f / scale : 0.f);
+        __m256i sum = _mm256_setzero_si256();
+        for (int i = 0; i < G; i += 8) {
+            const __m128i q = _mm_shuffle_epi8(quantize8(src + i, inv, &sum), split);
+            const size_t at = ((size_t)b * G + i) / 2;
+            const int32_t even = _mm_cvtsi128_si32(q), odd = _mm_extract_epi32(q, 1);
+            memcpy(x_lo + at, &even, 4);
+            memcpy(x_hi + at, &odd, 4);
+            lane_scales[((size_t)b * G + i) / 8] = scale;
+        }
+        offsets[b] = 8.f * scale * (float)hsum8(sum);
+    }
+}
+
+int sc_quantize_vector(const float *x, int K, int G, int8_t *x_lo, int8_t *x_hi, float *lane_scales, float *offsets) {
+    if (!sc_kernels_supported()) return SC_NO_AVX2;
+    if (!gemv_fits(K, G)) return SC_BAD_SHAPE;
+    if (!aligned(x, 4) || !x_lo || !x_hi || !aligned(lane_scales, 4) || !aligned(offsets, 4)) return SC_MISALIGNED;
+    quantize_vector(x, K, G, x_lo, x_hi, lane_scales, offsets);
     return SC_OK;
 }
+
+/* sum over blocks of ws[b] * offsets[b]: the zero point's share of one column */
+AVX2 static float zero_point_term(const float *ws, const float *offsets, int blocks) {
+    __m256 acc = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + 8 <= blocks; b += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(ws + b), _mm256_loadu_ps(offsets + b), acc);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    float total = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+    for (; b < blocks; b++) total += ws[b] * offsets[b];
+    return total;
+}
+
+/* y[n] for n in n0..n1, one column at a time down its contiguous bytes: 32 bytes (64 codes) per step, one int32 lane
+ * per 8 codes, each lane scaled by its block's weight and activation scales. */
+AVX2 static void gemv_avx2(const int8_t *x_lo, const int8_t *x_hi, const float *lane_scales, const float *offsets,
+                           int K, int G, const uint8_t *w, const float *ws, float *y, int n0, int n1) {
+    const int blocks = K / G;
+    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const __m256i pairs = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1); /* G = 32: lanes 0-3 one block, 4-7 the next */
+    for (int n = n0; n < n1; n++) {
+        const uint8_t *row = w + (size_t)n * (K / 2);
+        const float *row_scales = ws + (size_t)n * blocks;
+        __m256 f0 = _mm256_setzero_ps(), f1 = f0;
+        for (int at = 0; at < K / 2; at += 32) {
+            _mm_prefetch((const char *)row + at + PREFETCH, _MM_HINT_T0);
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(row + at));
+            const __m256i lo = _mm256_and_si256(raw, low4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+            /* u8 codes x s8 activations: pairs of at most 2 * 15 * 127 each, two pairs per int16 lane, no saturation */
+            const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(x_lo + at))),
+                                               _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x_hi + at))));
+            const int first = 2 * at / G; /* the block of the step's first code */
+            const __m256 wsl = G == 32 ? _mm256_permutevar8x32_ps(
+                                             _mm256_castps128_ps256(_mm_castsi128_ps(_mm_loadl_epi64(
+                                                 (const __m128i *)(row_scales + first)))), pairs)
+                                       : _mm256_set1_ps(row_scales[first]);
+            const __m256 s = _mm256_mul_ps(wsl, _mm256_loadu_ps(lane_scales + at / 4));
+            const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+            if (at & 32) f1 = _mm256_fmadd_ps(d, s, f1);
+            else f0 = _mm256_fmadd_ps(d, s, f0);
+        }
+        f0 = _mm256_add_ps(f0, f1);
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(f0), _mm256_extractf128_ps(f0, 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        y[n] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h))) - zero_point_term(row_scales, offsets, blocks);
+    }
+}
+
+/* As gemv_avx2 with 64 bytes (128 codes) per step and vpdpbusd: 16 int32 lanes of 8 codes each. */
+VNNI512 static void gemv_avx512vnni(const int8_t *x_lo, const int8_t *x_hi, const float *lane_scales,
+                                    const float *offsets, int K, int G, const uint8_t *w, const float *ws, float *y,
+                                    int n0, int n1) {
+    const int blocks = K / G;
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    /* the block of each lane, counted from the step's first block: lane i holds codes 8i..8i+7 */
+    const __m512i lane_block = G == 32 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
+                                       : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    const __mmask16 step_blocks = G == 32 ? 0xF : 0x3;
+    for (int n = n0; n < n1; n++) {
+        const uint8_t *row = w + (size_t)n * (K / 2);
+        const float *row_scales = ws + (size_t)n * blocks;
+        __m512 f0 = _mm512_setzero_ps(), f1 = f0;
+        for (int at = 0; at < K / 2; at += 64) {
+            _mm_prefetch((const char *)row + at + PREFETCH, _MM_HINT_T0);
+            const __m512i raw = _mm512_loadu_si512(row + at);
+            const __m512i lo = _mm512_and_si512(raw, low4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+            __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(x_lo + at));
+            d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(x_hi + at));
+            const int first = 2 * at / G;
+            const __m512 wsl = G < 128 ? _mm512_permutexvar_ps(lane_block, _mm512_maskz_loadu_ps(step_blocks, row_scales + first))
+                                       : _mm512_set1_ps(row_scales[first]);
+            const __m512 s = _mm512_mul_ps(wsl, _mm512_loadu_ps(lane_scales + at / 4));
+            if (at & 64) f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, f1);
+            else f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, f0);
+        }
+        y[n] = _mm512_reduce_add_ps(_mm512_add_ps(f0, f1)) - zero_point_term(row_scales, offsets, blocks);
+    }
+}
+
+static int gemv_refusal(const int8_t *x_lo, const int8_t *x_hi, const float *lane_scales, const float *offsets, int K,
+                        int G, const uint8_t *w, const float *ws, const float *y, int n0, int n1) {
+    if (!gemv_fits(K, G) || n0 < 0 || n0 > n1) return SC_BAD_SHAPE;
+    if (!x_lo || !x_hi || !w || !aligned(lane_scales, 4) || !aligned(offsets, 4) || !aligned(ws, 4) || !aligned(y, 4))
+        return SC_MISALIGNED;
+    return SC_OK;
+}
+
+/* y[n0..n1) of y = W x (no bias), x as sc_quantize_vector left it. */
+int sc_int4_gemv(const int8_t *x_lo, const int8_t *x_hi, const float *lane_scales, const float *offsets, int K, int G,
+                 const uint8_t *w, const float *ws, float *y, int n0, int n1) {
+    if (!sc_kernels_supported()) return SC_NO_AVX2;
+    const int refused = gemv_refusal(x_lo, x_hi, lane_scales, offsets, K, G, w, ws, y, n0, n1);
+    if (!refused) gemv_avx2(x_lo, x_hi, lane_scales, offsets, K, G, w, ws, y, n0, n1);
+    return refused;
+}
+
+int sc_int4_gemv_avx512vnni(const int8_t *x_lo, const int8_t *x_hi, const float *lane_scales, const float *offsets,
+                            int K, int G, const uint8_t *w, const float *ws, float *y, int n0, int n1) {
+    if (!(sc_cpu_features() & SC_CPU_AVX512_VNNI)) return SC_NO_AVX512_VNNI;
+    const int refused = gemv_refusal(x_lo, x_hi, lane_scales, offsets, K, G, w, ws, y, n0, n1);
+    if (!refused) gemv_avx512vnni(x_lo, x_hi, lane_scales, offsets, K, G, w, ws, y, n0, n1);
+    return refused;
+}
+
+/* -- GELU ------------------------------------------------------------------------------------------------------- */
 
 /* exp(x) for |x| <= 88: 2^n * e^r with r = x - n ln2 in [-ln2/2, ln2/2], e^r by its Taylor polynomial of degree 6
  * (relative error below 2e-7). */
@@ -229,7 +492,9 @@ int sc_gelu(float *x, size_t n) {
     return SC_OK;
 }
 
+#ifndef SC_STANDALONE
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_prompt_kernels",
-                                    "C kernels loaded through ctypes by appliance.kernels.prompt_kernels", -1, NULL};
+                                    "C kernels loaded through ctypes by appliance.kernels.native", -1, NULL};
 
 PyMODINIT_FUNC PyInit__prompt_kernels(void) { return PyModule_Create(&module); }
+#endif

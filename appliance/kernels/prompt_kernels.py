@@ -1,7 +1,9 @@
-"""Prompt matmuls on INT4 MatMulNBits weights through the C kernel in ``prompt_kernels.c`` (x86-64 with AVX2).
+"""Prompt matmuls on INT4 MatMulNBits weights through the C kernel in ``prompt_kernels.c`` (x86-64: AVX2 or AVX-512
+VNNI, whichever ``native.path()`` chose).
 
-``load()`` returns None where the kernel was not built or the CPU lacks AVX2/FMA; callers then keep onnxruntime's
-prefill. The kernel runs with the GIL released, so a small thread pool splits the weight's columns.
+``load()`` returns None where the kernel was not built, the CPU lacks AVX2/FMA or ``STREAMCHAT_KERNEL=onnxruntime``;
+callers then keep onnxruntime's prefill. The kernel runs with the GIL released, so a small thread pool splits the
+weight's columns.
 """
 
 from __future__ import annotations
@@ -10,52 +12,27 @@ import ctypes
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cache
 
 import numpy as np
 
 from appliance.errors import EngineError
+from appliance.kernels.native import BAD_SHAPE, MISALIGNED, NO_AVX2, ONNXRUNTIME, check, choice, load, path
+
+__all__ = ["BAD_SHAPE", "MISALIGNED", "NO_AVX2", "Int4Weight", "PromptKernels", "QuantizedRows", "aligned", "check",
+           "load", "split", "status"]
 
 ROWS_PER_TILE = 4  # MR in the C file
-COLUMNS_PER_PANEL = 16  # NR
-_P, _I = ctypes.c_void_p, ctypes.c_int
-# what the C entry points return instead of 0 when they refuse a call (the enum in prompt_kernels.c)
-BAD_SHAPE, MISALIGNED, NO_AVX2 = 1, 2, 3
-REFUSALS = {BAD_SHAPE: "a shape it does not handle", MISALIGNED: "a misaligned or missing buffer",
-            NO_AVX2: "this CPU has no AVX2/FMA"}
-
-
-@cache
-def _load() -> tuple[ctypes.CDLL | None, str]:
-    try:
-        from appliance.kernels import _prompt_kernels
-    except ImportError:
-        return None, "not built (no C compiler at install time, or not x86-64 Linux); prompts run in onnxruntime"
-    lib = ctypes.CDLL(_prompt_kernels.__file__)
-    if not lib.sc_kernels_supported():
-        return None, "this CPU has no AVX2/FMA; prompts run in onnxruntime"
-    lib.sc_quantize_rows.argtypes = [_P, _I, _I, _I, _P, _P, _P]
-    lib.sc_int4_gemm.argtypes = [_P, _P, _P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _P]
-    lib.sc_gelu.argtypes = [_P, ctypes.c_size_t]
-    for function in (lib.sc_quantize_rows, lib.sc_int4_gemm, lib.sc_gelu):
-        function.restype = _I
-    return lib, "loaded (AVX2 INT4 prompts)"
-
-
-def check(code: int, function: str) -> None:
-    """Raise the refusal a kernel entry point returned (``REFUSALS``); 0 is success."""
-    if code:
-        raise EngineError(f"the AVX2 prompt kernel refused a call to {function}: {REFUSALS.get(code, f'code {code}')} "
-                          "(the Python side should have prevented it: please report this)")
-
-
-def load() -> ctypes.CDLL | None:
-    """The kernels, or None where they cannot run here (``status()`` says why)."""
-    return _load()[0]
+# weight columns per panel (NR, NR512 in the C file) and the GEMM entry point, per path
+PANELS = {"avx2": (16, "sc_int4_gemm"), "avx512vnni": (32, "sc_int4_gemm_avx512vnni")}
 
 
 def status() -> str:
-    return _load()[1]
+    """The prompt kernel's state in a few words: which path, or why prompts run in onnxruntime."""
+    try:
+        chosen, why = choice()
+    except EngineError as exc:  # a bad STREAMCHAT_KERNEL: the text says which
+        return str(exc)
+    return f"loaded ({chosen} INT4 prompts)" if chosen != ONNXRUNTIME else f"{why}; prompts run in onnxruntime"
 
 
 @dataclass(frozen=True)
@@ -79,9 +56,9 @@ class Int4Weight:
     def k(self) -> int:
         return self.packed.shape[1] * self.group
 
-    def supported(self) -> bool:
-        """The shapes the kernel handles: columns in panels of 16, groups of whole 32-code runs."""
-        return self.n % COLUMNS_PER_PANEL == 0 and self.group % 32 == 0 and self.group <= 256
+    def supported(self, columns_per_panel: int) -> bool:
+        """The shapes the kernel handles: columns in whole panels, groups of whole 32-code runs."""
+        return self.n % columns_per_panel == 0 and self.group % 32 == 0 and self.group <= 256
 
 
 @dataclass(frozen=True)
@@ -95,19 +72,36 @@ class QuantizedRows:
     group: int
 
 
-def _aligned(nbytes: int, dtype=np.uint8) -> np.ndarray:
-    """A 64-byte aligned buffer (the kernel uses aligned AVX loads on its scratch and codes)."""
+def aligned(nbytes: int, dtype=np.uint8) -> np.ndarray:
+    """A 64-byte aligned buffer (the kernels use aligned AVX loads on their scratch and codes)."""
     raw = np.empty(nbytes + 64, np.uint8)
     start = -raw.ctypes.data % 64
     return raw[start:start + nbytes].view(dtype)
 
 
+def split(pool: ThreadPoolExecutor | None, threads: int, run: Callable[[int, int, int], None], total: int,
+          unit: int) -> None:
+    """``run(first, end, part)`` over ``total`` items split into one range per thread, in whole ``unit``s (the last
+    range also takes any remainder); the calling thread runs part 0 itself (one hand-off fewer per call, which a
+    decode step's GEMV notices)."""
+    units = total // unit
+    parts = max(1, min(threads, units)) if pool is not None else 1
+    bounds = [unit * (units * i // parts) for i in range(parts)] + [total]
+    others = [pool.submit(run, bounds[i], bounds[i + 1], i) for i in range(1, parts)] if pool is not None else []
+    run(bounds[0], bounds[1], 0)
+    for future in others:
+        future.result()
+
+
 class PromptKernels:
     """``x @ W.T + b`` and GELU for prompt rows; one instance per engine (it owns per-thread scratch)."""
 
-    def __init__(self, lib: ctypes.CDLL, threads: int) -> None:
-        self.lib, self.threads = lib, max(1, threads)
-        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="int4-gemm") if self.threads > 1 else None
+    def __init__(self, lib: ctypes.CDLL, threads: int, kernel: str | None = None) -> None:
+        """``kernel``: ``avx2`` or ``avx512vnni``; by default the path ``native.path()`` chose."""
+        self.lib, self.threads, self.kernel = lib, max(1, threads), kernel or path()
+        self.columns_per_panel, entry = PANELS[self.kernel]
+        self.gemm = getattr(lib, entry)
+        self.pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="int4-gemm") if self.threads > 1 else None
         self.scratch: dict[tuple[int, int], list[np.ndarray]] = {}
 
     def quantize(self, x: np.ndarray, group: int) -> QuantizedRows:
@@ -116,7 +110,7 @@ class PromptKernels:
         if padded != rows:
             x = np.concatenate([x, np.zeros((padded - rows, k), np.float32)])
         x = np.ascontiguousarray(x, dtype=np.float32)
-        codes = _aligned(padded * k, np.int8)
+        codes = aligned(padded * k, np.int8)
         scales = np.empty((padded, k // group), np.float32)
         offsets = np.empty_like(scales)
 
@@ -124,12 +118,13 @@ class PromptKernels:
             check(self.lib.sc_quantize_rows(x[first].ctypes.data, end - first, k, group, codes[first * k:].ctypes.data,
                                             scales[first].ctypes.data, offsets[first].ctypes.data), "sc_quantize_rows")
 
-        self._parallel(run, padded, ROWS_PER_TILE)
+        split(self.pool, self.threads, run, padded, ROWS_PER_TILE)
         return QuantizedRows(codes, scales, offsets, rows, group)
 
     def matmul(self, x: QuantizedRows, weight: Int4Weight) -> np.ndarray:
-        if not weight.supported():
-            raise ValueError(f"the kernel takes weights of N a multiple of {COLUMNS_PER_PANEL} and groups of 32..256, "
+        if not weight.supported(self.columns_per_panel):
+            raise ValueError(f"the {self.kernel} kernel takes weights of N a multiple of {self.columns_per_panel} and "
+                             "groups of 32..256, "
                              f"not {weight.n} x {weight.k} in groups of {weight.group}")
         if weight.group != x.group or weight.k != x.scales.shape[1] * x.group:
             raise ValueError(f"activations of {x.scales.shape[1] * x.group} inputs in groups of {x.group} do not fit "
@@ -141,27 +136,15 @@ class PromptKernels:
         scratch = self._scratch(weight.k, weight.group)
 
         def run(first: int, end: int, part: int) -> None:
-            check(self.lib.sc_int4_gemm(x.codes.ctypes.data, x.scales.ctypes.data, x.offsets.ctypes.data, padded,
+            check(self.gemm(x.codes.ctypes.data, x.scales.ctypes.data, x.offsets.ctypes.data, padded,
                                         weight.k, weight.group, packed.ctypes.data, scales.ctypes.data, y.ctypes.data, n,
-                                        first, end, scratch[part].ctypes.data), "sc_int4_gemm")
+                                        first, end, scratch[part].ctypes.data), self.gemm.__name__)
 
-        self._parallel(run, n, COLUMNS_PER_PANEL)
+        split(self.pool, self.threads, run, n, self.columns_per_panel)
         y = y[:x.rows]
         if weight.bias is not None:
             y += weight.bias
         return y
-
-    def _parallel(self, run: Callable[[int, int, int], None], total: int, unit: int) -> None:
-        """``run(first, end, part)`` over ``total`` items split into one range per thread, in whole ``unit``s."""
-        units = total // unit
-        parts = max(1, min(self.threads, units))
-        bounds = [unit * (units * i // parts) for i in range(parts + 1)]
-        calls = [(bounds[i], bounds[i + 1], i) for i in range(parts)]
-        if self.pool is None or parts == 1:
-            for call in calls:
-                run(*call)
-        else:
-            list(self.pool.map(lambda call: run(*call), calls))
 
     def gelu(self, x: np.ndarray) -> np.ndarray:
         """tanh GELU of a C-contiguous float32 array, in place (returned for chaining)."""
@@ -173,6 +156,6 @@ class PromptKernels:
     def _scratch(self, k: int, group: int) -> list[np.ndarray]:
         key = (k, group)
         if key not in self.scratch:
-            nbytes = k * COLUMNS_PER_PANEL + 4 * (k // group) * COLUMNS_PER_PANEL
-            self.scratch[key] = [_aligned(nbytes) for _ in range(self.threads)]
+            nbytes = (k + 4 * (k // group)) * self.columns_per_panel
+            self.scratch[key] = [aligned(nbytes) for _ in range(self.threads)]
         return self.scratch[key]

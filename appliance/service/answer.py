@@ -3,11 +3,17 @@
 Every answer goes through ``appliance.session.ChatSession``, exactly as ``streamchat chat`` and ``generate`` do
 (safety filter, context planning, history). Cancelling sets the session's cancel event, which the generator checks
 between tokens, so the answer ends (and is stored as ``cancelled``) within one token.
+
+The worker thread hands text to the event loop through a locked buffer, and wakes the loop only when the loop is
+waiting. After sending a chunk the reader lets ``FRAME_INTERVAL_S`` pass (or the answer end) before it looks again,
+so a fast model's tokens leave in one frame per interval instead of one wake-up, frame and GIL hand-over each; a
+model slower than the interval still sends every token the moment it exists.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,7 +30,7 @@ from appliance.service.pool import EnginePool, NotReady, QueueFull, Replica
 from appliance.session import ChatSession, TurnResult
 from appliance.settings import Settings
 
-_END = object()
+FRAME_INTERVAL_S = 0.02  # at most ~50 frames a second per answer: smooth to read, cheap to send
 
 
 class ConversationBusy(StreamChatError):
@@ -64,8 +70,10 @@ def error_kind(exc: BaseException) -> str:
 class Service:
     """The replicas, the app's history/safety context and the metrics, shared by every endpoint."""
 
-    def __init__(self, pool: EnginePool, app: AppContext, metrics: Metrics) -> None:
-        self.pool, self.app, self.metrics = pool, app, metrics
+    def __init__(self, pool: EnginePool, app: AppContext, metrics: Metrics,
+                 request_log: Callable[[str, int | None, str], None] | None = None) -> None:
+        self.pool, self.app, self.metrics, self.request_log = pool, app, metrics, request_log
+        self.audit = metrics.audit(app.audit)  # the app's audit log, each hit counted in the metrics too
         self.executor = ThreadPoolExecutor(max_workers=pool.size, thread_name_prefix="streamchat-replica")
         self.running: set[Answer] = set()
         self._conversations: set[int] = set()  # conversations with an answer in flight
@@ -76,6 +84,8 @@ class Service:
         return Path(self.pool.replicas[0].model.summary.get("path", "streamchat")).name if self.pool.replicas else ""
 
     def answer(self, job: Job, endpoint: str) -> Answer:
+        if self.request_log is not None:  # only with --log-messages
+            self.request_log(endpoint, job.conversation_id, job.query)
         return Answer(self, job, endpoint)
 
     def cancel_all(self) -> None:
@@ -95,7 +105,11 @@ class Answer:
         self.first_token_s: float | None = None
         self.result: TurnResult | None = None
         self._cancel = threading.Event()
-        self._out: asyncio.Queue[object] = asyncio.Queue()
+        self._lock = threading.Lock()  # guards the four fields below, shared with the worker thread
+        self._pending: list[tuple[float, str]] = []  # (when the worker made it, text) not yet read
+        self._ended = False  # the worker has finished: nothing more comes
+        self._wake_posted = False  # a wake-up is on its way to the loop, or the reader is not waiting
+        self._woken: asyncio.Event | None = None  # set by the worker's wake-up; made on the loop in begin()
         self._error: BaseException | None = None
         self._acquiring: asyncio.Future[Replica] | None = None  # the wait for a replica, while queued
 
@@ -130,37 +144,63 @@ class Answer:
                 service._conversations.discard(conversation)
             raise Withdrawn("cancelled while waiting for a free model: nothing was answered or stored")
         service.running.add(self)
-        loop = asyncio.get_running_loop()
-        service.executor.submit(self._work, replica, loop)
+        self._woken = asyncio.Event()
+        service.executor.submit(self._work, replica, asyncio.get_running_loop())
 
     def _work(self, replica: Replica, loop: asyncio.AbstractEventLoop) -> None:
-        """Runs in a worker thread: the turn, each delta posted to the event loop, then _END."""
-        job, model, app = self.job, replica.model, self.service.app
+        """Runs in a worker thread: the turn, each delta handed to the reader, then the end."""
+        job, model, app, started = self.job, replica.model, self.service.app, time.perf_counter()
         session = ChatSession(model.engine, model.tokenizer, job.settings, app.history if job.store else None,
-                              app.rules, app.audit, model.label)
+                              app.rules, self.service.audit, model.label)
         try:
             session.open(job.conversation_id, list(job.turns))
             for delta in session.send(job.query, self._cancel, greedy=job.greedy, seed=job.seed):
-                self._post(loop, self._out.put_nowait, delta)
+                self._hand_over(loop, delta)
         except HistoryError as exc:  # this session ends with the request: one more try, else say what was lost
             self._error = exc
-            try:
-                session.save_unsaved()
-            except HistoryError as lost:
-                self._error = lost
+            if session.has_unsaved:  # the turn ran; storing it failed: a second try that works loses nothing
+                try:
+                    session.save_unsaved()
+                    self._error = None
+                except HistoryError as lost:
+                    self._error = lost
         except BaseException as exc:  # reported by ``deltas`` on the event loop
             self._error = exc
         finally:
             self.result = session.last
+            self.service.metrics.replica_busy(replica.index, time.perf_counter() - started)
             self.service.pool.release(replica)
             self._post(loop, self._settle)
-            self._post(loop, self._out.put_nowait, _END)
+            self._hand_over(loop, None)
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop, delta: str | None) -> None:
+        """In the worker thread: buffer a delta (None: the end) and wake the reader if it is waiting."""
+        with self._lock:
+            if delta is None:
+                self._ended = True
+            else:
+                self._pending.append((time.perf_counter(), delta))
+            wake, self._wake_posted = delta is None or not self._wake_posted, True
+        if wake:
+            assert self._woken is not None
+            self._post(loop, self._woken.set)
 
     def _post(self, loop: asyncio.AbstractEventLoop, call: Callable[..., None], *args: object) -> None:
         try:
             loop.call_soon_threadsafe(call, *args)
         except RuntimeError:  # the loop has closed (shutdown): nobody reads this answer any more
             self._cancel.set()
+
+    def _take(self) -> tuple[list[tuple[float, str]], bool]:
+        """On the loop: what the worker has made since the last look, and whether it has ended. With nothing to
+        read, the reader is about to wait, so the worker's next delta must wake it."""
+        assert self._woken is not None
+        self._woken.clear()
+        with self._lock:
+            pending, self._pending = self._pending, []
+            if not pending and not self._ended:
+                self._wake_posted = False
+            return pending, self._ended
 
     def _settle(self) -> None:
         """On the event loop once the turn has ended, whether or not anyone still reads it: the bookkeeping."""
@@ -172,25 +212,36 @@ class Answer:
             metrics.answers.labels(result.stopped or "error").inc()
             if result.generation is not None:
                 metrics.tokens.inc(len(result.generation.token_ids))
+                metrics.answer_quality(self.job.query, result.generation.token_ids, result.response)
         if self._error is not None:
             metrics.error(error_kind(self._error))
 
     async def deltas(self) -> AsyncIterator[str]:
         """The answer's text deltas; the turn's error, if it failed, is raised at the end (what was streamed is
         stored, with stop reason ``error``). Leaving early cancels the answer."""
-        metrics, last, item = self.service.metrics, None, None
+        metrics, last, ended = self.service.metrics, None, False
+        assert self._woken is not None, "begin() first"
         try:
-            while (item := await self._out.get()) is not _END:
-                now = time.perf_counter()
-                if last is None:
-                    self.first_token_s = now - self.received
-                    metrics.ttft.observe(self.first_token_s)
+            while True:
+                pending, ended = self._take()
+                if pending:
+                    if last is None:
+                        self.first_token_s = time.perf_counter() - self.received
+                        metrics.ttft.observe(self.first_token_s)
+                    for made, _ in pending:  # the gaps between tokens as the model made them
+                        if last is not None:
+                            metrics.token_gap(made - last)
+                        last = made
+                    yield "".join(text for _, text in pending)
+                if ended:
+                    break
+                if pending:  # let the next tokens gather; meanwhile only the end wakes the reader
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._woken.wait(), FRAME_INTERVAL_S)
                 else:
-                    metrics.inter_token.observe(now - last)
-                last = now
-                yield item  # type: ignore[misc]
+                    await self._woken.wait()
         finally:
-            if item is not _END:
+            if not ended:
                 self.cancel()
         metrics.latency.labels(self.endpoint).observe(time.perf_counter() - self.received)
         if self._error is not None:

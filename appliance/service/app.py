@@ -1,8 +1,9 @@
 """The FastAPI application: routes only; the work is in ``answer`` (the pipeline), ``pool`` and ``metrics``.
 
 ``/health`` and ``/ready`` answer without a token (probes); every other route needs it when one is configured.
-No CORS headers are sent, so a browser lets no page of another site read an answer or POST JSON; ``guard`` refuses
-the WebSocket handshakes and the Host headers of other sites.
+CORS headers are sent only to the pages of ``--allow-origin`` origins (Starlette's ``CORSMiddleware``, added only
+then), so a browser lets no page of another site read an answer or POST JSON; ``guard`` refuses the WebSocket
+handshakes and the Host headers of other sites, and more connections from one address than it allows.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from contextlib import AbstractAsyncContextManager
 
 from fastapi import Depends, FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
+from starlette.middleware.cors import CORSMiddleware
 
 from appliance.service.answer import Service
 from appliance.service.auth import allowed
 from appliance.service.config import ServiceConfig
 from appliance.service.errors import ApiError, api_error_response
-from appliance.service.guard import SiteGuard
+from appliance.service.guard import ClientLimit, SiteGuard, cors_options
 from appliance.service.openai_routes import openai_router
 from appliance.service.ws import chat_socket
 
@@ -34,7 +36,10 @@ def create_app(service: Service, config: ServiceConfig,
 
     app = FastAPI(title="StreamChat", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_exception_handler(ApiError, api_error_response)
-    app.add_middleware(SiteGuard, config=config, metrics=service.metrics)
+    app.add_middleware(ClientLimit, config=config, metrics=service.metrics)
+    app.add_middleware(SiteGuard, config=config, metrics=service.metrics)  # added last: runs first
+    if config.allow_origins:  # outermost, so that the guards' refusals carry CORS headers too
+        app.add_middleware(CORSMiddleware, **cors_options(config))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -43,7 +48,9 @@ def create_app(service: Service, config: ServiceConfig,
     @app.get("/ready")
     async def ready() -> JSONResponse:
         pool = service.pool
-        body = {"status": "ready" if pool.ready else "loading", "replicas": len(pool.replicas), "of": pool.size}
+        body = {"status": pool.status, "replicas": len(pool.replicas), "of": pool.size}
+        if pool.down:  # degraded: the others serve while these restart
+            body["down"] = [{"replica": r.index, "device": r.device, "reason": r.stopped} for r in pool.down.values()]
         return JSONResponse(body, status_code=200 if pool.ready else 503)
 
     @app.get("/metrics", dependencies=[Depends(authorized)])

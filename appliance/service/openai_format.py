@@ -4,9 +4,9 @@ ChatGLM-6B's prompt is rounds of (query, response) plus the new query, so:
 - user and assistant messages pair into rounds in order; consecutive messages of one role are joined by a blank line;
   an assistant message with no user message before it is a round with an empty query;
 - the last message must be the user's: it is the query;
-- ChatGLM-6B has no system prompt: the text of every ``system`` (or ``developer``) message, in order, is put before
-  the query, separated by a blank line, so it always stays within the context window (the oldest rounds are the
-  first left out, never the query).
+- ChatGLM-6B has no system role: the texts of the ``system`` (or ``developer``) messages, in order and joined by a
+  blank line, are the request's system prompt, which replaces the configured one and enters the prompt as every front
+  end's does (``appliance.prompt.system_turn``: the first round, kept when older rounds are left out to fit).
 ChatGLM-6B has no tools: ``tool`` and ``function`` messages are left out. Parameters OpenAI defines that ChatGLM cannot
 honour (``stop``, penalties, ``logit_bias``, tools...) and unknown ones are ignored; the ones used are checked and a
 bad value is a 400.
@@ -34,6 +34,7 @@ FINISH = {"eos": "stop", "cancelled": "stop", "max_new_tokens": "length", "conte
 class CompletionRequest:
     query: str
     turns: tuple[Turn, ...]
+    system: str | None  # the system messages' text; None: the request has none (the configured system prompt applies)
     stream: bool
     include_usage: bool
     greedy: bool
@@ -93,7 +94,7 @@ def parse_request(body: Any, limit: int) -> CompletionRequest:
         else:
             turns.append((pending or "", text))
             pending = None
-    query = "\n\n".join([*system, spoken[-1][1]])
+    query = spoken[-1][1]
     if not query.strip():
         raise RequestError("the last user message is empty")
 
@@ -113,7 +114,8 @@ def parse_request(body: Any, limit: int) -> CompletionRequest:
         raise RequestError("stream_options must be an object")
     seed = body.get("seed")
     return CompletionRequest(
-        query=query, turns=tuple(turns), stream=flag(body.get("stream", False), "stream"),
+        query=query, turns=tuple(turns), system="\n\n".join(system) if system else None,
+        stream=flag(body.get("stream", False), "stream"),
         include_usage=flag(stream_options.get("include_usage", False), "stream_options.include_usage"),
         greedy=temperature == 0, seed=None if seed is None else whole_number(seed, "seed"), options=options)
 

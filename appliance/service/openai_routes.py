@@ -40,7 +40,7 @@ def api_error(exc: BaseException, config: ServiceConfig) -> ApiError:
 async def read_json(request: Request, limit: int) -> object:
     """The request body as JSON, refused with 413 past ``limit`` bytes (before reading when Content-Length says so),
     and with 415 unless it is declared ``application/json`` (a page of another site cannot POST that without a CORS
-    preflight, which this server never grants)."""
+    preflight, which the server grants only to ``--allow-origin`` origins)."""
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media_type != "application/json":
         raise ApiError(415, f"the request body must be JSON sent as 'Content-Type: application/json', got "
@@ -87,6 +87,8 @@ def openai_router(service: Service, config: ServiceConfig) -> APIRouter:
         try:
             asked = fmt.parse_request(await read_json(request, config.max_body_bytes), config.max_message_chars)
             settings = generation_settings(service.app.settings, asked.options)
+            if asked.system is not None:  # the request's system messages replace the configured system prompt
+                settings.system_prompt = asked.system
         except RequestError as exc:
             service.metrics.error("bad_request")
             raise ApiError(400, str(exc)) from exc

@@ -4,6 +4,10 @@ Each replica is its own engine (its own KV cache), used by one answer at a time.
 (a replica handed back goes straight to the longest-waiting request), until a replica is free; when more requests already wait
 than the queue allows, it is refused at once with ``QueueFull``. Replicas are handed back from the worker thread that
 ran the answer, so a replica is free exactly when its engine is idle, whatever the client did meanwhile.
+
+A replica whose engine runs in a worker process (``--devices``) can die on its own. It is then taken out (``lost``:
+when its answer fails, or when its watcher sees the process exit while idle) and reported in ``down`` until the
+``on_down`` callback (the server restarting it) adds it back; the other replicas go on serving the queue.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from appliance.engines.worker import WorkerEngine
 from appliance.errors import StreamChatError
 from appliance.loading import LoadedModel
 
@@ -28,13 +33,25 @@ class QueueFull(StreamChatError):
 
 
 class NotReady(StreamChatError):
-    """Not every replica has loaded its model yet."""
+    """Not every replica has loaded its model yet, or none is running."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Replica:
+    """``device``: the accelerator id its worker process runs on; ``worker``: that process's engine (both None: the
+    engine runs in the server's process); ``answers``: the requests handed to it; ``stopped``: why it is out of
+    service (empty while it serves)."""
+
     index: int
     model: LoadedModel
+    device: int | None = None
+    worker: WorkerEngine | None = None
+    answers: int = 0
+    stopped: str = ""
+
+    @property
+    def usable(self) -> bool:
+        return self.worker is None or self.worker.alive
 
 
 class EnginePool:
@@ -47,10 +64,19 @@ class EnginePool:
         self._waiters: deque[asyncio.Future[Replica]] = deque()  # first come, first served
         self._loop: asyncio.AbstractEventLoop | None = None
         self.busy = 0  # replicas running an answer
+        self.started = False  # every replica has loaded once
+        self.down: dict[int, Replica] = {}  # replica index -> the replica out of service (its worker stopped)
+        self.on_down: Callable[[Replica], None] = lambda _: None  # called on the loop when a replica is lost
+        self.closing = False  # shutting down: a lost replica is not restarted
 
     @property
     def ready(self) -> bool:
         return len(self.replicas) == self.size
+
+    @property
+    def status(self) -> str:
+        """``loading`` (not every replica has loaded yet), ``ready``, or ``degraded`` (a replica is down)."""
+        return "ready" if self.ready else "degraded" if self.started else "loading"
 
     @property
     def waiting(self) -> int:
@@ -66,17 +92,39 @@ class EnginePool:
         self._threadsafe(self._add, replica)
 
     def _add(self, replica: Replica) -> None:
+        self.down.pop(replica.index, None)
         self.replicas.append(replica)
+        self.started = self.started or self.ready
         self._give(replica)
+
+    def lost(self, replica: Replica, reason: str) -> None:
+        """A replica's worker has stopped (safe from any thread): out of service until ``on_down`` brings it back."""
+        self._threadsafe(lambda r: self._lose(r, reason), replica)
+
+    def _lose(self, replica: Replica, reason: str) -> None:
+        if replica not in self.replicas:  # already lost (its answer failed and its watcher saw the exit)
+            return
+        self.replicas.remove(replica)
+        if replica in self._free:
+            self._free.remove(replica)
+        replica.stopped = reason
+        self.down[replica.index] = replica
+        if not self.closing:
+            self.on_down(replica)
 
     async def acquire(self) -> Replica:
         """The next free replica, after the requests that came earlier; NotReady or QueueFull at once."""
-        if not self.ready:
+        if not self.started:
             raise NotReady(f"the model is still loading ({len(self.replicas)} of {self.size} replicas ready): try "
+                           "again when /ready answers 200")
+        if not self.replicas:
+            raise NotReady(f"no replica is running ({len(self.down)} restarting after their worker stopped): try "
                            "again when /ready answers 200")
         if self._free and not self._waiters:
             self.busy += 1
-            return self._free.pop()
+            replica = self._free.pop()
+            replica.answers += 1
+            return replica
         if len(self._waiters) >= self.queue_limit:
             raise QueueFull(len(self._waiters), self.retry_after)
         turn: asyncio.Future[Replica] = asyncio.get_running_loop().create_future()
@@ -97,7 +145,10 @@ class EnginePool:
 
     def _release(self, replica: Replica) -> None:
         self.busy -= 1
-        self._give(replica)
+        if not replica.usable:
+            self._lose(replica, "its worker stopped while answering")
+        elif replica in self.replicas:
+            self._give(replica)
 
     def _give(self, replica: Replica) -> None:
         """To the longest-waiting request, else to the free list."""
@@ -105,6 +156,7 @@ class EnginePool:
             turn = self._waiters.popleft()
             if not turn.done():
                 self.busy += 1
+                replica.answers += 1
                 turn.set_result(replica)
                 return
         self._free.append(replica)

@@ -1,15 +1,15 @@
-"""Run the service: load the replicas in a background thread (``/ready`` turns 200 when all are loaded) while uvicorn
-serves. A replica that cannot load stops the server, and ``serve`` raises its error (one line from the CLI).
+"""Run the service: load the replicas in the background (``appliance.service.replicas``; ``/ready`` turns 200 when
+all are loaded) while uvicorn serves. A replica that cannot load stops the server, and ``serve`` raises its error
+(one line from the CLI).
 
 Shutdown (SIGTERM, Ctrl-C): uvicorn stops accepting, waits up to ``SHUTDOWN_GRACE_S`` for answers in flight, then
-every answer still running is cancelled (stored as ``cancelled``) and the worker threads are joined.
+every answer still running is cancelled (stored as ``cancelled``), the worker threads are joined and the worker
+processes (``--devices``) stopped and reaped.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sys
-import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -22,39 +22,41 @@ from appliance.service.answer import Service
 from appliance.service.app import create_app
 from appliance.service.config import ServiceConfig
 from appliance.service.metrics import Metrics
-from appliance.service.pool import EnginePool, Replica
+from appliance.service.pool import EnginePool
+from appliance.service.replicas import ReplicaCollector, Replicas
+from appliance.service.request_log import RequestLog
 
 SHUTDOWN_GRACE_S = 10
 
 
 def serve(config: ServiceConfig, app_context: AppContext, load: Callable[[int], LoadedModel]) -> None:
-    """``load(i)`` opens replica ``i``'s model (its own engine and KV cache)."""
-    pool = EnginePool(config.replicas, config.queue, config.retry_after_s)
-    service = Service(pool, app_context, Metrics(pool))
+    """``load(i)`` opens replica ``i``'s model (its own engine and KV cache; on ``config.devices[i]`` when given)."""
+    pool = EnginePool(config.size, config.queue, config.retry_after_s)
+    service = Service(pool, app_context, Metrics(pool), RequestLog() if config.log_messages else None)
+    service.metrics.registry.register(ReplicaCollector(pool))
     failure: list[BaseException] = []
 
-    def load_all() -> None:
-        try:
-            for index in range(config.replicas):
-                model = load(index)
-                pool.add(Replica(index, model))
-            print(f"StreamChat serving {model.label} on http://{config.host}:{config.port} "
-                  f"({config.replicas} replica(s))", file=sys.stderr, flush=True)
-        except BaseException as exc:  # raised by ``serve`` once the server has stopped
-            failure.append(exc)
-            server.should_exit = True
+    def failed(exc: BaseException) -> None:  # raised by ``serve`` once the server has stopped
+        failure.append(exc)
+        server.should_exit = True
+
+    replicas = Replicas(pool, config, load, failed)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool.bind(asyncio.get_running_loop())
-        threading.Thread(target=load_all, name="streamchat-load", daemon=True).start()
+        replicas.start()
         yield
         service.cancel_all()
+        replicas.close()
 
     app = create_app(service, config, lifespan)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
                                            access_log=False, ws_max_size=config.max_body_bytes,
                                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S, server_header=False))
-    server.run()
+    try:
+        server.run()
+    finally:
+        replicas.close()
     if failure:
         raise failure[0]

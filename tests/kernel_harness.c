@@ -1,0 +1,157 @@
+/* The C kernels on their own, for the sanitizers: every entry point on buffers of exactly the size it may touch
+ * (malloc'ed one by one, so AddressSanitizer sees any read or write past them), each path against a scalar reference of
+ * the same integer arithmetic, and the refusals. Built and run by tests/test_kernel_sanitizers.py:
+ *
+ *     gcc -DSC_STANDALONE -fsanitize=address,undefined tests/kernel_harness.c appliance/kernels/prompt_kernels.c
+ *
+ * Prints one line per path it ran or skipped and exits 0, or names the first mismatch and exits 1.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int sc_cpu_features(void);
+int sc_quantize_rows(const float *x, int M, int K, int G, int8_t *codes, float *scales, float *offsets);
+int sc_int4_gemm(const int8_t *, const float *, const float *, int, int, int, const uint8_t *, const float *, float *,
+                 int, int, int, uint8_t *);
+int sc_int4_gemm_avx512vnni(const int8_t *, const float *, const float *, int, int, int, const uint8_t *,
+                            const float *, float *, int, int, int, uint8_t *);
+int sc_quantize_vector(const float *x, int K, int G, int8_t *x_lo, int8_t *x_hi, float *lane_scales, float *offsets);
+int sc_int4_gemv(const int8_t *, const int8_t *, const float *, const float *, int, int, const uint8_t *,
+                 const float *, float *, int, int);
+int sc_int4_gemv_avx512vnni(const int8_t *, const int8_t *, const float *, const float *, int, int, const uint8_t *,
+                            const float *, float *, int, int);
+int sc_gelu(float *x, size_t n);
+
+typedef int (*gemm_fn)(const int8_t *, const float *, const float *, int, int, int, const uint8_t *, const float *,
+                       float *, int, int, int, uint8_t *);
+typedef int (*gemv_fn)(const int8_t *, const int8_t *, const float *, const float *, int, int, const uint8_t *,
+                       const float *, float *, int, int);
+
+static uint64_t state = 88172645463325252ull;
+static uint32_t next(void) { state ^= state << 13; state ^= state >> 7; state ^= state << 17; return (uint32_t)state; }
+static float uniform(void) { return (float)(next() % 2000001) / 1000000.f - 1.f; }
+
+static void *exactly(size_t nbytes, size_t align) {
+    void *p = aligned_alloc(align, (nbytes + align - 1) / align * align);
+    if (!p) { puts("out of memory"); exit(2); }
+    return p;
+}
+
+static int failures;
+#define EXPECT(cond, ...) do { if (!(cond)) { printf(__VA_ARGS__); puts(""); failures++; return; } } while (0)
+
+/* y[m][n] of the integer arithmetic the kernels promise, in double: per row and block, codes q = rint(x / s) with
+ * s = max|x| / 127 (as the kernel rounds: x * (1 / s)), then ws * s * sum((c - 8) * q). */
+static void reference(const float *x, int M, int K, int G, const uint8_t *w, const float *ws, int N, double *y,
+                      double *bound) {
+    const int blocks = K / G;
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < N; n++) y[m * N + n] = bound[m * N + n] = 0;
+    for (int m = 0; m < M; m++)
+        for (int b = 0; b < blocks; b++) {
+            float mx = 0;
+            for (int i = 0; i < G; i++) mx = fmaxf(mx, fabsf(x[m * K + b * G + i]));
+            const float s = mx / 127.f, inv = s > 0 ? 1.f / s : 0.f;
+            int q[256];
+            for (int i = 0; i < G; i++) q[i] = (int)nearbyintf(x[m * K + b * G + i] * inv);
+            for (int n = 0; n < N; n++) {
+                long dot = 0;
+                for (int i = 0; i < G; i++) {
+                    const uint8_t byte = w[(size_t)n * K / 2 + b * G / 2 + i / 2];
+                    dot += (long)(((i & 1) ? byte >> 4 : byte & 15) - 8) * q[i];
+                }
+                const double term = (double)ws[n * blocks + b] * s * (double)dot;
+                y[m * N + n] += term;
+                bound[m * N + n] += fabs((double)ws[n * blocks + b] * s) * G * 15 * 127;
+            }
+        }
+}
+
+static void compare(const char *what, const float *got, const double *want, const double *bound, int M, int N, int ldy) {
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < N; n++)
+            EXPECT(fabs(got[m * ldy + n] - want[m * N + n]) <= 1e-6 * bound[m * N + n] + 1e-6,
+                   "%s: row %d column %d: %.7g, want %.7g", what, m, n, got[m * ldy + n], want[m * N + n]);
+}
+
+static void gemm_case(const char *path, gemm_fn gemm, int nr, int M, int K, int G, int N) {
+    const int blocks = K / G;
+    float *x = exactly(sizeof(float) * M * K, 64), *ws = exactly(sizeof(float) * N * blocks, 64);
+    uint8_t *w = exactly((size_t)N * K / 2, 64), *scratch = exactly((size_t)(K + 4 * blocks) * nr, 64);
+    int8_t *codes = exactly((size_t)M * K, 64);
+    float *xs = exactly(sizeof(float) * M * blocks, 64), *xo = exactly(sizeof(float) * M * blocks, 64);
+    float *y = exactly(sizeof(float) * M * N, 64);
+    double *want = exactly(sizeof(double) * M * N, 64), *bound = exactly(sizeof(double) * M * N, 64);
+    for (int i = 0; i < M * K; i++) x[i] = 3 * uniform();
+    for (int i = 0; i < M * K / 3; i += 7) x[i] = 0; /* some zeros, and one all-zero row below */
+    for (int i = 0; i < K; i++) x[(M - 1) * K + i] = 0;
+    for (int i = 0; i < N * K / 2; i++) w[i] = (uint8_t)next();
+    for (int i = 0; i < N * blocks; i++) ws[i] = 0.01f + 0.01f * uniform();
+    reference(x, M, K, G, w, ws, N, want, bound);
+    char what[96];
+    snprintf(what, sizeof what, "%s gemm %dx%dx%d g%d", path, M, K, N, G);
+    EXPECT(sc_quantize_rows(x, M, K, G, codes, xs, xo) == 0, "%s: quantize refused", what);
+    /* two column ranges, as two threads would run them */
+    EXPECT(gemm(codes, xs, xo, M, K, G, w, ws, y, N, 0, N / nr / 2 * nr, scratch) == 0, "%s: refused", what);
+    EXPECT(gemm(codes, xs, xo, M, K, G, w, ws, y, N, N / nr / 2 * nr, N, scratch) == 0, "%s: refused", what);
+    compare(what, y, want, bound, M, N, N);
+    /* refusals: nothing written */
+    y[0] = 7.f;
+    EXPECT(gemm(codes, xs, xo, M, K, G, w, ws, y, N, 0, nr / 2, scratch) == 1, "%s: half a panel accepted", what);
+    EXPECT(gemm(codes, xs, xo, M - 1, K, G, w, ws, y, N, 0, N, scratch) == 1, "%s: partial tile accepted", what);
+    EXPECT(gemm(codes, xs, xo, M, K, G, w, ws, y, N, 0, N, scratch + 16) == 2, "%s: misaligned scratch", what);
+    EXPECT(y[0] == 7.f, "%s: a refused call wrote", what);
+    free(x), free(ws), free(w), free(scratch), free(codes), free(xs), free(xo), free(y), free(want), free(bound);
+}
+
+static void gemv_case(const char *path, gemv_fn gemv, int K, int G, int N) {
+    const int blocks = K / G;
+    float *x = exactly(sizeof(float) * K, 4), *ws = exactly(sizeof(float) * N * blocks, 4);
+    uint8_t *w = exactly((size_t)N * K / 2, 1);
+    int8_t *lo = exactly(K / 2, 1), *hi = exactly(K / 2, 1);
+    float *lanes = exactly(sizeof(float) * K / 8, 4), *offsets = exactly(sizeof(float) * blocks, 4);
+    float *y = exactly(sizeof(float) * N, 4);
+    double *want = exactly(sizeof(double) * N, 8), *bound = exactly(sizeof(double) * N, 8);
+    for (int i = 0; i < K; i++) x[i] = 5 * uniform();
+    for (int i = 0; i < N * K / 2; i++) w[i] = (uint8_t)next();
+    for (int i = 0; i < N * blocks; i++) ws[i] = 0.01f + 0.01f * uniform();
+    reference(x, 1, K, G, w, ws, N, want, bound);
+    char what[96];
+    snprintf(what, sizeof what, "%s gemv %dx%d g%d", path, K, N, G);
+    EXPECT(sc_quantize_vector(x, K, G, lo, hi, lanes, offsets) == 0, "%s: quantize refused", what);
+    EXPECT(gemv(lo, hi, lanes, offsets, K, G, w, ws, y, 0, N / 3) == 0, "%s: refused", what);
+    EXPECT(gemv(lo, hi, lanes, offsets, K, G, w, ws, y, N / 3, N) == 0, "%s: refused", what);
+    compare(what, y, want, bound, 1, N, N);
+    EXPECT(gemv(lo, hi, lanes, offsets, K + 64, G, w, ws, y, 0, N) == 1, "%s: K off the 128-code chunks", what);
+    EXPECT(gemv(lo, hi, lanes, offsets, K, 96, w, ws, y, 0, N) == 1, "%s: a group of 96 accepted", what);
+    EXPECT(gemv(lo, hi, lanes, offsets, K, G, NULL, ws, y, 0, N) == 2, "%s: no weights accepted", what);
+    free(x), free(ws), free(w), free(lo), free(hi), free(lanes), free(offsets), free(y), free(want), free(bound);
+}
+
+static void run_path(const char *path, gemm_fn gemm, int nr, gemv_fn gemv) {
+    const int groups[] = {32, 64, 128, 256};
+    for (int g = 0; g < 4; g++) {
+        gemm_case(path, gemm, nr, 8, 1024, groups[g], 3 * nr);
+        gemm_case(path, gemm, nr, 4, groups[g], groups[g], nr);
+        gemv_case(path, gemv, 1024, groups[g], 37);
+        gemv_case(path, gemv, 256 > groups[g] ? 256 : groups[g], groups[g], 5);
+    }
+    printf("%s: %s\n", path, failures ? "FAILED" : "ok");
+}
+
+int main(void) {
+    const int features = sc_cpu_features();
+    if (features & 1) run_path("avx2", sc_int4_gemm, 16, sc_int4_gemv);
+    else printf("avx2: skipped, this CPU has no AVX2/FMA\n");
+    if (features & 2) run_path("avx512vnni", sc_int4_gemm_avx512vnni, 32, sc_int4_gemv_avx512vnni);
+    else printf("avx512vnni: skipped, this CPU has no AVX-512 VNNI\n");
+    if (features & 1) {
+        float v[13];
+        for (int i = 0; i < 13; i++) v[i] = (float)(i - 6);
+        if (sc_gelu(v, 13) || fabsf(v[7] - 0.8412f) > 1e-4f || v[6] != 0.f) { puts("gelu: wrong"); failures++; }
+    }
+    return failures ? 1 : 0;
+}

@@ -1,0 +1,90 @@
+"""The built-in demo on its 30 held-out questions (``model_export/demo/heldout.jsonl``): none of them is in the training
+text; the shipped checkpoint answers them through the chat pipeline, as ``streamchat generate --demo --greedy`` does,
+with the properties every sensible answer has (docs/demo.md lists the answers and the verdicts)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from appliance.loading import DEMO_CHECKPOINT, DEMO_QUANT
+from model_export.demo.corpus import read_corpus
+from model_export.demo.heldout import KINDS, answer_all, failed_checks, read_heldout
+from model_export.export import export_bundle
+
+HELDOUT = read_heldout()
+
+
+def _normalized(text: str) -> str:
+    """Lower case, letters and digits only: punctuation, spaces and case do not make a question new."""
+    return re.sub(r"[\W_]+", "", text.lower())
+
+
+def _training_texts() -> list[str]:
+    return [_normalized(text) for ex in read_corpus()
+            for text in [ex["query"], ex["answer"], *(part for turn in ex["history"] for part in turn)]]
+
+
+@pytest.fixture(scope="module")
+def answered(tmp_path_factory):
+    os.environ.setdefault("STREAMCHAT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    bundle = tmp_path_factory.mktemp("demo") / "bundle"
+    export_bundle(DEMO_CHECKPOINT, bundle, quant=DEMO_QUANT, name="StreamChat demo model",
+                  extra_manifest={"demo": True})
+    return answer_all(bundle, HELDOUT)
+
+
+def test_the_list_is_15_chinese_and_15_english_questions_of_every_kind():
+    assert Counter(q["lang"] for q in HELDOUT) == {"zh": 15, "en": 15}
+    for lang in ("zh", "en"):
+        assert Counter(q["kind"] for q in HELDOUT if q["lang"] == lang) == {
+            "greeting": 3, "paraphrase": 6, "follow-up": 3, "off-topic": 3}
+    assert set(KINDS) == {q["kind"] for q in HELDOUT}
+    for q in HELDOUT:  # a follow-up is a second turn; the others start a conversation
+        assert len(q["history"]) == (q["kind"] == "follow-up") and q["expect"]
+    assert len({q["query"] for q in HELDOUT}) == 30
+
+
+def test_no_heldout_question_is_in_the_training_text():
+    texts = _training_texts()
+    assert any(_normalized("What is kiosk mode?") in t for t in texts)  # the search finds what is there
+    found = [q["query"] for q in HELDOUT if any(_normalized(q["query"]) in t for t in texts)]
+    assert found == []
+
+
+def test_every_heldout_answer_is_sensible_by_its_checks(answered):
+    failures = {a["query"]: (a["answer"], a["failed"]) for a in answered if a["failed"]}
+    assert failures == {}
+    assert max(a["seconds"] for a in answered) < 2.0  # "at once": ~0.03 s each on an unloaded core
+
+
+def test_the_checks_reject_what_the_previous_demo_wrote():
+    """Answers the demo gave before it was retrained (docs/demo.md): each fails the checks for the right reason."""
+    by_query = {q["query"]: q for q in HELDOUT}
+    assert "no greeting" in failed_checks(by_query["Hello, who are you?"], ".")
+    assert failed_checks(by_query["Where are my conversations saved?"], "") == ["empty"]
+    assert "not Chinese" in failed_checks(by_query["我应该选哪个？"], "INT8 to getetetety 完全屏显， turtur, 高， CHl "
+                                          "twice after Min pl or the streamchat comm twice 完was very manifest.")
+    assert "made-up word" in failed_checks(by_query["How do I get rid of an old conversation?"],
+                                           "Firstall the demo model debed only only with Delete machine, Ctrl+Nthe")
+    assert failed_checks(by_query["What's the weather like today?"], "I cannot answer that.") == [
+        "expected keyword missing", "not honest about being the demo"]
+    assert "not English" in failed_checks(by_query["Which one should I pick?"], "INT4。")
+    assert failed_checks(by_query["How can I quit kiosk mode?"], "Press Ctrl+Shift+Q.") == []
+
+
+def test_the_cli_gives_the_same_answer_to_a_second_turn(answered, tmp_path):
+    """The answers above are those of ``streamchat generate --demo --greedy --history``."""
+    follow_up = next(a for a in answered if a["kind"] == "follow-up" and a["lang"] == "zh")
+    (tmp_path / "history.json").write_text(json.dumps(follow_up["history"], ensure_ascii=False), encoding="utf-8")
+    env = {**os.environ, "STREAMCHAT_CONFIG_DIR": str(tmp_path / "config"), "STREAMCHAT_DATA_DIR": str(tmp_path / "data"),
+           "STREAMCHAT_CACHE_DIR": str(tmp_path / "cache"), "PYTHONIOENCODING": "utf-8"}
+    run = subprocess.run([sys.executable, "-m", "streamchat", "generate", "--demo", "--greedy", "--json",
+                          "--prompt", follow_up["query"], "--history", str(tmp_path / "history.json")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["response"] == follow_up["answer"]

@@ -1,0 +1,239 @@
+"""``streamchat serve --devices``: one engine replica per device id, each in a worker process of its own, tested with
+the real server on a free port and real clients. The workers run on the CPU (``--device cpu``): MindSpore (the
+910B route) on the demo model exported for ascend-910b, or, where MindSpore is not installed, onnxruntime on the demo's
+cpu bundle, so the process boundary is tested either way."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import websockets
+
+from appliance.history import History
+from appliance.loading import DEMO_CHECKPOINT
+from model_export.export import export_bundle
+from streamchat.cli import main
+from tests.test_service import LONG, PROMPT, _env, _free_port
+
+try:
+    import mindspore  # noqa: F401
+
+    ENGINE, TARGET, QUANT, SEED = "mindspore", "ascend-910b", "fp32", 4
+except ImportError as exc:
+    print(f"worker tests run onnxruntime in the workers: mindspore is not importable ({exc})")
+    ENGINE, TARGET, QUANT, SEED = "onnxruntime", "cpu", "int8", LONG["seed"]
+RUNS_TO_CONTEXT = {**LONG, "seed": SEED}  # a sampled answer that runs into the demo's 512-token context
+
+WORKER = "appliance.engines.worker"
+
+
+class DeviceServer:
+    """``serve --bundle B --engine ENGINE --device cpu --devices 0,1`` on a free port, ready."""
+
+    def __init__(self, root: Path, bundle: Path) -> None:
+        self.root, self.bundle, self.port = root, bundle, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}/ws/chat"
+        self.env = _env(root)
+        self.process = subprocess.Popen([sys.executable, "-m", "streamchat", "serve", "--bundle", str(bundle),
+                                         "--engine", ENGINE, "--device", "cpu", "--devices", "0,1", "--port",
+                                         str(self.port)], env=self.env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+        self.wait_ready(300)
+
+    def wait_ready(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.process.communicate()[1]
+            try:
+                reply = httpx.get(self.url + "/ready", timeout=2)
+                if reply.status_code == 200:
+                    return reply.json()
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError("the server did not become ready")
+
+    def workers(self) -> list[psutil.Process]:
+        return [p for p in psutil.Process(self.process.pid).children(recursive=True) if WORKER in p.cmdline()]
+
+    def requests(self) -> dict[int, float]:
+        """streamchat_replica_requests_total by worker pid."""
+        found = {}
+        for line in httpx.get(self.url + "/metrics").text.splitlines():
+            if line.startswith("streamchat_replica_requests_total{"):
+                labels = dict(part.split("=") for part in line[line.index("{") + 1:line.index("}")].split(","))
+                found[int(labels["pid"].strip('"'))] = float(line.rpartition(" ")[2])
+        return found
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("devices")
+    bundle = export_bundle(DEMO_CHECKPOINT, root / "bundle", target=TARGET, quant=QUANT).bundle
+    srv = DeviceServer(root, bundle)
+    yield srv
+    if srv.process.poll() is None:
+        srv.process.terminate()
+        srv.process.communicate(timeout=60)
+
+
+def generate(srv: DeviceServer, *args: str) -> dict:
+    run = subprocess.run([sys.executable, "-m", "streamchat", "generate", "--bundle", str(srv.bundle), "--engine",
+                          ENGINE, "--device", "cpu", "--json", *args], env=srv.env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+async def _answer(url: str, frame: dict, timeline: list[float] | None = None) -> tuple[str, dict]:
+    """One message on its own connection: the joined deltas and the closing frame; ``timeline`` gets the times of
+    the first delta and of the closing frame."""
+    async with websockets.connect(url, max_size=None) as ws:
+        await ws.send(json.dumps(frame))
+        text = []
+        while (reply := json.loads(await ws.recv()))["type"] == "delta":
+            if timeline is not None and not text:
+                timeline.append(time.monotonic())
+            text.append(reply["text"])
+        if timeline is not None:
+            timeline.append(time.monotonic())
+        return "".join(text), reply
+
+
+def test_two_workers_answer_at_the_same_time_and_greedy_equals_generate(served):
+    srv = served
+    workers = srv.workers()
+    assert len(workers) == 2 and {w.pid for w in workers} == set(srv.requests())
+    before = srv.requests()
+    timelines: tuple[list[float], list[float]] = ([], [])
+
+    async def both():
+        return await asyncio.gather(*(_answer(srv.ws_url, RUNS_TO_CONTEXT, t) for t in timelines))
+
+    (text_a, done_a), (text_b, done_b) = asyncio.run(both())
+    assert done_a["type"] == done_b["type"] == "done" and done_a["stop_reason"] == done_b["stop_reason"] == "context"
+    assert text_a == text_b  # the same seed on two workers: the same answer
+    (first_a, end_a), (first_b, end_b) = timelines
+    assert first_a < end_b and first_b < end_a, timelines  # both streamed at once
+    after = srv.requests()
+    assert {pid: after[pid] - before[pid] for pid in after} == {w.pid: 1 for w in workers}  # one on each worker
+
+    text, done = asyncio.run(_answer(srv.ws_url, {"text": PROMPT, "greedy": True, "max_new_tokens": 64}))
+    assert done["stop_reason"] == "eos" and len(text) > 10
+    assert generate(srv, "--prompt", PROMPT, "--greedy", "--max-new-tokens", "64")["response"] == text
+    assert History(srv.root / "data").messages(done["conversation_id"])[-1].text == text
+
+
+def _busy_worker(srv: DeviceServer, before: dict[int, float]) -> int:
+    """The pid of the worker that was handed a request since ``before``."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        moved = [pid for pid, count in srv.requests().items() if count > before.get(pid, 0)]
+        if moved:
+            assert len(moved) == 1, moved
+            return moved[0]
+        time.sleep(0.02)
+    raise AssertionError("no worker took the request")
+
+
+def test_a_killed_worker_fails_its_answer_only_and_is_restarted(served):
+    srv = served
+    before, pids = srv.requests(), {w.pid for w in srv.workers()}
+
+    async def killed_mid_answer():
+        async with websockets.connect(srv.ws_url) as ws:
+            await ws.send(json.dumps(RUNS_TO_CONTEXT))
+            assert json.loads(await ws.recv())["type"] == "delta"
+            victim = _busy_worker(srv, before)
+            psutil.Process(victim).send_signal(signal.SIGKILL)
+            while (reply := json.loads(await ws.recv()))["type"] == "delta":
+                pass
+            return victim, reply
+
+    victim, reply = asyncio.run(killed_mid_answer())
+    assert reply["type"] == "error", reply
+    assert f"the engine worker (pid {victim}) was killed by signal 9" in reply["message"], reply
+    ready = httpx.get(srv.url + "/ready")
+    assert ready.status_code == 503, ready.text
+    assert ready.json()["status"] == "degraded" and ready.json()["replicas"] == 1
+    assert [d["reason"] for d in ready.json()["down"]] == [f"the engine worker (pid {victim}) was killed by signal 9"]
+    metrics = httpx.get(srv.url + "/metrics").text
+    assert f'streamchat_replica_up{{device="{ready.json()["down"][0]["device"]}",pid="{victim}"' in metrics
+    assert any(line.startswith("streamchat_replica_up{") and f'pid="{victim}"' in line and line.endswith(" 0.0")
+               for line in metrics.splitlines()), metrics
+
+    # the other worker keeps serving while the lost one restarts
+    (survivor,) = pids - {victim}
+    before = srv.requests()
+    text, done = asyncio.run(_answer(srv.ws_url, {"text": PROMPT, "greedy": True, "max_new_tokens": 64}))
+    assert done["type"] == "done" and done["stop_reason"] == "eos" and text
+    assert srv.requests()[survivor] == before[survivor] + 1
+
+    srv.wait_ready(300)
+    new = {w.pid for w in srv.workers()}
+    assert survivor in new and victim not in new and len(new) == 2
+    assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
+
+    # a killed worker under a non-streaming OpenAI request: a 500 naming the worker
+    before = srv.requests()
+    result = {}
+    request = threading.Thread(target=lambda: result.update(reply=httpx.post(
+        srv.url + "/v1/chat/completions", timeout=120,
+        json={"messages": [{"role": "user", "content": "hello"}], "temperature": 5, "top_k": 0, "top_p": 1,
+              "seed": SEED, "max_tokens": 8192})))
+    request.start()
+    victim = _busy_worker(srv, before)
+    time.sleep(0.2)
+    psutil.Process(victim).send_signal(signal.SIGKILL)
+    request.join(120)
+    assert result["reply"].status_code == 500, result["reply"].text
+    assert f"the engine worker (pid {victim}) was killed by signal 9" in result["reply"].json()["error"]["message"]
+    srv.wait_ready(300)
+
+
+def test_sigterm_stops_every_worker(served):
+    srv = served
+    workers = srv.workers()
+    assert len(workers) == 2
+
+    async def chat():
+        async with websockets.connect(srv.ws_url) as ws:
+            await ws.send(json.dumps(RUNS_TO_CONTEXT))
+            await ws.recv()
+            srv.process.terminate()
+            with pytest.raises(websockets.ConnectionClosed):
+                while True:
+                    await ws.recv()
+
+    asyncio.run(chat())
+    assert srv.process.wait(timeout=60) == -signal.SIGTERM
+    _, err = srv.process.communicate(timeout=10)
+    gone, alive = psutil.wait_procs(workers, timeout=5)
+    assert not alive, [(p.pid, p.status()) for p in alive]
+    assert "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--devices", "0,1", "--replicas", "2"], "give --devices (one replica per device, each in a worker process) or "
+                                              "--replicas (that many in this process), not both"),
+    (["--devices", "0,a"], "--devices takes device ids separated by commas, such as 0,1,2,3; not '0,a'"),
+    (["--devices", "1,1"], "--devices names a device twice (1,1): one replica per device"),
+    (["--devices", "0,1", "--device-id", "3"], "--device-id picks the one NPU of a single replica; with --devices each "
+                                               "replica has its own: leave --device-id out"),
+])
+def test_bad_device_flags_are_one_line(tmp_path, monkeypatch, capsys, flags, message):
+    for key, value in _env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    assert main(["serve", "--bundle", str(tmp_path / "missing"), *flags]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
