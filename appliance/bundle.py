@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from appliance.conversion import CONVERT_SCRIPT, CONVERTED, CONVERTER_FOLDER, check_conversion_files, smoke_graphs
 from appliance.engines import AUTO, BundleEngine, EngineOptions, open_engine
+from appliance.engines.memory import KV_CACHE_DTYPES, UNMARKED_KV_CACHE
 from appliance.errors import BundleError, CheckpointError
 from appliance.folders import Refused, cache_dir, read_small_file
 from appliance.model.weights import WEIGHT_PRECISIONS
@@ -148,6 +149,8 @@ def validate_manifest(m: dict, source: str) -> None:
     need(isinstance(graphs, dict), "graphs", "an object naming the bundle's graphs")
     if target.graphs == DECODER:
         named["graphs.decoder"] = graphs.get("decoder")
+        need(graphs.get("kv_cache", UNMARKED_KV_CACHE) in tuple(KV_CACHE_DTYPES), "graphs.kv_cache",
+             f"one of {', '.join(KV_CACHE_DTYPES)} (absent: {UNMARKED_KV_CACHE}, as bundles exported before it hold)")
         conversion = sorted(rel for rel in listed if rel == CONVERT_SCRIPT or rel.startswith(CONVERTER_FOLDER))
         if conversion:
             raise BundleError(f"{source}: files lists {conversion[0]}: only Ascend bundles carry convert.sh and converter/ "

@@ -7,6 +7,7 @@ does not contain that stage: the front end that has it (the CLI, which passes it
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,20 +37,33 @@ class DemoExporter(Protocol):
                  extra_manifest: dict) -> object: ...
 
 
+def demo_checkpoint_digest() -> str:
+    """sha256 over the shipped demo checkpoint's files (about 1.3 MB): the demo bundle prepared from it records this,
+    so a demo prepared by an earlier release (another model, another tokenizer) is prepared again after an upgrade."""
+    digest = hashlib.sha256()
+    for file in sorted(f for f in DEMO_CHECKPOINT.iterdir() if f.is_file()):
+        digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
+
+
 def demo_bundle(data: Path, export: DemoExporter | None, progress: Callable[[str], None] = lambda _: None) -> Path:
-    """The built-in demo model as a bundle in the data folder, exported by ``export`` on first use (and again if the
-    stored one no longer opens, e.g. after an upgrade changed the bundle format); ``progress`` hears of an export."""
+    """The built-in demo model as a bundle in the data folder, exported by ``export`` on first use, and again when the
+    stored one no longer opens (an upgrade changed the bundle format) or was prepared from another release's demo
+    checkpoint; ``progress`` hears of an export."""
     path = data / "bundles" / f"streamchat-demo-{DEMO_QUANT}"
+    shipped = demo_checkpoint_digest()
     try:
-        Bundle.open(path)
-        return path
+        if Bundle.open(path).manifest.get("demo_checkpoint") == shipped:
+            return path
+        problem = "it was prepared from another release's demo model"
     except BundleError as exc:
-        if export is None:
-            raise BundleError(f"the built-in demo model is not prepared in {path} ({exc}): start the app with "
-                              "`streamchat gui --demo` once, which prepares it") from exc
-    progress("preparing the built-in demo model (first run only)...")
+        problem = str(exc)
+    if export is None:
+        raise BundleError(f"the built-in demo model is not prepared in {path} ({problem}): start the app with "
+                          "`streamchat gui --demo` once, which prepares it")
+    progress("preparing the built-in demo model (first run after installing or upgrading)...")
     export(DEMO_CHECKPOINT, path, quant=DEMO_QUANT, force=True, name="StreamChat demo model",
-           extra_manifest={"demo": True})
+           extra_manifest={"demo": True, "demo_checkpoint": shipped})
     return path
 
 

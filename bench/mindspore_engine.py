@@ -1,6 +1,7 @@
 """MindSpore-engine step time, prefill time and peak memory beside onnxruntime's, on the same Ascend bundle (CPU).
 
-    python bench/mindspore_engine.py [--sizes mid full2] [--rounds 2] [--prompt 48] [--steps 24] [--work DIR]
+    python bench/mindspore_engine.py [--sizes mid full2] [--weights bundle int8 int4] [--no-onnxruntime] [--rounds 2]
+                                     [--prompt 48] [--steps 24] [--work DIR]
 
 Sizes (synthetic checkpoints, ``model_export.synthetic.write_checkpoint``, ChatGLM-6B's vocabulary of 130528, exported
 to ascend-310b bundles in ``--work`` and reused by the next run):
@@ -11,7 +12,9 @@ Each measurement runs in its own process (its peak RSS is that process's ``VmHWM
 round by round. A measurement opens the bundle (``load``), prefills a ``--prompt``-token prompt (the smallest gear
 that holds it; the first prefill compiles MindSpore's graph, so the prefill is timed on a second sequence) and takes
 ``--steps`` greedy steps, the first ``WARMUP`` left out of the median. onnxruntime runs the bundle's fp32 check graphs,
-MindSpore the same fp16 weights in fp32 (informational: the CPU is not the mindspore engine's target).
+MindSpore the same fp16 weights in fp32, or (``--weights``) held as int8 / int4 codes quantized at load
+(``EngineOptions.weights``; the peak RSS column is the memory each weight format needs here). Informational: the CPU
+is not the mindspore engine's target.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ SIZES = {  # name -> (widths, layers, quant)
     "full2": ({}, 2, "fp16"),
 }
 ENGINES = ("mindspore", "onnxruntime")
+WEIGHTS = ("bundle", "int8", "int4")  # the mindspore engine's weight formats: the bundle's own, or quantized at load
 WARMUP = 2
 
 
@@ -57,14 +61,16 @@ def bundle_for(size: str, work: Path) -> Path:
     return path
 
 
-def measure(engine_name: str, bundle_path: Path, prompt: int, steps: int, threads: int | None) -> dict:
-    """One engine on one bundle, in this process: load seconds, prefill ms, median ms per step."""
+def measure(engine_name: str, bundle_path: Path, prompt: int, steps: int, threads: int | None,
+            weights: str = "bundle") -> dict:
+    """One engine on one bundle (``weights``: the mindspore engine's format), in this process: load seconds, prefill
+    ms, median ms per step."""
     from appliance.bundle import Bundle
     from appliance.positions import layout_of
 
     started = time.perf_counter()
     bundle = Bundle.open(bundle_path)
-    engine = bundle.engine(kind=engine_name, threads=threads)
+    engine = bundle.engine(kind=engine_name, threads=threads, weights=None if weights == "bundle" else weights)
     load = time.perf_counter() - started
     special = bundle.tokenizer().special
     ids = [int(i) for i in np.random.default_rng(prompt).integers(100, 20000, prompt - 2)] + [special.gmask, special.bos]
@@ -107,10 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="measurements per engine and size (engines alternate)")
     parser.add_argument("--prompt", type=int, default=48, help="prompt length in tokens (at least 3)")
     parser.add_argument("--steps", type=int, default=24, help=f"greedy steps (the first {WARMUP} are not timed)")
+    parser.add_argument("--weights", nargs="+", choices=WEIGHTS, default=["bundle"],
+                        help="the mindspore engine's weight formats, one row each (default: the bundle's own)")
+    parser.add_argument("--no-onnxruntime", action="store_true", help="leave out the onnxruntime rows (its four check "
+                        "graphs peak at 18 GB at full2)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: the engines' own)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/streamchat-bench-mindspore"),
                         help="the synthetic checkpoints and bundles")
     parser.add_argument("--measure", choices=ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("--measure-weights", choices=WEIGHTS, default="bundle", help=argparse.SUPPRESS)
     parser.add_argument("--export", choices=list(SIZES), help=argparse.SUPPRESS)
     parser.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -119,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("STREAMCHAT_CACHE_DIR", str(args.work / "cache"))
     if args.measure:
-        result = measure(args.measure, args.bundle, args.prompt, args.steps, args.threads)
+        result = measure(args.measure, args.bundle, args.prompt, args.steps, args.threads, args.measure_weights)
         print(json.dumps(result | {"peak_rss_gb": peak_rss_gb()}))
         return 0
     if args.export:
@@ -128,22 +139,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {cpu_name()}, {os.cpu_count()} logical CPUs; prompt {args.prompt} tokens, {args.steps} steps, "
           f"{args.rounds} rounds per engine (alternating, one process each)")
     rows = []
+    variants = [("mindspore", weights) for weights in args.weights] + [("onnxruntime", "bundle")] * (not args.no_onnxruntime)
     for size in args.sizes:
         path = Path(run_child(args.work, "--export", size))
-        runs: dict[str, list[dict]] = {name: [] for name in ENGINES}
+        runs: dict[tuple[str, str], list[dict]] = {variant: [] for variant in variants}
         for n in range(args.rounds):
-            for name in ENGINES if n % 2 == 0 else ENGINES[::-1]:
-                runs[name].append(json.loads(run_child(args.work, "--measure", name, "--bundle", str(path), "--prompt",
-                                                       str(args.prompt), "--steps", str(args.steps),
-                                                       *(["--threads", str(args.threads)] if args.threads else []))))
-        for name in ENGINES:
-            best = {key: min(r[key] for r in runs[name]) for key in runs[name][0]}
-            rows.append(f"| {size} ({SIZES[size][2]} bundle) | {name} | {best['step_ms']:.1f} | "
+            for name, weights in variants if n % 2 == 0 else variants[::-1]:
+                runs[name, weights].append(json.loads(run_child(
+                    args.work, "--measure", name, "--measure-weights", weights, "--bundle", str(path), "--prompt",
+                    str(args.prompt), "--steps", str(args.steps),
+                    *(["--threads", str(args.threads)] if args.threads else []))))
+        for (name, weights), results in runs.items():
+            best = {key: min(r[key] for r in results) for key in results[0]}
+            held = SIZES[size][2] if weights == "bundle" else weights
+            rows.append(f"| {size} ({SIZES[size][2]} bundle) | {name} | {held} | {best['step_ms']:.1f} | "
                         f"{best['prefill_timed_ms']:.0f} | {best['prefill_compile_ms']:.0f} | {best['load_s']:.1f} | "
                         f"{best['peak_rss_gb']:.2f} |")
     print()
-    print("| model | engine | ms/token (median) | prefill ms | first prefill ms (compiles) | load s | peak RSS GB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | engine | weights held | ms/token (median) | prefill ms | first prefill ms (compiles) | load s | "
+          "peak RSS GB |")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     return 0
 

@@ -6,11 +6,17 @@ For each layer count: writes a full-width synthetic checkpoint (cached), exports
 level 4, INT8 lm_head shared with the embedding) in a child process (export time, export peak RSS), then, in another
 child process, measures time to first token for 16/128/512-token prompts (and, for comparison, with the graph's own
 prefill instead of the AVX2 INT4 prompt kernel), decode ms/token at context 128/1024/2000 and the runtime's peak RSS
-over all of that plus a conversation filled to the full 2048-token context (checked against weights + KV cache +
-15%). Layer counts short of the real 28 are fitted as ``a + b * layers`` and extrapolated. The floor is the bytes a
-decode step must read (weights + KV cache) over the read bandwidth measured right before and after that decode run
-(on a shared machine it moves from minute to minute: docs/performance.md). Results of bench/chatglm_cpp.py in
-``--work`` (chatglm-cpp-*.json) add the ratios to chatglm.cpp and its points on the plot.
+over all of that plus a conversation filled to the full 2048-token context (checked against weights + KV cache, in
+the bundle's cache type, + 10%). Layer counts short of the real 28 are fitted as ``a + b * layers`` and extrapolated.
+The floor is the bytes a decode step must read (weights + KV cache) over the read bandwidth measured right before and
+after that decode run (on a shared machine it moves from minute to minute: docs/performance.md). Results of
+bench/chatglm_cpp.py in ``--work`` (chatglm-cpp-*.json) add the ratios to chatglm.cpp and its points on the plot.
+
+    python bench/speed.py --compare BUNDLE[:KERNEL] ... [--rounds 2] [--prompts 128] [--contexts 128 2000] [--no-full]
+
+measures existing bundles in turns instead (each under ``STREAMCHAT_KERNEL=KERNEL`` when given), ``--rounds`` times,
+with the read bandwidth measured before and after each child run, and prints which kernels ran, the resident set by
+stage (total, anonymous, file-backed) and the memory bound of each.
 """
 
 from __future__ import annotations
@@ -33,8 +39,8 @@ REAL_LAYERS = 28
 CONTEXTS = (128, 1024, 2000)
 PROMPTS = (16, 128, 512)
 FULL_CONTEXT = 2048
-KV_BYTES_PER_TOKEN_LAYER = 2 * 4096 * 4  # fp32 K and V
-MEMORY_SLACK = 1.15
+KV_VALUES_PER_TOKEN_LAYER = 2 * 4096  # K and V, in the bundle's graphs.kv_cache type
+MEMORY_SLACK = 1.10
 DECODE_STEPS = 24  # per context; the first two are left out of the median
 BANDWIDTH_PROBE_MB = 256  # measured around each decode run: 8x this machine's L3, small beside the model's RSS
 
@@ -60,6 +66,30 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
+def rss_now() -> dict[str, float]:
+    """This process's resident set now in GB: VmRSS, RssAnon (heap, arenas, KV cache), RssFile (mapped bundle)."""
+    lines = (line.partition(":") for line in Path("/proc/self/status").read_text().splitlines())
+    return {k: int(v.split()[0]) * 1024 / 1e9 for k, _, v in lines if k in ("VmRSS", "RssAnon", "RssFile")}
+
+
+class StageRss:
+    """The highest resident set sampled (every 20 ms) in each named stage: where ru_maxrss's single peak comes from."""
+
+    def __init__(self) -> None:
+        self.stage, self.peaks = "load", {}
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def enter(self, stage: str) -> None:
+        self.stage = stage
+
+    def _sample(self) -> None:
+        while True:
+            now, stage = rss_now(), self.stage
+            if now["VmRSS"] > self.peaks.get(stage, {}).get("VmRSS", 0.0):
+                self.peaks[stage] = now
+            time.sleep(0.02)
+
+
 def child_export(checkpoint: str, out: str, group: int, accuracy: int, embeddings: str) -> None:
     from model_export.export import export_bundle
 
@@ -70,9 +100,11 @@ def child_export(checkpoint: str, out: str, group: int, accuracy: int, embedding
                       "export_peak_rss_gb": peak_rss_gb()}))
 
 
-def child_run(bundle_dir: str, contexts: list[int], prompts: list[int]) -> None:
+def child_run(bundle_dir: str, contexts: list[int], prompts: list[int], full: bool = True) -> None:
+    stages = StageRss()
     from appliance.bundle import Bundle
     from appliance.engines import warm_up
+    from appliance.kernels import describe
     from appliance.positions import layout_of
 
     bundle = Bundle.open(bundle_dir, full_check=False)
@@ -91,13 +123,16 @@ def child_run(bundle_dir: str, contexts: list[int], prompts: list[int]) -> None:
         return seq, layout, time.perf_counter() - start
 
     out = {"ttft_ms": {}, "ttft_graph_ms": {}, "decode_ms": {}, "decode_bandwidth_gbs": {},
-           "load_peak_rss_gb": peak_rss_gb()}
+           "load_peak_rss_gb": peak_rss_gb(), "kernels": describe(), "prefill_path": engine.prefill.name}
+    stages.enter("warm-up")
     warm_up(engine, special.bos, special.gmask)  # as the app does when it loads
+    stages.enter("prompts")
     for length in prompts:
         out["ttft_ms"][length] = min(prefill(length)[2] for _ in range(2)) * 1000
         if engine.prefill.name != "graph":  # the AVX2 INT4 prompt path applies: the graph's own prefill, for comparison
             out["ttft_graph_ms"][length] = min(prefill(length, graph=True)[2] for _ in range(2)) * 1000
     for context in contexts:
+        stages.enter(f"decode {context}")
         seq, layout, _ = prefill(context - DECODE_STEPS // 2)  # the steps straddle the context
         total, times = context - DECODE_STEPS // 2, []
         before = read_bandwidth_gbs(BANDWIDTH_PROBE_MB, repeats=3)
@@ -109,16 +144,25 @@ def child_run(bundle_dir: str, contexts: list[int], prompts: list[int]) -> None:
         out["decode_ms"][context] = float(np.median(times[2:])) * 1000
         out["decode_bandwidth_gbs"][context] = (before + read_bandwidth_gbs(BANDWIDTH_PROBE_MB, repeats=3)) / 2
         del seq
-    seq, layout, _ = prefill(FULL_CONTEXT - 16)  # a conversation filling the whole context window
-    for total in range(FULL_CONTEXT - 15, FULL_CONTEXT + 1):
-        seq.step(text_ids[total % 4096], layout.step_position(total))
+    if full:
+        stages.enter(f"prefill {FULL_CONTEXT - 16}")
+        seq, layout, _ = prefill(FULL_CONTEXT - 16)  # a conversation filling the whole context window
+        stages.enter(f"decode to {FULL_CONTEXT}")
+        for total in range(FULL_CONTEXT - 15, FULL_CONTEXT + 1):
+            seq.step(text_ids[total % 4096], layout.step_position(total))
+    time.sleep(0.05)  # one more sample of the last stage
     out["peak_rss_gb"] = peak_rss_gb()
+    out["rss_by_stage_gb"] = stages.peaks
     out["threads"] = engine.threads
     print(json.dumps(out))
 
 
-def _child(*args: str) -> dict:
+def _child(*args: str, kernel: str = "") -> dict:
     env = {**os.environ, "STREAMCHAT_CACHE_DIR": "/tmp/streamchat-bench-cache"}
+    if kernel:
+        from appliance.kernels.native import ENV
+
+        env[ENV] = kernel
     proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode:
         raise SystemExit(proc.stderr[-3000:])
@@ -130,6 +174,13 @@ def weight_bytes(bundle: Path) -> int:
     return quant["linear_bytes"] + quant["table_bytes"]
 
 
+def kv_cache(bundle: Path) -> str:
+    """The bundle's KV cache type (bundles exported before the manifest said: fp32)."""
+    from appliance.engines.memory import UNMARKED_KV_CACHE
+
+    return json.loads((bundle / "manifest.json").read_text())["graphs"].get("kv_cache", UNMARKED_KV_CACHE)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4])
@@ -138,7 +189,16 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true", help="also compare block sizes / accuracy levels / lm_head")
     parser.add_argument("--reuse-bundles", action="store_true",
                         help="measure the runtime again on bundles exported by an earlier run (keeps its export numbers)")
+    parser.add_argument("--compare", nargs="+", metavar="BUNDLE[:KERNEL]",
+                        help="measure these bundles in turns (under STREAMCHAT_KERNEL=KERNEL when given); no export")
+    parser.add_argument("--rounds", type=int, default=2, help="with --compare")
+    parser.add_argument("--prompts", type=int, nargs="+", default=list(PROMPTS), help="with --compare")
+    parser.add_argument("--contexts", type=int, nargs="*", default=list(CONTEXTS), help="with --compare")
+    parser.add_argument("--no-full", action="store_true", help="with --compare: skip the full-context conversation")
     args = parser.parse_args()
+    if args.compare:
+        compare(args.compare, args.rounds, args.prompts, args.contexts, not args.no_full)
+        return
     results = args.work / "results.json"  # earlier runs' rows for other layer counts join the fit
     earlier = json.loads(results.read_text()) if results.exists() else []
     key = itemgetter("layers", "group", "accuracy", "lm_head")
@@ -167,7 +227,7 @@ def main() -> None:
             run = _child("--run", str(bundle))
             rows.append({"layers": layers, "group": group, "accuracy": accuracy, "lm_head": emb, "bandwidth_gbs": bandwidth,
                          "bundle_gb": sum(f.stat().st_size for f in bundle.iterdir()) / 1e9,
-                         "weights_gb": weight_bytes(bundle) / 1e9, **exported, **run})
+                         "weights_gb": weight_bytes(bundle) / 1e9, "kv_cache": kv_cache(bundle), **exported, **run})
             print(json.dumps(rows[-1]), flush=True)
     measured = {key(r) for r in rows}
     rows += [r for r in earlier if key(r) not in measured]
@@ -177,33 +237,76 @@ def main() -> None:
     report(rows, bandwidth, args.plot, theirs)
 
 
-def floor_ms(weights_gb: float, layers: int, context: int, bandwidth: float) -> float:
-    return (weights_gb + kv_gb(layers, context)) / bandwidth * 1000
+def compare(specs: list[str], rounds: int, prompts: list[int], contexts: list[int], full: bool) -> None:
+    """``--compare``: each bundle (and kernel) in turn, ``rounds`` times, bandwidth measured around each child run."""
+    plan = json.dumps({"prompts": prompts, "contexts": contexts, "full": full})
+    rows = []
+    for round_ in range(1, rounds + 1):
+        for spec in specs:
+            bundle, _, kernel = spec.partition(":")
+            before = read_bandwidth_gbs(BANDWIDTH_PROBE_MB, repeats=3)
+            run = _child("--run", bundle, plan, kernel=kernel)
+            around = (before, read_bandwidth_gbs(BANDWIDTH_PROBE_MB, repeats=3))
+            rows.append({"round": round_, "bundle": bundle, "kernel": kernel or "CPUID", "bandwidth_gbs": around,
+                         "weights_gb": weight_bytes(Path(bundle)) / 1e9, "kv_cache": kv_cache(Path(bundle)), **run})
+            print(json.dumps(rows[-1]), flush=True)
+    print(f"\n| round | bundle | KV cache | STREAMCHAT_KERNEL | prefill path | GB/s before/after | "
+          f"TTFT ms {'/'.join(map(str, prompts))} (prompt tokens/s) | graph prefill ms | "
+          f"decode ms/token @{'/'.join(map(str, contexts))} | GB/s around each decode | share of floor | "
+          f"peak RSS GB (load / run) | weights + KV@{FULL_CONTEXT} + 10% GB |")
+    print("|" + "---|" * 13)
+    for r in rows:
+        layers = json.loads((Path(r["bundle"]) / "manifest.json").read_text())["model"]["config"]["num_layers"]
+        ttft = "/".join(f"{r['ttft_ms'][str(p)]:.0f} ({p / r['ttft_ms'][str(p)] * 1000:.1f})" for p in prompts)
+        graph = "/".join(f"{r['ttft_graph_ms'][str(p)]:.0f}" for p in prompts) if r["ttft_graph_ms"] else "-"
+        bws = [r["decode_bandwidth_gbs"][str(c)] for c in contexts]
+        decode = [r["decode_ms"][str(c)] for c in contexts]
+        share = [floor_ms(r["weights_gb"], layers, c, bw, r["kv_cache"]) / r["decode_ms"][str(c)]
+                 for c, bw in zip(contexts, bws, strict=True)]
+        bound = (r["weights_gb"] + kv_gb(layers, FULL_CONTEXT, r["kv_cache"])) * MEMORY_SLACK
+        print(f"| {r['round']} | {Path(r['bundle']).name} | {r['kv_cache']} | {r['kernel']} | {r['prefill_path']} | "
+              f"{r['bandwidth_gbs'][0]:.1f}/{r['bandwidth_gbs'][1]:.1f} | {ttft} | {graph} | "
+              f"{'/'.join(f'{ms:.1f}' for ms in decode) or '-'} | "
+              f"{'/'.join(f'{b:.1f}' for b in bws) or '-'} | {'/'.join(f'{x:.0%}' for x in share) or '-'} | "
+              f"{r['load_peak_rss_gb']:.2f} / {r['peak_rss_gb']:.2f} | {bound:.2f} |")
+    for r in rows:
+        print(f"round {r['round']} {Path(r['bundle']).name} {r['kernel']}: kernels: {r['kernels']}")
+        for stage, rss in r["rss_by_stage_gb"].items():
+            print(f"  {stage}: peak sampled RSS {rss['VmRSS']:.2f} GB (anonymous {rss['RssAnon']:.2f}, "
+                  f"file-backed {rss['RssFile']:.2f})")
 
 
-def kv_gb(layers: int, context: int) -> float:
-    return layers * context * KV_BYTES_PER_TOKEN_LAYER / 1e9
+def floor_ms(weights_gb: float, layers: int, context: int, bandwidth: float, cache: str = "fp32") -> float:
+    return (weights_gb + kv_gb(layers, context, cache)) / bandwidth * 1000
+
+
+def kv_gb(layers: int, context: int, cache: str = "fp32") -> float:
+    """The KV cache of ``layers`` at ``context`` positions in GB; ``cache``: a row's kv_cache (older rows: fp32)."""
+    from appliance.engines.memory import KV_CACHE_DTYPES
+
+    return layers * context * KV_VALUES_PER_TOKEN_LAYER * KV_CACHE_DTYPES[cache].itemsize / 1e9
 
 
 def report(rows: list[dict], bandwidth: float, plot: Path, chatglm_cpp: list[dict] | None = None) -> None:
     default = [r for r in rows if (r["group"], r["accuracy"], r["lm_head"]) == (128, 4, "int8")]
     print("\n| layers | block | acc | lm_head | bundle GB | export s | export peak RSS GB | TTFT 16/128/512 ms | "
           "TTFT graph prefill ms | decode ms/token @128/1024/2000 | GB/s @128/1024/2000 | floor ms @128/1024/2000 | "
-          f"share of floor | peak RSS GB (load / run) | weights + KV@{FULL_CONTEXT} + 15% GB |")
-    print("|" + "---|" * 15)
+          f"share of floor | peak RSS GB (load / run) | KV cache | weights + KV@{FULL_CONTEXT} + 10% GB |")
+    print("|" + "---|" * 16)
     for r in rows:  # each decode time against the bandwidth measured around it (older rows: at the run's start)
         bandwidths = [r.get("decode_bandwidth_gbs", {}).get(str(c), r.get("bandwidth_gbs", bandwidth)) for c in CONTEXTS]
-        floors = [floor_ms(r["weights_gb"], r["layers"], c, bw) for c, bw in zip(CONTEXTS, bandwidths, strict=True)]
+        cache = r.get("kv_cache", "fp32")
+        floors = [floor_ms(r["weights_gb"], r["layers"], c, bw, cache) for c, bw in zip(CONTEXTS, bandwidths, strict=True)]
         ttft = "/".join(f"{r['ttft_ms'][str(p)]:.0f}" for p in PROMPTS)
         graph = "/".join(f"{r['ttft_graph_ms'][str(p)]:.0f}" for p in PROMPTS) if r.get("ttft_graph_ms") else "-"
         dec = "/".join(f"{r['decode_ms'][str(c)]:.1f}" for c in CONTEXTS)
         share = "/".join(f"{f / r['decode_ms'][str(c)]:.0%}" for f, c in zip(floors, CONTEXTS, strict=True))
-        bound = (r["weights_gb"] + kv_gb(r["layers"], FULL_CONTEXT)) * MEMORY_SLACK
+        bound = (r["weights_gb"] + kv_gb(r["layers"], FULL_CONTEXT, cache)) * MEMORY_SLACK
         print(f"| {r['layers']} | {r['group']} | {r['accuracy']} | {r['lm_head']} | {r['bundle_gb']:.2f} | "
               f"{r['export_s']:.0f} | {r['export_peak_rss_gb']:.2f} | {ttft} | {graph} | {dec} | "
               f"{'/'.join(f'{bw:.1f}' for bw in bandwidths)} | "
               f"{'/'.join(f'{f:.0f}' for f in floors)} | {share} | {r.get('load_peak_rss_gb', 0):.2f} / "
-              f"{r['peak_rss_gb']:.2f} | {bound:.2f} |")
+              f"{r['peak_rss_gb']:.2f} | {cache} | {bound:.2f} |")
     for theirs in chatglm_cpp or []:  # its prompt of about 128 tokens against ours of 128
         ours = next((r for r in default if r["layers"] == theirs["layers"]), None)
         if ours:
@@ -226,7 +329,7 @@ def report(rows: list[dict], bandwidth: float, plot: Path, chatglm_cpp: list[dic
     for context in CONTEXTS:
         b, a = np.polyfit(xs, [r["decode_ms"][str(context)] for r in default], 1)
         ms = a + b * REAL_LAYERS
-        fl = floor_ms(weights_28, REAL_LAYERS, context, bandwidth)
+        fl = floor_ms(weights_28, REAL_LAYERS, context, bandwidth, default[-1].get("kv_cache", "fp32"))
         fits[context] = (a, b)
         say(f"| {context} | {ms:.0f} (= {a:.1f} + {b:.2f} x {REAL_LAYERS}) | {fl:.0f} | {fl / ms:.0%} | {1000 / ms:.1f} |")
     ttft = {p: np.polyfit(xs, [r["ttft_ms"][str(p)] for r in default], 1) for p in PROMPTS}
@@ -249,7 +352,8 @@ def report(rows: list[dict], bandwidth: float, plot: Path, chatglm_cpp: list[dic
         a, b = fits[context]
         left.plot(layers, a + b * layers, label=f"decode, context {context} (fit)")
         left.scatter(xs, [r["decode_ms"][str(context)] for r in default])
-    left.plot(layers, [floor_ms(float(np.polyval(w_fit, n)), n, 128, bandwidth) for n in layers], "k--",
+    cache = default[-1].get("kv_cache", "fp32")
+    left.plot(layers, [floor_ms(float(np.polyval(w_fit, n)), n, 128, bandwidth, cache) for n in layers], "k--",
               label="bandwidth floor, context 128")
     for theirs in chatglm_cpp or []:
         left.scatter([theirs["layers"]], [theirs["decode_ms"]], marker="x", color="k", label="chatglm.cpp q4_0, decode")
@@ -280,6 +384,8 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--export":
         child_export(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
     elif len(sys.argv) > 1 and sys.argv[1] == "--run":
-        child_run(sys.argv[2], list(CONTEXTS), list(PROMPTS))
+        plan = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+        child_run(sys.argv[2], plan.get("contexts", list(CONTEXTS)), plan.get("prompts", list(PROMPTS)),
+                  plan.get("full", True))
     else:
         main()

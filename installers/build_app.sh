@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build the frozen one-folder app (PyInstaller) into dist/streamchat: app, core, onnxruntime, PySide6 Essentials and
-# the demo model. x86_64 here; for aarch64 (Ascend 310B boards) run the same script on the board (see docs/install.md).
+# the demo model: the portable build (a folder on a USB stick, with portable.txt beside it: appliance/folders.py).
+# It carries the build machine's own libraries, so it runs on that machine's glibc and newer (2.36 when built on
+# Debian 12). The field package is the .deb (installers/wheelhouse.sh, installers/build_deb.sh): glibc 2.35 and newer.
 # MindSpore and MindSpore Lite stay out: on an Ascend machine they come with its CANN image (docs/ascend.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +14,7 @@ log "freezing (this takes a few minutes)"
   --distpath dist --workpath build/pyinstaller --specpath build --paths "$PWD" \
   --add-data "$PWD/appliance/demo/checkpoint:appliance/demo/checkpoint" \
   --add-data "$PWD/appliance/safety_lists:appliance/safety_lists" \
+  --add-data "$PWD/ui/assets:ui/assets" \
   --add-data "$PWD/appliance/engines/lite_server.py:appliance/engines" \
   --collect-submodules appliance --collect-submodules model_export --collect-submodules streamchat \
   --collect-submodules ui --collect-binaries onnxruntime --collect-data onnx \

@@ -20,13 +20,14 @@ import onnx
 
 from appliance import __version__
 from appliance.bundle import DIGEST, FORMAT, FORMAT_VERSION, MANIFEST, Bundle, sha256_file, write_manifest
+from appliance.engines.memory import KV_CACHE_DTYPES
 from appliance.errors import StreamChatError
 from appliance.model.quantize import BITS, GROUP_SIZES
 from appliance.model.weights import WEIGHT_PRECISIONS
 from appliance.targets import DECODER, STATIC, TARGETS
 from appliance.tokenizer import ChatGLMTokenizer
 from model_export.checkpoint import Checkpoint
-from model_export.graph import DecoderGraph, QuantReport, QuantSpec
+from model_export.graph import DecoderGraph, QuantReport, QuantSpec, default_kv_cache
 from model_export.onnx_builder import ExternalData, GraphBuilder
 from model_export.progress import Progress
 from model_export.reference import ReferenceEngine, ReferenceModel
@@ -94,7 +95,7 @@ def estimate_bytes(ckpt: Checkpoint, spec: QuantSpec, tied: bool, target: str) -
     return int(linear * BYTES_PER_WEIGHT[weights] + tables * BYTES_PER_WEIGHT[embeddings]) + (64 << 20)
 
 
-def _check_request(target: str, quant: str, group_size: int, embeddings: str | None) -> None:
+def _check_request(target: str, quant: str, group_size: int, embeddings: str | None, kv_cache: str | None) -> None:
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
     if quant not in WEIGHT_PRECISIONS:
@@ -107,6 +108,8 @@ def _check_request(target: str, quant: str, group_size: int, embeddings: str | N
         raise ExportError(f"group size {group_size} is not supported: choose one of {GROUP_SIZES}")
     if embeddings is not None and embeddings not in WEIGHT_PRECISIONS:
         raise ExportError(f"unknown embedding precision {embeddings!r}: choose one of {', '.join(WEIGHT_PRECISIONS)}")
+    if kv_cache is not None and kv_cache not in KV_CACHE_DTYPES:
+        raise ExportError(f"unknown KV cache type {kv_cache!r}: choose one of {', '.join(KV_CACHE_DTYPES)}")
 
 
 def _check_tokenizer(tokenizer: ChatGLMTokenizer, ckpt: Checkpoint) -> None:
@@ -149,14 +152,15 @@ def _publish(tmp: Path, out: Path) -> None:
 def export_bundle(checkpoint_dir: str | Path, out: str | Path, target: str = "cpu", quant: str | None = None,
                   group_size: int = DEFAULT_GROUP_SIZE, embeddings: str | None = None, accuracy_level: int = 4,
                   force: bool = False, progress: Progress | None = None, name: str | None = None,
-                  extra_manifest: dict | None = None) -> ExportResult:
-    """Export ``checkpoint_dir`` to a verified bundle at ``out``."""
+                  extra_manifest: dict | None = None, kv_cache: str | None = None) -> ExportResult:
+    """Export ``checkpoint_dir`` to a verified bundle at ``out``; ``kv_cache`` (cpu target): the KV cache's element
+    type, ``default_kv_cache(quant)`` unless given."""
     started = time.perf_counter()
     progress = progress or Progress(enabled=False)
     out = Path(out)
     if quant is None and target in TARGETS:
         quant = TARGETS[target].quants[0]  # the target's default
-    _check_request(target, quant, group_size, embeddings)
+    _check_request(target, quant, group_size, embeddings, kv_cache)
     embeddings = embeddings or default_embeddings(quant, target)
     if out.exists() and not force:
         raise ExportError(f"{out} already exists: choose another --out or pass --force to replace it")
@@ -164,7 +168,8 @@ def export_bundle(checkpoint_dir: str | Path, out: str | Path, target: str = "cp
     tokenizer = ChatGLMTokenizer.from_dir(ckpt.dir)
     _check_tokenizer(tokenizer, ckpt)
     spec = QuantSpec(weights=quant, group_size=group_size, embeddings=embeddings,
-                     accuracy_level=accuracy_level if TARGETS[target].graphs == DECODER else 0)
+                     accuracy_level=accuracy_level if TARGETS[target].graphs == DECODER else 0,
+                     kv_cache=kv_cache or default_kv_cache(quant))
     tied = ckpt.lm_head_is_tied()
     out.parent.mkdir(parents=True, exist_ok=True)
     need, free = estimate_bytes(ckpt, spec, tied, target), shutil.disk_usage(out.parent).free
@@ -179,7 +184,11 @@ def export_bundle(checkpoint_dir: str | Path, out: str | Path, target: str = "cp
         ckpt.check_crcs()  # the build's in-order reads hashed the tensor entries; this covers anything they skipped
         manifest.update(extra_manifest or {})
         _write_manifest(tmp, manifest, progress)
-        report = _verify(ckpt, tmp, tokenizer, verified_precision(quant, embeddings, target), progress, target)
+        # an fp16 KV cache rounds like fp16 weights: a bundle is held to the thresholds of its weakest precision
+        checked = verified_precision(quant, embeddings, target)
+        if TARGETS[target].graphs == DECODER:
+            checked = weakest_precision(checked, spec.kv_cache)
+        report = _verify(ckpt, tmp, tokenizer, checked, progress, target)
         (tmp / "verify_report.json").write_text(json.dumps(report.to_dict(), indent=1), encoding="utf-8")
         if not report.passed:
             raise ExportError(f"verification failed, nothing published: {report.describe()}")
@@ -216,7 +225,8 @@ def _write_decoder_graph(ckpt: Checkpoint, spec: QuantSpec, tied: bool, tmp: Pat
     with progress.stage("graph written", 1, "file") as advance:
         onnx.save_model(model, str(tmp / "decoder.onnx"))
         advance()
-    return {"decoder": "decoder.onnx", "kv_layout": "[batch, heads, capacity, head_dim]"}, graph.report
+    return {"decoder": "decoder.onnx", "kv_layout": "[batch, heads, capacity, head_dim]",
+            "kv_cache": spec.kv_cache}, graph.report
 
 
 def _write_static_graphs(ckpt: Checkpoint, spec: QuantSpec, tied: bool, tmp: Path, target: str, progress: Progress,

@@ -11,9 +11,10 @@ One graph serves prefill and decode; each layer's attention is an ``If`` on whet
   (past + 1); ``prefix_mask`` is then ``[batch, 1, 1, 1]`` and unread.
 
 So a decode step copies no cache: at context 2000 a Concat-based cache copied 1.8 GB per token. The cache is
-``[batch, heads, capacity, head_dim]`` fp32 (onnxruntime's CPU GQA is slower in fp16: it converts). Logits only for
-the last position. Activations are kept 2-D ``[batch*seq, hidden]`` between attention blocks so every linear layer is
-one Gemm or MatMulNBits.
+``[batch, heads, capacity, head_dim]``, fp16 (half the memory; GroupQueryAttention then takes fp16 query/key/value,
+cast from the fp32 activations, and its context is cast back) or fp32 for exact (fp32-weight) bundles:
+``default_kv_cache``. Logits only for the last position. Activations are kept 2-D ``[batch*seq, hidden]`` between
+attention blocks so every linear layer is one Gemm or MatMulNBits.
 
 The model is ``appliance.model.definition``: ``DecoderGraph`` implements its operations on ONNX value names, so the
 graph's steps, constants and rotary come from there; attention, weight storage and the tables are this module's.
@@ -28,6 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from appliance.engines.memory import KV_CACHE_DTYPES
 from appliance.model.definition import MASK_FILL, forward, net_attention_scale, rotary_half_table
 from appliance.model.quantize import BITS, effective_group, quantize_blockwise
 from appliance.model.weights import EMBEDDING, LM_HEAD, dequantize
@@ -38,16 +40,25 @@ OPSET = 17
 FLOAT = TensorProto.FLOAT
 PROMPT_CHUNK = 64  # prompt queries per attention chunk (bounded scores memory; docs/performance.md)
 TensorSource = Callable[[str], np.ndarray]
+KV_CACHE_TYPES = {name: helper.np_dtype_to_tensor_dtype(dtype) for name, dtype in KV_CACHE_DTYPES.items()}
+
+
+def default_kv_cache(weights: str) -> str:
+    """fp16 for every bundle but fp32 ones: those are verified to fp32 rounding (verify.THRESHOLDS), and the rounding
+    of an fp16 cache is larger (docs/performance.md, the KV cache in fp16)."""
+    return "fp32" if weights == "fp32" else "fp16"
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How the exported weights are stored: block linears, and the embedding / lm_head tables."""
+    """How the exported graph stores its numbers: block linears, the embedding / lm_head tables (the manifest's
+    ``quant``) and the decoder graph's KV cache (its ``graphs.kv_cache``)."""
 
     weights: str  # int4 | int8 | fp16 | fp32
     group_size: int = 128
     embeddings: str = "fp16"  # fp16 | fp32 | int8 | int4 (lm_head at this precision; the embedding shares it when tied)
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fastest on AVX512-VNNI/AVX2), 0 = fp32
+    kv_cache: str = "fp32"  # a KV_CACHE_DTYPES name; the exporter passes default_kv_cache(weights) unless asked
 
     def to_dict(self) -> dict:
         return {"weights": self.weights, "group_size": self.group_size if self.weights in BITS else None,
@@ -79,6 +90,7 @@ class DecoderGraph:
                  tied: bool, max_positions: int, on_tensor: Callable[[str], None] = lambda name: None) -> None:
         self.config, self.get, self.spec, self.b = cfg, source, spec, builder
         self.tied, self.max_positions, self.on_tensor = tied, max_positions, on_tensor
+        self.kv_type = KV_CACHE_TYPES[spec.kv_cache]
         self.report = QuantReport()
         self.rotary: tuple[str, str, list[str]] | None = None  # cos and sin tables, the two position rows
 
@@ -129,9 +141,9 @@ class DecoderGraph:
         outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", cfg.vocab_size])]
         for n in range(cfg.num_layers):
             for kind in ("key", "value"):
-                inputs.append(helper.make_tensor_value_info(f"past_{kind}.{n}", TensorProto.FLOAT,
+                inputs.append(helper.make_tensor_value_info(f"past_{kind}.{n}", self.kv_type,
                                                             ["batch", heads, "past", hd]))
-                outputs.append(helper.make_tensor_value_info(f"present_{kind}.{n}", TensorProto.FLOAT,
+                outputs.append(helper.make_tensor_value_info(f"present_{kind}.{n}", self.kv_type,
                                                              ["batch", heads, "capacity", hd]))
 
         batch_seq = b.op("Shape", ["input_ids"])
@@ -236,20 +248,30 @@ class DecoderGraph:
 
         prefill = b.branch()
         qt, kt, vt = (prefill.op("Transpose", [t], **to_heads) for t in (q, k, v))
+        kc, vc = (self._to_cache(prefill, t) for t in (kt, vt))
+        if self.kv_type != FLOAT:  # the prompt attends to the keys/values as cached, as every later step does
+            kt, vt = (prefill.op("Cast", [t], to=FLOAT) for t in (kc, vc))
         prefill_out = [prefill.op("Reshape", [self._prompt_attention(prefill, qt, kt, vt), flat]),
-                       prefill.op("Pad", [kt, self.cache_pads]), prefill.op("Pad", [vt, self.cache_pads])]
+                       *(prefill.op("Pad", [t, self.cache_pads]) for t in (kc, vc))]
 
         decode = b.branch()
         rows = b.const([0, 0, -1])  # [batch, seq, hidden]
         context, key, value = decode.op(
-            "GroupQueryAttention", [decode.op("Reshape", [t, rows]) for t in (q, k, v)]
+            "GroupQueryAttention", [self._to_cache(decode, decode.op("Reshape", [t, rows])) for t in (q, k, v)]
             + [f"past_key.{n}", f"past_value.{n}", self.seqlens_k, self.total], outputs=3, domain="com.microsoft",
             num_heads=cfg.num_heads, kv_num_heads=cfg.num_heads, scale=net_attention_scale(cfg.head_dim))
+        if self.kv_type != FLOAT:
+            context = decode.op("Cast", [context], to=FLOAT)
         decode_out = [decode.op("Reshape", [context, flat]), key, value]
 
+        types = [FLOAT, self.kv_type, self.kv_type]  # context, present key, present value
         return b.op("If", [self.is_prefill], [b.fresh("context"), f"present_key.{n}", f"present_value.{n}"],
-                    then_branch=prefill.subgraph(f"prefill_{n}", [(o, FLOAT) for o in prefill_out]),
-                    else_branch=decode.subgraph(f"decode_{n}", [(o, FLOAT) for o in decode_out]))[0]
+                    then_branch=prefill.subgraph(f"prefill_{n}", list(zip(prefill_out, types, strict=True))),
+                    else_branch=decode.subgraph(f"decode_{n}", list(zip(decode_out, types, strict=True))))[0]
+
+    def _to_cache(self, g: GraphBuilder, x: str) -> str:
+        """``x`` (fp32) in the cache's element type: what GroupQueryAttention takes and the cache stores."""
+        return x if self.kv_type == FLOAT else g.op("Cast", [x], to=self.kv_type)
 
     def _prompt_attention(self, g: GraphBuilder, qt: str, kt: str, vt: str) -> str:
         """Prefix-masked attention over the prompt, ``PROMPT_CHUNK`` queries at a time: the scores of a 2000-token

@@ -45,7 +45,7 @@ def export_mindir(bundle: Bundle, out: Path, gear: int | None = None) -> dict[st
         raise BundleError(problem)
     ms = select_device("cpu", 0)
     state = ModelState(bundle.config, read_weights(bundle), int(graphs["capacity"]),
-                       int8=bundle.manifest["quant"]["weights"] == "int8")
+                       quant="int8" if bundle.manifest["quant"]["weights"] == "int8" else None)
     for key, path in files.items():
         length = gear if key != "decode" else 1
         ids = ms.Tensor(np.zeros((1, length), np.int32))

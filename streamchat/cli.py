@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from appliance import crash
 from appliance.display import one_line, printable
@@ -41,30 +41,34 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="a small THUDM-layout checkpoint, run by the numpy reference (slow; for tests)")
     source.add_argument("--bundle", type=Path, metavar="DIR", help="an exported model bundle")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
-    from appliance.engines import AUTO, describe_engines
-
-    parser.add_argument("--engine", default=AUTO, metavar="NAME", help=f"runtime for a bundle: {describe_engines()}")
     _add_device_args(parser)
 
 
 def _add_device_args(parser: argparse.ArgumentParser) -> None:
-    """Where a bundle's engine runs and the weights it holds (``appliance.engines.EngineOptions``); the values are
-    checked by ``_engine_placement``, so a bad one is one line."""
-    parser.add_argument("--device", default="cpu", metavar="{cpu,ascend}", help="where the engine runs: cpu (default) "
-                        "or ascend, an NPU (engines mindspore, mindspore-lite, acl)")
-    parser.add_argument("--device-id", default="0", metavar="N", help="the NPU number with --device ascend (default 0)")
+    """The engine of a bundle, where it runs and the weights it holds (``appliance.engines.EngineOptions``); the values
+    are checked by ``_engine_placement``, so a bad one is one line. Not given: the saved setting, as the window uses it."""
+    from appliance.engines import describe_engines
+
+    parser.add_argument("--engine", default=None, metavar="NAME", help=f"runtime for a bundle: {describe_engines()} "
+                        "(default: the saved engine setting, auto unless changed)")
+    parser.add_argument("--device", default=None, metavar="{cpu,ascend}", help="where the engine runs: cpu or ascend, "
+                        "an NPU (engines mindspore, mindspore-lite, acl) (default: the saved setting, cpu unless changed)")
+    parser.add_argument("--device-id", default=None, metavar="N", help="the NPU number with --device ascend (default: "
+                        "the saved setting, 0 unless changed)")
     parser.add_argument("--weights", default=None, metavar="{int8,int4}", help="engine mindspore: hold the matrices as "
                         "int8 (per row) or int4 (groups of 128) codes quantized when the bundle is opened (default: "
                         "the bundle's own precision)")
 
 
-def _engine_placement(args: argparse.Namespace) -> dict:
-    """``--device``, ``--device-id`` and ``--weights`` checked before anything loads (one line, exit 2), as keyword
-    arguments of ``load_model``."""
+def _engine_placement(args: argparse.Namespace, settings: Settings) -> dict:
+    """``--engine``, ``--device``, ``--device-id`` (each not given: the saved setting) and ``--weights`` checked before
+    anything loads (one line, exit 2), as keyword arguments of ``load_model``."""
     from appliance.engines import EngineOptions, device_number
 
-    options = EngineOptions(device=args.device, device_id=device_number(args.device_id), weights=args.weights)
-    return {"device": options.device, "device_id": options.device_id, "weights": options.weights}
+    device_id = settings.device_id if args.device_id is None else device_number(args.device_id)
+    options = EngineOptions(device=args.device or settings.device, device_id=device_id, weights=args.weights)
+    return {"engine": args.engine or settings.engine, "device": options.device, "device_id": options.device_id,
+            "weights": options.weights}
 
 
 def _add_generation_args(parser: argparse.ArgumentParser) -> None:
@@ -117,12 +121,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from streamchat.models import load_model
 
     turns = read_history(args.history) if args.history else []
-    placement = _engine_placement(args)
     app = AppContext.load(with_history=False)
+    placement = _engine_placement(args, app.settings)
     settings = _apply_generation_args(app.settings, args)
     model = load_model(checkpoint=args.checkpoint, bundle=args.bundle, threads=args.threads or settings.threads or None,
-                       demo=args.demo, data=app.data_dir, engine=args.engine, context=settings.context_budget,
-                       **placement)
+                       demo=args.demo, data=app.data_dir, context=settings.context_budget, **placement)
     session = app.session(model.engine, model.tokenizer, model.label, settings)
     session.open(None, turns)
     for delta in session.send(args.prompt, greedy=args.greedy, seed=args.seed):
@@ -175,12 +178,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from appliance.app import AppContext
     from streamchat.models import load_model
 
-    placement = _engine_placement(args)
     app = AppContext.load()
+    placement = _engine_placement(args, app.settings)
     settings = _apply_generation_args(app.settings, args)
     model = load_model(checkpoint=args.checkpoint, bundle=args.bundle, threads=args.threads or settings.threads or None,
-                       demo=args.demo, data=app.data_dir, engine=args.engine, context=settings.context_budget,
-                       **placement)
+                       demo=args.demo, data=app.data_dir, context=settings.context_budget, **placement)
     session = app.session(model.engine, model.tokenizer, model.label, settings)
     session.open(args.conversation)
     turns = session.turns()
@@ -426,7 +428,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            token=read_token(args.token_file), allow_origins=tuple(args.allow_origin),
                            client_connections=args.client_connections, log_messages=args.log_messages)
     check_config(config)
-    placement = _engine_placement(args)
     try:
         from appliance.service.server import serve
     except ImportError as exc:
@@ -436,13 +437,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from streamchat.models import load_model
 
     app = _app_context(args)
+    placement = _engine_placement(args, app.settings)
     threads = args.threads or app.settings.threads or max(1, physical_cores() // config.size)
     if devices:
         serve(config, app, _device_loader(args, app, threads, placement, devices))
         return 0
 
     def load(replica: int):
-        return load_model(bundle=args.bundle, demo=args.demo, threads=threads, data=app.data_dir, engine=args.engine,
+        return load_model(bundle=args.bundle, demo=args.demo, threads=threads, data=app.data_dir,
                           context=app.settings.context_budget, quiet=replica > 0, **placement)
 
     serve(config, app, load)
@@ -459,15 +461,16 @@ def _device_loader(args: argparse.Namespace, app, threads: int, placement: dict,
     from appliance.loading import demo_bundle
     from streamchat.models import export_demo
 
-    if args.device_id != "0":
+    if args.device_id is not None:
         raise StreamChatError("--device-id picks the one NPU of a single replica; with --devices each replica has its "
                               "own: leave --device-id out")
     bundle = args.bundle or demo_bundle(app.data_dir, export_demo, lambda line: print(line, file=sys.stderr))
-    options = EngineOptions(threads=threads, context=app.settings.context_budget, **placement)
+    options = EngineOptions(threads=threads, context=app.settings.context_budget, device=placement["device"],
+                            weights=placement["weights"])
     if options.device == "cpu":
         print(f"note: --devices with --device cpu: {len(devices)} worker processes on the CPU, the ids only name "
               "them (--device ascend puts one on each NPU)", file=sys.stderr, flush=True)
-    return lambda index: load_in_worker(bundle, args.engine, replace(options, device_id=devices[index]))
+    return lambda index: load_in_worker(bundle, placement["engine"], replace(options, device_id=devices[index]))
 
 
 def cmd_gui(args: argparse.Namespace) -> int:
@@ -481,8 +484,16 @@ def cmd_gui(args: argparse.Namespace) -> int:
     return run(bundle=args.bundle, kiosk=args.kiosk, demo=args.demo, ready_exit=args.ready_exit, export=export_demo)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's usage errors as one line (``error: ...``, exit 2) like every other bad input; --help keeps the
+    usage. Subcommands' parsers are of this class too (add_subparsers takes the parent's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamchat", description="Offline chat appliance for ChatGLM-6B.")
+    parser = OneLineParser(prog="streamchat", description="Offline chat appliance for ChatGLM-6B.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="answer one prompt, streaming to stdout",
@@ -556,9 +567,6 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: no message text is logged)")
     serve.add_argument("--threads", type=int, default=None, help="CPU threads per replica (default: the physical "
                        "cores shared among the replicas)")
-    from appliance.engines import AUTO, describe_engines
-
-    serve.add_argument("--engine", default=AUTO, metavar="NAME", help=f"runtime for a bundle: {describe_engines()}")
     _add_device_args(serve)
     serve.set_defaults(func=cmd_serve)
 

@@ -276,6 +276,26 @@ def test_cached_demo_of_an_older_format_is_re_exported(tmp_path):
     assert Bundle.open(first, full_check=True).is_demo
 
 
+def test_cached_demo_from_another_release_is_prepared_again(tmp_path, monkeypatch):
+    """An upgrade that ships a retrained demo: the demo prepared by the earlier release is exported again."""
+    from appliance import loading
+
+    first = loading.demo_bundle(tmp_path / "data", export_bundle)
+    exports = []
+
+    def counting_export(*args, **kwargs):
+        exports.append(kwargs["extra_manifest"])
+        return export_bundle(*args, **kwargs)
+
+    assert loading.demo_bundle(tmp_path / "data", counting_export) == first and exports == []  # the same release
+    monkeypatch.setattr(loading, "demo_checkpoint_digest", lambda: "0" * 64)  # as if the shipped demo had changed
+    with pytest.raises(BundleError, match="prepared from another release's demo model"):
+        loading.demo_bundle(tmp_path / "data", None)
+    assert loading.demo_bundle(tmp_path / "data", counting_export) == first
+    assert exports == [{"demo": True, "demo_checkpoint": "0" * 64}]
+    assert Bundle.open(first).manifest["demo_checkpoint"] == "0" * 64
+
+
 # item 8: malformed manifests are one line each
 
 

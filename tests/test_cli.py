@@ -88,3 +88,15 @@ def test_every_command_has_help():
     for command in ([], ["generate"], ["chat"], ["export"], ["verify"], ["history"], ["history", "export"]):
         proc = subprocess.run([sys.executable, "-m", "streamchat", *command, "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and "usage: streamchat" in proc.stdout
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["serve", "--port", "abc"], "error: streamchat serve: argument --port: invalid int value: 'abc' "
+                                 "(see streamchat serve --help)"),
+    (["generate", "--demo"], "error: streamchat generate: the following arguments are required: --prompt "
+                             "(see streamchat generate --help)"),
+])
+def test_a_bad_argument_is_one_line_and_exit_2(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2 and capsys.readouterr().err.splitlines() == [expected]

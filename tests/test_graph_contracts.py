@@ -95,7 +95,7 @@ def test_the_demo_of_the_previous_format_is_re_exported(tmp_path, monkeypatch):
         demo_bundle(data, None)  # a front end without the export stage says how to prepare it
     heard = []
     assert demo_bundle(data, export_bundle, heard.append) == path
-    assert heard == ["preparing the built-in demo model (first run only)..."]
+    assert heard == ["preparing the built-in demo model (first run after installing or upgrading)..."]
     opened = Bundle.open(path, full_check=True)
     assert opened.is_demo and opened.manifest["format_version"] == FORMAT_VERSION
     assert "prefix_mask" in _inputs(path / opened.manifest["graphs"]["decoder"])

@@ -34,7 +34,13 @@ def _prompt(tokenizer):
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = (np.asarray(x, np.float64) for x in (a, b))
     return float(np.dot(a.ravel(), b.ravel()) / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+# The INT4 bundle keeps an fp16 KV cache: the kernel path's last token is a GroupQueryAttention step in fp16 (query and
+# context rounded), where the graph's prefill computes that row in fp32 (0.99997 measured; 0.9999999 with fp32 caches).
+PATHS_MIN_COSINE = 0.9999
 
 
 @needs_kernel
@@ -52,7 +58,7 @@ def test_kernel_prefill_gives_the_graphs_cache_logits_and_answer(bundles, tokeni
     assert engines[0].prefill.name == "int4-kernel" and engines[1].prefill.name == "graph"
     sequences = [e.start() for e in engines]
     logits = [s.prefill(np.array(ids), layout.position_ids(), layout.mask()) for s in sequences]
-    assert _cos(*logits) > 0.99999 and np.argmax(logits[0]) == np.argmax(logits[1])
+    assert _cos(*logits) > PATHS_MIN_COSINE and np.argmax(logits[0]) == np.argmax(logits[1])
     for kernel_cache, graph_cache in zip(engines[0].decoder.cache, engines[1].decoder.cache, strict=True):
         assert _cos(kernel_cache[0, :, :len(ids)], graph_cache[0, :, :len(ids)]) > 0.99999
     answers = [[], []]
@@ -148,4 +154,4 @@ def test_each_forced_path_prefills_and_the_paths_agree(bundles, tokenizer, monke
     native.choice.cache_clear()
     if {"avx2", "avx512vnni"} <= logits.keys():
         np.testing.assert_array_equal(logits["avx2"], logits["avx512vnni"])
-    assert _cos(logits["avx2"], logits["onnxruntime"]) > 0.99999
+    assert _cos(logits["avx2"], logits["onnxruntime"]) > PATHS_MIN_COSINE

@@ -6,7 +6,9 @@ cpu bundle, so the process boundary is tested either way."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -222,6 +224,98 @@ def test_sigterm_stops_every_worker(served):
     gone, alive = psutil.wait_procs(workers, timeout=5)
     assert not alive, [(p.pid, p.status()) for p in alive]
     assert "Traceback" not in err, err
+
+
+def test_queued_requests_are_refused_once_no_replica_can_come_back(served, tmp_path):
+    """The one worker dies with a request queued, and its restart fails (the bundle is gone): the queued request gets
+    an error at once (it used to wait forever, while newer requests were told the replica was restarting)."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(served.bundle, bundle)
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "streamchat", "serve", "--bundle", str(bundle), "--engine", ENGINE,
+                                "--device", "cpu", "--devices", "0", "--port", str(port)], env=served.env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    srv = DeviceServer.__new__(DeviceServer)
+    srv.process, srv.url, srv.ws_url = process, f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/ws/chat"
+    try:
+        srv.wait_ready(300)
+        (worker,) = srv.workers()
+
+        async def scenario():
+            async with websockets.connect(srv.ws_url) as running, websockets.connect(srv.ws_url) as queued:
+                await running.send(json.dumps(RUNS_TO_CONTEXT))
+                assert json.loads(await running.recv())["type"] == "delta"
+                await queued.send(json.dumps({"text": PROMPT, "max_new_tokens": 8}))
+                while "streamchat_queue_depth 1.0" not in httpx.get(srv.url + "/metrics").text:
+                    await asyncio.sleep(0.02)
+                shutil.rmtree(bundle)
+                worker.kill()
+                return json.loads(await asyncio.wait_for(queued.recv(), 60))
+
+        reply = asyncio.run(scenario())
+        assert reply["type"] == "error", reply
+        assert reply["message"] == ("no replica is running (0 of 1 restarting after their worker stopped): try again "
+                                    "when /ready answers 200")
+        assert "streamchat_queue_depth 0.0" in httpx.get(srv.url + "/metrics").text
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def test_sigterm_with_a_hung_worker_stops_it_and_keeps_the_message(served, tmp_path):
+    """A worker that hangs (stopped, not dead) mid-answer: SIGTERM still ends the server within its grace periods,
+    stops the worker and keeps the message (the shutdown used to wait for the worker's 30-minute reply deadline)."""
+    port = _free_port()
+    env = _env(tmp_path)
+    process = subprocess.Popen([sys.executable, "-m", "streamchat", "serve", "--bundle", str(served.bundle), "--engine",
+                                ENGINE, "--device", "cpu", "--devices", "0", "--port", str(port)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    srv = DeviceServer.__new__(DeviceServer)
+    srv.process, srv.url, srv.ws_url = process, f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/ws/chat"
+    try:
+        srv.wait_ready(300)
+        (worker,) = srv.workers()
+
+        async def scenario():
+            async with websockets.connect(srv.ws_url) as ws:
+                worker.suspend()
+                await ws.send(json.dumps({"text": PROMPT, "max_new_tokens": 8}))
+                await asyncio.sleep(1)
+                started = time.monotonic()
+                process.terminate()
+                await asyncio.to_thread(process.wait, 120)
+                return time.monotonic() - started
+
+        took = asyncio.run(scenario())
+        assert process.returncode == -signal.SIGTERM and took < 60, took
+        assert not psutil.pid_exists(worker.pid) or worker.status() == psutil.STATUS_ZOMBIE
+        conversation = History(tmp_path / "data").conversations()[0]
+        assert [m.text for m in History(tmp_path / "data").messages(conversation.id)][:1] == [PROMPT]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.kill()
+
+
+def test_sigterm_while_workers_load_leaves_none_behind(served, tmp_path):
+    """uvicorn ends a SIGTERMed server by raising the signal again, so no exit hook runs: the workers still loading
+    must be stopped by the shutdown itself (they used to load on as orphans, then die writing to a closed pipe)."""
+    port, log = _free_port(), tmp_path / "stderr"
+    process = subprocess.Popen([sys.executable, "-m", "streamchat", "serve", "--bundle", str(served.bundle), "--engine",
+                                ENGINE, "--device", "cpu", "--devices", "0,1", "--port", str(port)], env=served.env,
+                               stdout=subprocess.DEVNULL, stderr=log.open("w"))  # a file: orphans would hold a pipe
+    deadline = time.monotonic() + 120
+    while len(workers := [p for p in psutil.Process(process.pid).children() if WORKER in p.cmdline()]) < 2:
+        assert time.monotonic() < deadline and process.poll() is None, "no workers started"
+        time.sleep(0.02)
+    process.terminate()
+    assert process.wait(timeout=60) == -signal.SIGTERM
+    _, alive = psutil.wait_procs(workers, timeout=5)
+    for orphan in alive:
+        orphan.kill()
+    assert not alive, alive
+    assert "Traceback" not in log.read_text(), log.read_text()
 
 
 @pytest.mark.parametrize(("flags", "message"), [

@@ -142,3 +142,35 @@ def test_bad_limit_or_origin_is_one_line(tmp_path, args, message):
     run = subprocess.run([sys.executable, "-m", "streamchat", "serve", "--demo", *args], env=_env(tmp_path),
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+def test_clients_that_leave_midway_give_back_their_places_and_log_no_traceback(server):
+    """Many clients that drop mid-body, mid-handshake or mid-answer: each place is given back (two fresh connections
+    are served at a limit of 2), and a body cut short is an ordinary event, not a traceback in the server's log."""
+    srv = server("--client-connections", "2")
+    cut = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+           b"Content-Length: 1000\r\n\r\n{\"messages\": [")
+
+    async def drop(frame: dict | None) -> None:
+        ws = await websockets.connect(srv.ws_url)
+        if frame is not None:
+            await ws.send(json.dumps(frame))
+            await ws.recv()
+        ws.transport.abort()
+
+    async def scenario():
+        for _ in range(10):
+            with socket.create_connection(("127.0.0.1", srv.port)) as conn:
+                conn.sendall(cut)
+            await drop(None)
+            await drop({"text": PROMPT, "max_new_tokens": 200})
+        while "streamchat_busy_replicas 0.0" not in (await asyncio.to_thread(httpx.get, srv.url + "/metrics")).text:
+            await asyncio.sleep(0.05)  # the last dropped answer has ended: its connection's place is free
+        await asyncio.sleep(0.5)
+        async with websockets.connect(srv.ws_url) as a, websockets.connect(srv.ws_url) as b:
+            return [await _answer(ws, {"text": PROMPT, "max_new_tokens": 8}) for ws in (a, b)]
+
+    for _, done in asyncio.run(scenario()):
+        assert done["type"] == "done", done
+    err = srv.stop()
+    assert "Traceback" not in err and "ClientDisconnect" not in err, err[-2000:]

@@ -177,6 +177,44 @@ def test_the_header_sits_on_its_code_box(qtbot):
     assert header.window() is view  # inside the message, never a window of its own
 
 
+@pytest.mark.parametrize("code", ["ls -la", "ls -la\npwd"])
+def test_a_code_box_never_covers_the_text_above_it(qtbot, code):
+    """A one-line code block is its first and last line at once: its box still starts below the paragraph above."""
+    view = MessageView("assistant", "Words of a paragraph. " * 40 + f"\n\n```bash\n{code}\n```\n")
+    qtbot.addWidget(view)
+    view.resize(700, 600)
+    view.show()
+    _settle()
+    doc, span = view.body.document(), view.body.codes[0]
+    above = doc.findBlockByNumber(span.first - 1).layout()
+    assert view.body._box(span).top() >= above.position().y() + above.boundingRect().height()
+
+
+def test_the_transcript_follows_new_messages_while_the_user_is_at_the_bottom(qtbot):
+    """A new message adds more height at once than a token does: the newest text stays in view, turn after turn,
+    until the user scrolls up to read, and then the view stays where they put it."""
+    transcript = Transcript()
+    qtbot.addWidget(transcript)
+    transcript.resize(700, 400)
+    transcript.show()
+    bar = transcript.verticalScrollBar()
+    for turn in range(6):
+        transcript.add(MessageView("user", f"question {turn}"))
+        answer = transcript.add(MessageView("assistant"))
+        for word in ("An answer of a few lines. " * 8).split(" "):
+            answer.append(word + " ")
+            _settle()
+        answer.finish()
+        _settle()
+        assert bar.maximum() > 0 or turn == 0
+        assert bar.value() == bar.maximum(), turn
+    kept = bar.maximum() // 2
+    bar.setValue(kept)  # the user scrolls up
+    transcript.add(MessageView("assistant", "more text " * 50))
+    _settle()
+    assert bar.value() == kept < bar.maximum() - 100
+
+
 def _long_answer() -> str:
     """About 2,500 tokens' worth of a typical long answer: paragraphs, lists, code blocks, Chinese and English."""
     parts = []
@@ -223,7 +261,6 @@ def test_a_long_streamed_answer_renders_all_text_at_a_bounded_cost_per_delta(qtb
     for delta in deltas:
         started = time.perf_counter()
         view.append(delta)
-        transcript.follow()
         QApplication.processEvents()  # layout, the header's placing, painting
         costs.append((time.perf_counter() - started) * 1000)
     view.finish()

@@ -1,5 +1,5 @@
 """Screenshots of the real window for the docs: a conversation with a code block in the light and the dark theme, in
-Chinese and in English, and kiosk mode.
+Chinese and in English, the Live numbers panel after the English conversation's answer, and kiosk mode.
 
     xvfb-run -a -s "-screen 0 1280x800x24" .venv/bin/python tools/screenshots.py [--out DIR]
 
@@ -39,6 +39,7 @@ CONVERSATIONS = {
 SHOTS = {"zh_CN": ("screenshot-chat.png", "screenshot-chat-dark.png"),
          "en": ("screenshot-chat-en.png", "screenshot-chat-en-dark.png")}
 KIOSK = "screenshot-kiosk.png"
+LIVE = "screenshot-live-numbers.png"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from streamchat.models import export_demo
     from ui.app import model_loader
     from ui.i18n import translators_for
+    from ui.live_numbers import toggle_live_numbers
     from ui.main_window import MainWindow
     from ui.theme import apply_theme
 
@@ -87,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return w
 
     def picture(w: MainWindow, name: str) -> None:
-        w.transcript._scroll_to_end()
-        for _ in range(5):
+        for _ in range(5):  # the transcript follows the answer to its end
             qt.processEvents()
         if w.grab().save(str(out / name)):
             shots.append(name)
@@ -115,8 +116,19 @@ def main(argv: list[str] | None = None) -> int:
             apply_theme("dark")  # as the Settings dialog or the desktop switches it, on the running window
             picture(w, dark)
             apply_theme("light")
-            w.hide()
-            QTimer.singleShot(0, next_step)
+            if language != "en":
+                w.hide()
+                QTimer.singleShot(0, next_step)
+                return
+            panel = toggle_live_numbers(w)
+
+            def live() -> None:  # after one process sample (the CPU share needs an interval)
+                if panel.grab().save(str(out / LIVE)):
+                    shots.append(LIVE)
+                w.hide()
+                next_step()
+
+            QTimer.singleShot(1200, live)
 
         w.model_ready.connect(ready)
         w.answer_finished.connect(answered)
@@ -145,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     QTimer.singleShot(TIMEOUT_MS, lambda: qt.exit(1))
     qt.exec()
     print("wrote", ", ".join(str(out / s) for s in shots), flush=True)
-    return 0 if len(shots) == 2 * len(SHOTS) + 1 else 1
+    return 0 if len(shots) == 2 * len(SHOTS) + 2 else 1
 
 
 if __name__ == "__main__":

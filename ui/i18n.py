@@ -27,7 +27,8 @@ ZH_CN = {
     "first token {0:.2f} s · {1:.1f} tokens/s": "首个词元 {0:.2f} 秒 · {1:.1f} 词元/秒",
     "{0:.1f} tokens/s": "{0:.1f} 词元/秒",
     "the built-in demo model": "内置演示模型",
-    "preparing the built-in demo model (first run only)...": "正在准备内置演示模型（仅首次运行）...",
+    "preparing the built-in demo model (first run after installing or upgrading)...":
+        "正在准备内置演示模型（安装或升级后首次运行）...",
     "Choose another bundle in Settings, or leave its field empty for the built-in demo model.":
         "请在设置中选择其他模型包，或将该项留空以使用内置演示模型。",
     "the model is not loaded": "模型尚未加载",

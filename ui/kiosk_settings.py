@@ -13,11 +13,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QDialog, QDialogButtonBox, QFormLayout, QInputDialog, QLineEdit, QVBoxLayout
+from PySide6.QtWidgets import QDialog, QFormLayout, QInputDialog, QLineEdit
 
 from appliance.settings import section, value_of
 from ui.messages import t
-from ui.settings_dialog import setting_widget, widget_value
+from ui.settings_dialog import lay_out_with_save, setting_widget, widget_value
 
 if TYPE_CHECKING:
     from ui.main_window import MainWindow
@@ -65,12 +65,7 @@ class KioskSettingsDialog(QDialog):
         form = QFormLayout()
         for setting in KIOSK_SETTINGS:
             form.addRow(t(setting.label), self.editors[setting.key])
-        box = QDialogButtonBox(QDialogButtonBox.Save | QDialogButtonBox.Cancel)
-        box.accepted.connect(self.accept)
-        box.rejected.connect(self.reject)
-        layout = QVBoxLayout(self)
-        layout.addLayout(form)
-        layout.addWidget(box)
+        lay_out_with_save(self, form)
 
     def edited(self) -> dict:
         return {key: widget_value(widget) for key, widget in self.editors.items()

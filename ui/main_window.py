@@ -34,7 +34,7 @@ from appliance.app import AppContext
 from appliance.display import one_line
 from appliance.errors import StreamChatError
 from appliance.history import write_export
-from appliance.live_numbers import RunNumbers, tokens_per_second
+from appliance.live_numbers import AnswerNumbers, RunNumbers, tokens_per_second
 from appliance.session import TurnResult
 from appliance.settings import with_values
 from ui.alerts import alert
@@ -438,11 +438,10 @@ class MainWindow(QMainWindow):
 
     def _on_delta(self, text: str) -> None:
         if self.answer_view is not None:
-            self.answer_view.append(text)
-            self.transcript.follow()
+            self.answer_view.append(text)  # the transcript follows it while the user is at the bottom
         self.delta_shown.emit(text)
 
-    def _on_measured(self, numbers) -> None:
+    def _on_measured(self, numbers: AnswerNumbers) -> None:
         self.run_numbers.add(numbers)
         self.answer_measured.emit(numbers)
 

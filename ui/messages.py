@@ -186,8 +186,10 @@ class MessageBody(QTextEdit):
         block = QTextBlockFormat()
         block.setLeftMargin(PAD + 4)
         block.setRightMargin(PAD + 4)
-        block.setTopMargin(GAP + HEADER + PAD if first else 0)
-        block.setBottomMargin(PAD + GAP if last else 0)
+        if first:  # only the margins a line has: merged into a one-line block's format, ``last`` keeps its top
+            block.setTopMargin(GAP + HEADER + PAD)
+        if last:
+            block.setBottomMargin(PAD + GAP)
         return block
 
     @staticmethod
@@ -383,7 +385,7 @@ class MessageView(QWidget):
 
 
 class Transcript(QScrollArea):
-    """A scrolling column of MessageViews that follows the newest text while the user is at the bottom."""
+    """A scrolling column of MessageViews that follows the newest text while the user is at the bottom (or near it)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -398,15 +400,17 @@ class Transcript(QScrollArea):
         self.column.addStretch(1)
         self.setWidget(self.inner)
         self.views: list[MessageView] = []
-        self._scroller = QTimer(self)  # a child: it dies with the transcript, so it never fires into a deleted one
-        self._scroller.setSingleShot(True)
-        self._scroller.setInterval(0)
-        self._scroller.timeout.connect(self._scroll_to_end)
+        # Following is a state, not a look at the bar after each change: a new message or a rendered block can add
+        # more height at once than any margin, and the layout grows the range only later. The user's own scrolling
+        # (a value change) decides it; a range change while following moves to the new end.
+        self.following = True
+        bar = self.verticalScrollBar()
+        bar.valueChanged.connect(self._on_scrolled)
+        bar.rangeChanged.connect(self._on_range)
 
     def add(self, view: MessageView) -> MessageView:
         self.column.insertWidget(self.column.count() - 1, view)
         self.views.append(view)
-        self.follow()
         return view
 
     def clear(self) -> None:
@@ -434,11 +438,9 @@ class Transcript(QScrollArea):
         self.column.setContentsMargins(side, 12, side, 12)
         super().resizeEvent(event)
 
-    def follow(self) -> None:
-        bar = self.verticalScrollBar()
-        if bar.value() >= bar.maximum() - 40:
-            self._scroller.start()  # after the layout has grown
+    def _on_scrolled(self, value: int) -> None:
+        self.following = value >= self.verticalScrollBar().maximum() - 40
 
-    def _scroll_to_end(self) -> None:
-        bar = self.verticalScrollBar()
-        bar.setValue(bar.maximum())
+    def _on_range(self, _low: int, high: int) -> None:
+        if self.following:
+            self.verticalScrollBar().setValue(high)

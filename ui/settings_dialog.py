@@ -93,6 +93,16 @@ def _described(bundle: Bundle) -> str:
     return json.dumps(summary, ensure_ascii=False, indent=1)
 
 
+def lay_out_with_save(dialog: QDialog, form: QFormLayout) -> None:
+    """A settings dialog's layout: its form above Save and Cancel (accept / reject)."""
+    box = QDialogButtonBox(QDialogButtonBox.Save | QDialogButtonBox.Cancel)
+    box.accepted.connect(dialog.accept)
+    box.rejected.connect(dialog.reject)
+    layout = QVBoxLayout(dialog)
+    layout.addLayout(form)
+    layout.addWidget(box)
+
+
 def widget_value(widget: QWidget) -> Any:
     if isinstance(widget, QComboBox):
         return widget.currentData()
@@ -140,12 +150,7 @@ class SettingsDialog(QDialog):
             form.addRow(t(setting.label), self._buttons(editor, buttons[setting.key]) if setting.key in buttons else editor)
             if setting.key in rows_after:
                 form.addRow(*rows_after[setting.key])
-        box = QDialogButtonBox(QDialogButtonBox.Save | QDialogButtonBox.Cancel)
-        box.accepted.connect(self.accept)
-        box.rejected.connect(self.reject)
-        layout = QVBoxLayout(self)
-        layout.addLayout(form)
-        layout.addWidget(box)
+        lay_out_with_save(self, form)
         self._show_manifest(s.model_bundle or model_summary.get("path", ""))
         self._offer_engines(s.model_bundle, keep=s.engine)
 

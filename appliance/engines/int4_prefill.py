@@ -162,7 +162,10 @@ class Int4Prefill:
             key_cache[0, :, rows] = k.transpose(1, 0, 2)
             value_cache[0, :, rows] = v.transpose(1, 0, 2)
         self.tensors.release(p + QUERY_KEY_VALUE)
-        context = self._attention(queries, key_cache[0, :, :length], value_cache[0, :, :length], mask)
+        # an fp16 cache is widened once per layer here, not by every chunk's matmul
+        keys, values = (np.asarray(cache[0, :, :length], np.float32) for cache in (key_cache, value_cache))
+        context = self._attention(queries, keys, values, mask)
+        del keys, values
         del queries
         for rows in _chunks(length, ROWS):
             x[rows] = attention_output(ops, n, ln1[rows], context[rows])

@@ -10,15 +10,22 @@ from __future__ import annotations
 import os
 import resource
 
+import numpy as np
+
 from appliance.errors import ResourceError
 from appliance.model_config import ModelConfig
 
-FP32 = 4
+# The element types a KV cache is kept in, by the name a manifest gives (a cpu bundle's ``graphs.kv_cache``; bundles
+# exported before the field existed hold fp32 caches: UNMARKED_KV_CACHE).
+KV_CACHE_DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16)}
+UNMARKED_KV_CACHE = "fp32"
 
 
-def kv_cache_bytes(config: ModelConfig, capacity: int) -> int:
-    """Keys and values of every layer for ``capacity`` positions, fp32 (``[1, heads, capacity, head_dim]`` each)."""
-    return config.num_layers * 2 * config.num_heads * capacity * config.head_dim * FP32
+def kv_cache_bytes(config: ModelConfig, capacity: int, dtype: str = "fp32") -> int:
+    """Keys and values of every layer for ``capacity`` positions (``[1, heads, capacity, head_dim]`` each), in the
+    element type ``dtype`` names (a KV_CACHE_DTYPES key)."""
+    itemsize = KV_CACHE_DTYPES[dtype].itemsize
+    return config.num_layers * 2 * config.num_heads * capacity * config.head_dim * itemsize
 
 
 def _mem_available() -> int | None:

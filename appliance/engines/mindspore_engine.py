@@ -3,9 +3,14 @@
 The same Python runs on the CPU here and on an Ascend NPU where CANN is installed, so this engine checks the Ascend
 path's model code on any machine. What it keeps on the device, loaded once:
 - the weights, read from the bundle's device graphs' external data (``weights.onnx.data``, names as the checkpoint's;
-  on the CPU (``STREAMCHAT_MS_DEVICE=cpu``) computed in fp32, fp16 weights widened; on an Ascend NPU (``ascend``) in
-  fp16 with LayerNorm, softmax and logits in fp32; an int8 bundle's become per-output-channel int8 codes, as its
-  converter config asks of MindSpore Lite), as Parameters shared by every compiled graph;
+  on the CPU (``EngineOptions.device`` cpu) computed in fp32, fp16 weights widened; on an Ascend NPU (``ascend``) in
+  fp16 with LayerNorm, softmax and logits in fp32), as Parameters shared by every compiled graph. The matrices can be
+  held as codes quantized at load (``weights_format``): int8 per output row (an int8 bundle's, as its converter
+  config asks of MindSpore Lite), or int4 in groups along the input (the export's INT4, with the vocabulary table in
+  int8 as the export keeps it). On an NPU whose MindSpore has the fused antiquant matmul (``WeightQuantBatchMatmul``)
+  the codes go to it; elsewhere they are dequantized inside the graph a block of rows at a time, each block (codes and
+  scales) after the previous block's product, so one block's temporaries are live (``WIDEN_ELEMENTS``; an int4 block
+  a quarter of it, ``INT4_TEMPORARIES``);
 - the KV cache, one Parameter per layer and kind, ``[heads, capacity, head_dim]``, written in place by each call
   (``ScatterNdUpdate`` at the call's slots) and read where it lies: no cache crosses the host.
 
@@ -27,6 +32,7 @@ numpy values.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 from typing import TYPE_CHECKING
 
@@ -37,14 +43,17 @@ from appliance.engines.static import StaticEngine, static_engine
 from appliance.errors import BundleError, EngineError
 from appliance.folders import cache_dir
 from appliance.model.definition import MASK_FILL, attention_scales, forward, rotary_half_table, tanh_gelu
-from appliance.model.quantize import BITS, quantize_blockwise
+from appliance.model.quantize import BITS, effective_group, quantize_blockwise
 from appliance.model.weights import (
     EMBEDDING,
     FINAL_NORM,
     INPUT_NORM,
     LM_HEAD,
     POST_ATTENTION_NORM,
+    dequantize,
     expected_shapes,
+    pack_nibbles,
+    unpack_nibbles,
     zero_point,
 )
 from appliance.model_config import ModelConfig
@@ -54,8 +63,10 @@ if TYPE_CHECKING:
 
 ROTARY_TABLES = ("rotary.cos", "rotary.sin")  # the graphs' own position tables: computed here from the definition
 STORED = {1: np.float32, 10: np.float16}  # ONNX TensorProto data types the Ascend graphs store weights in
-WIDEN_ROWS = 8192  # int8 weight rows widened at a time: 128 MiB in fp32 at ChatGLM-6B's width 4096
-# STREAMCHAT_MS_DEVICE -> (MindSpore's device target, the compute dtype): fp16 on the NPU as the Ascend graphs compute,
+WIDEN_ELEMENTS = 1 << 25  # quantized weight values widened at a time: 128 MiB in fp32 (8192 rows at width 4096)
+INT4_TEMPORARIES = 4  # an int4 block widens a quarter as many: its unpacking holds ~4 widened-size values at once
+INT4_GROUP = 128  # the export's default INT4 group size (``effective_group`` narrows it for narrow matrices)
+# EngineOptions.device -> (MindSpore's device target, the compute dtype): fp16 on the NPU as the Ascend graphs compute,
 # with LayerNorm statistics, softmax and logits in fp32; fp32 on the CPU
 DEVICES = {"cpu": ("CPU", np.float32), "ascend": ("Ascend", np.float16)}
 
@@ -90,17 +101,6 @@ def read_weights(bundle: Bundle) -> dict[str, np.ndarray]:
     return weights
 
 
-def device_choice() -> tuple[str, int]:
-    """The device this engine runs on, ``STREAMCHAT_MS_DEVICE`` (cpu, the default, or ascend), and the NPU number,
-    ``STREAMCHAT_MS_DEVICE_ID`` (default 0), as the mindspore-lite engine takes them."""
-    device, device_id = os.environ.get("STREAMCHAT_MS_DEVICE", "cpu"), os.environ.get("STREAMCHAT_MS_DEVICE_ID", "0")
-    if device not in DEVICES:
-        raise EngineError(f"MindSpore device {device[:20]!r} is not one of {', '.join(DEVICES)} (STREAMCHAT_MS_DEVICE)")
-    if not device_id.isdigit():
-        raise EngineError(f"STREAMCHAT_MS_DEVICE_ID must be an NPU number such as 0, not {device_id[:20]!r}")
-    return device, int(device_id)
-
-
 def _mindspore():
     """MindSpore in GRAPH_MODE. A graph that fails to compile makes MindSpore write ``rank_0/om/analyze_fail.ir``
     under ``MS_OM_PATH`` (read when it writes), else under the working directory: pointed into StreamChat's cache."""
@@ -126,7 +126,7 @@ def select_device(device: str, device_id: int):
     except RuntimeError as exc:
         first = ". ".join(next((line for line in str(exc).splitlines() if line.strip()), "").split(". ")[:2])
         what = "no Ascend device or CANN found" if device == "ascend" else "MindSpore cannot compute on the CPU"
-        raise EngineError(f"{what} (MindSpore {ms.__version__}, STREAMCHAT_MS_DEVICE={device}, card {device_id}): "
+        raise EngineError(f"{what} (MindSpore {ms.__version__}, device {device}, card {device_id}): "
                           f"{first[:160]}") from None
     return ms
 
@@ -135,8 +135,28 @@ def int8_codes(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-output-channel 8-bit codes of ``weight [N, K]`` (int8) and their scales [N] (fp32): the scheme an
     int8 bundle's converter config asks MindSpore Lite for, ``w ~ code * scale``."""
     q = quantize_blockwise(weight, BITS["int8"], weight.shape[1])
-    codes = q.packed[:, 0, : weight.shape[1]].astype(np.int16) - zero_point(BITS["int8"])
-    return codes.astype(np.int8), q.scales.reshape(-1)  # one block per row: its scale
+    codes = q.packed[:, 0, : weight.shape[1]]
+    np.bitwise_xor(codes, zero_point(BITS["int8"]), out=codes)  # code - 128 in two's complement, in place
+    return codes.view(np.int8), q.scales.reshape(-1)  # one block per row: its scale
+
+
+def int4_fused_layout(packed: np.ndarray, scales: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits INT4 of ``W [N, K]`` (``packed [N, blocks, group/2]``, ``scales [N, blocks]``, groups dividing K) in
+    the layout CANN documents for ``WeightQuantBatchMatmul``: the weight as ``[K, N]`` signed 4-bit values, two a byte
+    along N (the low nibble first), and the scales as ``[blocks, N]``; ``w = value * scale``. A signed nibble is the
+    unsigned code with its top bit flipped (``code - 8`` in two's complement)."""
+    codes = unpack_nibbles(packed.reshape(packed.shape[0], -1))
+    values = np.ascontiguousarray((codes[:, :k] ^ zero_point(4)).T)  # [K, N]
+    return pack_nibbles(values), np.ascontiguousarray(scales.T)
+
+
+def release(weight: np.ndarray) -> None:
+    """Drop a converted tensor's memory-mapped pages from this process: the bundle's pages read while converting
+    count in its resident set (1.9 GB at 2 full-width layers) until the map closes after loading, and they set the
+    load's peak; the page cache keeps them. A plain array has nothing to drop."""
+    mapped = getattr(weight, "_mmap", None)  # np.memmap's mapping
+    if mapped is not None:
+        mapped.madvise(mmap.MADV_DONTNEED)
 
 
 def is_norm(name: str) -> bool:
@@ -144,40 +164,79 @@ def is_norm(name: str) -> bool:
     return name.rsplit(".", 1)[0].endswith((INPUT_NORM, POST_ATTENTION_NORM, FINAL_NORM))
 
 
+def weights_format(bundle: Bundle, options: EngineOptions) -> str | None:
+    """The format the matrices are held in: ``options.weights`` (int8 or int4, quantized at load), else an int8
+    bundle's int8, else None (the compute dtype)."""
+    return options.weights or ("int8" if bundle.manifest["quant"]["weights"] == "int8" else None)
+
+
+def fused_matmul_available(device: str) -> bool:
+    """MindSpore's fused antiquant matmul is used on an NPU when this MindSpore defines it (its kernels are Ascend
+    only: on the CPU MindSpore refuses the op, ``Unsupported op [WeightQuantBatchMatmul] on CPU``)."""
+    from mindspore.ops import auto_generate
+
+    return device == "ascend" and hasattr(auto_generate, "WeightQuantBatchMatmul")
+
+
 class ModelState:
     """What every graph shares: the weights, the rotary tables and the KV cache, as MindSpore Parameters in the
-    ``compute`` dtype (LayerNorm parameters in fp32). With ``int8`` the matrices (linear layers and the vocabulary
-    table) are held as int8 codes with per-row scales and widened inside the graph one matrix at a time, right before
-    their product (the graph's memory plan reuses that temporary): a quarter of the fp32 weight memory, plus the
-    largest matrix in the compute dtype while it is multiplied."""
+    ``compute`` dtype (LayerNorm parameters in fp32).
 
-    def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray], capacity: int, int8: bool = False,
-                 compute: type = np.float32) -> None:
+    With ``quant`` (int8 or int4) each matrix is held as codes with scales, a block of rows at a time (``blocks``: per
+    matrix, (codes, scales) indices into ``weights`` and ``scales``): int8 per output row, a quarter of the fp32
+    weight memory; int4 for the linear layers in groups of ``INT4_GROUP`` inputs (the MatMulNBits layout), an eighth
+    plus a scale per group, the vocabulary table in int8. ``kinds`` says which. With ``fused`` (an NPU with
+    ``WeightQuantBatchMatmul``) an int4 matrix is one block in that op's layout (``int4_fused_layout``)."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray], capacity: int, quant: str | None = None,
+                 compute: type = np.float32, fused: bool = False) -> None:
         ms = _mindspore()
         from mindspore import Parameter, ParameterTuple, Tensor
 
-        self.config, self.capacity = config, capacity
+        self.config, self.capacity, self.fused = config, capacity, fused
+        # one group size for every int4 matrix (the fused op takes it as an attribute): the export's, or the narrower
+        # group a narrow model's hidden width allows; the wider inputs (4 x hidden) are multiples of it
+        self.group = effective_group(config.hidden_size, INT4_GROUP)
         self.dtype = ms.float16 if compute == np.float16 else ms.float32
         names = [n for n in sorted(weights) if not (n == EMBEDDING and weights[n] is weights.get(LM_HEAD))]
-        params, scales, self.scale_index = [], [], {}
-        self.blocks: dict[str, tuple[int, ...]] = {}  # an int8 matrix's row blocks, by their index in ``weights``
+        params, scales = [], []
+        self.blocks: dict[str, tuple[tuple[int, int], ...]] = {}
+        self.kinds: dict[str, str] = {}  # a quantized matrix's format: "int8" or "int4"
+
+        def held(name: str, values: np.ndarray, scale: np.ndarray, dtype=None) -> tuple[int, int]:
+            params.append(Parameter(Tensor(values, dtype), name=f"{name}.{len(params)}", requires_grad=False))
+            scales.append(Parameter(Tensor(scale.astype(compute)), name=f"{name}.scales{len(scales)}",
+                                    requires_grad=False))
+            return len(params) - 1, len(scales) - 1
+
         for name in names:  # one tensor at a time: each copied out of its memory map, converted, handed to MindSpore
-            if int8 and weights[name].ndim == 2:
-                codes, row_scales = int8_codes(weights[name])
-                self.scale_index[name] = len(scales)
-                scales.append(Parameter(Tensor(row_scales.astype(compute)), name=name + ".scales",
-                                        requires_grad=False))
-                self.blocks[name] = tuple(range(len(params), len(params) + -(-len(codes) // WIDEN_ROWS)))
-                params += [Parameter(Tensor(codes[start:start + WIDEN_ROWS]), name=f"{name}.rows{start}",
-                                     requires_grad=False) for start in range(0, len(codes), WIDEN_ROWS)]
-            else:
+            weight = weights[name]
+            n, k = weight.shape[0], weight.shape[-1]
+            rows = max(1, WIDEN_ELEMENTS // k)
+            if quant is None or weight.ndim == 1:
                 dtype = np.float32 if is_norm(name) else compute
-                params.append(Parameter(Tensor(np.array(weights[name], dtype)), name=name, requires_grad=False))
+                params.append(Parameter(Tensor(np.array(weight, dtype)), name=name, requires_grad=False))
+            elif quant == "int4" and name not in (EMBEDDING, LM_HEAD):
+                self.kinds[name] = "int4"
+                q = quantize_blockwise(weight, BITS["int4"], self.group)
+                if fused:
+                    packed, grouped = int4_fused_layout(q.packed, q.scales, k)
+                    self.blocks[name] = (held(name, packed, grouped, ms.qint4x2),)
+                else:
+                    rows = max(1, rows // INT4_TEMPORARIES)
+                    self.blocks[name] = tuple(held(name, q.packed[s:s + rows], q.scales[s:s + rows])
+                                              for s in range(0, n, rows))
+            else:
+                self.kinds[name] = "int8"
+                # a block at a time (the codes are per row): the table's codes are never held twice
+                self.blocks[name] = tuple(held(name, *int8_codes(weight[s:s + rows])) for s in range(0, n, rows))
+            release(weight)
         self.weights, self.scales = ParameterTuple(params), ParameterTuple(scales)
-        self.index = {name: i for i, name in enumerate(p.name for p in params)}
-        for table in (self.index, self.scale_index, self.blocks):  # a tied embedding is the lm_head table
+        self.index = {p.name: i for i, p in enumerate(params) if p.name in weights}
+        for table in (self.index, self.blocks, self.kinds):  # a tied embedding is the lm_head table
             if EMBEDDING not in names and LM_HEAD in table:
                 table[EMBEDDING] = table[LM_HEAD]
+        self.widths = {name: weights[name].shape[1] for name in self.blocks}  # K: each block holds WIDEN_ELEMENTS // K rows
         cos, sin = rotary_half_table(np.arange(config.max_sequence_length + 1), config.rotary_dim)
         self.cos = Parameter(Tensor(cos.astype(compute)), name="rotary.cos", requires_grad=False)
         self.sin = Parameter(Tensor(sin.astype(compute)), name="rotary.sin", requires_grad=False)
@@ -194,10 +253,53 @@ def graph_cell(state: ModelState, length: int):
     fp32, slots [L] int32 (the cache slots the L positions write) and last [1] int32 (the row whose logits come
     out) -> logits [1, vocab]."""
     ms = state.ms
-    from mindspore import Parameter, Tensor, nn, ops
+    from mindspore import Parameter, Tensor, jit_class, nn, ops
 
     config, capacity, dtype = state.config, state.capacity, state.dtype
     heads, head_dim = config.num_heads, config.head_dim
+
+    @jit_class
+    class Dequant:
+        """``appliance.model.weights.DequantOps`` on MindSpore tensors in the compute dtype (a Cell cannot be one: its
+        ``to_float`` is MindSpore's own)."""
+
+        def to_float(self, x):
+            return ops.cast(x, dtype)
+
+        def add(self, a, b):
+            return a + b
+
+        def sub(self, a, b):
+            return a - b
+
+        def mul(self, a, b):
+            """A broadcast operand widened first: MindSpore 2.10's CPU ``Mul`` broadcasting the scales over a block
+            kept ~0.4 GB per 2^25-value block alive to the end of the graph (measured)."""
+            if not isinstance(b, float) and b.shape != a.shape:
+                b = ops.broadcast_to(b, a.shape)
+            return a * b
+
+        def div(self, a, b):
+            """By the reciprocal (exact: ``dequantize`` divides by 16): MindSpore 2.10's CPU ``RealDiv`` by a scalar
+            kept ~0.25 GB per 2^25-value block alive to the end of the graph (measured)."""
+            return a * (1.0 / b)
+
+        def floor(self, x):
+            return ops.floor(x)
+
+        def pair(self, a, b):
+            return ops.stack((a, b), -1)
+
+        def reshape(self, x, shape):
+            return x.reshape(tuple(x.shape[i] if d == 0 else d for i, d in enumerate(shape)))
+
+        def unsqueeze_last(self, x):
+            return ops.expand_dims(x, -1)
+
+        def slice_last(self, x, length):
+            """Nothing to cut unless the last group is padding (a full-width ``StridedSlice`` copies the block, ~2 s
+            per block on this CPU)."""
+            return x if x.shape[-1] == length else x[..., :length]
 
     class MindSporeOps(nn.Cell):
         """The definition's ``Ops`` on MindSpore tensors in the state's compute dtype; LayerNorm, the attention scores
@@ -207,7 +309,14 @@ def graph_cell(state: ModelState, length: int):
             super().__init__()
             self.config = config
             self.index, self.weights, self.cache = state.index, state.weights, state.cache
-            self.scale_index, self.scales, self.blocks = state.scale_index, state.scales, state.blocks
+            self.scales, self.blocks, self.kinds, self.widths = state.scales, state.blocks, state.kinds, state.widths
+            self.dequant = Dequant()
+            if state.fused:  # x [M, K] @ W: int8 codes [rows, K] (transposed), int4 [K, N] in groups (the op's layout)
+                from mindspore.ops.auto_generate import WeightQuantBatchMatmul
+
+                self.antiquant8 = WeightQuantBatchMatmul(False, True, 0)
+                self.antiquant4 = WeightQuantBatchMatmul(False, False, state.group)
+            self.fused = state.fused
             self.cos, self.sin = state.cos, state.sin
             # the call's inputs, written by ``feed`` (see the module's docstring)
             self.positions = Parameter(Tensor(np.zeros((1, 2, length), np.int32)), name=f"in{length}.positions",
@@ -237,27 +346,42 @@ def graph_cell(state: ModelState, length: int):
             return self.weights[self.index[name]]
 
         def embed(self, ids):
-            if EMBEDDING not in self.scale_index:
+            if EMBEDDING not in self.kinds:
                 return ops.gather(self.w(EMBEDDING), ids, 0)
             rows = ops.zeros(ids.shape + (config.hidden_size,), dtype)
-            for i, block in enumerate(self.blocks[EMBEDDING]):  # each id's row from the block holding it
-                local = ids - i * WIDEN_ROWS
-                found = ops.gather(self.weights[block], ops.clamp(local, 0, WIDEN_ROWS - 1), 0)
-                inside = ops.expand_dims(ops.logical_and(local >= 0, local < WIDEN_ROWS), -1)
-                rows = ops.select(ops.broadcast_to(inside, rows.shape), ops.cast(found, dtype), rows)
-            return rows * ops.expand_dims(ops.gather(self.scales[self.scale_index[EMBEDDING]], ids, 0), -1)
+            span = WIDEN_ELEMENTS // config.hidden_size
+            for i, (codes, scales) in enumerate(self.blocks[EMBEDDING]):  # each id's row from the block holding it
+                local = ops.clamp(ids - i * span, 0, span - 1)
+                found = ops.cast(ops.gather(self.weights[codes], local, 0), dtype)
+                found = found * ops.expand_dims(ops.gather(self.scales[scales], local, 0), -1)
+                inside = ops.expand_dims(ops.logical_and(ids >= i * span, ids < (i + 1) * span), -1)
+                rows = ops.select(ops.broadcast_to(inside, rows.shape), found, rows)
+            return rows
 
         def product(self, name, x):
-            """``x [M, K] @ W.T`` for the matrix ``name``. int8 codes are widened here, WIDEN_ROWS rows at a time, each
-            block waiting for the previous block's product: the graph cannot widen every matrix up front, and its
-            memory plan reuses one block-sized fp32 temporary."""
-            if name not in self.scale_index:
+            """``x [M, K] @ W.T`` for the matrix ``name``. Quantized codes go to the fused antiquant matmul (NPU), or
+            are widened here a block of rows at a time (int4 through ``dequantize``, the one nibble unpacking), each
+            block, codes and scales both, waiting for the previous block's product: MindSpore's runtime runs an op
+            as soon as its inputs are ready, so scales not held back were broadcast for every block at the graph's
+            start and kept (measured: ~0.13 GB per 2^25-value block), and the memory pool reuses one block's
+            temporaries only when the blocks run one after another."""
+            if name not in self.kinds:
                 return self.matmul(x, self.w(name))
+            int4 = self.kinds[name] == "int4"
+            if self.fused and int4:
+                codes, scales = self.blocks[name][0]
+                return self.antiquant4(x, self.weights[codes], self.scales[scales], None, None, None, None)
             parts, ready = [], x
-            for block in self.blocks[name]:
-                ready = self.matmul(x, ops.cast(ops.depend(self.weights[block], ready), dtype))
+            for codes, scales in self.blocks[name]:
+                weight, scale = ops.depend(self.weights[codes], ready), ops.depend(self.scales[scales], ready)
+                if self.fused:
+                    ready = self.antiquant8(x, weight, scale, None, None, None, None)
+                elif int4:
+                    ready = self.matmul(x, dequantize(self.dequant, weight, scale, 4, self.widths[name], 1))
+                else:
+                    ready = self.matmul(x, ops.cast(weight, dtype)) * scale
                 parts.append(ready)
-            return ops.concat(parts, -1) * self.scales[self.scale_index[name]]
+            return ops.concat(parts, -1)
 
         def rotary_half(self, row):
             rows = self.positions[:, row, :]
@@ -356,17 +480,17 @@ class MindSporeRunner:
 
 
 def open_on_mindspore(bundle: Bundle, options: EngineOptions) -> StaticEngine:
-    """An Ascend bundle's weights on MindSpore, one Cell per graph, compiled on first use, on the device
-    ``device_choice`` names (fp32 on the CPU, fp16 on an NPU). MindSpore takes its CPU kernel thread count once per
+    """An Ascend bundle's weights on MindSpore, one Cell per graph, compiled on first use, on ``options.device`` (fp32
+    on the CPU, fp16 on an NPU) in the format ``weights_format`` gives. MindSpore takes its CPU kernel thread count once per
     process: the first engine opened sets it (``threads``, else the physical cores)."""
     from appliance.engines.cpu import physical_cores
 
-    device, device_id = device_choice()
-    select_device(device, device_id)
+    device = options.device
+    select_device(device, options.device_id)
     from mindspore.device_context.cpu import op_tuning
 
     with contextlib.suppress(RuntimeError):  # "The 'threads_num' can not be set repeatedly"
         op_tuning.threads_num(options.threads or physical_cores())
     state = ModelState(bundle.config, read_weights(bundle), int(bundle.manifest["graphs"]["capacity"]),
-                       int8=bundle.manifest["quant"]["weights"] == "int8", compute=DEVICES[device][1])
+                       weights_format(bundle, options), DEVICES[device][1], fused_matmul_available(device))
     return static_engine(bundle, "mindspore", MindSporeRunner(state, list(bundle.manifest["graphs"]["device"])))

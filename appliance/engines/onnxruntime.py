@@ -1,8 +1,10 @@
 """The ``cpu`` target's engine: a decoder (one onnxruntime session and its KV cache) and a prefill strategy chosen
 when the bundle is opened.
 
-The decoder owns one KV cache: fp32 buffers with room for ``max_context`` positions, allocated once and reused by every
-sequence (a single-user appliance decodes one conversation at a time; starting a sequence retires the previous one).
+The decoder owns one KV cache: buffers with room for ``max_context`` positions, in the element type the bundle's graph
+declares (``graphs.kv_cache``: fp16, or fp32 for exact bundles and bundles exported before the field), allocated once
+and reused by every sequence (a single-user appliance decodes one conversation at a time; starting a sequence retires
+the previous one).
 A graph prefill writes the prompt's keys/values into them (``present_*`` bound to the buffers through IOBinding), and
 every decode step binds them as both ``past_*`` and ``present_*``, so GroupQueryAttention writes the new position in
 place and no step copies the cache. Allocating the cache once also keeps onnxruntime's arena from fragmenting around
@@ -24,7 +26,7 @@ import onnxruntime as ort
 from appliance.engines import EngineOptions
 from appliance.engines.cpu import physical_cores
 from appliance.engines.int4_prefill import Int4Prefill
-from appliance.engines.memory import kv_cache_bytes, not_enough_memory, require_memory
+from appliance.engines.memory import KV_CACHE_DTYPES, UNMARKED_KV_CACHE, kv_cache_bytes, not_enough_memory, require_memory
 from appliance.engines.residency import release_clean_pages
 from appliance.errors import EngineError
 from appliance.model_config import ModelConfig
@@ -35,12 +37,15 @@ if TYPE_CHECKING:
 # The graph's attention inputs: ChatGLM's prefix mask [1, 1, L, L] (True = masked), read by a prefill; and the
 # positions cached after the run, [1] int32 (past + L), read by a decode step (GroupQueryAttention attends to them all).
 PREFIX_MASK, TOTAL_LENGTH = "prefix_mask", "total_length"
+ORT_TYPES = {"tensor(float)": "fp32", "tensor(float16)": "fp16"}  # a cache input's type -> its KV_CACHE_DTYPES name
 
 
 class OrtDecoder:
     """The decoder graph in one onnxruntime session, and the KV cache it reads and writes in place."""
 
-    def __init__(self, graph: Path, config: ModelConfig, max_context: int, threads: int | None = None) -> None:
+    def __init__(self, graph: Path, config: ModelConfig, max_context: int, threads: int | None = None,
+                 kv_cache: str = UNMARKED_KV_CACHE) -> None:
+        """``kv_cache``: the cache's element type the manifest states; the graph must declare the same."""
         self.config = config
         self.max_context = max_context
         self.threads = threads or physical_cores()
@@ -64,11 +69,17 @@ class OrtDecoder:
                               "or run `streamchat verify` on it") from exc
         if (data := graph.with_name(graph.name + ".data")).exists():
             release_clean_pages(data)
-        self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_")]
+        past = [i for i in self.session.get_inputs() if i.name.startswith("past_")]
+        declared = {ORT_TYPES.get(i.type, i.type) for i in past}
+        if declared != {kv_cache}:
+            raise EngineError(f"{graph.name} keeps its KV cache as {', '.join(sorted(declared))}, its manifest says "
+                              f"{kv_cache}: re-export the bundle")
+        self.kv_cache, self.kv_dtype = kv_cache, KV_CACHE_DTYPES[kv_cache]
+        self.past_names = [i.name for i in past]
         self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present_")]
         self.cache: list[np.ndarray] = []  # allocated on first use, shared with onnxruntime as OrtValues
         self.cache_values: list[ort.OrtValue] = []
-        self.empty_cache = np.zeros((1, config.num_heads, 0, config.head_dim), dtype=np.float32)  # a prefill's past
+        self.empty_cache = np.zeros((1, config.num_heads, 0, config.head_dim), self.kv_dtype)  # a prefill's past
         self.step_mask = np.zeros((1, 1, 1, 1), dtype=bool)  # a decode step's prefix_mask: one row, not read
         self.capacity = np.array(max_context, dtype=np.int64)
         # Logits land in a buffer of ours, not in onnxruntime's arena: an arena-held output outlives its run and keeps
@@ -86,11 +97,12 @@ class OrtDecoder:
         allocated on the first call; refused with the sizes when they cannot fit."""
         if not self.cache:
             shape = (1, self.config.num_heads, self.max_context, self.config.head_dim)
-            what, needed = f"the KV cache for {self.max_context} positions", kv_cache_bytes(self.config, self.max_context)
+            what = f"the KV cache for {self.max_context} positions"
+            needed = kv_cache_bytes(self.config, self.max_context, self.kv_cache)
             advice = "close other programs or lower the context budget (Settings)"
             require_memory(what, needed, advice)
             try:
-                self.cache = [np.empty(shape, np.float32) for _ in self.past_names]
+                self.cache = [np.empty(shape, self.kv_dtype) for _ in self.past_names]
             except MemoryError as exc:
                 raise not_enough_memory(what, needed, advice) from exc
             self.cache_values = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in self.cache]
@@ -219,6 +231,7 @@ def open_bundle(bundle: Bundle, options: EngineOptions) -> OrtEngine:
     """A ``decoder`` bundle on onnxruntime, its cache sized to its ``max_context`` or ``options.context`` if lower."""
     graph, config = bundle.path / bundle.manifest["graphs"]["decoder"], bundle.config
     limit = int(bundle.manifest["max_context"])
-    decoder = OrtDecoder(graph, config, min(limit, options.context or limit), options.threads)
+    kv_cache = bundle.manifest["graphs"].get("kv_cache", UNMARKED_KV_CACHE)
+    decoder = OrtDecoder(graph, config, min(limit, options.context or limit), options.threads, kv_cache)
     int4 = bundle.manifest["quant"]["weights"] == "int4"  # only INT4 weights can take the kernel: skip reading the graph
     return OrtEngine(decoder, choose_prefill(graph, config, decoder.threads, options.prompt_kernel and int4))

@@ -61,6 +61,16 @@ def load_in_worker(path: Path, kind: str, options: EngineOptions) -> LoadedModel
     return LoadedModel(engine, bundle.tokenizer(), engine.label, engine.summary)
 
 
+_loading: set[subprocess.Popen] = set()  # workers still opening their model: no caller holds them yet
+
+
+def stop_loading() -> None:
+    """Shutdown: kill the workers still loading (their ``WorkerEngine`` then raises). At interpreter exit the
+    finalizers would, but a server stopped by SIGTERM dies of the signal uvicorn raises again, and no exit hook runs."""
+    for proc in list(_loading):
+        _end(proc)
+
+
 def _end(proc: subprocess.Popen) -> None:
     """Kill and reap a worker (also at interpreter exit, so none outlives the server) and close our pipe ends."""
     if proc.poll() is None:
@@ -88,6 +98,7 @@ class WorkerEngine:
         self._broken = False
         self._sequence: WorkerSequence | None = None
         self.engine_s = 0.0  # the engine's own time in the child for the last call
+        _loading.add(self.proc)
         try:
             info, _ = self._call({"op": "open", "bundle": str(bundle), "engine": kind,
                                   "options": {name: getattr(options, name) for name in OPENED_WITH}}, None, loading=True)
@@ -97,6 +108,8 @@ class WorkerEngine:
         except BaseException:
             _end(self.proc)
             raise
+        finally:
+            _loading.discard(self.proc)
         self.pid: int = self.proc.pid
         self.name, self.max_context, self.label, self.summary = (info["name"], info["max_context"], info["label"],
                                                                  info["summary"])

@@ -59,6 +59,13 @@ def pack_nibbles(codes: np.ndarray) -> np.ndarray:
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 
+def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """The INT4 codes ``pack_nibbles`` packed: twice as many along the last axis, the low nibble first."""
+    codes = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), np.uint8)
+    codes[..., 0::2], codes[..., 1::2] = packed & 15, packed >> 4
+    return codes
+
+
 class DequantOps(Protocol):
     """The elementwise and shape operations ``dequantize`` needs (numpy arrays, or ONNX value names). ``reshape``
     follows ONNX: 0 keeps that axis."""

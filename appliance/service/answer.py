@@ -17,6 +17,7 @@ import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,11 +89,14 @@ class Service:
             self.request_log(endpoint, job.conversation_id, job.query)
         return Answer(self, job, endpoint)
 
-    def cancel_all(self) -> None:
-        """Shutdown: every answer in flight ends within one token and is stored; then the workers finish."""
-        for answer in list(self.running):
+    def cancel_all(self, grace_s: float) -> None:
+        """Shutdown: every answer in flight is cancelled, and ends within one token and is stored; waits up to
+        ``grace_s`` for that. An engine worker that hangs gives no token, so its answer ends only once the worker is
+        stopped (``Replicas.close``); then ``executor.shutdown`` joins the threads."""
+        answers = list(self.running)
+        for answer in answers:
             answer.cancel()
-        self.executor.shutdown(wait=True)
+        futures.wait([a.work for a in answers if a.work is not None], timeout=grace_s)
 
 
 class Answer:
@@ -112,6 +116,7 @@ class Answer:
         self._woken: asyncio.Event | None = None  # set by the worker's wake-up; made on the loop in begin()
         self._error: BaseException | None = None
         self._acquiring: asyncio.Future[Replica] | None = None  # the wait for a replica, while queued
+        self.work: futures.Future[None] | None = None  # the turn in its worker thread, once begun
 
     def cancel(self) -> None:
         """Ends the answer within one token; while it waits for a replica, it leaves the queue instead."""
@@ -145,7 +150,7 @@ class Answer:
             raise Withdrawn("cancelled while waiting for a free model: nothing was answered or stored")
         service.running.add(self)
         self._woken = asyncio.Event()
-        service.executor.submit(self._work, replica, asyncio.get_running_loop())
+        self.work = service.executor.submit(self._work, replica, asyncio.get_running_loop())
 
     def _work(self, replica: Replica, loop: asyncio.AbstractEventLoop) -> None:
         """Runs in a worker thread: the turn, each delta handed to the reader, then the end."""

@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from appliance.answer_quality import repetition_rate, topic_similarity
 from appliance.device_usage import device_usage
+from appliance.live_numbers import STALL_S
 from appliance.safety import AuditLog, Match
 from appliance.service.pool import EnginePool
 
@@ -24,7 +25,6 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 RATIO_BUCKETS = (0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1)
 SIMILARITY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1)
-STALL_S = 0.5  # a pause between tokens a reader notices: twice a ChatGLM-6B decode step on a desktop CPU
 ERROR_KINDS = ("bad_request", "unauthorized", "forbidden", "too_large", "too_many_connections", "queue_full",
                "not_ready", "engine", "history", "internal")
 

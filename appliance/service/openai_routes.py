@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from appliance import crash
@@ -49,10 +50,13 @@ async def read_json(request: Request, limit: int) -> object:
     if length.isdigit() and int(length) > limit:
         raise ApiError(413, f"the request body has {int(length)} bytes; the limit is {limit}", code="too_large")
     body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise ApiError(413, f"the request body is larger than the limit of {limit} bytes", code="too_large")
+    try:
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise ApiError(413, f"the request body is larger than the limit of {limit} bytes", code="too_large")
+    except ClientDisconnect as exc:  # an ordinary event, not a server fault: no traceback in the log
+        raise ApiError(400, "the client disconnected before it had sent the whole request body") from exc
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser's recursion limit

@@ -66,6 +66,7 @@ class EnginePool:
         self.busy = 0  # replicas running an answer
         self.started = False  # every replica has loaded once
         self.down: dict[int, Replica] = {}  # replica index -> the replica out of service (its worker stopped)
+        self.restarting: set[int] = set()  # indices of the replicas in ``down`` that ``on_down`` is bringing back
         self.on_down: Callable[[Replica], None] = lambda _: None  # called on the loop when a replica is lost
         self.closing = False  # shutting down: a lost replica is not restarted
 
@@ -93,6 +94,7 @@ class EnginePool:
 
     def _add(self, replica: Replica) -> None:
         self.down.pop(replica.index, None)
+        self.restarting.discard(replica.index)
         self.replicas.append(replica)
         self.started = self.started or self.ready
         self._give(replica)
@@ -110,7 +112,22 @@ class EnginePool:
         replica.stopped = reason
         self.down[replica.index] = replica
         if not self.closing:
+            self.restarting.add(replica.index)
             self.on_down(replica)
+
+    def gave_up(self, replica: Replica) -> None:
+        """``replica``'s restart failed (safe from any thread): it stays down. With no replica left and none
+        restarting, the requests waiting get NotReady now instead of waiting for a replica that never comes."""
+        self._threadsafe(self._give_up, replica)
+
+    def _give_up(self, replica: Replica) -> None:
+        self.restarting.discard(replica.index)
+        if self.replicas or self.restarting:
+            return
+        while self._waiters:
+            turn = self._waiters.popleft()
+            if not turn.done():
+                turn.set_exception(self._none_running())
 
     async def acquire(self) -> Replica:
         """The next free replica, after the requests that came earlier; NotReady or QueueFull at once."""
@@ -118,8 +135,7 @@ class EnginePool:
             raise NotReady(f"the model is still loading ({len(self.replicas)} of {self.size} replicas ready): try "
                            "again when /ready answers 200")
         if not self.replicas:
-            raise NotReady(f"no replica is running ({len(self.down)} restarting after their worker stopped): try "
-                           "again when /ready answers 200")
+            raise self._none_running()
         if self._free and not self._waiters:
             self.busy += 1
             replica = self._free.pop()
@@ -138,6 +154,10 @@ class EnginePool:
         finally:
             if turn in self._waiters:
                 self._waiters.remove(turn)
+
+    def _none_running(self) -> NotReady:
+        return NotReady(f"no replica is running ({len(self.restarting)} of {len(self.down)} restarting after their "
+                        "worker stopped): try again when /ready answers 200")
 
     def release(self, replica: Replica) -> None:
         """Hand a replica back; safe from any thread (the worker that ran the answer calls it)."""

@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from appliance import crash
-from appliance.engines.worker import WorkerEngine
+from appliance.engines.worker import WorkerEngine, stop_loading
 from appliance.errors import StreamChatError
 from appliance.loading import LoadedModel
 from appliance.service.config import ServiceConfig
@@ -114,16 +114,18 @@ class Replicas:
         except BaseException as exc:
             old.stopped += f"; restarting it failed: {crash.one_line(exc, 'restarting a replica')}"
             _say(f"replica {old.index} (device {old.device}) stays out of service: {old.stopped}")
+            self.pool.gave_up(old)
             return
         self.pool.add(new)
         _say(f"replica {new.index} (device {new.device}) is serving again (worker pid {new.worker.pid})")
 
     def close(self) -> None:
-        """Shutdown, once no answer runs: every worker is stopped and reaped; a replica still loading is stopped as
-        soon as it has loaded."""
+        """Shutdown, once no answer runs: every worker is stopped and reaped, those still loading too (their load
+        then fails, and a replica that loads meanwhile is stopped as soon as it has)."""
         with self._lock:
             self.pool.closing = True
             opened = list(self._opened)
+        stop_loading()
         for replica in opened:
             if replica.worker:
                 replica.worker.close()

@@ -3,8 +3,9 @@ all are loaded) while uvicorn serves. A replica that cannot load stops the serve
 (one line from the CLI).
 
 Shutdown (SIGTERM, Ctrl-C): uvicorn stops accepting, waits up to ``SHUTDOWN_GRACE_S`` for answers in flight, then
-every answer still running is cancelled (stored as ``cancelled``), the worker threads are joined and the worker
-processes (``--devices``) stopped and reaped.
+every answer still running is cancelled (stored as ``cancelled``) and given ``SHUTDOWN_GRACE_S`` to end, the worker
+processes (``--devices``) are stopped and reaped (an answer whose worker hangs ends then, stored as ``error``) and
+the worker threads joined.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def serve(config: ServiceConfig, app_context: AppContext, load: Callable[[int], 
         pool.bind(asyncio.get_running_loop())
         replicas.start()
         yield
-        service.cancel_all()
-        replicas.close()
+        service.cancel_all(SHUTDOWN_GRACE_S)
+        replicas.close()  # stops the workers: one that hangs fails its answer, which is then stored
+        service.executor.shutdown(wait=True)
 
     app = create_app(service, config, lifespan)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
