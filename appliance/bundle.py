@@ -213,9 +213,11 @@ class Bundle:
         return bool(self.manifest.get("demo"))
 
     @classmethod
-    def open(cls, path: str | Path, full_check: bool | None = None) -> Bundle:
+    def open(cls, path: str | Path, full_check: bool | None = None,
+             on_bytes: Callable[[int], None] = lambda n: None) -> Bundle:
         """Validate and return the bundle; ``full_check`` None = hash everything and check the graphs only on the first
-        open of these files, False = trust them (a bundle this process has just written or only reads the manifest of)."""
+        open of these files, False = trust them (a bundle this process has just written or only reads the manifest of).
+        ``on_bytes`` hears each chunk hashed (an install's progress bar; an exception it raises ends the open)."""
         path = Path(path)
         if not path.is_dir():
             raise BundleError(f"bundle not found: {path} (no such folder): give the folder `streamchat export` wrote, "
@@ -233,7 +235,7 @@ class Bundle:
             check_conversion_files(path, bundle.manifest, bundle.config)
         marker = cache_dir() / "verified" / bundle._stamp()
         if full_check or (full_check is None and not marker.exists()):
-            bundle.check_checksums()
+            bundle.check_checksums(on_bytes)
             bundle.check_graph_data()  # the marker names these very files: once they passed, their graphs did too
             try:
                 marker.parent.mkdir(parents=True, exist_ok=True)

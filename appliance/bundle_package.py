@@ -199,8 +199,8 @@ def _open_package(package: Path) -> BinaryIO:
 
 def install(package: Path, models_dir: Path, on_bytes: Callable[[int], None] = lambda n: None) -> Path:
     """Install ``package`` into ``models_dir/<name>`` (a symlink to a verified, versioned folder). ``on_bytes`` hears
-    each chunk extracted (a progress bar); an exception it raises cancels the install, which then removes what it wrote
-    and leaves the installed bundle as it was."""
+    each chunk extracted, then each chunk verified (a progress bar over twice the bundle's bytes); an exception it
+    raises cancels the install, which then removes what it wrote and leaves the installed bundle as it was."""
     with _open_package(package) as fh:
         return _install(fh, package, models_dir, on_bytes)
 
@@ -237,7 +237,8 @@ def _install(fh: BinaryIO, package: Path, models_dir: Path, on_bytes: Callable[[
                 script.chmod(0o755)  # removed with the rest unless the byte-for-byte check below passes
             (staging / name).rename(version)
             moved = True
-            Bundle.open(version, full_check=True)  # verified where it stays, so later opens know these files passed
+            Bundle.open(version, full_check=True, on_bytes=on_bytes)  # verified where it stays, so later opens know
+            # these files passed; ``on_bytes`` hears the hashing too (a cancel while a large bundle is checked)
         except BaseException as exc:
             shutil.rmtree(staging, ignore_errors=True)
             if moved:

@@ -20,12 +20,9 @@ from model_export.reference import ReferenceEngine, ReferenceModel
 from model_export.verify import VERIFY_PROMPTS, compare_engines
 from streamchat.cli import main
 from tests.conftest import TINY
+from tests.mindspore_required import require_mindspore
 
-try:
-    import mindspore
-except ImportError as exc:
-    print(f"mindspore device tests skipped: mindspore is not importable ({exc}); pip install 'streamchat[mindspore]'")
-    pytest.skip(f"mindspore is not importable ({exc})", allow_module_level=True)
+mindspore = require_mindspore("mindspore device tests")
 
 INPUTS = ("positions", "bias", "slots", "last")  # the Cell's call inputs, held as Parameters (engine's ``feed``)
 

@@ -24,13 +24,10 @@ from model_export.synthetic import write_checkpoint
 from model_export.verify import THRESHOLDS, VERIFY_PROMPTS, compare_engines
 from streamchat.cli import main
 from tests.conftest import GOLDEN, TINY
+from tests.mindspore_required import require_mindspore
 from tests.test_ascend_shapes import WIDE_CACHE, _prompts
 
-try:
-    import mindspore  # noqa: F401
-except ImportError as exc:
-    print(f"mindspore engine tests skipped: mindspore is not importable ({exc}); pip install 'streamchat[mindspore]'")
-    pytest.skip(f"mindspore is not importable ({exc})", allow_module_level=True)
+require_mindspore("mindspore engine tests")
 
 
 @pytest.fixture(scope="module")

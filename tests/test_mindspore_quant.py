@@ -25,13 +25,10 @@ from model_export.synthetic import write_checkpoint
 from model_export.verify import THRESHOLDS, VERIFY_PROMPTS, compare_engines
 from streamchat.cli import main
 from tests.conftest import TINY
+from tests.mindspore_required import require_mindspore
 from tests.test_ascend_shapes import WIDE_CACHE
 
-try:
-    import mindspore
-except ImportError as exc:
-    print(f"mindspore quantization tests skipped: mindspore is not importable ({exc}); pip install 'streamchat[mindspore]'")
-    pytest.skip(f"mindspore is not importable ({exc})", allow_module_level=True)
+mindspore = require_mindspore("mindspore quantization tests")
 
 from appliance.engines import mindspore_engine  # noqa: E402  (imports mindspore lazily; after the skip for clarity)
 

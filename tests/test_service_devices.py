@@ -34,23 +34,25 @@ try:
 except ImportError as exc:
     print(f"worker tests run onnxruntime in the workers: mindspore is not importable ({exc})")
     ENGINE, TARGET, QUANT, SEED = "onnxruntime", "cpu", "int8", LONG["seed"]
-RUNS_TO_CONTEXT = {**LONG, "seed": SEED}  # a sampled answer that runs into the demo's 512-token context
+RUNS_TO_CONTEXT = {**LONG, "seed": SEED, "temperature": 10}  # a sampled answer that runs into the demo's 512-token context
 
 WORKER = "appliance.engines.worker"
 
 
 class DeviceServer:
-    """``serve --bundle B --engine ENGINE --device cpu --devices 0,1`` on a free port, ready."""
+    """``serve --bundle B --engine ENGINE --device cpu --devices DEVICES`` on a free port, ready; its output piped
+    (read at its end), or discarded (``quiet``) by a test that never reads it."""
 
-    def __init__(self, root: Path, bundle: Path) -> None:
+    def __init__(self, root: Path, bundle: Path, devices: str = "0,1", env: dict[str, str] | None = None,
+                 quiet: bool = False) -> None:
         self.root, self.bundle, self.port = root, bundle, _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/ws/chat"
-        self.env = _env(root)
+        self.env = env or _env(root)
+        output = subprocess.DEVNULL if quiet else subprocess.PIPE
         self.process = subprocess.Popen([sys.executable, "-m", "streamchat", "serve", "--bundle", str(bundle),
-                                         "--engine", ENGINE, "--device", "cpu", "--devices", "0,1", "--port",
-                                         str(self.port)], env=self.env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True)
+                                         "--engine", ENGINE, "--device", "cpu", "--devices", devices, "--port",
+                                         str(self.port)], env=self.env, stdout=output, stderr=output, text=True)
         self.wait_ready(300)
 
     def wait_ready(self, timeout: float) -> dict:
@@ -231,14 +233,9 @@ def test_queued_requests_are_refused_once_no_replica_can_come_back(served, tmp_p
     an error at once (it used to wait forever, while newer requests were told the replica was restarting)."""
     bundle = tmp_path / "bundle"
     shutil.copytree(served.bundle, bundle)
-    port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "streamchat", "serve", "--bundle", str(bundle), "--engine", ENGINE,
-                                "--device", "cpu", "--devices", "0", "--port", str(port)], env=served.env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    srv = DeviceServer.__new__(DeviceServer)
-    srv.process, srv.url, srv.ws_url = process, f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/ws/chat"
+    srv = DeviceServer(tmp_path, bundle, devices="0", env=served.env, quiet=True)
+    process = srv.process
     try:
-        srv.wait_ready(300)
         (worker,) = srv.workers()
 
         async def scenario():
@@ -265,15 +262,9 @@ def test_queued_requests_are_refused_once_no_replica_can_come_back(served, tmp_p
 def test_sigterm_with_a_hung_worker_stops_it_and_keeps_the_message(served, tmp_path):
     """A worker that hangs (stopped, not dead) mid-answer: SIGTERM still ends the server within its grace periods,
     stops the worker and keeps the message (the shutdown used to wait for the worker's 30-minute reply deadline)."""
-    port = _free_port()
-    env = _env(tmp_path)
-    process = subprocess.Popen([sys.executable, "-m", "streamchat", "serve", "--bundle", str(served.bundle), "--engine",
-                                ENGINE, "--device", "cpu", "--devices", "0", "--port", str(port)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    srv = DeviceServer.__new__(DeviceServer)
-    srv.process, srv.url, srv.ws_url = process, f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/ws/chat"
+    srv = DeviceServer(tmp_path, served.bundle, devices="0", quiet=True)
+    process = srv.process
     try:
-        srv.wait_ready(300)
         (worker,) = srv.workers()
 
         async def scenario():

@@ -53,9 +53,9 @@ def _ask(qtbot, window, question):
     return finished.args[0]
 
 
-def _answer_watching_the_event_loop(qtbot, window, question):
-    """Send ``question``; return the TurnResult and the gaps between 5 ms timer ticks while it was answered (from the
-    first tick on: setting up the test is not the event loop stalling)."""
+def _watching_the_event_loop(qtbot, work):
+    """Run ``work()`` while a 5 ms timer ticks; its result and the gaps between ticks (from the first tick on: setting
+    up is not the event loop stalling)."""
     gaps, last = [], [None]
 
     def tick():
@@ -67,9 +67,18 @@ def _answer_watching_the_event_loop(qtbot, window, question):
     timer = QTimer()
     timer.timeout.connect(tick)
     timer.start(5)
-    result = _ask(qtbot, window, question)
+    result = work()
     timer.stop()
     return result, gaps
+
+
+def _answer_watching_the_event_loop(qtbot, window, question):
+    """Send ``question``; the TurnResult, the gaps between timer ticks while it was answered, and the longest gap of
+    the idle window over one second before it: what this machine's scheduler alone does to a 5 ms timer (a shared,
+    loaded machine deschedules the process now and then), so that a stall is the window's, not the machine's."""
+    _, idle = _watching_the_event_loop(qtbot, lambda: qtbot.wait(1000))
+    result, gaps = _watching_the_event_loop(qtbot, lambda: _ask(qtbot, window, question))
+    return result, gaps, max(idle)
 
 
 def test_streams_deltas_in_order_and_never_stalls(qtbot, bundles, app_dirs):
@@ -77,10 +86,10 @@ def test_streams_deltas_in_order_and_never_stalls(qtbot, bundles, app_dirs):
     assert window.model_label.startswith("DEMO") and window.banner.isVisibleTo(window)
     deltas = []
     window.delta_shown.connect(deltas.append)
-    result, gaps = _answer_watching_the_event_loop(qtbot, window, "StreamChat 是什么？")
+    result, gaps, idle = _answer_watching_the_event_loop(qtbot, window, "StreamChat 是什么？")
     assert deltas and "".join(deltas) == result.response
     assert window.transcript.views[-1].text == result.response and "StreamChat" in result.response
-    assert max(gaps) < 0.050, f"GUI event loop stalled {max(gaps) * 1000:.0f} ms"
+    assert max(gaps) < max(0.050, 2 * idle), f"GUI event loop stalled {max(gaps) * 1000:.0f} ms (idle: {idle * 1000:.0f})"
     assert "tokens/s" in window.speed.text()
     _close(window)
 
@@ -158,6 +167,6 @@ def test_stays_responsive_in_a_5000_token_conversation(qtbot, bundles, app_dirs)
     window = _window(qtbot, bundles["demo"])
     window.open_conversation(cid)
     assert len(window.transcript.views) == 60
-    _, gaps = _answer_watching_the_event_loop(qtbot, window, "What is kiosk mode?")
-    assert max(gaps) < 0.050, f"GUI event loop stalled {max(gaps) * 1000:.0f} ms"
+    _, gaps, idle = _answer_watching_the_event_loop(qtbot, window, "What is kiosk mode?")
+    assert max(gaps) < max(0.050, 2 * idle), f"GUI event loop stalled {max(gaps) * 1000:.0f} ms (idle: {idle * 1000:.0f})"
     _close(window)

@@ -4,6 +4,7 @@ delete, edit, tokens/s, the Chinese UI, advice after a failed load)."""
 
 import ast
 import os
+import time
 from pathlib import Path
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
@@ -22,9 +23,11 @@ from appliance.loading import demo_bundle  # noqa: E402
 from appliance.session import TurnResult  # noqa: E402
 from appliance.settings import SCHEMA  # noqa: E402
 from model_export.export import export_bundle  # noqa: E402
+from tests.ui_helpers import PacedEngine, stop_worker  # noqa: E402
+from tests.ui_helpers import ask as _ask  # noqa: E402
+from tests.ui_helpers import open_window as _window  # noqa: E402
 from ui.app import model_loader  # noqa: E402
 from ui.i18n import ZH_CN, translators_for  # noqa: E402
-from ui.main_window import MainWindow  # noqa: E402
 from ui.messages import MessageView, t  # noqa: E402
 from ui.settings_dialog import SettingsDialog  # noqa: E402
 
@@ -38,23 +41,6 @@ def _app(tweak=lambda settings: None) -> AppContext:
     return app
 
 
-def _window(qtbot, app, loader, kiosk=False, loaded=True):
-    window = MainWindow(app, loader, kiosk=kiosk)
-    qtbot.addWidget(window)
-    if not kiosk:
-        window.show()
-    if loaded:
-        qtbot.waitUntil(lambda: window.model_label != "", timeout=60000)
-    return window
-
-
-def _ask(qtbot, window, question):
-    window.composer.setPlainText(question)
-    with qtbot.waitSignal(window.answer_finished, timeout=60000) as finished:
-        window.send_current()
-    return finished.args[0]
-
-
 def _settle():
     """Run what the event loop has queued: the shows layouts schedule for new widgets, and the deferred deletes."""
     for _ in range(3):
@@ -64,9 +50,7 @@ def _settle():
 
 def _close(window):
     """Stop the worker, and run what the window queued (deferred deletes) while the test still holds it."""
-    window.stop()
-    window.thread.quit()
-    window.thread.wait(5000)
+    stop_worker(window)
     _settle()
 
 
@@ -246,6 +230,25 @@ def test_kiosk_idle_reset_clears_the_last_visitors_speed(qtbot, tiny, app_dirs):
     assert window.speed.text()
     qtbot.waitUntil(lambda: not window.transcript.views, timeout=5000)
     assert window.speed.text() == ""
+    QApplication.instance().setProperty("operator_exit", True)  # so that the kiosk window may close after the test
+    _close(window)
+
+
+def test_kiosk_idle_counts_from_the_end_of_an_answer(qtbot, tiny, app_dirs):
+    """A visitor watching a slow answer is not idle: the answer is not cut off, and the reset comes after its end."""
+    def slow_loader(settings, progress):
+        loaded = model_loader(tiny, demo=False)(settings, progress)
+        loaded.engine = PacedEngine(loaded.engine, lambda step: 0.2)  # 12 tokens: over 2 s, twice the timeout
+        return loaded
+
+    window = _window(qtbot, _app(lambda s: setattr(s.kiosk, "idle_timeout_s", 1)), slow_loader, kiosk=True)
+    started = time.perf_counter()
+    result = _ask(qtbot, window, "你好")
+    ended = time.perf_counter()
+    assert ended - started > 2 and result.stopped != "cancelled", (ended - started, result.stopped)
+    assert window.transcript.views  # still there for the visitor to read
+    qtbot.waitUntil(lambda: not window.transcript.views, timeout=5000)
+    assert time.perf_counter() - ended >= 0.9  # a whole timeout after the answer's end
     QApplication.instance().setProperty("operator_exit", True)  # so that the kiosk window may close after the test
     _close(window)
 

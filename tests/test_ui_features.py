@@ -34,6 +34,7 @@ from appliance.history import History, HistoryError  # noqa: E402
 from appliance.kernels import prompt_kernels  # noqa: E402
 from appliance.prompt import build_prompt  # noqa: E402
 from appliance.settings import load_settings  # noqa: E402
+from tests.ui_helpers import ask, open_window, stop_worker  # noqa: E402
 from ui.app import model_loader  # noqa: E402
 from ui.i18n import ZH_CN, translators_for  # noqa: E402
 from ui.kiosk_settings import KioskSettingsDialog  # noqa: E402
@@ -59,30 +60,15 @@ def _app(tweak=lambda settings: None) -> AppContext:
 
 
 def _window(qtbot, app, loader=None, kiosk=False, loaded=True) -> MainWindow:
-    window = MainWindow(app, loader or model_loader(None, demo=False), kiosk=kiosk)
-    qtbot.addWidget(window)
-    if not kiosk:
-        window.show()
-    if loaded:
-        qtbot.waitUntil(lambda: window.model_label != "", timeout=60000)
-    return window
+    return open_window(qtbot, app, loader or model_loader(None, demo=False), kiosk, loaded)
 
 
 def _close(window: MainWindow) -> None:
-    window.stop()
-    window.thread.quit()
-    window.thread.wait(5000)
+    stop_worker(window)
 
 
 def _dialogs(parent, kind=QMessageBox) -> list:
     return [w for w in parent.findChildren(kind) if w.isVisible()]
-
-
-def _ask(qtbot, window, question):
-    window.composer.setPlainText(question)
-    with qtbot.waitSignal(window.answer_finished, timeout=60000) as finished:
-        window.send_current()
-    return finished.args[0]
 
 
 def _files_bytes(folder: Path) -> int:
@@ -162,7 +148,8 @@ def test_a_package_installs_from_the_picker_with_progress(qtbot, tiny, package, 
         picker.progress.findChild(QProgressBar).valueChanged.connect(values.append)
     installed = app_dirs / "data" / "bundles" / "tiny"
     assert finished.args == [str(installed)] and installed.is_symlink()
-    assert job.written == sum(f.stat().st_size for f in tiny.iterdir())  # every byte went through the bar
+    listed = sum(f["bytes"] for f in json.loads((tiny / "manifest.json").read_text())["files"])
+    assert job.written == sum(f.stat().st_size for f in tiny.iterdir()) + listed  # every byte extracted, then hashed
     assert values == sorted(values) and values[-1] == job.written
     assert picker.entries[picker.table.currentRow()].folder == str(installed)
     assert picker.note.text() == f"Installed and verified: {installed}"
@@ -184,6 +171,22 @@ def test_a_cancelled_install_changes_nothing(qtbot, package, app_dirs, monkeypat
     assert not _dialogs(picker)  # a cancel is not an error
     assert (models / "tiny").resolve() == before and sorted(p.name for p in models.iterdir()) == \
         sorted(["tiny", before.name])  # no staging folder left
+
+
+def test_cancel_while_the_extracted_bundle_is_verified_still_cancels(tiny, package, app_dirs):
+    """A large bundle takes seconds to verify after its last byte is extracted: Cancel pressed then is obeyed too, and
+    nothing is installed."""
+    models = app_dirs / "models"
+    job = InstallJob(package, models)
+    extracted = _files_bytes(tiny)
+    job.progress.connect(lambda written: written >= extracted and job.cancel.set(),
+                         Qt.DirectConnection)  # as Cancel pressed right after the extraction
+    ended: list[tuple[str, str]] = []
+    job.done.connect(lambda path: ended.append(("done", path)), Qt.DirectConnection)
+    job.failed.connect(lambda line: ended.append(("failed", line)), Qt.DirectConnection)
+    job.run()
+    assert ended == [("failed", "the install was cancelled; nothing was changed")]
+    assert not (models / "tiny").exists() and not [p for p in models.iterdir() if p.name.startswith(".tiny")]
 
 
 def test_a_bad_package_is_a_dialog_with_advice(qtbot, app_dirs):
@@ -223,7 +226,7 @@ def test_history_that_cannot_be_written_is_a_dialog_with_its_advice(qtbot, tiny,
                            "free space")
 
     monkeypatch.setattr(History, "add_message", full)
-    _ask(qtbot, window, "你好")
+    ask(qtbot, window, "你好")
     qtbot.waitUntil(lambda: bool(_dialogs(window)), timeout=10000)
     [box] = _dialogs(window)
     assert box.text() == ("the disk is full: 2 messages are not saved yet (kept in memory); free space and they are "
@@ -260,6 +263,30 @@ def test_settings_offer_the_engines_and_devices_the_bundles_target_runs(qtbot, t
     assert (load_settings().engine, load_settings().device) == ("onnxruntime", "cpu")
 
 
+@pytest.mark.parametrize("points", [11, 16])
+def test_the_settings_dialogs_fit_the_screen_with_save_in_reach(qtbot, tiny, app_dirs, points):
+    """The form scrolls when the screen is too low for it: Save and Cancel stay on the screen (a 768-line laptop, a
+    kiosk's small panel, a big text size)."""
+    qt = QApplication.instance()
+    font = qt.font()
+    bigger = qt.font()
+    bigger.setPointSize(points)
+    qt.setFont(bigger)
+    try:
+        window = _window(qtbot, _app(), model_loader(tiny, demo=False))
+        for dialog in (SettingsDialog(window.app, window.model_summary, window), KioskSettingsDialog(window)):
+            dialog.show()
+            screen = dialog.screen().availableGeometry()
+            assert dialog.minimumSizeHint().height() <= screen.height()
+            assert dialog.frameGeometry().height() <= screen.height()
+            save = dialog.findChild(QDialogButtonBox).button(QDialogButtonBox.Save)
+            assert save.isVisible() and screen.contains(save.mapToGlobal(save.rect().bottomRight()))
+            dialog.reject()
+        _close(window)
+    finally:
+        qt.setFont(font)
+
+
 def test_engine_and_device_are_used_when_loading(qtbot, tiny, app_dirs):
     """A device the engine cannot run on fails the load with a dialog; the engine setting reaches the engine."""
     window = _window(qtbot, _app(lambda s: setattr(s, "model_bundle", str(tiny))))
@@ -288,10 +315,26 @@ def test_the_system_prompt_set_in_settings_enters_the_next_prompt(qtbot, tiny, a
     dialog.accept()
     assert load_settings().system_prompt == SYSTEM
     window.configure_requested.emit(window._snapshot())
-    result = _ask(qtbot, window, "你好")
+    result = ask(qtbot, window, "你好")
     tokenizer = window.worker.model.tokenizer
     assert result.generation.prompt_ids == tokenizer.encode_prompt(build_prompt("你好", [], SYSTEM))
     assert [v.text for v in window.transcript.views][0] == "你好"  # the system prompt is not a message on screen
+    _close(window)
+
+
+def test_a_system_prompt_too_long_is_said_until_a_shorter_one_answers(qtbot, tiny, app_dirs):
+    """The refusal is in the status bar; once a shorter system prompt lets the next question through, the status bar
+    names the model again instead of the old error."""
+    window = _window(qtbot, _app(lambda s: (setattr(s, "system_prompt", "请记住。" * 400),
+                                            setattr(s, "context_budget", 256))), model_loader(tiny, demo=False))
+    label = window.status.text()
+    assert label == window.model_label
+    result = ask(qtbot, window, "你好")
+    assert result.generation is None and "the system prompt leaves no room" in window.status.text()
+    assert window.save_settings({"system_prompt": SYSTEM})
+    window.configure_requested.emit(window._snapshot())
+    result = ask(qtbot, window, "你好")
+    assert result.generation.token_ids and window.status.text() == label
     _close(window)
 
 
@@ -308,7 +351,7 @@ def test_the_menu_bar_has_the_actions_and_shortcuts(qtbot, tiny, app_dirs):
                          "kiosk_settings": ["Ctrl+Shift+K"], "about": []}
     assert all(action in window.actions() for action in window.menu_actions.values())  # work with the menu bar hidden
 
-    answer = _ask(qtbot, window, "你好")
+    answer = ask(qtbot, window, "你好")
     window.menu_actions["copy_answer"].trigger()
     assert QGuiApplication.clipboard().text() == answer.response and answer.response
     window.menu_actions["search"].trigger()

@@ -23,6 +23,7 @@ from appliance.app import AppContext  # noqa: E402
 from appliance.live_numbers import ProcessMeter  # noqa: E402
 from appliance.loading import DEMO_CHECKPOINT, LoadedModel  # noqa: E402
 from model_export.export import export_bundle  # noqa: E402
+from tests.ui_helpers import PacedEngine, ask, open_window, stop_worker  # noqa: E402
 from ui.app import model_loader  # noqa: E402
 from ui.live_numbers import LiveNumbersPanel  # noqa: E402
 from ui.main_window import MainWindow  # noqa: E402
@@ -37,55 +38,10 @@ def demo(tmp_path_factory):
                          extra_manifest={"demo": True}).bundle
 
 
-class PacedSequence:
-    """A real sequence whose decode steps first keep this thread busy for ``burn(step)`` seconds: a slow machine."""
-
-    def __init__(self, sequence, burn):
-        self.sequence, self.burn, self.steps = sequence, burn, 0
-
-    def prefill(self, *args):
-        return self.sequence.prefill(*args)
-
-    def step(self, *args):
-        self.steps += 1
-        end = time.perf_counter() + self.burn(self.steps)
-        while time.perf_counter() < end:
-            pass
-        return self.sequence.step(*args)
-
-
-class PacedEngine:
-    def __init__(self, engine, burn):
-        self.engine, self.burn = engine, burn
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-    def start(self):
-        return PacedSequence(self.engine.start(), self.burn)
-
-
 def _window(qtbot, loader) -> MainWindow:
     app = AppContext.load()
     app.settings.generation.top_k = 1  # greedy: the same answers every run
-    window = MainWindow(app, loader)
-    qtbot.addWidget(window)
-    window.show()
-    qtbot.waitUntil(lambda: window.model_label != "", timeout=60000)
-    return window
-
-
-def _ask(qtbot, window, question):
-    window.composer.setPlainText(question)
-    with qtbot.waitSignal(window.answer_finished, timeout=60000) as finished:
-        window.send_current()
-    return finished.args[0]
-
-
-def _close(window):
-    window.stop()
-    window.thread.quit()
-    window.thread.wait(5000)
+    return open_window(qtbot, app, loader)
 
 
 def _panel(window) -> LiveNumbersPanel:
@@ -118,7 +74,7 @@ def test_the_panel_shows_what_the_session_recorded(qtbot, demo, app_dirs):
     ttfts, topics = [], []
     for question in ("StreamChat 是什么？", "怎么退出 kiosk 模式？"):
         window.new_conversation()  # each question on its own, as the demo model was trained
-        result = _ask(qtbot, window, question)
+        result = ask(qtbot, window, question)
         stored = window.app.history.messages(result.conversation_id)[-1]
         gen = result.generation
         assert stored.text == result.response and stored.timings["tokens"] == len(gen.token_ids) > 4
@@ -132,7 +88,7 @@ def test_the_panel_shows_what_the_session_recorded(qtbot, demo, app_dirs):
         ttfts.append(firsts[-1])
     assert LISTED not in result.response and "PIN" in result.response  # the listed word was masked
 
-    refused = _ask(qtbot, window, f"{LISTED}是谁？")  # refused before anything is generated: no time to first token
+    refused = ask(qtbot, window, f"{LISTED}是谁？")  # refused before anything is generated: no time to first token
     assert refused.stopped == "blocked" and firsts[-1] == 0.0
     assert [_text(panel, key) for key in ("ttft", "tokens", "speed", "repetition", "topic")] == ["—", "0", "—", "—",
                                                                                               "—"]
@@ -149,7 +105,7 @@ def test_the_panel_shows_what_the_session_recorded(qtbot, demo, app_dirs):
     assert on_topic == [True, False]  # the answer to leaving kiosk mode shares no term with its question
     assert panel.values["on_topic"].property("alert") is True and _red(panel.values["on_topic"])  # 50% < 70%
     assert not any(panel.values[key].property("alert") for key in ("ttft", "ttft_p99", "errors", "safety"))
-    _close(window)
+    stop_worker(window)
 
 
 def test_a_breach_is_highlighted_and_process_numbers_update_while_an_answer_streams(qtbot, demo, app_dirs):
@@ -172,7 +128,7 @@ def test_a_breach_is_highlighted_and_process_numbers_update_while_an_answer_stre
         during.append((window.answering, _text(panel, "cpu"), _text(panel, "ttft"), ticks, time.monotonic()))
 
     panel.timer.timeout.connect(sampled)  # after the panel's own sample
-    result = _ask(qtbot, window, "StreamChat 是什么？")
+    result = ask(qtbot, window, "StreamChat 是什么？")
     assert len(result.generation.token_ids) > 10
     streaming = [i for i, sample in enumerate(during) if sample[0]]
     assert len(streaming) >= 2, during
@@ -190,7 +146,7 @@ def test_a_breach_is_highlighted_and_process_numbers_update_while_an_answer_stre
     assert stalls >= 1 and pauses >= 10 and panel.values["stalls"].property("alert") is (stalls / pauses > 0.01)
     ttft = panel.values["ttft"]
     assert float(ttft.text().split()[0]) < 1 and ttft.property("alert") is False and not _red(ttft)
-    _close(window)
+    stop_worker(window)
 
 
 def test_closing_the_panel_leaves_no_window_behind_and_keeps_the_run(qtbot, demo, app_dirs):
@@ -201,7 +157,7 @@ def test_closing_the_panel_leaves_no_window_behind_and_keeps_the_run(qtbot, demo
     qtbot.keyClick(window.composer, Qt.Key_L, Qt.ControlModifier | Qt.ShiftModifier)  # the View menu's shortcut
     panel = _panel(window)
     assert panel is not None and panel.isVisible() and not panel.isFloating()
-    _ask(qtbot, window, "StreamChat 是什么？")
+    ask(qtbot, window, "StreamChat 是什么？")
     assert _text(panel, "answers") == "1"
     panel.setFloating(True)  # a floating panel is a window of its own until it is closed
     assert len(QApplication.topLevelWidgets()) == before + 1
@@ -218,4 +174,4 @@ def test_closing_the_panel_leaves_no_window_behind_and_keeps_the_run(qtbot, demo
     window.menu_actions["live_numbers"].trigger()  # the same entry closes it
     QCoreApplication.sendPostedEvents(None, QEvent.DeferredDelete)
     assert _panel(window) is None and len(QApplication.topLevelWidgets()) == before
-    _close(window)
+    stop_worker(window)

@@ -178,6 +178,17 @@ def test_the_header_sits_on_its_code_box(qtbot):
 
 
 @pytest.mark.parametrize("code", ["ls -la", "ls -la\npwd"])
+def test_a_code_box_that_ends_a_message_is_inside_it(qtbot, code):
+    """Qt leaves the last block's bottom margin out of the document's height: the box's padding and border still fit."""
+    view = MessageView("assistant", f"Words here.\n\n```bash\n{code}\n```")
+    qtbot.addWidget(view)
+    view.resize(600, 300)
+    view.show()
+    _settle()
+    assert view.body._box(view.body.codes[0]).bottom() <= view.body.height()
+
+
+@pytest.mark.parametrize("code", ["ls -la", "ls -la\npwd"])
 def test_a_code_box_never_covers_the_text_above_it(qtbot, code):
     """A one-line code block is its first and last line at once: its box still starts below the paragraph above."""
     view = MessageView("assistant", "Words of a paragraph. " * 40 + f"\n\n```bash\n{code}\n```\n")

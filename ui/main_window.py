@@ -431,6 +431,8 @@ class MainWindow(QMainWindow):
             self.composer.clear()
 
     def _on_started(self) -> None:
+        if not self.loading_model:  # an earlier answer's error gives way: the model named is the one answering
+            self.status.setText(self.model_label)
         self.answer_view = self._add_message("assistant", "", None)
         self.stop_button.setEnabled(True)
         self.send_button.setEnabled(False)
@@ -447,6 +449,8 @@ class MainWindow(QMainWindow):
 
     def _on_finished(self, result: TurnResult, first_token_s: float) -> None:
         self.answering = False
+        if self.kiosk:
+            self.idle.start()  # the visitor reads the answer from now
         self.stop_button.setEnabled(False)
         self.send_button.setEnabled(True)
         self.regenerate_button.setEnabled(True)
@@ -545,10 +549,9 @@ class MainWindow(QMainWindow):
         self.showFullScreen()
 
     def _idle_reset(self) -> None:
-        """Unattended: stop any answer and show a fresh conversation (the old one kept or deleted per setting)."""
-        self.stop()
-        if self.answering:  # the worker ends the answer within a token; reset right after
-            QTimer.singleShot(100, self, self._idle_reset)
+        """Unattended: show a fresh conversation (the old one kept or deleted per setting). A visitor watching an
+        answer being written is not idle: the timer counts again from the answer's end (``_on_finished``)."""
+        if self.answering:
             return
         previous = self.current_conversation
         if previous is not None and not self.app.settings.kiosk.keep_history:

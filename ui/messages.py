@@ -282,8 +282,10 @@ class MessageBody(QTextEdit):
 
     # -- size ------------------------------------------------------------------------------------------------------
     def _fit_height(self) -> None:
-        """As tall as the document at the current width (an open code block's box reaches PAD below it)."""
-        extra = PAD + 2 if self.codes and self.codes[-1].last is None else 0
+        """As tall as the document at the current width, and the box of a code block that ends it: an open block has
+        no bottom margin yet, and Qt leaves a closed last block's out of the document's height."""
+        last = self.document().blockCount() - 1
+        extra = PAD + 2 if self.codes and self.codes[-1].last in (None, last) else 0
         height = int(self.document().size().height() + 0.999) + extra
         if height != self.height() or self.minimumHeight() != height:
             self.setFixedHeight(max(height, 1))

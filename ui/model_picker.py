@@ -5,7 +5,8 @@ given ``--into``, and where the demo is prepared) and ``/usr/share/streamchat/mo
 configured bundle when it lives elsewhere. Choosing one emits ``chosen`` with the value of the ``model_bundle``
 setting that loads it ("" for the demo); a bundle that does not open is listed with the reason and, chosen, explained
 in a dialog. "Install a bundle package..." runs that same install (``appliance.bundle_package.install``) in a thread
-of its own, with a progress bar over the bytes extracted and a Cancel that removes what it wrote.
+of its own, with a progress bar over the bytes extracted and then verified, and a Cancel (obeyed in both) that
+removes what it wrote.
 """
 
 from __future__ import annotations
@@ -241,7 +242,7 @@ class ModelPicker(QDialog):
             alert(self, t("The package was not installed"), f"{package}: {exc.strerror or exc}")
             return
         self.progress = QProgressDialog(t("Extracting and verifying {0}...").format(package.name), t("Cancel"), 0,
-                                        max(total, 1), self)
+                                        max(2 * total, 1), self)  # every byte extracted, then hashed
         self.progress.setWindowModality(Qt.WindowModal)
         self.progress.setMinimumDuration(0)
         self.progress.setAutoClose(False)

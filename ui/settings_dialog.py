@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QUrl
+from PySide6.QtCore import Qt, QUrl
 from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (
     QCheckBox,
@@ -23,12 +23,14 @@ from PySide6.QtWidgets import (
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
+    QFrame,
     QHBoxLayout,
     QLabel,
     QLineEdit,
     QMessageBox,
     QPlainTextEdit,
     QPushButton,
+    QScrollArea,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -42,6 +44,7 @@ from appliance.settings import SCHEMA, Setting, value_of, with_values
 from appliance.targets import TARGETS
 from ui.messages import t
 
+WINDOW_FRAME = 90  # pixels of a dialog's height that are not its form or buttons: title bar, frame, layout margins
 SECTION_TITLES = {"generation": "Generation"}  # translation keys of the dialog's headings
 DIALOG_SETTINGS = tuple(st for st in SCHEMA if st.label and st.section != "kiosk")
 
@@ -94,13 +97,26 @@ def _described(bundle: Bundle) -> str:
 
 
 def lay_out_with_save(dialog: QDialog, form: QFormLayout) -> None:
-    """A settings dialog's layout: its form above Save and Cancel (accept / reject)."""
+    """A settings dialog's layout: its form above Save and Cancel (accept / reject). The form is as tall as it needs
+    where the screen has the room, and scrolls where it has not (a 768-line laptop, a kiosk's small panel, a big
+    text size), so that Save and Cancel are always on the screen."""
     box = QDialogButtonBox(QDialogButtonBox.Save | QDialogButtonBox.Cancel)
     box.accepted.connect(dialog.accept)
     box.rejected.connect(dialog.reject)
+    inner = QWidget()
+    inner.setLayout(form)
+    scroll = QScrollArea()
+    scroll.setWidget(inner)
+    scroll.setWidgetResizable(True)
+    scroll.setFrameShape(QFrame.NoFrame)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
     layout = QVBoxLayout(dialog)
-    layout.addLayout(form)
+    layout.addWidget(scroll, 1)
     layout.addWidget(box)
+    room = dialog.screen().availableGeometry().height() - box.sizeHint().height() - WINDOW_FRAME
+    form_size = inner.sizeHint()
+    scroll.setMinimumSize(form_size.width() + scroll.verticalScrollBar().sizeHint().width(),
+                          max(0, min(form_size.height(), room)))
 
 
 def widget_value(widget: QWidget) -> Any:
