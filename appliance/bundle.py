@@ -21,11 +21,10 @@ from typing import TYPE_CHECKING
 
 from appliance.conversion import CONVERT_SCRIPT, CONVERTED, CONVERTER_FOLDER, check_conversion_files, smoke_graphs
 from appliance.engines import AUTO, BundleEngine, EngineOptions, open_engine
-from appliance.engines.memory import KV_CACHE_DTYPES, UNMARKED_KV_CACHE
 from appliance.errors import BundleError, CheckpointError
 from appliance.folders import Refused, cache_dir, read_small_file
 from appliance.model.weights import WEIGHT_PRECISIONS
-from appliance.model_config import ModelConfig
+from appliance.model_config import KV_CACHE_DTYPES, UNMARKED_KV_CACHE, ModelConfig
 from appliance.targets import DECODER, STATIC, TARGETS
 from appliance.tokenizer import ChatGLMTokenizer
 

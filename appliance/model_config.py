@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 from appliance.errors import CheckpointError
 from appliance.model.weights import ATTENTION_DENSE, MLP_DOWN, MLP_UP, QUERY_KEY_VALUE
 
@@ -18,6 +20,11 @@ LIMITS = {"vocab_size": (1, 1 << 20),  # 130528
           "inner_hidden_size": (1, 131072),  # 16384
           "max_sequence_length": (1, 32768)}  # 2048
 EPSILON_RANGE = (1e-12, 0.1)  # 1e-5
+
+# The element types a KV cache is kept in, by the name a manifest gives (a cpu bundle's ``graphs.kv_cache``; bundles
+# exported before the field existed hold fp32 caches: UNMARKED_KV_CACHE).
+KV_CACHE_DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16)}
+UNMARKED_KV_CACHE = "fp32"
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id", "pad_token_id")
 
 

@@ -7,7 +7,8 @@ joined must be exactly the answer the server stored in the history, and every tu
 event loop, WebSocket frames, history writes), not a model.
 
 The overhead table compares one client's greedy answers through the server with the same prompts answered by
-``ChatSession`` in this process on the same bundle and thread count (the server stopped by then), split into what
+``ChatSession`` in this process on the same bundle and thread count, in alternating rounds (the idle server waits
+while this process answers), split into what
 serving costs each decode step (the model's step time as the pipeline measures it, in the server's worker thread and
 here) and what it costs once per answer (request, session, history writes, frames: outside the generation).
 
@@ -195,6 +196,20 @@ def check(logs: list[ClientLog], turns: int, history: History) -> Check:
     return result
 
 
+def histogram_p99(metrics: str, name: str) -> str:
+    """P99 of a Prometheus histogram in a /metrics text, as the upper bound of the bucket it falls in (what
+    ``histogram_quantile`` would interpolate within): the server times each token as the model makes it."""
+    buckets = []
+    for line in metrics.splitlines():
+        if line.startswith(f"{name}_bucket{{"):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float(bound), float(line.rpartition(" ")[2])))
+    if not buckets or buckets[-1][1] == 0:
+        return "n/a"
+    bound = next(b for b, count in buckets if count >= 0.99 * buckets[-1][1])
+    return f"<= {bound * 1000:g} ms" if bound != float("inf") else f"> {buckets[-2][0] * 1000:g} ms"
+
+
 def percentile_ms(values: list[float], q: float) -> str:
     return f"{np.percentile(values, q) * 1000:.1f} ms" if values else "n/a"
 
@@ -240,10 +255,9 @@ async def served_greedy(url: str, prompts: tuple[str, ...], max_new_tokens: int)
     return run
 
 
-def in_process_greedy(root: Path, threads: int, prompts: tuple[str, ...], max_new_tokens: int,
-                      rounds: int) -> list[OneClient]:
-    """Each round of ``prompts`` answered by ChatSession in this process, the server's way (a new conversation per
-    prompt, stored in the history)."""
+def in_process_answerer(root: Path, threads: int, max_new_tokens: int) -> Callable[[tuple[str, ...]], OneClient]:
+    """A round of prompts answered by ChatSession in this process the server's way (a new conversation per prompt,
+    stored in the same history), on the same bundle and thread count; warmed up."""
     os.environ.update(folders_env(root))
     from appliance.app import AppContext
     from appliance.service.options import generation_settings
@@ -253,20 +267,18 @@ def in_process_greedy(root: Path, threads: int, prompts: tuple[str, ...], max_ne
     model = load_model(demo=True, data=app.data_dir, threads=threads, quiet=True, context=app.settings.context_budget)
     settings = generation_settings(app.settings, {"max_new_tokens": max_new_tokens})
 
-    def answer(prompt: str, run: OneClient) -> None:
-        start = time.perf_counter()
-        session = app.session(model.engine, model.tokenizer, model.label, settings)
-        session.open(None)
-        text = "".join(session.send(prompt, greedy=True))
-        run.add((time.perf_counter() - start) * 1000, session.last.generation.timings(), text)
-
-    answer(prompts[0], OneClient())  # warm-up
-    runs = []
-    for _ in range(rounds):
-        runs.append(OneClient())
+    def answer_round(prompts: tuple[str, ...]) -> OneClient:
+        run = OneClient()
         for prompt in prompts:
-            answer(prompt, runs[-1])
-    return runs
+            start = time.perf_counter()
+            session = app.session(model.engine, model.tokenizer, model.label, settings)
+            session.open(None)
+            text = "".join(session.send(prompt, greedy=True))
+            run.add((time.perf_counter() - start) * 1000, session.last.generation.timings(), text)
+        return run
+
+    answer_round(PROMPTS[:1])  # warm-up
+    return answer_round
 
 
 # (label, measure of one round, compared as a ratio rather than a difference)
@@ -299,13 +311,16 @@ def main() -> int:
         server = Server(root, args.replicas, args.queue if args.queue is not None else 2 * args.clients, threads)
         try:
             asyncio.run(served_greedy(server.ws_url, prompts[:1], args.max_new_tokens))  # warm-up
-            served = [asyncio.run(served_greedy(server.ws_url, prompts, args.max_new_tokens))
-                      for _ in range(args.rounds)]
+            answer_round = in_process_answerer(root, threads, args.max_new_tokens)
+            served, local = [], []
+            for _ in range(args.rounds):  # alternating, so the machine's load changes touch both sides alike
+                served.append(asyncio.run(served_greedy(server.ws_url, prompts, args.max_new_tokens)))
+                local.append(answer_round(prompts))
             logs, wall = asyncio.run(load(server.ws_url, args.clients, args.turns, args.max_new_tokens))
+            inter_token_p99 = histogram_p99(httpx.get(server.url + "/metrics").text, "streamchat_inter_token_seconds")
         finally:
             server.stop()
         found = check(logs, args.turns, History(root / "data"))
-        local = in_process_greedy(root, threads, prompts, args.max_new_tokens, args.rounds)
 
     done = [t for log in logs for t in log.turns if t.end.get("type") == "done"]
     ttft = [t.arrivals[0] - t.sent for t in done if t.arrivals]
@@ -315,12 +330,12 @@ def main() -> int:
 
     print(f"CPU: {cpu_name()} ({os.cpu_count()} logical CPUs, {threads} thread(s) per replica); built-in demo model "
           f"(tiny: this measures the service, not the model)\n")
-    print("| clients x turns | replicas | TTFT P50 | TTFT P99 | between frames P99 | throughput | errors "
-          "| lost or duplicated deltas | frames out of order |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| clients x turns | replicas | TTFT P50 | TTFT P99 | inter-token P99 | between frames P99 | throughput "
+          "| errors | lost or duplicated deltas | frames out of order |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.clients} x {args.turns} | {args.replicas} | {percentile_ms(ttft, 50)} | {percentile_ms(ttft, 99)} "
-          f"| {percentile_ms(gaps, 99)} | {tokens / wall:.0f} tokens/s ({tokens} in {wall:.1f} s) | {found.errors} "
-          f"| {found.mismatched} | {found.order_faults} |")
+          f"| {inter_token_p99} | {percentile_ms(gaps, 99)} | {tokens / wall:.0f} tokens/s ({tokens} in {wall:.1f} s) "
+          f"| {found.errors} | {found.mismatched} | {found.order_faults} |")
     print(f"\n| one client, greedy, {len(prompts)} prompts x {args.rounds} rounds (medians of rounds) | in process "
           "| through the server | overhead |")
     print("|---|---|---|---|")

@@ -176,7 +176,7 @@ def weight_bytes(bundle: Path) -> int:
 
 def kv_cache(bundle: Path) -> str:
     """The bundle's KV cache type (bundles exported before the manifest said: fp32)."""
-    from appliance.engines.memory import UNMARKED_KV_CACHE
+    from appliance.model_config import UNMARKED_KV_CACHE
 
     return json.loads((bundle / "manifest.json").read_text())["graphs"].get("kv_cache", UNMARKED_KV_CACHE)
 
@@ -282,7 +282,7 @@ def floor_ms(weights_gb: float, layers: int, context: int, bandwidth: float, cac
 
 def kv_gb(layers: int, context: int, cache: str = "fp32") -> float:
     """The KV cache of ``layers`` at ``context`` positions in GB; ``cache``: a row's kv_cache (older rows: fp32)."""
-    from appliance.engines.memory import KV_CACHE_DTYPES
+    from appliance.model_config import KV_CACHE_DTYPES
 
     return layers * context * KV_VALUES_PER_TOKEN_LAYER * KV_CACHE_DTYPES[cache].itemsize / 1e9
 

@@ -20,10 +20,10 @@ import onnx
 
 from appliance import __version__
 from appliance.bundle import DIGEST, FORMAT, FORMAT_VERSION, MANIFEST, Bundle, sha256_file, write_manifest
-from appliance.engines.memory import KV_CACHE_DTYPES
 from appliance.errors import StreamChatError
 from appliance.model.quantize import BITS, GROUP_SIZES
 from appliance.model.weights import WEIGHT_PRECISIONS
+from appliance.model_config import KV_CACHE_DTYPES
 from appliance.targets import DECODER, STATIC, TARGETS
 from appliance.tokenizer import ChatGLMTokenizer
 from model_export.checkpoint import Checkpoint

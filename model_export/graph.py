@@ -29,11 +29,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from appliance.engines.memory import KV_CACHE_DTYPES
 from appliance.model.definition import MASK_FILL, forward, net_attention_scale, rotary_half_table
 from appliance.model.quantize import BITS, effective_group, quantize_blockwise
 from appliance.model.weights import EMBEDDING, LM_HEAD, dequantize
-from appliance.model_config import ModelConfig
+from appliance.model_config import KV_CACHE_DTYPES, ModelConfig
 from model_export.onnx_builder import GraphBuilder
 
 OPSET = 17

@@ -119,8 +119,10 @@ def test_conversation_ids_outside_what_sqlite_holds_are_usage_errors(argv, tmp_p
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1].endswith(f"a conversation id is a whole number from 1 to {2**63 - 1}, "
-                                                              f"got {argv[2]!r}")
+    command = f"streamchat history {argv[1]}"
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {command}: argument id: a conversation id is a whole number from 1 to {2**63 - 1}, got {argv[2]!r} "
+        f"(see {command} --help)"]
 
 
 def test_history_search_with_undecodable_bytes_is_answered(tmp_path):

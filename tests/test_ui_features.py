@@ -5,6 +5,8 @@ and the kiosk's settings behind the operator PIN."""
 
 import json
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -302,6 +304,27 @@ def test_engine_and_device_are_used_when_loading(qtbot, tiny, app_dirs):
     with qtbot.waitSignal(window.model_ready, timeout=60000):
         window.configure_requested.emit(window._snapshot())
     assert window.model_summary["engine"] == "onnxruntime"
+    _close(window)
+
+
+def test_the_window_answers_on_the_mindspore_engine_chosen_in_settings(qtbot, tmp_path_factory, app_dirs):
+    """An Ascend bundle with the engine set to mindspore (on this machine's CPU) answers in the window, and its greedy
+    answer is `streamchat generate --engine mindspore`'s."""
+    pytest.importorskip("mindspore", reason="the mindspore engine needs pip install 'streamchat[mindspore]'")
+    from model_export.export import export_bundle
+    from tests.conftest import TINY
+
+    bundle = export_bundle(TINY, tmp_path_factory.mktemp("ms") / "tiny", target="ascend-910b", quant="fp32").bundle
+    window = _window(qtbot, _app(lambda s: (setattr(s, "model_bundle", str(bundle)), setattr(s, "engine", "mindspore"))))
+    assert (window.model_summary["engine"], window.model_summary["device"]) == ("mindspore", "cpu")
+    result = ask(qtbot, window, "你好")
+    run = subprocess.run([sys.executable, "-m", "streamchat", "generate", "--bundle", str(bundle), "--engine",
+                          "mindspore", "--greedy", "--max-new-tokens", "8", "--prompt", "你好", "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    generated = json.loads(run.stdout)
+    assert result.generation.token_ids == generated["token_ids"] and result.response == generated["response"]
+    assert [v.text for v in window.transcript.views] == ["你好", result.response]
     _close(window)
 
 

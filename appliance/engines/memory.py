@@ -10,15 +10,8 @@ from __future__ import annotations
 import os
 import resource
 
-import numpy as np
-
 from appliance.errors import ResourceError
-from appliance.model_config import ModelConfig
-
-# The element types a KV cache is kept in, by the name a manifest gives (a cpu bundle's ``graphs.kv_cache``; bundles
-# exported before the field existed hold fp32 caches: UNMARKED_KV_CACHE).
-KV_CACHE_DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16)}
-UNMARKED_KV_CACHE = "fp32"
+from appliance.model_config import KV_CACHE_DTYPES, ModelConfig
 
 
 def kv_cache_bytes(config: ModelConfig, capacity: int, dtype: str = "fp32") -> int:

@@ -26,10 +26,10 @@ import onnxruntime as ort
 from appliance.engines import EngineOptions
 from appliance.engines.cpu import physical_cores
 from appliance.engines.int4_prefill import Int4Prefill
-from appliance.engines.memory import KV_CACHE_DTYPES, UNMARKED_KV_CACHE, kv_cache_bytes, not_enough_memory, require_memory
+from appliance.engines.memory import kv_cache_bytes, not_enough_memory, require_memory
 from appliance.engines.residency import release_clean_pages
 from appliance.errors import EngineError
-from appliance.model_config import ModelConfig
+from appliance.model_config import KV_CACHE_DTYPES, UNMARKED_KV_CACHE, ModelConfig
 
 if TYPE_CHECKING:
     from appliance.bundle import Bundle
