@@ -298,12 +298,15 @@ def main() -> int:
     parser.add_argument("--queue", type=int, default=None, help="server queue places (default: 2 x clients)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer at most (default 64)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of the one-client overhead run (default 5)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="engine threads per replica, here and in the server (default: the physical cores shared "
+                             "among the replicas; fewer leave a core to the clients, which run on the same machine)")
     args = parser.parse_args()
     if not 1 <= args.turns <= len(PROMPTS):
         parser.error(f"--turns must be between 1 and {len(PROMPTS)} (one different prompt per turn)")
     if args.clients < 1 or args.rounds < 1 or args.max_new_tokens < 1:
         parser.error("--clients, --rounds and --max-new-tokens must be at least 1")
-    threads = max(1, physical_cores() // args.replicas)
+    threads = args.threads or max(1, physical_cores() // args.replicas)
     prompts = PROMPTS[:args.turns]
 
     with tempfile.TemporaryDirectory(prefix="streamchat-load-") as tmp:
