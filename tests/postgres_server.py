@@ -13,10 +13,11 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+
+from tests.ports import free_port
 
 ADMIN, ADMIN_PASSWORD = "admin", "admin-secret-1"
 USER, PASSWORD = "streamchat", "s3cret:pass@word/%"  # URL-special characters: the URL must escape them
@@ -40,12 +41,6 @@ def missing() -> str | None:
     except ImportError:
         return "psycopg is not installed (pip install 'streamchat[postgres]')"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _owner() -> str | None:

@@ -13,7 +13,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import pytest
 import websockets
 
 from appliance.history import History
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "localhost/streamchat:test"
@@ -36,12 +36,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("podman") is None, reason="podman is not installed (apt-get install podman runc)"),
     pytest.mark.skipif(os.geteuid() != 0, reason="the image's base is debootstrapped and podman runs rootful: needs root"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +89,7 @@ def demo(tmp_path_factory) -> dict:
 
 class Container:
     def __init__(self, env: dict[str, str], image: str, token: Path, mounts: list[str], args: list[str]) -> None:
-        self.env, self.port, self.name = env, _free_port(), f"streamchat-test-{os.getpid()}-{_free_port()}"
+        self.env, self.port, self.name = env, free_port(), f"streamchat-test-{os.getpid()}-{free_port()}"
         self.volume = self.name + "-data"
         self.url = f"http://127.0.0.1:{self.port}"
         podman(env, "run", "--detach", "--name", self.name, "--publish", f"127.0.0.1:{self.port}:8000",

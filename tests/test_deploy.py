@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import httpx
 import yaml
 
 from streamchat.cli import build_parser
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTAINERFILE = ROOT / "installers/container/Containerfile"
@@ -97,12 +97,6 @@ def test_kubernetes_manifest_args_mounts_and_security_match_the_image():
     assert pod["terminationGracePeriodSeconds"] > 10  # the server's own grace for answers in flight
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_probes_and_scrape_path_are_endpoints_a_running_server_answers(tmp_path):
     deployment, _ = _manifest()
     pod = deployment["spec"]["template"]["spec"]
@@ -112,7 +106,7 @@ def test_probes_and_scrape_path_are_endpoints_a_running_server_answers(tmp_path)
     assert int(annotations["prometheus.io/port"]) == container["ports"][0]["containerPort"]
     token = "probe-test-token-0123456789"
     (tmp_path / "token").write_text(token)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "STREAMCHAT_CONFIG_DIR": str(tmp_path / "config"), "STREAMCHAT_DATA_DIR": str(tmp_path / "data"),
            "STREAMCHAT_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("STREAMCHAT_HISTORY_URL", None)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from appliance.history import History, HistoryError
-from tests.postgres_server import PASSWORD, USER, free_port
+from tests.ports import free_port
+from tests.postgres_server import PASSWORD, USER
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,6 +18,7 @@ import pytest
 import websockets
 
 from appliance.history import History
+from tests.ports import free_port
 
 PROMPT = "StreamChat 是什么？"
 LONG = {"text": "hello", "temperature": 5, "top_k": 0, "top_p": 1, "seed": 0, "max_new_tokens": 8192}
@@ -28,12 +29,6 @@ OPENAI_LONG = {"messages": [{"role": "user", "content": "hello"}], "temperature"
                "seed": 0, "max_tokens": 8192}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(root: Path) -> dict[str, str]:
     return {**os.environ, "STREAMCHAT_CONFIG_DIR": str(root / "config"), "STREAMCHAT_DATA_DIR": str(root / "data"),
             "STREAMCHAT_CACHE_DIR": str(root / "cache"), "PYTHONIOENCODING": "utf-8"}
@@ -41,7 +36,7 @@ def _env(root: Path) -> dict[str, str]:
 
 class Server:
     def __init__(self, root: Path, *args: str) -> None:
-        self.root, self.port = root, _free_port()
+        self.root, self.port = root, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/ws/chat"
         self.env = _env(root)
@@ -261,7 +256,7 @@ def test_full_queue_answers_429_and_an_error_frame(server):
 def test_non_loopback_bind_without_token_refuses_to_start(tmp_path):
     env = {k: v for k, v in _env(tmp_path).items() if k != "STREAMCHAT_TOKEN"}
     run = subprocess.run([sys.executable, "-m", "streamchat", "serve", "--demo", "--host", "0.0.0.0", "--port",
-                          str(_free_port())], env=env, capture_output=True, text=True, timeout=60)
+                          str(free_port())], env=env, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
     assert run.stderr == ("error: --host 0.0.0.0 is not a loopback address: give --token-file FILE or set "
                           "$STREAMCHAT_TOKEN so that clients must authenticate\n")

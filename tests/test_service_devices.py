@@ -25,7 +25,8 @@ from appliance.history import History
 from appliance.loading import DEMO_CHECKPOINT
 from model_export.export import export_bundle
 from streamchat.cli import main
-from tests.test_service import LONG, PROMPT, _env, _free_port
+from tests.ports import free_port
+from tests.test_service import LONG, PROMPT, _env
 
 try:
     import mindspore  # noqa: F401
@@ -45,7 +46,7 @@ class DeviceServer:
 
     def __init__(self, root: Path, bundle: Path, devices: str = "0,1", env: dict[str, str] | None = None,
                  quiet: bool = False) -> None:
-        self.root, self.bundle, self.port = root, bundle, _free_port()
+        self.root, self.bundle, self.port = root, bundle, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/ws/chat"
         self.env = env or _env(root)
@@ -292,7 +293,7 @@ def test_sigterm_with_a_hung_worker_stops_it_and_keeps_the_message(served, tmp_p
 def test_sigterm_while_workers_load_leaves_none_behind(served, tmp_path):
     """uvicorn ends a SIGTERMed server by raising the signal again, so no exit hook runs: the workers still loading
     must be stopped by the shutdown itself (they used to load on as orphans, then die writing to a closed pipe)."""
-    port, log = _free_port(), tmp_path / "stderr"
+    port, log = free_port(), tmp_path / "stderr"
     process = subprocess.Popen([sys.executable, "-m", "streamchat", "serve", "--bundle", str(served.bundle), "--engine",
                                 ENGINE, "--device", "cpu", "--devices", "0,1", "--port", str(port)], env=served.env,
                                stdout=subprocess.DEVNULL, stderr=log.open("w"))  # a file: orphans would hold a pipe
