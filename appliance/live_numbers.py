@@ -93,12 +93,11 @@ class CountingAudit(AuditLog):
     the safety hits a front end shows, counted where the service counts its own."""
 
     def __init__(self, audit: AuditLog) -> None:
-        super().__init__(audit.path, audit.log_text)
+        super().__init__(audit.path, audit.log_text, self._count)
         self.hits = 0
 
-    def record(self, matches: list[Match], action: str, where: str, text: str = "") -> None:
-        self.hits += len(matches)
-        super().record(matches, action, where, text)
+    def _count(self, match: Match, action: str, where: str) -> None:
+        self.hits += 1
 
 
 @dataclass(frozen=True)

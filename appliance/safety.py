@@ -20,7 +20,7 @@ import re
 import time
 import unicodedata
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -395,8 +395,14 @@ class StreamFilter:
 class AuditLog:
     """Counters for the operator: one JSON line per rule hit (rule id, time, action, where), text only if enabled."""
 
-    def __init__(self, path: Path, log_text: bool = False) -> None:
-        self.path, self.log_text = path, log_text
+    def __init__(self, path: Path, log_text: bool = False,
+                 on_hit: Callable[[Match, str, str], None] | None = None) -> None:
+        self.path, self.log_text, self.on_hit = path, log_text, on_hit
+
+    def heard_by(self, on_hit: Callable[[Match, str, str], None]) -> AuditLog:
+        """The same log (file, text option) that also tells ``on_hit(match, action, where)`` of each hit it records:
+        how a front end counts the hits it shows (the service's metrics, the window's live numbers)."""
+        return AuditLog(self.path, self.log_text, on_hit)
 
     def record(self, matches: list[Match], action: str, where: str, text: str = "") -> None:
         if not matches:
@@ -408,6 +414,9 @@ class AuditLog:
                 if self.log_text:
                     entry["text"] = text[m.start:m.end]
                 fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        if self.on_hit is not None:
+            for m in matches:
+                self.on_hit(m, action, where)
 
     def counts(self) -> Counter:
         if not self.path.exists():

@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 from appliance.answer_quality import repetition_rate, topic_similarity
 from appliance.device_usage import device_usage
 from appliance.live_numbers import STALL_S
-from appliance.safety import AuditLog, Match
+from appliance.safety import AuditLog
 from appliance.service.pool import EnginePool
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -90,25 +90,13 @@ class Metrics:
                 self.on_topic.inc()
 
     def audit(self, audit: AuditLog) -> AuditLog:
-        """``audit`` with every rule hit counted in ``streamchat_safety_hits`` too."""
-        return MeteredAudit(audit, self.safety_hits)
+        """``audit`` with every rule hit counted in ``streamchat_safety_hits`` too, by stage, action and rule list (a
+        rule's id is ``<list file>:<line>``: the list names the category an operator gave it)."""
+        return audit.heard_by(lambda match, action, where: self.safety_hits.labels(
+            where, action, match.rule.rpartition(":")[0]).inc())
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
-
-
-class MeteredAudit(AuditLog):
-    """The app's audit log (same file, same text option) that also counts each hit by stage, action and rule list
-    (a rule's id is ``<list file>:<line>``: the list names the category an operator gave it)."""
-
-    def __init__(self, audit: AuditLog, hits: Counter) -> None:
-        super().__init__(audit.path, audit.log_text)
-        self.hits = hits
-
-    def record(self, matches: list[Match], action: str, where: str, text: str = "") -> None:
-        for m in matches:
-            self.hits.labels(where, action, m.rule.rpartition(":")[0]).inc()
-        super().record(matches, action, where, text)
 
 
 class AcceleratorCollector(Collector):
