@@ -19,7 +19,7 @@ from model_export.export import export_bundle
 
 LISTS = {name: read_heldout(name) for name in SETS}
 # answers that pass every computed check, as docs/demo.md reports them for the shipped checkpoint
-PASSING = {"dev": 25, "test": 25, "final": 24}
+PASSING = {"dev": 25, "test": 25, "final": 24, "fresh": 21}
 
 
 def _normalized(text: str) -> str:

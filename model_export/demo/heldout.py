@@ -1,6 +1,6 @@
 """The demo model's three lists of 30 questions it was not trained on, and their answers through the chat pipeline.
 
-    python -m model_export.demo.heldout [--set dev|test|final] [--checkpoint DIR] [--out answers.json]
+    python -m model_export.demo.heldout [--set dev|test|final|fresh] [--checkpoint DIR] [--out answers.json]
 
 Each list (15 zh, 15 en; greetings, paraphrases of help questions, second turns, off-topic questions) is kept out of
 the training text word for word. ``dev.jsonl`` is the development set: it was looked at while the training text and
@@ -28,7 +28,8 @@ from appliance.settings import Settings
 from model_export.demo.corpus import read_groups
 
 HERE = Path(__file__).resolve().parent
-SETS = {"dev": HERE / "dev.jsonl", "test": HERE / "test.jsonl", "final": HERE / "final.jsonl"}
+SETS = {"dev": HERE / "dev.jsonl", "test": HERE / "test.jsonl", "final": HERE / "final.jsonl",
+        "fresh": HERE / "fresh.jsonl"}
 LANGUAGES = ("zh", "en")
 KINDS = ("greeting", "paraphrase", "follow-up", "off-topic")
 CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
