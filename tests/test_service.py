@@ -35,13 +35,15 @@ def _env(root: Path) -> dict[str, str]:
 
 
 class Server:
-    def __init__(self, root: Path, *args: str) -> None:
+    def __init__(self, root: Path, *args: str, host: str = "127.0.0.1") -> None:
+        """``host`` as a URL writes it (``[::1]``), given to ``--host`` the same way."""
         self.root, self.port = root, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.ws_url = f"ws://127.0.0.1:{self.port}/ws/chat"
+        self.url = f"http://{host}:{self.port}"
+        self.ws_url = f"ws://{host}:{self.port}/ws/chat"
         self.env = _env(root)
         self.process = subprocess.Popen([sys.executable, "-m", "streamchat", "serve", "--demo", "--port", str(self.port),
-                                         *args], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                         "--host", host, *args], env=self.env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.process.communicate()[1]
@@ -66,8 +68,8 @@ class Server:
 def server(tmp_path):
     started = []
 
-    def start(*args: str) -> Server:
-        started.append(Server(tmp_path, *args))
+    def start(*args: str, host: str = "127.0.0.1") -> Server:
+        started.append(Server(tmp_path, *args, host=host))
         return started[-1]
 
     yield start
@@ -260,6 +262,14 @@ def test_non_loopback_bind_without_token_refuses_to_start(tmp_path):
     assert run.returncode == 2
     assert run.stderr == ("error: --host 0.0.0.0 is not a loopback address: give --token-file FILE or set "
                           "$STREAMCHAT_TOKEN so that clients must authenticate\n")
+
+
+def test_an_ipv6_loopback_in_url_brackets_binds_and_answers(server):
+    srv = server(host="[::1]")
+    reply = httpx.post(srv.url + "/v1/chat/completions",
+                       json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
+    assert f"on http://[::1]:{srv.port} (1 replica(s))" in srv.stop()
 
 
 def test_token_and_size_limits_give_clear_errors_while_serving_others(server, tmp_path):

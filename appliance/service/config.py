@@ -23,7 +23,8 @@ class ServiceConfig:
     send (None: none needed, allowed on loopback only); ``client_connections``: WebSocket connections plus HTTP
     answers in flight that one remote address may hold at once; ``allow_origins``: web origins whose pages may use
     the server (open /ws/chat, and read HTTP answers: CORS, which is off while it is empty); ``log_messages``: one
-    line per request with its text on stderr (off: no message text is written anywhere)."""
+    line per request with its text on stderr (off: no message text is written anywhere); ``host``: a name or an
+    address, an IPv6 one also in the brackets URLs put it in (``[::1]``), which are dropped here, once."""
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -38,6 +39,15 @@ class ServiceConfig:
     log_messages: bool = False
     devices: tuple[int, ...] = ()  # accelerator ids, one replica in a worker process each (else ``replicas`` in process)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "host", self.host.strip().removeprefix("[").removesuffix("]"))
+
+    @property
+    def url(self) -> str:
+        """Where clients reach the server: an IPv6 address goes in brackets."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
     @property
     def size(self) -> int:
         """How many replicas answer at once."""
@@ -49,7 +59,7 @@ def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 

@@ -52,7 +52,7 @@ class SiteGuard:
 
     def __init__(self, app: ASGIApp, config: ServiceConfig, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
-        self.hosts = None if config.token is not None else {config.host.strip("[]").lower(), *LOOPBACK_NAMES}
+        self.hosts = None if config.token is not None else {config.host.lower(), *LOOPBACK_NAMES}
         self.origins = set(web_origins(config))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -55,7 +55,7 @@ class Replicas:
                     replicas.append(self._open(index))
                     self.pool.add(replicas[-1])
                 where = f"{len(replicas)} replica(s)"
-            _say(f"StreamChat serving {replicas[0].model.label} on http://{self.config.host}:{self.config.port} "
+            _say(f"StreamChat serving {replicas[0].model.label} on {self.config.url} "
                  f"({where})")
         except BaseException as exc:  # raised by ``serve`` once the server has stopped
             self.failed(exc)
