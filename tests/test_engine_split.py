@@ -184,7 +184,7 @@ def test_an_unknown_engine_is_one_line(bundles, capsys):
     assert main(["generate", "--bundle", str(bundles["fp32"]), "--engine", "gpu", "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert err == "error: unknown engine 'gpu': choose one of auto, onnxruntime, mindspore-lite, acl, mindspore\n"
-    with pytest.raises(BundleError, match="targets cpu; it cannot run on engine mindspore-lite .engines for it: onnxruntime"):
+    with pytest.raises(EngineError, match="targets cpu; it cannot run on engine mindspore-lite .engines for it: onnxruntime"):
         Bundle.open(bundles["fp32"]).engine(kind="mindspore-lite")
 
 

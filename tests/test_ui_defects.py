@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 pytest.importorskip("PySide6")
 pytest.importorskip("pytestqt")
 
-from PySide6.QtCore import QCoreApplication, QEvent, QTimer  # noqa: E402
+from PySide6.QtCore import QCoreApplication, QEvent, QObject, QTimer  # noqa: E402
 from PySide6.QtWidgets import QApplication, QDialogButtonBox, QMessageBox, QPushButton  # noqa: E402
 
 from appliance.app import AppContext  # noqa: E402
@@ -54,22 +54,39 @@ def _close(window):
     _settle()
 
 
+class WindowsShown(QObject):
+    """Counts the messages shown as windows of their own: such a window appears (and takes the focus under a window
+    manager) as soon as it is shown, even when it is deleted soon after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shown: list[str] = []
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 - Qt override
+        if event.type() == QEvent.Show and isinstance(obj, MessageView) and obj.isWindow():
+            self.shown.append(obj.role)
+        return False
+
+
 def test_regenerate_and_edit_leave_no_message_as_a_window_of_its_own(qtbot, tiny, app_dirs):
     window = _window(qtbot, _app(), model_loader(tiny, demo=False))
     first = _ask(qtbot, window, "你好")
     _settle()
     top_level = len(QApplication.topLevelWidgets())
+    windows = WindowsShown()
+    QApplication.instance().installEventFilter(windows)
 
     with qtbot.waitSignal(window.answer_finished, timeout=60000):
         window.regenerate()
     _settle()
-    assert len(QApplication.topLevelWidgets()) == top_level
+    assert len(QApplication.topLevelWidgets()) == top_level and windows.shown == []
     user = next(v for v in window.transcript.views if v.role == "user")
     window._edit_message(user.message_id, user.text)
     _ask(qtbot, window, "晚上好")
     _settle()
+    QApplication.instance().removeEventFilter(windows)
 
-    assert len(QApplication.topLevelWidgets()) == top_level
+    assert len(QApplication.topLevelWidgets()) == top_level and windows.shown == []
     assert not [w for w in QApplication.topLevelWidgets() if isinstance(w, MessageView)]
     assert [(v.role, v.text) for v in window.transcript.views][0] == ("user", "晚上好")
     assert len(window.transcript.views) == 2

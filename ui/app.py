@@ -46,6 +46,8 @@ def install_crash_dialog() -> None:
     from PySide6.QtCore import QThread
     from PySide6.QtWidgets import QApplication, QMessageBox
 
+    from ui.messages import t
+
     shown: list[QMessageBox] = []  # Python must hold a parentless dialog, or it is collected before it is seen
 
     def report(exc_type, exc, tb) -> None:
@@ -53,7 +55,7 @@ def install_crash_dialog() -> None:
         print(f"error: {line}", file=sys.stderr)
         qt = QApplication.instance()
         if qt is not None and QThread.currentThread() == qt.thread():
-            box = QMessageBox(QMessageBox.Critical, "StreamChat", line, QMessageBox.Ok, qt.activeWindow())
+            box = QMessageBox(QMessageBox.Critical, "StreamChat", t(line), QMessageBox.Ok, qt.activeWindow())
             box.finished.connect(lambda _result, box=box: shown.remove(box))
             shown.append(box)
             box.open()

@@ -1,8 +1,17 @@
 """Simplified Chinese for the window, installed as QTranslators (the system locale decides unless a setting does):
 StreamChat's own texts from the table below, Qt's (dialog buttons such as OK, Cancel, Save, Yes, No) from the
-translations that ship with Qt."""
+translations that ship with Qt.
+
+The table also holds the runtime core's messages a window user meets (a model that does not load, a refused question,
+a history that cannot be written, a package that is not installed, ...). They reach the window as whole lines with
+paths, rule ids and numbers filled in, so their keys are templates: ``{0}``, ``{1}`` stand for the filled-in parts,
+which are translated in turn when the table has them (a nested message, a phrase such as "free space"). The core
+stays free of Qt and of translations; a test keeps each template's words equal to the core's.
+"""
 
 from __future__ import annotations
+
+import re
 
 from PySide6.QtCore import QLibraryInfo, QLocale, QTranslator
 
@@ -164,18 +173,136 @@ ZH_CN = {
     "{0} of answers": "回答的 {0}",
     "{0} of pauses": "停顿的 {0}",
     "{0} of {1} pauses": "{1} 次停顿中 {0} 次",
+    # a load that failed on the engine or device chosen in Settings
+    "This comes from the engine or device chosen in Settings (engine: {0}; device: {1}): choose others there "
+    "(onnxruntime on the CPU runs every bundle), or choose another bundle.":
+        "原因在于设置中选择的推理引擎或设备（推理引擎：{0}；设备：{1}）：请在设置中改选"
+        "（onnxruntime 在 CPU 上可运行所有模型包），或选择其他模型包。",
+    # the runtime core's messages (appliance), as templates of the lines it gives
+    "bundle not found: {0} (no such folder): give the folder `streamchat export` wrote, or install a bundle package "
+    "with `streamchat bundle install FILE`":
+        "找不到模型包：{0}（没有这个文件夹）：请指定 `streamchat export` 生成的文件夹，或用 "
+        "`streamchat bundle install 文件` 安装模型包",
+    "{0} is not a StreamChat bundle (no {1}); export one with `streamchat export`":
+        "{0} 不是 StreamChat 模型包（缺少 {1}）；请用 `streamchat export` 导出模型包",
+    "cannot read {0} ({1}); re-copy the bundle": "无法读取 {0}（{1}）；请重新复制模型包",
+    "bundle file {0} is missing from {1}: re-copy or re-export the bundle":
+        "模型包文件 {0} 不在 {1} 中：请重新复制或重新导出模型包",
+    "bundle file {0} is {1} bytes but the manifest says {2} (truncated or replaced): re-copy or re-export the bundle":
+        "模型包文件 {0} 有 {1} 字节，但清单记录为 {2}（被截断或替换）：请重新复制或重新导出模型包",
+    "bundle checksum mismatch in {0}: re-export or re-copy the bundle": "模型包文件 {0} 的校验和不符：请重新导出或重新复制模型包",
+    "the built-in demo model is not prepared in {0} ({1}): start the app with `streamchat gui --demo` once, which "
+    "prepares it": "内置演示模型尚未在 {0} 中准备好（{1}）：请运行一次 `streamchat gui --demo`，它会准备好演示模型",
+    "it was prepared from another release's demo model": "它是由其他版本的演示模型准备的",
+    "{0} targets {1}; it cannot run on engine {2} (engines for it: {3})":
+        "{0} 的目标平台是 {1}，不能在推理引擎 {2} 上运行（可运行它的推理引擎：{3}）",
+    "engine {0} runs on {1}, not on {2} (engines for {2}: {3})":
+        "推理引擎 {0} 只能在 {1} 上运行，不能在 {2} 上运行（可在 {2} 上运行的推理引擎：{3}）",
+    "pyACL (acl) is not importable: source {0} (CANN's environment) first ({1})":
+        "无法导入 pyACL (acl)：请先 source {0}（CANN 的环境）（{1}）",
+    "{0} holds no {1}: convert it on the board first (./convert.sh atc, with CANN's set_env.sh sourced)":
+        "{0} 中没有 {1}：请先在开发板上转换（在 source 了 CANN 的 set_env.sh 的环境中运行 ./convert.sh atc）",
+    "the mindspore engine needs MindSpore: pip install 'streamchat[mindspore]' ({0})":
+        "mindspore 推理引擎需要 MindSpore：pip install 'streamchat[mindspore]'（{0}）",
+    "{0} (MindSpore {1}, device {2}, card {3}): {4}": "{0}（MindSpore {1}，设备 {2}，卡 {3}）：{4}",
+    "no Ascend device or CANN found": "找不到昇腾设备或 CANN",
+    "MindSpore cannot compute on the CPU": "MindSpore 无法在 CPU 上计算",
+    "MindSpore Lite is not importable here: set STREAMCHAT_LITE_PYTHON to a Python that has the mindspore_lite wheel "
+    "(e.g. Lite 2.0.0 needs Python 3.7)":
+        "此处无法导入 MindSpore Lite：请将 STREAMCHAT_LITE_PYTHON 设为装有 mindspore_lite wheel 的 Python"
+        "（例如 Lite 2.0.0 需要 Python 3.7）",
+    "onnxruntime failed during a step: {0}": "onnxruntime 在一步计算中失败：{0}",
+    "not enough memory while {0}: {1}; close other programs or raise the limit": "{0}时内存不足：{1}；请关闭其他程序或提高限制",
+    "this process is limited to {0} MB (ulimit -v)": "本进程被限制为 {0} MB（ulimit -v）",
+    "the machine ran out": "本机内存已耗尽",
+    "unexpected error while {0} ({1}); {2}": "{0}时发生意外错误（{1}）；{2}",
+    "the details are in {0}": "详细信息见 {0}",
+    "no crash log could be written": "无法写入崩溃日志",
+    "loading the model": "加载模型",
+    "answering": "生成回答",
+    "running the window": "运行窗口",
+    "{0}. The conversation is kept.": "{0}。对话已保留。",
+    "your message contains blocked content (rule {0}); rephrase it": "你的消息包含被屏蔽的内容（规则 {0}）；请换一种说法",
+    "the system prompt leaves no room for a question in a context budget of {0} tokens: shorten it in Settings or "
+    "raise the budget": "在 {0} 个词元的上下文长度内，系统提示词没有给问题留下空间：请在设置中缩短系统提示词或提高上下文长度",
+    "a context budget of {0} tokens is too small: raise it": "{0} 个词元的上下文长度太小：请提高它",
+    "{0}: {1} not saved yet (kept in memory); {2} and {3} saved with the next message":
+        "{0}：{1}尚未保存（暂存在内存中）；请{2}，之后会随下一条消息一起保存",
+    "1 message is": "1 条消息",
+    "{0} messages are": "{0} 条消息",
+    "{0}: {1} of this chat could not be saved": "{0}：本次对话中有 {1}无法保存",
+    "1 message": "1 条消息",
+    "{0} messages": "{0} 条消息",
+    "{0}: {1}; {2} and try again": "{0}：{1}；请{2}后重试",
+    "nothing was saved": "未保存任何内容",
+    "nothing was changed": "未做任何更改",
+    "the history cannot be opened": "无法打开历史记录",
+    "the history cannot be read": "无法读取历史记录",
+    "the disk holding {0} is full": "{0} 所在的磁盘已满",
+    "the data folder {0} is read-only for StreamChat (a read-only disk or no write permission)":
+        "数据文件夹 {0} 对 StreamChat 是只读的（只读磁盘或没有写权限）",
+    "{0} is locked by another program (another StreamChat?)": "{0} 被另一个程序锁定（另一个 StreamChat？）",
+    "cannot use the history database {0} ({1})": "无法使用历史数据库 {0}（{1}）",
+    "free space": "释放磁盘空间",
+    "make it writable or choose another data folder (STREAMCHAT_DATA_DIR or the data_dir setting)":
+        "使其可写，或选择其他数据文件夹（STREAMCHAT_DATA_DIR 或 data_dir 设置）",
+    "close that program": "关闭该程序",
+    "check the disk": "检查磁盘",
+    "cannot save the settings to {0}: {1}; the settings file was left as it was": "无法将设置保存到 {0}：{1}；设置文件保持原样",
+    "cannot write {0}: the folder {1} does not exist": "无法写入 {0}：文件夹 {1} 不存在",
+    "{0} is not an uncompressed tar made by `streamchat bundle pack` (compressed packages are refused): re-pack the "
+    "bundle": "{0} 不是由 `streamchat bundle pack` 生成的未压缩 tar 包（不接受压缩包）：请重新打包模型包",
+    "{0} is not a readable bundle package ({1}); re-copy it": "{0} 不是可读的模型包文件（{1}）；请重新复制",
+    "{0} is truncated or damaged ({1}); the installed bundle was not touched":
+        "{0} 已被截断或损坏（{1}）；已安装的模型包未受影响",
+    "not enough disk space in {0}: the bundle needs {1} GB, {2} GB are free":
+        "{0} 的磁盘空间不足：模型包需要 {1} GB，可用 {2} GB",
+    "cannot write into {0}: {1}": "无法写入 {0}：{1}",
 }
+
+PLACEHOLDER = re.compile(r"\{(\d+)\}")
+CONTEXT = "StreamChat"  # the context of the window's own texts (``ui.messages.t``)
+
+
+def _template(key: str) -> re.Pattern | None:
+    """The pattern of the lines a key with ``{0}``, ``{1}`` ... stands for (a placeholder used twice must be the same
+    text twice); None for a key without placeholders, or with a format spec (``{0:.2f}``: the window formats it)."""
+    if not PLACEHOLDER.search(key) or re.search(r"\{\d+:", key):
+        return None
+    pattern, seen = "", set()
+    for i, part in enumerate(PLACEHOLDER.split(key)):
+        if i % 2 == 0:
+            pattern += re.escape(part)
+        else:
+            pattern += f"(?P=p{part})" if part in seen else f"(?P<p{part}>.+?)"
+            seen.add(part)
+    return re.compile(pattern, re.DOTALL)
 
 
 class DictTranslator(QTranslator):
-    """A QTranslator backed by a Python table (no .qm build step needed on offline machines)."""
+    """A QTranslator backed by a Python table (no .qm build step needed on offline machines): a text is its entry, or,
+    in StreamChat's own context, a line one of the template keys stands for (the most specific template first)."""
 
     def __init__(self, table: dict[str, str]) -> None:
         super().__init__()
         self.table = table
+        patterns = {key: pattern for key in table if (pattern := _template(key)) is not None}
+        specific_first = sorted(patterns, key=lambda key: -len(PLACEHOLDER.sub("", key)))  # the most words of its own
+        self.templates = [(PLACEHOLDER.split(key)[::2], patterns[key], table[key]) for key in specific_first]
 
     def translate(self, context, source_text, disambiguation=None, n=-1):  # noqa: D401 - Qt override
-        return self.table.get(source_text) or None
+        return self.table.get(source_text) or (self._filled(source_text) if context == CONTEXT else None)
+
+    def _filled(self, text: str) -> str | None:
+        """``text`` as a template's translation, each filled-in part translated in turn; None when none matches."""
+        for words, pattern, translation in self.templates:
+            # only where each of its stretches of words occurs: the match itself can take long on a long line
+            match = all(part in text for part in words) and pattern.fullmatch(text)
+            if match:
+                parts = {int(name[1:]): value for name, value in match.groupdict().items()}
+                return translation.format(*(self.table.get(parts[i]) or self._filled(parts[i]) or parts[i]
+                                             for i in range(len(parts))))
+        return None
 
     def isEmpty(self) -> bool:  # noqa: N802 - Qt override
         return False

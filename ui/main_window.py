@@ -32,6 +32,7 @@ from PySide6.QtWidgets import (
 
 from appliance.app import AppContext
 from appliance.display import one_line
+from appliance.engines import AUTO
 from appliance.errors import StreamChatError
 from appliance.history import write_export
 from appliance.live_numbers import AnswerNumbers, RunNumbers, tokens_per_second
@@ -261,7 +262,7 @@ class MainWindow(QMainWindow):
         try:
             self.app.apply_settings(with_values(self.app.settings, values))
         except StreamChatError as exc:
-            alert(self, t("Settings"), str(exc))
+            alert(self, t("Settings"), t(str(exc)))
             return False
         return True
 
@@ -377,7 +378,7 @@ class MainWindow(QMainWindow):
                         if path.endswith(".json") else history.export_markdown(conversation_id))
                 write_export(Path(path), text)
             except StreamChatError as exc:
-                QMessageBox.warning(self, t("Export..."), str(exc))
+                QMessageBox.warning(self, t("Export..."), t(str(exc)))
 
     # -- answering -------------------------------------------------------------------------------------------
     def send_current(self) -> None:
@@ -416,11 +417,13 @@ class MainWindow(QMainWindow):
 
     def _edit_message(self, message_id: int, text: str) -> None:
         """Put a sent message back in the composer, with a bar saying so; sending it replaces that message and
-        everything after, Cancel editing leaves the conversation as it is."""
-        if message_id < 0:
-            return
-        self.edit_target = message_id
-        self.edit_bar.show()
+        everything after, Cancel editing leaves the conversation as it is. A message that was never stored (a question
+        the safety filter refused: the history holds nothing of that turn) comes back to be rephrased and sent as a
+        new message, with nothing to replace."""
+        self.cancel_edit()
+        if message_id >= 0:
+            self.edit_target = message_id
+            self.edit_bar.show()
         self.composer.setPlainText(text)
         self.composer.setFocus()
 
@@ -490,17 +493,20 @@ class MainWindow(QMainWindow):
         if result.answer_message_id is not None and views and views[-1].role == "assistant":
             views[-1].message_id = result.answer_message_id
 
-    def _on_failed(self, message: str, must_act: bool = False) -> None:
-        """A failed load says what the user can do about it (kiosk: the app retries by itself); a failed answer keeps
-        the conversation, and the model stays loaded. What the user must act on (a model that did not load, messages
-        the history could not store) is also a dialog, except in kiosk mode, which nobody attends."""
-        advice, title, load_failed = "", t("StreamChat"), self.loading_model
+    def _on_failed(self, message: str, must_act: bool = False, engine_chosen: bool = False) -> None:
+        """A failed load says what the user can do about it: the engine or device chosen in Settings when the failure
+        is theirs (``engine_chosen``, see ui.worker), else the bundle (kiosk: the app retries by itself); a failed
+        answer keeps the conversation, and the model stays loaded. What the user must act on (a model that did not
+        load, messages the history could not store) is also a dialog, except in kiosk mode, which nobody attends. The
+        core's line is shown in the window's language (ui.i18n)."""
+        advice, title, load_failed, message = "", t("StreamChat"), self.loading_model, t(message)
         if load_failed:
             self.loading_model = False
             self.load_progress.done()
             title = t("The model could not be loaded")
             if not self.kiosk:
-                advice = t("Choose another bundle in Settings, or leave its field empty for the built-in demo model.")
+                advice = self._engine_advice() if engine_chosen else \
+                    t("Choose another bundle in Settings, or leave its field empty for the built-in demo model.")
         self.status.setText(f"{t('Error: {0}').format(message)} {advice}".strip())
         if must_act and not self.kiosk:
             alert(self, title, f"{message}\n\n{advice}".strip())
@@ -509,6 +515,15 @@ class MainWindow(QMainWindow):
         if self.kiosk:
             QTimer.singleShot(3000, self, self.reload_model)  # unattended: bring the engine back by itself (the window
             # as context: the timer ends with it)
+
+    def _engine_advice(self) -> str:
+        """What to change when the engine or device chosen in Settings cannot load the bundle: names both, as the
+        Settings dialog does."""
+        settings = self.app.settings
+        engine = t("Automatic (the bundle's own)") if settings.engine == AUTO else settings.engine
+        device = t("CPU") if settings.device == "cpu" else f"{t('Ascend NPU')} {settings.device_id}"
+        return t("This comes from the engine or device chosen in Settings (engine: {0}; device: {1}): choose others "
+                 "there (onnxruntime on the CPU runs every bundle), or choose another bundle.").format(engine, device)
 
     # -- settings --------------------------------------------------------------------------------------------
     def open_settings(self) -> None:
@@ -592,4 +607,4 @@ class MainWindow(QMainWindow):
         super().closeEvent(event)
 
     def _on_not_saved(self, message: str) -> None:
-        QMessageBox.critical(self, "StreamChat", message)
+        QMessageBox.critical(self, "StreamChat", t(message))

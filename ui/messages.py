@@ -35,6 +35,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from ui.i18n import CONTEXT
 from ui.markdown import MONOSPACE, Block, BlockStream, append_markdown
 from ui.theme import colors
 
@@ -44,7 +45,7 @@ MAX_WIDTH = 880  # of the column of messages
 
 
 def t(text: str) -> str:
-    return QCoreApplication.translate("StreamChat", text)
+    return QCoreApplication.translate(CONTEXT, text)
 
 
 @dataclass

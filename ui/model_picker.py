@@ -194,7 +194,7 @@ class ModelPicker(QDialog):
             cells = (entry.name, entry.quant.upper(), human_size(entry.size), entry.target, entry.folder)
             for column, text in enumerate(cells):
                 item = QTableWidgetItem(text)
-                item.setToolTip(entry.problem or entry.folder)
+                item.setToolTip(t(entry.problem) if entry.problem else entry.folder)
                 if entry.problem:
                     item.setForeground(Qt.gray)
                 self.table.setItem(row, column, item)
@@ -209,7 +209,7 @@ class ModelPicker(QDialog):
             return
         entry = self.entries[row]
         if entry.problem:
-            alert(self, t("This bundle cannot be loaded"), entry.problem)
+            alert(self, t("This bundle cannot be loaded"), t(entry.problem))
             return
         self.chosen.emit(entry.setting)
         self.accept()
@@ -220,7 +220,7 @@ class ModelPicker(QDialog):
             return
         entry = _entry(Path(folder), folder)
         if entry.problem:
-            alert(self, t("This bundle cannot be loaded"), entry.problem)
+            alert(self, t("This bundle cannot be loaded"), t(entry.problem))
             return
         self.chosen.emit(folder)
         self.accept()
@@ -281,7 +281,7 @@ class ModelPicker(QDialog):
             self.note.setText(t("Install cancelled: nothing was changed."))
         else:
             self.note.setText("")
-            alert(self, t("The package was not installed"), line)
+            alert(self, t("The package was not installed"), t(line))
         self.install_finished.emit("")
 
     def reject(self) -> None:

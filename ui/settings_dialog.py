@@ -236,7 +236,7 @@ class SettingsDialog(QDialog):
         try:
             self.manifest.setPlainText(_described(Bundle.open(folder, full_check=False)))
         except StreamChatError as exc:
-            self.manifest.setPlainText(str(exc))
+            self.manifest.setPlainText(t(str(exc)))
 
     def _verify(self) -> None:
         """Check every file of the bundle in the field (empty: the demo's) and show that bundle's own manifest."""
@@ -248,7 +248,7 @@ class SettingsDialog(QDialog):
         try:
             self.manifest.setPlainText(f"OK: {folder}\n" + _described(Bundle.open(folder, full_check=True)))
         except StreamChatError as exc:
-            self.manifest.setPlainText(str(exc))
+            self.manifest.setPlainText(t(str(exc)))
 
     def _open_lists(self) -> None:
         folder = self.app.config_dir / "safety"
@@ -259,7 +259,7 @@ class SettingsDialog(QDialog):
         try:
             self.app.reload_rules()
         except StreamChatError as exc:  # a bad list: the rules in use stay
-            QMessageBox.warning(self, t("Safety lists"), str(exc))
+            QMessageBox.warning(self, t("Safety lists"), t(str(exc)))
 
     def edited(self) -> dict[str, Any]:
         """The values the user changed (the others keep their exact loaded value)."""
@@ -270,6 +270,6 @@ class SettingsDialog(QDialog):
         try:
             self.app.apply_settings(with_values(self.app.settings, self.edited()))
         except StreamChatError as exc:  # the settings file cannot be written, or the data folder cannot be used
-            QMessageBox.warning(self, t("Settings"), str(exc))
+            QMessageBox.warning(self, t("Settings"), t(str(exc)))
             return
         super().accept()

@@ -20,7 +20,8 @@ from PySide6.QtCore import QObject, QThread, Signal, Slot
 
 from appliance import crash
 from appliance.app import AppContext
-from appliance.errors import StreamChatError
+from appliance.engines import AUTO
+from appliance.errors import EngineError, StreamChatError
 from appliance.history import HistoryError
 from appliance.live_numbers import AnswerClock, CountingAudit, measure
 from appliance.loading import LoadedModel
@@ -37,6 +38,14 @@ def _opened_with(settings: Settings) -> tuple:
             settings.device_id)
 
 
+def _chosen_engine_failed(exc: BaseException, settings: Settings) -> bool:
+    """Whether a failed load is down to the engine or device the settings chose: one of them is not the default
+    (Automatic, CPU) and the engines refused (an engine that cannot run the bundle's target, a device it does not run
+    on or that is not there, a runtime that is missing), not the bundle (not found, damaged), which no engine or
+    device would change."""
+    return isinstance(exc, EngineError) and (settings.engine != AUTO or settings.device != "cpu")
+
+
 class ChatWorker(QObject):
     loading = Signal(str)  # what is being loaded
     loaded = Signal(str, dict)  # model label, bundle manifest summary
@@ -44,7 +53,9 @@ class ChatWorker(QObject):
     delta = Signal(str)
     measured = Signal(object)  # the answer's AnswerNumbers (appliance.live_numbers), just before its ``finished``
     finished = Signal(object, float)  # TurnResult (the worker no longer touches it), seconds to the first shown text
-    failed = Signal(str, bool)  # a message a user can act on; True: they must (a load failed, messages not stored)
+    # a message a user can act on; True: they must (a load failed, messages not stored); True: a load failed on the
+    # engine or device the settings chose
+    failed = Signal(str, bool, bool)
     not_saved = Signal(str)  # on shutdown: messages of this chat that the history could not store are lost
 
     def __init__(self, app: AppContext, model_loader: ModelLoader, cancel: threading.Event) -> None:
@@ -66,7 +77,8 @@ class ChatWorker(QObject):
             device = "cpu" if settings.device == "cpu" else f"{settings.device}:{settings.device_id}"
             self.loaded.emit(self.model.label, {**self.model.summary, "engine": self.model.engine.name, "device": device})
         except Exception as exc:  # engine crashes must reach the window, not kill the thread
-            self.failed.emit(crash.one_line(exc, "loading the model"), True)
+            self.failed.emit(crash.one_line(exc, "loading the model"), True,
+                             _chosen_engine_failed(exc, self.app.settings))
 
     def _start_session(self, conversation: int | None) -> None:
         self.session = self.app.session(self.model.engine, self.model.tokenizer, self.model.label)
@@ -109,7 +121,7 @@ class ChatWorker(QObject):
         except Exception as exc:  # the conversation is kept; the window shows the line (a kiosk reloads the model)
             failed, line = True, crash.one_line(exc, "answering")
             self.failed.emit(line if crash.expected(exc) else f"{line}. The conversation is kept.",
-                             isinstance(exc, HistoryError))
+                             isinstance(exc, HistoryError), False)
         result = session.last if session.last is not earlier else TurnResult(stopped="error")  # none: it failed first
         self.measured.emit(measure(text, result, clock, audit.hits - hits, failed))
         self.finished.emit(result, clock.first_token_s or 0.0)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from appliance.errors import BundleError, EngineError
+from appliance.errors import EngineError
 from appliance.positions import layout_of
 from appliance.targets import DECODER, STATIC, TARGETS
 
@@ -118,7 +118,7 @@ class EngineKind:
     def open(self, bundle: Bundle, options: EngineOptions) -> BundleEngine:
         layout = TARGETS[bundle.target].graphs
         if layout not in self.opens:
-            raise BundleError(f"{bundle.path} targets {bundle.target}; it cannot run on engine {self.name} (engines for "
+            raise EngineError(f"{bundle.path} targets {bundle.target}; it cannot run on engine {self.name} (engines for "
                               f"it: {', '.join(e.name for e in ENGINES.values() if layout in e.opens)})")
         if options.device not in self.devices:
             raise EngineError(f"engine {self.name} runs on {' or '.join(self.devices)}, not on {options.device} "
