@@ -55,4 +55,4 @@ def test_the_license_is_an_spdx_string_not_the_deprecated_table():
     """setuptools >= 77 prints a deprecation box on every install for ``license = {text = ...}``."""
     text = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'^license = "[A-Za-z0-9.-]+"$', text, re.MULTILINE)
-    assert re.search(r'^requires = \["setuptools>=(\d+)"\]', text, re.MULTILINE).group(1) >= "77"
+    assert int(re.search(r'^requires = \["setuptools>=(\d+)"\]', text, re.MULTILINE).group(1)) >= 77
