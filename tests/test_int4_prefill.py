@@ -103,8 +103,9 @@ def test_without_the_kernel_the_graph_prefills(bundles, tokenizer, monkeypatch):
 
 @needs_kernel
 def test_row_chunks_change_nothing(bundles, tokenizer, monkeypatch):
-    """Long prompts go through the linear layers and attention a chunk of rows at a time; every row's arithmetic is
-    its own, so chunking must give the same cache and logits (up to numpy's float rounding of other shapes)."""
+    """Long prompts go through the linear layers and attention a chunk of rows (and attention a group of heads) at a
+    time; every row's and head's arithmetic is its own, so chunking must give the same cache and logits (up to
+    numpy's float rounding of other shapes)."""
     ids, layout = _prompt(tokenizer)
 
     def prefill():
@@ -115,6 +116,7 @@ def test_row_chunks_change_nothing(bundles, tokenizer, monkeypatch):
     whole_logits, whole_cache = prefill()
     monkeypatch.setattr(int4_prefill, "ROWS", 8)
     monkeypatch.setattr(int4_prefill, "QUERY_CHUNK", 4)
+    monkeypatch.setattr(int4_prefill, "HEAD_GROUP", 1)
     chunked_logits, chunked_cache = prefill()
     np.testing.assert_allclose(chunked_logits, whole_logits, rtol=1e-5, atol=1e-4)
     for a, b in zip(chunked_cache, whole_cache, strict=True):

@@ -5,8 +5,8 @@ faster than onnxruntime's INT4 kernel, with AVX2 or AVX-512 VNNI as the CPU has 
 
 How: the layers are ``appliance.model.definition``'s, run here in numpy around the kernel (which does the linear
 layers and GELU) on the same MatMulNBits codes and scales the graph holds, read from the bundle's data file through a
-memory map whose pages are dropped after each step of a layer (the weights then live in the page cache, not in this
-process: peak RSS grows by at most the three matrices after attention). Keys and values go straight into the engine's
+memory map whose pages are dropped after each matmul (the weights then live in the page cache, not in this process:
+peak RSS grows by at most one matrix). Keys and values go straight into the engine's
 KV cache. Every prompt row but the last is computed here; the last token is then an ordinary decode step of the graph,
 which attends to the whole cache and yields the logits. That split is exact for ChatGLM's prefix mask whenever the
 last row attends to every position and no earlier row attends to the last one, as for every prompt ending in
@@ -17,23 +17,26 @@ prefills.
 from __future__ import annotations
 
 import mmap
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from appliance.errors import EngineError
-from appliance.kernels.prompt_kernels import Int4Weight, PromptKernels, load
+from appliance.kernels.prompt_kernels import Int4Weight, PromptKernels, load, split
 from appliance.model.definition import MASK_FILL, attention_inputs, attention_output, net_attention_scale, rotary_tables
 from appliance.model.numpy_ops import ARRAY, NumpyOps, softmax
-from appliance.model.weights import EMBEDDING, LINEARS, QUERY_KEY_VALUE, dequantize, layer_prefix
+from appliance.model.weights import EMBEDDING, INPUT_NORM, LINEARS, dequantize, layer_prefix
 from appliance.model_config import ModelConfig
 
 if TYPE_CHECKING:
     import onnx
 
 MIN_PROMPT = 16  # below this the graph's single pass over the weights wins (measured: docs/performance.md)
-QUERY_CHUNK = 128  # prompt rows per attention chunk: scores of [heads, 128, length] at a time
+QUERY_CHUNK = 128  # prompt rows per attention chunk: scores of [HEAD_GROUP, 128, length] at a time
+HEAD_GROUP = 8  # heads whose keys and values are widened to fp32 together: 8 MB of a 2048-token layer
 ROWS = 512  # prompt rows per chunk of the linear layers: the 4h activations of 512 rows are 32 MB
 
 
@@ -142,46 +145,58 @@ class Int4Prefill:
         rope = rotary_tables(ops)  # [L, 1, head_dim] each
         x = ops.embed(ids)  # the residual stream, updated in place layer after layer
         try:
-            for n in range(self.config.num_layers):
-                self._layer(ops, n, x, rope, mask, cache[2 * n], cache[2 * n + 1])
+            with _blas().limit(limits=1, user_api="blas"):
+                for n in range(self.config.num_layers):
+                    self._layer(ops, n, x, rope, mask, cache[2 * n], cache[2 * n + 1])
         finally:
             self.tensors.release()
 
     def _layer(self, ops: _KernelOps, n: int, x: np.ndarray, rope: tuple[np.ndarray, np.ndarray], mask: np.ndarray,
                key_cache: np.ndarray, value_cache: np.ndarray) -> None:
         """One block on the residual stream ``x`` [L, hidden], in place: the definition's two row-local halves ROWS rows
-        at a time around this module's attention, each matrix's mapped pages dropped once its rows are done, so a long
-        prompt's temporaries stay ~33 MB each."""
+        at a time around this module's attention. Besides ``x`` a layer holds one [L, hidden] buffer (the queries, then
+        the attention's context written over them) and per-chunk temporaries; the input LayerNorm is computed again
+        for the second half rather than kept (a long prompt's peak memory is these buffers)."""
         cfg, p = self.config, layer_prefix(n)
-        length, heads, hd = len(x), cfg.num_heads, cfg.head_dim
-        ln1 = np.empty_like(x)
-        queries = np.empty((heads, length, hd), np.float32)
+        length = len(x)
+        queries = np.empty((length, cfg.num_heads, cfg.head_dim), np.float32)
         for rows in _chunks(length, ROWS):
-            ln1[rows], q, k, v = attention_inputs(ops, n, x[rows], (rope[0][rows], rope[1][rows]))  # [rows, heads, hd]
-            queries[:, rows] = q.transpose(1, 0, 2) * np.float32(net_attention_scale(hd))
+            _, q, k, v = attention_inputs(ops, n, x[rows], (rope[0][rows], rope[1][rows]))  # [rows, heads, hd]
+            np.multiply(q, np.float32(net_attention_scale(cfg.head_dim)), out=queries[rows])
             key_cache[0, :, rows] = k.transpose(1, 0, 2)
             value_cache[0, :, rows] = v.transpose(1, 0, 2)
-        self.tensors.release(p + QUERY_KEY_VALUE)
-        # an fp16 cache is widened once per layer here, not by every chunk's matmul
-        keys, values = (np.asarray(cache[0, :, :length], np.float32) for cache in (key_cache, value_cache))
-        context = self._attention(queries, keys, values, mask)
-        del keys, values
-        del queries
+        context = self._attention(queries, key_cache, value_cache, mask).reshape(length, cfg.hidden_size)
         for rows in _chunks(length, ROWS):
-            x[rows] = attention_output(ops, n, ln1[rows], context[rows])
-        self.tensors.release()
+            ln1 = ops.layer_norm(p + INPUT_NORM, x[rows])
+            x[rows] = attention_output(ops, n, ln1, context[rows])
 
-    def _attention(self, queries: np.ndarray, keys: np.ndarray, values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """queries [heads, L, hd] (already scaled by net_attention_scale); keys/values [heads, L, hd] -> context [L, hidden],
-        QUERY_CHUNK queries at a time."""
-        length = queries.shape[1]
-        context = np.empty((length, self.config.hidden_size), np.float32)
-        for rows in _chunks(length, QUERY_CHUNK):
-            scores = queries[:, rows] @ keys.transpose(0, 2, 1)  # [heads, chunk, L]
-            np.copyto(scores, np.float32(MASK_FILL), where=mask[None, rows])
-            chunk = softmax(scores, in_place=True) @ values  # [heads, chunk, hd]
-            context[rows] = chunk.transpose(1, 0, 2).reshape(chunk.shape[1], -1)
-        return context
+    def _attention(self, queries: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarray,
+                   mask: np.ndarray) -> np.ndarray:
+        """queries [L, heads, hd] (already scaled by net_attention_scale), attending to the first L positions of the
+        cache [1, heads, capacity, hd] -> the context, written over ``queries``. The kernel's threads take the heads
+        HEAD_GROUP at a time: that group's keys and values widened to fp32 (an fp16 cache is converted once per layer,
+        not per chunk), QUERY_CHUNK queries' scores at a time, on one BLAS thread each (see ``run``)."""
+        length = queries.shape[0]
+
+        def heads(first: int, end: int, _worker: int) -> None:
+            for group in _chunks(end - first, HEAD_GROUP, first):
+                keys = np.asarray(key_cache[0, group, :length], np.float32).transpose(0, 2, 1)  # [g, hd, L]
+                values = np.asarray(value_cache[0, group, :length], np.float32)  # [g, L, hd]
+                for rows in _chunks(length, QUERY_CHUNK):
+                    scores = queries[rows, group].transpose(1, 0, 2) @ keys  # [g, chunk, L]
+                    np.copyto(scores, np.float32(MASK_FILL), where=mask[None, rows])
+                    queries[rows, group] = (softmax(scores, in_place=True) @ values).transpose(1, 0, 2)
+
+        split(self.kernels.pool, self.kernels.threads, heads, queries.shape[1], HEAD_GROUP)
+        return queries
+
+
+@cache
+def _blas() -> ThreadpoolController:
+    """numpy's BLAS, limited to one thread while a prompt runs: the attention's small matmuls already run one per
+    kernel thread, and OpenBLAS's own threads, waiting on cores the kernel's threads hold, made a 128-token prompt's
+    attention 100x slower on a busy 2-core machine (docs/performance.md)."""
+    return ThreadpoolController()
 
 
 class _KernelOps(NumpyOps):
@@ -194,7 +209,10 @@ class _KernelOps(NumpyOps):
 
     def linear(self, name: str, x: np.ndarray) -> np.ndarray:
         weight = _int4_weight(self.weights, name)
-        return self.kernels.matmul(self.kernels.quantize(x, weight.group), weight)
+        try:
+            return self.kernels.matmul(self.kernels.quantize(x, weight.group), weight)
+        finally:
+            self.weights.release(name + ".")  # the next chunk of rows maps it again from the page cache
 
     def gelu(self, x: np.ndarray) -> np.ndarray:
         return self.kernels.gelu(x)
@@ -208,5 +226,6 @@ class _KernelOps(NumpyOps):
                                                self.embedding_bits, self.config.hidden_size, row_axes=1))
 
 
-def _chunks(length: int, size: int) -> list[slice]:
-    return [slice(r, min(r + size, length)) for r in range(0, length, size)]
+def _chunks(length: int, size: int, start: int = 0) -> list[slice]:
+    """``start .. start + length`` in slices of ``size``."""
+    return [slice(start + r, start + min(r + size, length)) for r in range(0, length, size)]
