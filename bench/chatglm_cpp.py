@@ -9,8 +9,9 @@ version 2, tokenizer proto, named tensors aligned to 16 bytes) with random q4_0 
 and prints prompt tokens/s and decode ms/token as chatglm.cpp's own PerfStreamer reports them. The tokenizer is the
 synthetic checkpoint's (``model_export.synthetic``), so prompts cost what they cost there. With ``--ours`` it
 alternates with our engine on that bundle (same prompt length, 16 decode steps, after the warm-up the app does when
-it loads, as in bench/speed.py), so the ratio comes from one stretch of this noisy machine. How to build chatglm.cpp 0.4.2 without
-network: docs/performance.md.
+it loads, as in bench/speed.py), so the ratio comes from one stretch of this noisy machine. How to build ``main`` from
+source snapshots, without network, and with which commits and flags: docs/performance.md, "Building chatglm.cpp
+without network".
 """
 
 from __future__ import annotations
