@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 
 MIN_PROMPT = 16  # below this the graph's single pass over the weights wins (measured: docs/performance.md)
 QUERY_CHUNK = 128  # prompt rows per attention chunk: scores of [HEAD_GROUP, 128, length] at a time
-HEAD_GROUP = 8  # heads whose keys and values are widened to fp32 together: 8 MB of a 2048-token layer
-ROWS = 512  # prompt rows per chunk of the linear layers: the 4h activations of 512 rows are 32 MB
+HEAD_GROUP = 4  # heads whose keys and values are widened to fp32 together: 8 MB per thread at 2048 tokens
+ROWS = 256  # prompt rows per chunk of the linear layers: the 4h activations of 256 rows are 16 MB
 
 
 class BundleTensors:
