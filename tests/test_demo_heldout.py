@@ -1,7 +1,8 @@
-"""The built-in demo on its three lists of 30 questions it was not trained on (``model_export/demo/dev.jsonl``, the
-development set, ``test.jsonl``, the test set, and ``final.jsonl``, the final set): none of them is in the training
-text; the shipped checkpoint answers them through the chat pipeline, as ``streamchat generate --demo --greedy`` does,
-with the properties every sensible answer has (docs/demo.md lists the answers and the verdicts)."""
+"""The built-in demo on its four lists of 30 questions it was not trained on (``model_export/demo/dev.jsonl``,
+``test.jsonl`` and ``final.jsonl``, used to choose the training text, and ``fresh.jsonl``, the honest measure): none
+of them is in the training text; the shipped checkpoint answers them through the chat pipeline, as ``streamchat
+generate --demo --greedy`` does, with the properties every sensible answer has (docs/demo.md lists the answers and
+the verdicts)."""
 
 import json
 import os
@@ -19,7 +20,7 @@ from model_export.export import export_bundle
 
 LISTS = {name: read_heldout(name) for name in SETS}
 # answers that pass every computed check, as docs/demo.md reports them for the shipped checkpoint
-PASSING = {"dev": 25, "test": 25, "final": 24, "fresh": 21}
+PASSING = {"dev": 27, "test": 27, "final": 28, "fresh": 23, "fifth": 22}
 
 
 def _normalized(text: str) -> str:

@@ -6,11 +6,12 @@ optionally ``"after": topic``, a follow-up that only makes sense as the second t
 examples are every phrasing once, plus, drawn with a fixed seed, some first questions after an unrelated first turn
 (so an earlier turn does not derail the next answer) and some help questions after a greeting ("Hi, ...").
 
-``templates.json`` adds, for the help topics, second turns and off-topic questions, phrasings drawn from templates:
-shared question frames ("how can I", "is there a way to", "能不能", "我想"...), synonyms per topic ("stop", "cancel",
-"interrupt"), polite openings, and surface noise (lower case, no final punctuation, a swapped pair of letters). The
-hand-written phrasings teach what the answers are; the templates teach that the frame and the synonym chosen do not
-change them, so questions worded unlike the help text still land on their topic.
+``templates.json`` adds, for the help topics, greetings ("who are you", "what can you do" behind a greeting word),
+second turns and off-topic questions, phrasings drawn from templates: shared question frames ("how can I", "is there a
+way to", "能不能", "我想"...), synonyms per topic ("stop", "cancel", "interrupt"), polite openings, and surface noise
+(lower case, no final punctuation, a swapped pair of letters). The hand-written phrasings teach what the answers are;
+the templates teach that the frame and the synonym chosen do not change them, so questions worded unlike the help text
+still land on their topic.
 """
 
 from __future__ import annotations

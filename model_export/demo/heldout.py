@@ -1,14 +1,13 @@
-"""The demo model's three lists of 30 questions it was not trained on, and their answers through the chat pipeline.
+"""The demo model's four lists of 30 questions it was not trained on, and their answers through the chat pipeline.
 
-    python -m model_export.demo.heldout [--set dev|test|final|fresh] [--checkpoint DIR] [--out answers.json]
+    python -m model_export.demo.heldout [--set dev|test|final|fresh|fifth] [--checkpoint DIR] [--out answers.json]
 
 Each list (15 zh, 15 en; greetings, paraphrases of help questions, second turns, off-topic questions) is kept out of
-the training text word for word. ``dev.jsonl`` is the development set: it was looked at while the training text and
-the variant were chosen, so its scores flatter the demo. ``test.jsonl`` was the test set of one training and has
-since been looked at while choosing too. ``final.jsonl`` is the final set: written before the training it reports on
-and answered once by the model chosen, never used to choose anything. Each question is answered as
-``streamchat generate --demo --greedy`` answers it: the checkpoint exported to the demo's INT8 bundle, a
-``ChatSession`` with the default settings and the bundled safety list, greedy decoding.
+the training text word for word. ``dev.jsonl``, ``test.jsonl`` and ``final.jsonl`` are selection sets: their answers
+were read while training texts and variants were chosen, so their scores flatter the demo. ``fresh.jsonl`` was
+written before the training it reports on and is answered once by the model chosen, never used to choose anything.
+Each question is answered as ``streamchat generate --demo --greedy`` answers it: the checkpoint exported to the
+demo's INT8 bundle, a ``ChatSession`` with the default settings and the bundled safety list, greedy decoding.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from model_export.demo.corpus import read_groups
 
 HERE = Path(__file__).resolve().parent
 SETS = {"dev": HERE / "dev.jsonl", "test": HERE / "test.jsonl", "final": HERE / "final.jsonl",
-        "fresh": HERE / "fresh.jsonl"}
+        "fresh": HERE / "fresh.jsonl", "fifth": HERE / "fifth.jsonl"}
 LANGUAGES = ("zh", "en")
 KINDS = ("greeting", "paraphrase", "follow-up", "off-topic")
 CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")

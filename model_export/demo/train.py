@@ -1,9 +1,9 @@
 """Train StreamChat's built-in demo model: a tiny ChatGLM-6B-architecture model that answers questions about StreamChat.
 
     pip install torch==2.13.0 protobuf      # dev-only; the app never imports torch
-    python -m model_export.demo.train [--out appliance/demo/checkpoint] [--steps N]
+    python -m model_export.demo.train [--out appliance/demo/checkpoint] [--epochs N] [--hidden H] [--layers L]
 
-Deterministic (fixed seeds, single-threaded sentencepiece, deterministic torch kernels); a few minutes on 2 cores.
+Deterministic (fixed seeds, single-threaded sentencepiece, deterministic torch kernels); about 20 minutes on 2 cores.
 It writes THUDM's layout (config.json, tokenizer_config.json, ice_text.model, model.safetensors with a tied lm_head)
 and then runs the written checkpoint through the numpy reference. The model trained is ``appliance.model.definition``
 on torch tensors (``TorchOps``), the same definition every backend of the appliance runs.
@@ -36,9 +36,9 @@ from model_export.reference import ReferenceEngine, ReferenceModel
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 DEFAULT_OUT = ROOT / "appliance" / "demo" / "checkpoint"
-SIZES = {"hidden_size": 128, "num_layers": 2, "num_attention_heads": 4, "inner_hidden_size": 512,
+SIZES = {"hidden_size": 192, "num_layers": 3, "num_attention_heads": 4, "inner_hidden_size": 768,
          "max_sequence_length": 512}
-EPOCHS, BATCH, LR, WEIGHT_DECAY = 24, 16, 3e-3, 0.0
+EPOCHS, BATCH, LR, WEIGHT_DECAY = 20, 16, 3e-3, 0.0
 NOISE = 0.05  # share of question tokens replaced by random pieces while training: no single word decides an answer
 
 
