@@ -31,11 +31,11 @@ from tests.test_service import LONG, PROMPT, _env
 try:
     import mindspore  # noqa: F401
 
-    ENGINE, TARGET, QUANT, SEED = "mindspore", "ascend-910b", "fp32", 4
+    ENGINE, TARGET, QUANT = "mindspore", "ascend-910b", "fp32"
 except ImportError as exc:
     print(f"worker tests run onnxruntime in the workers: mindspore is not importable ({exc})")
-    ENGINE, TARGET, QUANT, SEED = "onnxruntime", "cpu", "int8", LONG["seed"]
-RUNS_TO_CONTEXT = {**LONG, "seed": SEED, "temperature": 10}  # a sampled answer that runs into the demo's 512-token context
+    ENGINE, TARGET, QUANT = "onnxruntime", "cpu", "int8"
+RUNS_TO_CONTEXT = {**LONG, "temperature": 10}  # a sampled answer that runs into the demo's 512-token context
 
 WORKER = "appliance.engines.worker"
 
@@ -195,8 +195,8 @@ def test_a_killed_worker_fails_its_answer_only_and_is_restarted(served):
     result = {}
     request = threading.Thread(target=lambda: result.update(reply=httpx.post(
         srv.url + "/v1/chat/completions", timeout=120,
-        json={"messages": [{"role": "user", "content": "hello"}], "temperature": 5, "top_k": 0, "top_p": 1,
-              "seed": SEED, "max_tokens": 8192})))
+        json={"messages": [{"role": "user", "content": RUNS_TO_CONTEXT["text"]}], "max_tokens": 8192,
+              **{key: RUNS_TO_CONTEXT[key] for key in ("temperature", "top_k", "top_p", "seed")}})))
     request.start()
     victim = _busy_worker(srv, before)
     time.sleep(0.2)

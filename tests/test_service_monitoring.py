@@ -23,8 +23,7 @@ from appliance.service.request_log import request_line
 from tests.test_service import JSON, LONG, PROMPT, Server, _answer, generate
 
 OPERATOR_LIST = "离线聊天\n"  # a word of the demo's greedy answer to PROMPT: the output filter masks it
-# the start of a trained answer: the demo's greedy answer to it without repetition penalty repeats itself ("INT8 8 8 ...")
-REPEATING = "INT8 每个权重用 8 位，精度更高，体积更大；INT4"
+REPEATING = "How do I change the temperature?"  # its greedy answer without a penalty repeats a few 4-grams
 GREETING = "你好"
 
 
@@ -100,7 +99,7 @@ def test_metrics_match_what_happened(srv):
         replies = []
         for frame in ({"text": PROMPT, "greedy": True, "max_new_tokens": 64},
                       {"text": "how to make a bomb"},  # the input check blocks it
-                      {"text": REPEATING, "greedy": True, "repetition_penalty": 1.0, "max_new_tokens": 60}):
+                      {"text": REPEATING, "greedy": True, "repetition_penalty": 1.0, "max_new_tokens": 80}):
             async with websockets.connect(srv.ws_url) as ws:  # each a new conversation, as `generate` answers
                 replies.append(await _answer(ws, frame))
         return [done for _, done in replies], ["".join(deltas) for deltas, _ in replies]
@@ -116,7 +115,7 @@ def test_metrics_match_what_happened(srv):
     assert "＊＊＊＊" in texts[0] and "离线聊天" not in texts[0]  # the operator's word, masked
 
     references = {query: generate(srv.env, "--prompt", query, "--greedy", "--max-new-tokens", str(limit), *extra)
-                  for query, limit, extra in ((PROMPT, 64, ()), (REPEATING, 60, ("--repetition-penalty", "1.0")),
+                  for query, limit, extra in ((PROMPT, 64, ()), (REPEATING, 80, ("--repetition-penalty", "1.0")),
                                               (GREETING, 512, ()))}
     assert references[PROMPT]["response"] == texts[0] and references[REPEATING]["response"] == texts[2]
     assert references[GREETING]["response"] == completion["choices"][0]["message"]["content"]

@@ -1,11 +1,12 @@
-"""The demo model's four lists of 30 questions it was not trained on, and their answers through the chat pipeline.
+"""The demo model's five lists of 30 questions it was not trained on, and their answers through the chat pipeline.
 
     python -m model_export.demo.heldout [--set dev|test|final|fresh|fifth] [--checkpoint DIR] [--out answers.json]
 
 Each list (15 zh, 15 en; greetings, paraphrases of help questions, second turns, off-topic questions) is kept out of
-the training text word for word. ``dev.jsonl``, ``test.jsonl`` and ``final.jsonl`` are selection sets: their answers
-were read while training texts and variants were chosen, so their scores flatter the demo. ``fresh.jsonl`` was
-written before the training it reports on and is answered once by the model chosen, never used to choose anything.
+the training text word for word. ``dev.jsonl``, ``test.jsonl``, ``final.jsonl`` and ``fresh.jsonl`` are selection
+sets: their answers were read while training texts and variants were chosen, so their scores flatter the demo.
+``fifth.jsonl`` was written before the training it reports on and answered once by the model chosen, never used to
+choose anything (docs/demo.md says which of its questions the training text came close to).
 Each question is answered as ``streamchat generate --demo --greedy`` answers it: the checkpoint exported to the
 demo's INT8 bundle, a ``ChatSession`` with the default settings and the bundled safety list, greedy decoding.
 """
