@@ -181,7 +181,7 @@ def _generate(root: Path, prompt: str, turns: list[tuple[str, str]]) -> str:
 
 def test_two_servers_on_one_database_continue_each_others_conversations(url, tmp_path):
     pytest.importorskip("websockets")
-    questions = ["StreamChat 是什么？", "它需要联网吗？", "How do I install it?"]
+    questions = ["StreamChat 是什么？", "它需要联网吗？", "How do I start it?"]
     a = _Server(tmp_path / "a", url)
     try:
         b = _Server(tmp_path / "b", url)
