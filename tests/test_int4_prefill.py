@@ -157,3 +157,24 @@ def test_each_forced_path_prefills_and_the_paths_agree(bundles, tokenizer, monke
     if {"avx2", "avx512vnni"} <= logits.keys():
         np.testing.assert_array_equal(logits["avx2"], logits["avx512vnni"])
     assert _cos(logits["avx2"], logits["onnxruntime"]) > PATHS_MIN_COSINE
+
+
+def test_blas_keeps_one_thread_while_any_prompt_runs_and_gets_its_threads_back():
+    """Two engines of one process prefilling at once: the first in limits numpy's BLAS to one thread, the last out
+    restores it, whatever order they leave in."""
+    from threadpoolctl import ThreadpoolController
+
+    def blas_threads() -> set[int]:
+        return {info["num_threads"] for info in ThreadpoolController().select(user_api="blas").info()}
+
+    before = blas_threads()
+    if before in (set(), {1}):
+        pytest.skip(f"numpy's BLAS here has no threads to limit ({before or 'no BLAS found'})")
+    limit = int4_prefill.OneBlasThread()
+    limit.__enter__()  # the first prompt
+    assert blas_threads() == {1}
+    limit.__enter__()  # a second engine's prompt starts
+    limit.__exit__(None, None, None)  # the first ends before the second
+    assert blas_threads() == {1}
+    limit.__exit__(None, None, None)
+    assert blas_threads() == before

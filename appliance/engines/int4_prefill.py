@@ -17,7 +17,7 @@ prefills.
 from __future__ import annotations
 
 import mmap
-from functools import cache
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -145,7 +145,7 @@ class Int4Prefill:
         rope = rotary_tables(ops)  # [L, 1, head_dim] each
         x = ops.embed(ids)  # the residual stream, updated in place layer after layer
         try:
-            with _blas().limit(limits=1, user_api="blas"):
+            with ONE_BLAS_THREAD:
                 for n in range(self.config.num_layers):
                     self._layer(ops, n, x, rope, mask, cache[2 * n], cache[2 * n + 1])
         finally:
@@ -191,12 +191,30 @@ class Int4Prefill:
         return queries
 
 
-@cache
-def _blas() -> ThreadpoolController:
-    """numpy's BLAS, limited to one thread while a prompt runs: the attention's small matmuls already run one per
+class OneBlasThread:
+    """numpy's BLAS limited to one thread while a prompt runs: the attention's small matmuls already run one per
     kernel thread, and OpenBLAS's own threads, waiting on cores the kernel's threads hold, made a 128-token prompt's
-    attention 100x slower on a busy 2-core machine (docs/performance.md)."""
-    return ThreadpoolController()
+    attention 100x slower on a busy 2-core machine (docs/performance.md). The limit is process-wide and engines of one
+    process (the service's replicas) may prefill at once, so the first prompt in sets it and the last one out lifts it.
+    """
+
+    def __init__(self) -> None:
+        self.lock, self.running, self.limit = threading.Lock(), 0, None
+
+    def __enter__(self) -> None:
+        with self.lock:
+            if not self.running:
+                self.limit = ThreadpoolController().limit(limits=1, user_api="blas")
+            self.running += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self.lock:
+            self.running -= 1
+            if not self.running:
+                self.limit.restore_original_limits()
+
+
+ONE_BLAS_THREAD = OneBlasThread()
 
 
 class _KernelOps(NumpyOps):
