@@ -32,7 +32,6 @@ from PySide6.QtWidgets import (
 
 from appliance.app import AppContext
 from appliance.display import one_line
-from appliance.engines import AUTO
 from appliance.errors import StreamChatError
 from appliance.history import write_export
 from appliance.live_numbers import AnswerNumbers, RunNumbers, tokens_per_second
@@ -519,8 +518,10 @@ class MainWindow(QMainWindow):
     def _engine_advice(self) -> str:
         """What to change when the engine or device chosen in Settings cannot load the bundle: names both, as the
         Settings dialog does."""
+        from ui.settings_dialog import engine_label
+
         settings = self.app.settings
-        engine = t("Automatic (the bundle's own)") if settings.engine == AUTO else settings.engine
+        engine = engine_label(settings.engine)
         device = t("CPU") if settings.device == "cpu" else f"{t('Ascend NPU')} {settings.device_id}"
         return t("This comes from the engine or device chosen in Settings (engine: {0}; device: {1}): choose others "
                  "there (onnxruntime on the CPU runs every bundle), or choose another bundle.").format(engine, device)

@@ -56,6 +56,11 @@ def engines_for(target: str | None) -> list[str]:
     return [AUTO, *(kind.name for kind in ENGINES.values() if layout is None or layout in kind.opens)]
 
 
+def engine_label(name: str) -> str:
+    """How an engine setting reads in the window: Automatic, or the engine's own name."""
+    return t("Automatic (the bundle's own)") if name == AUTO else name
+
+
 def devices_for(engine: str, target: str | None) -> tuple[str, ...]:
     """Where ``engine`` (auto: the target's own) can run; every device when that is not known."""
     name = TARGETS[target].runtime if engine == AUTO and target in TARGETS else engine
@@ -202,7 +207,7 @@ class SettingsDialog(QDialog):
             names.append(current)
         combo.clear()
         for name in names:
-            combo.addItem(t("Automatic (the bundle's own)") if name == AUTO else name, name)
+            combo.addItem(engine_label(name), name)
         combo.setCurrentIndex(names.index(current))
         self._enable_device()
 

@@ -7,8 +7,8 @@
  *
  * W [N][K/G][G/2] uint8: codes 0..15, low nibble first, zero point 8; scales [N][K/G] fp32 (appliance/model/weights.py).
  * X is quantized per row and per block of G to int8 (scale = max|x| / 127), as MatMulNBits' accuracy level 4 does.
- * Every product is codes (u8, 0..15) times activations (s8): sum((c - 8) * x) = sum(c * x) - 8 * sum(x), so the zero
- * point costs one precomputed term per row and block ("offsets" below) rather than a subtraction per code.
+ * Every product is a code (u8, 0..15) times an activation (s8), and sum((c - 8) * x) = sum(c * x) - 8 * sum(x): the
+ * zero point is one precomputed term per row and block ("offsets" below).
  *
  * Each entry point (sc_*) checks the CPU, its shapes and its pointers before any vector code runs and returns SC_OK or
  * why it refused (SC_NO_AVX2 / SC_NO_AVX512_VNNI, SC_BAD_SHAPE, SC_MISALIGNED): a wrong call is an error code, not a
