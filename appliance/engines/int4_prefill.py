@@ -16,6 +16,7 @@ prefills.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import threading
 from pathlib import Path
@@ -145,7 +146,7 @@ class Int4Prefill:
         rope = rotary_tables(ops)  # [L, 1, head_dim] each
         x = ops.embed(ids)  # the residual stream, updated in place layer after layer
         try:
-            with ONE_BLAS_THREAD:
+            with PROMPT_SCOPE:
                 for n in range(self.config.num_layers):
                     self._layer(ops, n, x, rope, mask, cache[2 * n], cache[2 * n + 1])
         finally:
@@ -175,7 +176,7 @@ class Int4Prefill:
         """queries [L, heads, hd] (already scaled by net_attention_scale), attending to the first L positions of the
         cache [1, heads, capacity, hd] -> the context, written over ``queries``. The kernel's threads take the heads
         HEAD_GROUP at a time: that group's keys and values widened to fp32 (an fp16 cache is converted once per layer,
-        not per chunk), QUERY_CHUNK queries' scores at a time, on one BLAS thread each (see ``run``)."""
+        not per chunk), QUERY_CHUNK queries' scores at a time, on one BLAS thread each (see ``PromptScope``)."""
         length = queries.shape[0]
 
         def heads(first: int, end: int, _worker: int) -> None:
@@ -191,11 +192,16 @@ class Int4Prefill:
         return queries
 
 
-class OneBlasThread:
-    """numpy's BLAS limited to one thread while a prompt runs: the attention's small matmuls already run one per
-    kernel thread, and OpenBLAS's own threads, waiting on cores the kernel's threads hold, made a 128-token prompt's
-    attention 100x slower on a busy 2-core machine (docs/performance.md). The limit is process-wide and engines of one
-    process (the service's replicas) may prefill at once, so the first prompt in sets it and the last one out lifts it.
+class PromptScope:
+    """What a running prompt changes for the whole process. Engines of one process (the service's replicas) may
+    prefill at once, so the first prompt in makes the changes and the last one out undoes them:
+
+    - numpy's BLAS is held to one thread: the attention's small matmuls already run one per kernel thread, and
+      OpenBLAS's own threads, waiting on cores the kernel's threads hold, made a 128-token prompt's attention 100x
+      slower on a busy 2-core machine;
+    - on the way out the C allocator gives the prompt's freed temporaries back to the system (``malloc_trim``, glibc
+      only): glibc keeps them for reuse, and the next peak lands on top of what it kept (at context 2048 the bench
+      peaked at 5.02 GB without, 4.99 with it; docs/performance.md has both measurements).
     """
 
     def __init__(self) -> None:
@@ -212,9 +218,17 @@ class OneBlasThread:
             self.running -= 1
             if not self.running:
                 self.limit.restore_original_limits()
+                _give_back_freed_memory()
 
 
-ONE_BLAS_THREAD = OneBlasThread()
+def _give_back_freed_memory() -> None:
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+_LIBC = ctypes.CDLL(None)  # the process's own C library: glibc has malloc_trim, others may not
+PROMPT_SCOPE = PromptScope()
 
 
 class _KernelOps(NumpyOps):
