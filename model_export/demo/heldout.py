@@ -1,12 +1,13 @@
-"""The demo model's five lists of 30 questions it was not trained on, and their answers through the chat pipeline.
+"""The demo model's lists of 30 questions it was not trained on, and their answers through the chat pipeline.
 
-    python -m model_export.demo.heldout [--set dev|test|final|fresh|fifth] [--checkpoint DIR] [--out answers.json]
+    python -m model_export.demo.heldout [--set dev|test|final|fresh|fifth|sixth|seventh] [--checkpoint DIR]
+                                        [--out answers.json]
 
 Each list (15 zh, 15 en; greetings, paraphrases of help questions, second turns, off-topic questions) is kept out of
-the training text word for word. ``dev.jsonl``, ``test.jsonl``, ``final.jsonl`` and ``fresh.jsonl`` are selection
-sets: their answers were read while training texts and variants were chosen, so their scores flatter the demo.
-``fifth.jsonl`` was written before the training it reports on and answered once by the model chosen, never used to
-choose anything (docs/demo.md says which of its questions the training text came close to).
+the training text: ``model_export.demo.corpus`` drops every training question that contains one of them. Each list
+was written and committed before a training round and answered once by the model that round chose; after that its
+answers were read while later training texts and variants were chosen, so only the newest list is unread by any
+choice (``corpus.HELD_OUT`` names them in order; docs/demo.md says which list is which and what each model scored).
 Each question is answered as ``streamchat generate --demo --greedy`` answers it: the checkpoint exported to the
 demo's INT8 bundle, a ``ChatSession`` with the default settings and the bundled safety list, greedy decoding.
 """
@@ -25,11 +26,9 @@ from appliance.loading import DEMO_CHECKPOINT, DEMO_QUANT, open_bundle
 from appliance.safety import DEFAULT_LIST, RuleSet
 from appliance.session import ChatSession
 from appliance.settings import Settings
-from model_export.demo.corpus import read_groups
+from model_export.demo.corpus import HELD_OUT, read_groups
 
-HERE = Path(__file__).resolve().parent
-SETS = {"dev": HERE / "dev.jsonl", "test": HERE / "test.jsonl", "final": HERE / "final.jsonl",
-        "fresh": HERE / "fresh.jsonl", "fifth": HERE / "fifth.jsonl"}
+SETS = HELD_OUT
 LANGUAGES = ("zh", "en")
 KINDS = ("greeting", "paraphrase", "follow-up", "off-topic")
 CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
