@@ -93,7 +93,8 @@ def main() -> None:
     print("|" + "---|" * 9)
     for r in rows:
         first = next(x for x in rows if x["round"] == r["round"])
-        print(f"| {r['round']} | {r['bandwidth_gbs']:.1f} | {r['tree']} | {Path(r['bundle']).name} | {r['kernel']} | "
+        bundle = "/".join(Path(r["bundle"]).parts[-2:])  # a bundle's folder and its parent tell exports apart
+        print(f"| {r['round']} | {r['bandwidth_gbs']:.1f} | {r['tree']} | {bundle} | {r['kernel']} | "
               f"{r['path']} | {min(r['seconds']):.2f} | {r['tokens_per_s']:.1f} | "
               f"{r['tokens_per_s'] / first['tokens_per_s']:.2f}x |")
 
