@@ -21,8 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import read_bandwidth_gbs  # noqa: E402
+from speed import read_bandwidth_gbs
 
 CHILD = """
 import json, sys, time

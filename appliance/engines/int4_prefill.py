@@ -218,16 +218,11 @@ class PromptScope:
             self.running -= 1
             if not self.running:
                 self.limit.restore_original_limits()
-                _give_back_freed_memory()
+                if _MALLOC_TRIM is not None:
+                    _MALLOC_TRIM(0)
 
 
-def _give_back_freed_memory() -> None:
-    trim = getattr(_LIBC, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
-_LIBC = ctypes.CDLL(None)  # the process's own C library: glibc has malloc_trim, others may not
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the process's C library: glibc has it, others may not
 PROMPT_SCOPE = PromptScope()
 
 

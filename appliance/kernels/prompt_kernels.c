@@ -7,7 +7,7 @@
  *
  * W [N][K/G][G/2] uint8: codes 0..15, low nibble first, zero point 8; scales [N][K/G] fp32 (appliance/model/weights.py).
  * X is quantized per row and per block of G to int8 (scale = max|x| / 127), as MatMulNBits' accuracy level 4 does.
- * Every product is a code (u8, 0..15) times an activation (s8), and sum((c - 8) * x) = sum(c * x) - 8 * sum(x): the
+ * Every product is a code (unsigned, 0..15) times an activation (signed int8), and sum((c - 8) * x) = sum(c * x) - 8 * sum(x): the
  * zero point is one precomputed term per row and block ("offsets" below).
  *
  * Each entry point (sc_*) checks the CPU, its shapes and its pointers before any vector code runs and returns SC_OK or
