@@ -6,6 +6,7 @@
  *
  * Prints one line per path it ran or skipped and exits 0, or names the first mismatch and exits 1.
  */
+#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -14,19 +15,23 @@
 
 int sc_cpu_features(void);
 int sc_quantize_rows(const float *x, int M, int K, int G, int8_t *codes, float *scales, float *offsets);
-int sc_int4_gemm(const int8_t *, const float *, const float *, int, int, int, const uint8_t *, const float *, float *,
-                 int, int, int, uint8_t *);
+int sc_int4_gemm(const int8_t *, const float *, const float *, int, int, int, const uint8_t *, const float *,
+                 const float *, float *, int, int, int, uint8_t *);
 int sc_int4_gemm_avx512vnni(const int8_t *, const float *, const float *, int, int, int, const uint8_t *,
-                            const float *, float *, int, int, int, uint8_t *);
+                            const float *, const float *, float *, int, int, int, uint8_t *);
 int sc_quantize_vector(const float *x, int K, int G, int8_t *x_lo, int8_t *x_hi, float *lane_scales, float *offsets);
 int sc_int4_gemv(const int8_t *, const int8_t *, const float *, const float *, int, int, const uint8_t *,
                  const float *, float *, int, int);
 int sc_int4_gemv_avx512vnni(const int8_t *, const int8_t *, const float *, const float *, int, int, const uint8_t *,
                             const float *, float *, int, int);
+int sc_nbits_gemv(const float *x, int K, int G, int bits, const uint8_t *w, const float *ws, float *y, int n0, int n1);
+int sc_layer_norm(const float *x, int rows, int K, const float *weight, const float *bias, float eps, float *out);
+int sc_heads_to_fp16(const float *src, int rows, int heads, int hd, long src_row, long src_head, uint16_t *dst,
+                     long dst_head, long dst_row);
 int sc_gelu(float *x, size_t n);
 
 typedef int (*gemm_fn)(const int8_t *, const float *, const float *, int, int, int, const uint8_t *, const float *,
-                       float *, int, int, int, uint8_t *);
+                       const float *, float *, int, int, int, uint8_t *);
 typedef int (*gemv_fn)(const int8_t *, const int8_t *, const float *, const float *, int, int, const uint8_t *,
                        const float *, float *, int, int);
 
@@ -39,6 +44,9 @@ static void *exactly(size_t nbytes, size_t align) {
     if (!p) { puts("out of memory"); exit(2); }
     return p;
 }
+
+/* fp32 -> fp16, rounded to nearest even (the CPU's own conversion; run only where the paths' check found F16C) */
+__attribute__((target("f16c"))) static uint16_t half(float f) { return (uint16_t)_cvtss_sh(f, 0); }
 
 static int failures;
 #define EXPECT(cond, ...) do { if (!(cond)) { printf(__VA_ARGS__); puts(""); failures++; return; } } while (0)
@@ -90,21 +98,25 @@ static void gemm_case(const char *path, gemm_fn gemm, int nr, int M, int K, int 
     for (int i = 0; i < K; i++) x[(M - 1) * K + i] = 0;
     for (int i = 0; i < N * K / 2; i++) w[i] = (uint8_t)next();
     for (int i = 0; i < N * blocks; i++) ws[i] = 0.01f + 0.01f * uniform();
+    float *bias = exactly(sizeof(float) * N, 4);
+    for (int i = 0; i < N; i++) bias[i] = uniform();
     reference(x, M, K, G, w, ws, N, want, bound);
+    for (int i = 0; i < M * N; i++) want[i] += bias[i % N], bound[i] += 1;
     char what[96];
     snprintf(what, sizeof what, "%s gemm %dx%dx%d g%d", path, M, K, N, G);
     EXPECT(sc_quantize_rows(x, M, K, G, codes, xs, xo) == 0, "%s: quantize refused", what);
     /* two column ranges, as two threads would run them */
-    EXPECT(gemm(codes, xs, xo, M, K, G, w, ws, y, N, 0, N / nr / 2 * nr, scratch) == 0, "%s: refused", what);
-    EXPECT(gemm(codes, xs, xo, M, K, G, w, ws, y, N, N / nr / 2 * nr, N, scratch) == 0, "%s: refused", what);
+    EXPECT(gemm(codes, xs, xo, M, K, G, w, ws, bias, y, N, 0, N / nr / 2 * nr, scratch) == 0, "%s: refused", what);
+    EXPECT(gemm(codes, xs, xo, M, K, G, w, ws, bias, y, N, N / nr / 2 * nr, N, scratch) == 0, "%s: refused", what);
     compare(what, y, want, bound, M, N, N);
     /* refusals: nothing written */
     y[0] = 7.f;
-    EXPECT(gemm(codes, xs, xo, M, K, G, w, ws, y, N, 0, nr / 2, scratch) == 1, "%s: half a panel accepted", what);
-    EXPECT(gemm(codes, xs, xo, M - 1, K, G, w, ws, y, N, 0, N, scratch) == 1, "%s: partial tile accepted", what);
-    EXPECT(gemm(codes, xs, xo, M, K, G, w, ws, y, N, 0, N, scratch + 16) == 2, "%s: misaligned scratch", what);
+    EXPECT(gemm(codes, xs, xo, M, K, G, w, ws, NULL, y, N, 0, nr / 2, scratch) == 1, "%s: half a panel accepted", what);
+    EXPECT(gemm(codes, xs, xo, M - 1, K, G, w, ws, NULL, y, N, 0, N, scratch) == 1, "%s: partial tile accepted", what);
+    EXPECT(gemm(codes, xs, xo, M, K, G, w, ws, NULL, y, N, 0, N, scratch + 16) == 2, "%s: misaligned scratch", what);
     EXPECT(y[0] == 7.f, "%s: a refused call wrote", what);
     free(x), free(ws), free(w), free(scratch), free(codes), free(xs), free(xo), free(y), free(want), free(bound);
+    free(bias);
 }
 
 static void gemv_case(const char *path, gemv_fn gemv, int K, int G, int N) {
@@ -131,11 +143,44 @@ static void gemv_case(const char *path, gemv_fn gemv, int K, int G, int N) {
     free(x), free(ws), free(w), free(lo), free(hi), free(lanes), free(offsets), free(y), free(want), free(bound);
 }
 
+/* The logits GEMV (fp32 activations, 4- or 8-bit codes) against a double sum of (code - zero point) * ws * x. */
+static void logits_case(int bits, int K, int G, int N) {
+    const int blocks = K / G, row_bytes = K / 8 * bits;
+    float *x = exactly(sizeof(float) * K, 4), *ws = exactly(sizeof(float) * N * blocks, 4);
+    float *y = exactly(sizeof(float) * N, 4);
+    uint8_t *w = exactly((size_t)N * row_bytes, 1);
+    for (int i = 0; i < K; i++) x[i] = 5 * uniform();
+    for (int i = 0; i < N * row_bytes; i++) w[i] = (uint8_t)next();
+    for (int i = 0; i < N * blocks; i++) ws[i] = 0.01f + 0.01f * uniform();
+    char what[96];
+    snprintf(what, sizeof what, "logits %d-bit %dx%d g%d", bits, K, N, G);
+    EXPECT(sc_nbits_gemv(x, K, G, bits, w, ws, y, 0, N / 2) == 0, "%s: refused", what);
+    EXPECT(sc_nbits_gemv(x, K, G, bits, w, ws, y, N / 2, N) == 0, "%s: refused", what);
+    for (int n = 0; n < N; n++) {
+        double want = 0, bound = 0;
+        for (int k = 0; k < K; k++) {
+            const uint8_t byte = w[(size_t)n * row_bytes + k * bits / 8];
+            const int code = bits == 8 ? byte - 128 : ((k & 1) ? byte >> 4 : byte & 15) - 8;
+            const double term = (double)ws[n * blocks + k / G] * code * x[k];
+            want += term, bound += fabs(term);
+        }
+        EXPECT(fabs(y[n] - want) <= 1e-6 * bound + 1e-6, "%s: column %d: %.7g, want %.7g", what, n, y[n], want);
+    }
+    y[0] = 7.f;
+    EXPECT(sc_nbits_gemv(x, K, G, 6, w, ws, y, 0, N) == 1, "%s: 6 bits accepted", what);
+    EXPECT(sc_nbits_gemv(x, K, 96, bits, w, ws, y, 0, N) == 1, "%s: a group of 96 accepted", what);
+    EXPECT(sc_nbits_gemv(x, K, G, bits, w, ws, y, 3, 2) == 1, "%s: an empty range turned round", what);
+    EXPECT(sc_nbits_gemv(x, K, G, bits, NULL, ws, y, 0, N) == 2, "%s: no weights accepted", what);
+    EXPECT(y[0] == 7.f, "%s: a refused call wrote", what);
+    free(x), free(ws), free(y), free(w);
+}
+
 static void run_path(const char *path, gemm_fn gemm, int nr, gemv_fn gemv) {
     const int groups[] = {32, 64, 128, 256};
     for (int g = 0; g < 4; g++) {
         gemm_case(path, gemm, nr, 8, 1024, groups[g], 3 * nr);
         gemm_case(path, gemm, nr, 4, groups[g], groups[g], nr);
+        gemm_case(path, gemm, nr, 4, 3 * groups[g], groups[g], nr); /* K an odd multiple of 32 where G = 32 */
         gemv_case(path, gemv, 1024, groups[g], 37);
         gemv_case(path, gemv, 256 > groups[g] ? 256 : groups[g], groups[g], 5);
     }
@@ -149,6 +194,40 @@ int main(void) {
     if (features & 2) run_path("avx512vnni", sc_int4_gemm_avx512vnni, 32, sc_int4_gemv_avx512vnni);
     else printf("avx512vnni: skipped, this CPU has no AVX-512 VNNI\n");
     if (features & 1) {
+        const int groups[] = {32, 64, 128, 256};
+        for (int g = 0; g < 4; g++)
+            for (int bits = 4; bits <= 8; bits += 4) logits_case(bits, 1024, groups[g], 37);
+        printf("logits: %s\n", failures ? "FAILED" : "ok");
+        float *x = exactly(sizeof(float) * 3 * 40, 4), *out = exactly(sizeof(float) * 3 * 40, 4);
+        float *weight = exactly(sizeof(float) * 40, 4), *bias = exactly(sizeof(float) * 40, 4);
+        for (int i = 0; i < 120; i++) x[i] = 4 * uniform() + (float)(i / 40);
+        for (int i = 0; i < 40; i++) weight[i] = 1 + uniform(), bias[i] = uniform();
+        int bad = sc_layer_norm(x, 3, 40, weight, bias, 1e-5f, out) != 0;
+        for (int r = 0; r < 3 && !bad; r++) {
+            double mean = 0, var = 0;
+            for (int k = 0; k < 40; k++) mean += x[r * 40 + k] / 40.;
+            for (int k = 0; k < 40; k++) var += (x[r * 40 + k] - mean) * (x[r * 40 + k] - mean) / 40.;
+            for (int k = 0; k < 40; k++)
+                bad |= fabs(out[r * 40 + k] - ((x[r * 40 + k] - mean) / sqrt(var + 1e-5) * weight[k] + bias[k])) > 1e-5;
+        }
+        bad |= sc_layer_norm(x, 3, 36, weight, bias, 1e-5f, out) != 1;
+        if (bad) { puts("layer norm: wrong"); failures++; }
+        free(x), free(out), free(weight), free(bias);
+        /* 3 rows x 2 heads x 8 into a [2][5][8] cache at rows 1..3: exactly those 48 halves written */
+        float *kv = exactly(sizeof(float) * 3 * 2 * 8, 4);
+        uint16_t *cache = exactly(sizeof(uint16_t) * 2 * 5 * 8, 2);
+        for (int i = 0; i < 48; i++) kv[i] = (float)i + 0.5f;
+        for (int i = 0; i < 80; i++) cache[i] = 0xFFFF;
+        bad = sc_heads_to_fp16(kv, 3, 2, 8, 16, 8, cache + 8, 40, 8) != 0;
+        for (int h = 0; h < 2; h++)
+            for (int r = 0; r < 5; r++)
+                for (int d = 0; d < 8; d++) {
+                    const uint16_t got = cache[h * 40 + r * 8 + d];
+                    if (r < 1 || r > 3) bad |= got != 0xFFFF;
+                    else bad |= got != half(kv[(r - 1) * 16 + h * 8 + d]);
+                }
+        if (bad) { puts("fp16 cache writes: wrong"); failures++; }
+        free(kv), free(cache);
         float v[13];
         for (int i = 0; i < 13; i++) v[i] = (float)(i - 6);
         if (sc_gelu(v, 13) || fabsf(v[7] - 0.8412f) > 1e-4f || v[6] != 0.f) { puts("gelu: wrong"); failures++; }

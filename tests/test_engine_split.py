@@ -235,9 +235,9 @@ def test_the_gemm_returns_error_codes_for_bad_shapes_and_buffers():
     y = np.full((m, n), 7.0, np.float32)
     scratch = _aligned(k * 16 + 4 * (k // g) * 16)
 
-    def gemm(m=m, k=k, g=g, ldy=n, n0=0, n1=n, scratch=scratch, w=w):
+    def gemm(m=m, k=k, g=g, ldy=n, n0=0, n1=n, scratch=scratch, w=w, bias=None):
         return lib.sc_int4_gemm(xq.ctypes.data, xs.ctypes.data, xo.ctypes.data, m, k, g,
-                                None if w is None else w.ctypes.data, ws.ctypes.data, y.ctypes.data, ldy, n0, n1,
+                                None if w is None else w.ctypes.data, ws.ctypes.data, bias, y.ctypes.data, ldy, n0, n1,
                                 scratch.ctypes.data)
 
     for bad in ({"m": 3}, {"m": 0}, {"k": 200}, {"g": 48}, {"g": 512, "k": 512}, {"n1": 24}, {"n0": 16, "n1": 0},
@@ -245,6 +245,7 @@ def test_the_gemm_returns_error_codes_for_bad_shapes_and_buffers():
         assert gemm(**bad) == BAD_SHAPE, bad
     assert gemm(scratch=_aligned(len(scratch), offset=16)) == MISALIGNED
     assert gemm(w=None) == MISALIGNED
+    assert gemm(bias=ws.ctypes.data + 2) == MISALIGNED
     assert (y == 7.0).all()  # refused before touching memory
     assert gemm() == 0 and (y == 0.0).all()  # zero activations, zero weights' codes: exact zeros
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import subprocess
 import sys
 from pathlib import Path
@@ -82,17 +83,55 @@ def test_the_weights_pages_leave_the_process_after_a_prompt(bundles, tokenizer):
     assert mappings and all(resident == 0 for _, _, resident, _ in mappings)
 
 
-def test_which_prompts_the_split_is_exact_for(tokenizer):
+@needs_kernel
+def test_the_lm_head_is_mapped_a_chunk_at_a_time(bundles, tokenizer, monkeypatch):
+    """The logits read the whole table; each chunk's pages leave the process before the next chunk is read, so the
+    prompt's peak RSS never holds the table (0.53 GB for ChatGLM-6B)."""
+    engine = _engine(bundles, "int4")
+    rows = engine.prefill.rows
+    table = rows.tensors[int4_prefill.HEAD + ".qweight"]
+    monkeypatch.setattr(int4_prefill, "HEAD_ROWS", len(table) // 8)
+    events, logits, release_rows = [], rows.kernels.logits, rows.tensors.release_rows
+    monkeypatch.setattr(rows.kernels, "logits", lambda x, packed, *a: events.append(len(packed)) or logits(x, packed, *a))
+    monkeypatch.setattr(rows.tensors, "release_rows", lambda name, r: events.append((name, r)) or release_rows(name, r))
+    ids, layout = _prompt(tokenizer)
+    engine.start().prefill(np.array(ids), layout.position_ids(), layout.mask())
+    chunks = [slice(a, min(a + len(table) // 8, len(table))) for a in range(0, len(table), len(table) // 8)]
+    assert events == [e for c in chunks for e in (c.stop - c.start, (int4_prefill.HEAD + ".qweight", c))]
+    # and releasing a chunk's rows takes their pages out of the process
+    tensors, data = rows.tensors, bundles["int4"] / "decoder.onnx.data"
+
+    def resident() -> int:
+        pages = -(-len(tensors.map) // mmap.PAGESIZE) * mmap.PAGESIZE
+        return sum(m[2] for m in file_mappings(data) if m[1] - m[0] == pages)
+
+    tensors.release()
+    np.array(table[chunks[0]])
+    touched = resident()
+    release_rows(int4_prefill.HEAD + ".qweight", chunks[0])
+    assert touched - resident() >= table[chunks[0]].nbytes // mmap.PAGESIZE * mmap.PAGESIZE - mmap.PAGESIZE > 0
+
+
+def test_prompts_from_min_prompt_tokens_on_take_the_kernel(tokenizer):
+    ids, _ = _prompt(tokenizer)
+    assert Int4Prefill.takes(np.array(ids)) and Int4Prefill.takes(np.array(ids[:MIN_PROMPT]))
+    assert not Int4Prefill.takes(np.array(ids[:MIN_PROMPT - 1]))
+
+
+@needs_kernel
+def test_the_kernel_follows_any_prefix_mask_as_the_graph_does(bundles, tokenizer):
+    """Attention on the kernel path reads the prompt's own mask: a layout where an earlier row attends to the last one
+    (no longer a causal tail) gives the graph's cache and logits."""
     ids, layout = _prompt(tokenizer)
     mask = layout.mask()
-    assert Int4Prefill.takes(np.array(ids), mask)
-    assert not Int4Prefill.takes(np.array(ids[-MIN_PROMPT + 1:]), mask[-MIN_PROMPT + 1:, -MIN_PROMPT + 1:])
-    hidden_last = mask.copy()
-    hidden_last[-1, 0] = True  # the last row would not see every position: a decode step cannot stand in for it
-    assert not Int4Prefill.takes(np.array(ids), hidden_last)
-    seen_last = mask.copy()
-    seen_last[0, -1] = False  # an earlier row would attend to the last token, which the kernel rows do not have
-    assert not Int4Prefill.takes(np.array(ids), seen_last)
+    mask[:, -1] = False  # every row attends to the last token too
+    engines = [_engine(bundles, prompt_kernel=k) for k in (True, False)]
+    logits = [e.start().prefill(np.array(ids), layout.position_ids(), mask) for e in engines]
+    assert _cos(*logits) > PATHS_MIN_COSINE and np.argmax(logits[0]) == np.argmax(logits[1])
+    for kernel_cache, graph_cache in zip(engines[0].decoder.cache, engines[1].decoder.cache, strict=True):
+        assert _cos(kernel_cache[0, :, :len(ids)], graph_cache[0, :, :len(ids)]) > 0.99999
+    unmasked = engines[0].start().prefill(np.array(ids), layout.position_ids(), layout.mask())
+    assert _cos(logits[0], unmasked) < 0.9999  # the mask changed the answer: the test can tell them apart
 
 
 def test_without_the_kernel_the_graph_prefills(bundles, tokenizer, monkeypatch):
@@ -114,7 +153,7 @@ def test_row_chunks_change_nothing(bundles, tokenizer, monkeypatch):
     def prefill():
         engine = _engine(bundles)
         logits = engine.start().prefill(np.array(ids), layout.position_ids(), layout.mask())
-        return logits, [c[0, :, :len(ids) - 1].copy() for c in engine.decoder.cache]
+        return logits, [c[0, :, :len(ids)].copy() for c in engine.decoder.cache]
 
     whole_logits, whole_cache = prefill()
     monkeypatch.setattr(int4_prefill, "ROWS", 8)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import platform
+import threading
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +14,8 @@ import pytest
 from appliance.errors import EngineError
 from appliance.kernels import describe, native
 from appliance.kernels.decode_kernels import DecodeKernels
-from appliance.kernels.prompt_kernels import Int4Weight, PromptKernels, load, status
-from appliance.model.numpy_ops import ARRAY
+from appliance.kernels.prompt_kernels import Int4Weight, PromptKernels, load, split, status
+from appliance.model.numpy_ops import ARRAY, layer_norm
 from appliance.model.quantize import quantize_blockwise
 
 FLAGS = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
@@ -246,15 +248,119 @@ def test_the_new_entry_points_return_error_codes():
             assert call(**bad) == native.BAD_SHAPE, (name, bad)
         assert call(w=None) == native.MISALIGNED
         assert (y == 7.0).all()
+    table, scales, logits = np.zeros((16, 256), np.uint8), np.ones((16, 2), np.float32), np.full(16, 7.0, np.float32)
+
+    def head(bits=8, g=128, n0=0, n1=16, w=table):
+        return lib.sc_nbits_gemv(x.ctypes.data, 256, g, bits, None if w is None else w.ctypes.data,
+                                 scales.ctypes.data, logits.ctypes.data, n0, n1)
+
+    for bad in ({"bits": 6}, {"g": 96}, {"g": 512}, {"n0": 4, "n1": 2}, {"n0": -1}):
+        assert head(**bad) == native.BAD_SHAPE, bad
+    assert head(w=None) == native.MISALIGNED
+    assert (logits == 7.0).all()
     with pytest.raises(EngineError, match="refused a call to sc_int4_gemv: a shape it does not handle"):
         native.check(native.BAD_SHAPE, "sc_int4_gemv")
+
+
+@pytest.mark.parametrize("threads, total, unit, pieces", [(1, 100, 8, 4), (2, 100, 8, 1), (2, 4096, 32, 4),
+                                                           (2, 40, 16, 4), (3, 7, 1, 2)])
+def test_split_covers_every_item_once_in_whole_units(threads, total, unit, pieces):
+    """The ranges tile 0..total in whole units (the last one takes the remainder), each run by one thread, ``part``
+    naming the thread (its scratch) and never more than ``threads`` of them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    seen, lock = [], threading.Lock()
+
+    def run(first: int, end: int, part: int) -> None:
+        with lock:
+            seen.append((first, end, part))
+
+    with ThreadPoolExecutor(max(1, threads - 1)) as pool:
+        split(pool if threads > 1 else None, threads, run, total, unit, pieces)
+    ranges = sorted((first, end) for first, end, _ in seen)
+    assert ranges[0][0] == 0 and ranges[-1][1] == total
+    assert all(a[1] == b[0] for a, b in pairwise(ranges))
+    assert all(first % unit == 0 for first, _ in ranges)
+    assert len(ranges) == min(total // unit, threads * pieces)
+    assert {part for _, _, part in seen} <= set(range(threads))
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+def test_logits_gemv_matches_the_dequantized_table(bits, group):
+    """The prompt's logits: fp32 activations times the table's codes minus their zero point, scaled per group."""
+    rng = np.random.default_rng(bits * group)
+    q = quantize_blockwise(rng.standard_normal((301, 1024)).astype(np.float32), bits, group)
+    x = rng.standard_normal(1024).astype(np.float32) * 3
+    table = q.dequantize().astype(np.float64)
+    got = PromptKernels(load(), 2).logits(x, q.packed, q.scales, bits)
+    assert got.shape == (301,)
+    assert (np.abs(got - table @ x) <= 1e-6 * (np.abs(table) @ np.abs(x)) + 1e-6).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
+def test_logits_gemv_is_exact_on_integers_and_refuses_a_row_that_does_not_fit(bits):
+    rng = np.random.default_rng(bits)
+    packed = rng.integers(0, 256, size=(50, 8, 16 * bits), dtype=np.uint8)  # 1024 inputs in groups of 128
+    wide = packed.astype(np.int64)
+    codes = np.stack([wide & 15, wide >> 4], -1) - 8 if bits == 4 else wide - 128
+    x = rng.integers(-60, 61, size=1024).astype(np.float32)
+    kernels = PromptKernels(load(), 2)
+    got = kernels.logits(x, packed, np.ones((50, 8), np.float32), bits)
+    np.testing.assert_array_equal(got, codes.reshape(50, 1024) @ x.astype(np.int64))
+    with pytest.raises(ValueError, match="a row of 512 inputs does not fit a 50 x 1024 matrix"):
+        kernels.logits(x[:512], packed, np.ones((50, 8), np.float32), bits)
+
+
+@needs_kernel
+def test_layer_norm_matches_numpy_and_refuses_a_mismatched_weight():
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((5, 3, 4096)) * 7 + 2).astype(np.float32)
+    weight, bias = rng.standard_normal(4096).astype(np.float32), rng.standard_normal(4096).astype(np.float32)
+    kernels = PromptKernels(load(), 2)
+    got = kernels.layer_norm(x, weight, bias, 1e-5)
+    want = layer_norm(x.astype(np.float64), weight, bias, 1e-5)
+    assert got.shape == x.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kernels.layer_norm(x[0, 0], weight, bias, 1e-5), want[0, 0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="LayerNorm over 4096 values takes a weight and bias of 4096"):
+        kernels.layer_norm(x, weight[:8], bias, 1e-5)
+    lib = load()
+    assert lib.sc_layer_norm(x.ctypes.data, 1, 4092, weight.ctypes.data, bias.ctypes.data, 1e-5,
+                             got.ctypes.data) == native.BAD_SHAPE  # not whole vectors
+    assert lib.sc_layer_norm(x.ctypes.data, 1, 4096, weight.ctypes.data, bias.ctypes.data, 0.0,
+                             got.ctypes.data) == native.BAD_SHAPE  # no epsilon: a constant row would divide by zero
+    assert lib.sc_layer_norm(x.ctypes.data, 1, 4096, None, bias.ctypes.data, 1e-5,
+                             got.ctypes.data) == native.MISALIGNED
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_keys_land_in_the_cache_as_numpy_would_put_them(dtype):
+    """A view inside a QKV projection [rows, heads, 3 * hd] into the cache's [heads, capacity, hd], rounded as numpy
+    rounds (ties to even, overflow to inf) and nothing outside the rows written."""
+    rng = np.random.default_rng(5)
+    qkv = (rng.standard_normal((37, 6, 3 * 16)) * 300).astype(np.float32)
+    qkv[0, 0, 16:20] = [65520.0, -1e6, 2.0 ** -26, 1 + 2.0 ** -11]  # overflow, underflow, a tie
+    keys = qkv[:, :, 16:32]
+    cache = np.full((1, 6, 64, 16), 7, dtype)
+    PromptKernels(load(), 1).store_heads(keys, cache[0, :, 5:42])
+    expected = np.full_like(cache, 7)
+    with np.errstate(over="ignore"):  # 65520 and -1e6 become inf in fp16 on both sides
+        expected[0, :, 5:42] = keys.transpose(1, 0, 2)
+    np.testing.assert_array_equal(cache, expected)
+    with pytest.raises(ValueError, match=r"keys of shape \(37, 6, 16\) do not fill a cache view of shape \(6, 36, 16\)"):
+        PromptKernels(load(), 1).store_heads(keys, cache[0, :, 5:41])
+    assert load().sc_heads_to_fp16(keys.ctypes.data, 37, 6, 12, 144, 48, cache.ctypes.data, 1024, 16) == native.BAD_SHAPE
 
 
 @needs_kernel
 def test_gelu_matches_the_tanh_formula_in_place():
     x = np.concatenate([np.linspace(-100, 100, 1001), np.random.default_rng(2).standard_normal(4093) * 4]).astype(np.float32)
     expected = ARRAY.gelu(x.astype(np.float64))
-    kernels = PromptKernels(load(), 1)
+    kernels = PromptKernels(load(), 2)  # two ranges, the second with the tail that is not a whole vector
     out = kernels.gelu(x)
     assert out is x
     np.testing.assert_allclose(x, expected, rtol=2e-6, atol=2e-6)

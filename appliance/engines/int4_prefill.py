@@ -1,17 +1,17 @@
-"""Prompts of INT4 ``cpu`` bundles on the C prompt kernel, with the decode graph taking over for the last token.
+"""Prompts of INT4 ``cpu`` bundles on the C prompt kernels: every row into the engine's KV cache, and the last row's
+logits.
 
 Why: a prompt is arithmetic-bound; ``appliance/kernels/prompt_kernels.c`` multiplies prompts on the same weights
 faster than onnxruntime's INT4 kernel, with AVX2 or AVX-512 VNNI as the CPU has them (docs/performance.md).
 
-How: the layers are ``appliance.model.definition``'s, run here in numpy around the kernel (which does the linear
-layers and GELU) on the same MatMulNBits codes and scales the graph holds, read from the bundle's data file through a
+How: the layers are ``appliance.model.definition``'s, run here in numpy around the kernels (the linear layers,
+LayerNorm and GELU) on the same MatMulNBits codes and scales the graph holds, read from the bundle's data file through a
 memory map whose pages are dropped after each matmul (the weights then live in the page cache, not in this process:
-peak RSS grows by at most one matrix). Keys and values go straight into the engine's
-KV cache. Every prompt row but the last is computed here; the last token is then an ordinary decode step of the graph,
-which attends to the whole cache and yields the logits. That split is exact for ChatGLM's prefix mask whenever the
-last row attends to every position and no earlier row attends to the last one, as for every prompt ending in
-``<sop>``; otherwise (and for short prompts, where two passes over the weights cost more than they save) the graph
-prefills.
+peak RSS grows by at most one matrix). Keys and values go straight into the engine's KV cache; attention follows the
+prompt's own mask, so any prefix-LM layout is exact. The last row's logits come from the final LayerNorm and the
+quantized lm_head (4 or 8 bits) in the kernels' fp32 GEMV, a single pass over the table. Bundles with an unquantized
+lm_head, and prompts shorter than ``MIN_PROMPT`` (where the graph's single pass over the weights wins), prefill in the
+graph.
 """
 
 from __future__ import annotations
@@ -29,13 +29,15 @@ from appliance.errors import EngineError
 from appliance.kernels.prompt_kernels import Int4Weight, PromptKernels, load, split
 from appliance.model.definition import MASK_FILL, attention_inputs, attention_output, net_attention_scale, rotary_tables
 from appliance.model.numpy_ops import ARRAY, NumpyOps, softmax
-from appliance.model.weights import EMBEDDING, INPUT_NORM, LINEARS, dequantize, layer_prefix
+from appliance.model.weights import EMBEDDING, FINAL_NORM, INPUT_NORM, LINEARS, dequantize, layer_prefix
 from appliance.model_config import ModelConfig
 
 if TYPE_CHECKING:
     import onnx
 
 MIN_PROMPT = 16  # below this the graph's single pass over the weights wins (measured: docs/performance.md)
+HEAD = "lm_head"
+HEAD_ROWS = 8192  # lm_head rows mapped at a time: 32 MB of an INT8 table
 QUERY_CHUNK = 128  # prompt rows per attention chunk: scores of [HEAD_GROUP, 128, length] at a time
 HEAD_GROUP = 4  # heads whose keys and values are widened to fp32 together: 8 MB per thread at 2048 tokens
 ROWS = 256  # prompt rows per chunk of the linear layers: the 4h activations of 256 rows are 16 MB
@@ -76,15 +78,26 @@ class BundleTensors:
     def release(self, prefix: str = "") -> None:
         """Drop the mapped pages of the tensors named ``prefix...`` (all by default) from this process: they stay in
         the page cache, and a later read maps them again."""
-        if self.map is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
         if not prefix:
-            self.map.madvise(mmap.MADV_DONTNEED)
+            self._drop(0, len(self.map) if self.map is not None else 0)
             return
         for name, (offset, _, _) in self.external.items():
             if name.startswith(prefix):
-                start = offset - offset % mmap.PAGESIZE
-                self.map.madvise(mmap.MADV_DONTNEED, start, offset + self[name].nbytes - start)
+                self._drop(offset, offset + self[name].nbytes)
+
+    def release_rows(self, name: str, rows: slice) -> None:
+        """Drop the mapped pages of rows ``rows`` of the tensor ``name`` (along its first axis)."""
+        offset, shape, dtype = self.external[name]
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+        self._drop(offset + rows.start * row_bytes, offset + rows.stop * row_bytes)
+
+    def _drop(self, start: int, end: int) -> None:
+        """MADV_DONTNEED on the pages holding bytes start..end of the data file (the map's unmodified pages: the kernel
+        reads them from the file again on the next touch)."""
+        if self.map is None or not hasattr(mmap, "MADV_DONTNEED") or end <= start:
+            return
+        start -= start % mmap.PAGESIZE
+        self.map.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def _int4_weight(tensors: BundleTensors, prefix: str) -> Int4Weight:
@@ -103,15 +116,17 @@ def _linear_attributes(model: onnx.ModelProto) -> dict[str, dict]:
 
 
 class Int4Prefill:
-    """Fills an engine's KV cache with a prompt's keys and values, all rows but the last (see the module's doc)."""
+    """Fills an engine's KV cache with a prompt's keys and values and returns its last row's logits (see the module's
+    doc)."""
 
-    def __init__(self, config: ModelConfig, tensors: BundleTensors, kernels: PromptKernels, embedding_bits: int) -> None:
-        self.config, self.tensors, self.kernels, self.embedding_bits = config, tensors, kernels, embedding_bits
+    def __init__(self, config: ModelConfig, tensors: BundleTensors, kernels: PromptKernels, head_bits: int) -> None:
+        self.config, self.tensors, self.kernels, self.head_bits = config, tensors, kernels, head_bits
 
     @classmethod
     def open(cls, graph: Path, config: ModelConfig, threads: int) -> Int4Prefill | None:
-        """The prompt path for this graph, or None where it does not apply: no kernel on this machine, or weights
-        that are not INT4 with int8 activations (accuracy level 4) in shapes the kernel takes."""
+        """The prompt path for this graph, or None where it does not apply: no kernel on this machine, layers that are
+        not INT4 with int8 activations (accuracy level 4) in shapes the kernel takes, or an lm_head that is not a
+        4- or 8-bit MatMulNBits matrix."""
         lib = load()
         if lib is None:
             return None
@@ -131,17 +146,19 @@ class Int4Prefill:
                 # no padded groups, shapes the kernel takes
                 if weight.k != attrs["K"] or not weight.supported(kernels.columns_per_panel):
                     return None
-        head = attributes.get("lm_head.qweight", {})
-        return cls(config, tensors, kernels, int(head.get("bits", 0)))
+        head = attributes.get(HEAD + ".qweight", {})
+        if head.get("bits") not in (4, 8) or head["K"] != config.hidden_size or not _whole_groups(head):
+            return None
+        return cls(config, tensors, kernels, int(head["bits"]))
 
     @staticmethod
-    def takes(ids: np.ndarray, mask: np.ndarray) -> bool:
-        """Whether the split is exact for this prompt and worth it (see the module's doc)."""
-        return len(ids) >= MIN_PROMPT and not mask[-1].any() and bool(mask[:-1, -1].all())
+    def takes(ids: np.ndarray) -> bool:
+        """Whether this prompt is long enough to be worth it (see the module's doc)."""
+        return len(ids) >= MIN_PROMPT
 
-    def run(self, ids: np.ndarray, position_ids: np.ndarray, mask: np.ndarray, cache: list[np.ndarray]) -> None:
-        """ids [L], position_ids [2, L], mask [L, L] of the rows to compute; cache: the engine's buffers
-        ``[1, heads, capacity, head_dim]`` in the graph's order (key, value per layer)."""
+    def run(self, ids: np.ndarray, position_ids: np.ndarray, mask: np.ndarray, cache: list[np.ndarray]) -> np.ndarray:
+        """ids [L], position_ids [2, L], mask [L, L] (True = masked); cache: the engine's buffers
+        ``[1, heads, capacity, head_dim]`` in the graph's order (key, value per layer) -> the last row's logits."""
         ops = _KernelOps(self, position_ids)
         rope = rotary_tables(ops)  # [L, 1, head_dim] each
         x = ops.embed(ids)  # the residual stream, updated in place layer after layer
@@ -149,6 +166,7 @@ class Int4Prefill:
             with PROMPT_SCOPE:
                 for n in range(self.config.num_layers):
                     self._layer(ops, n, x, rope, mask, cache[2 * n], cache[2 * n + 1])
+                return ops.lm_head(ops.layer_norm(FINAL_NORM, x[-1]))
         finally:
             self.tensors.release()
 
@@ -164,8 +182,8 @@ class Int4Prefill:
         for rows in _chunks(length, ROWS):
             _, q, k, v = attention_inputs(ops, n, x[rows], (rope[0][rows], rope[1][rows]))  # [rows, heads, hd]
             np.multiply(q, np.float32(net_attention_scale(cfg.head_dim)), out=queries[rows])
-            key_cache[0, :, rows] = k.transpose(1, 0, 2)
-            value_cache[0, :, rows] = v.transpose(1, 0, 2)
+            self.kernels.store_heads(k, key_cache[0, :, rows])
+            self.kernels.store_heads(v, value_cache[0, :, rows])
         context = self._attention(queries, key_cache, value_cache, mask).reshape(length, cfg.hidden_size)
         for rows in _chunks(length, ROWS):
             ln1 = ops.layer_norm(p + INPUT_NORM, x[rows])
@@ -227,12 +245,12 @@ PROMPT_SCOPE = PromptScope()
 
 
 class _KernelOps(NumpyOps):
-    """The definition's operations for prompt rows [rows, hidden]: linear layers and GELU on the kernel, the rest in
-    numpy; the bundle's weights by name."""
+    """The definition's operations for prompt rows [rows, hidden]: linear layers, LayerNorm, GELU and the logits on
+    the C kernels, the rest in numpy; the bundle's weights by name."""
 
     def __init__(self, prefill: Int4Prefill, positions: np.ndarray) -> None:
         super().__init__(prefill.config, prefill.tensors, positions)
-        self.kernels, self.embedding_bits = prefill.kernels, prefill.embedding_bits
+        self.kernels, self.head_bits = prefill.kernels, prefill.head_bits
 
     def linear(self, name: str, x: np.ndarray) -> np.ndarray:
         weight = _int4_weight(self.weights, name)
@@ -240,6 +258,10 @@ class _KernelOps(NumpyOps):
             return self.kernels.matmul(self.kernels.quantize(x, weight.group), weight)
         finally:
             self.weights.release(name + ".")  # the next chunk of rows maps it again from the page cache
+
+    def layer_norm(self, name: str, x: np.ndarray) -> np.ndarray:
+        t = self.weights
+        return self.kernels.layer_norm(x, t[name + ".weight"], t[name + ".bias"], self.config.layernorm_epsilon)
 
     def gelu(self, x: np.ndarray) -> np.ndarray:
         return self.kernels.gelu(x)
@@ -249,8 +271,27 @@ class _KernelOps(NumpyOps):
         t = self.weights
         if EMBEDDING in t:
             return np.array(t[EMBEDDING][ids], dtype=np.float32)
-        return np.ascontiguousarray(dequantize(ARRAY, t["lm_head.qweight"][ids], t["lm_head.scales"][ids],
-                                               self.embedding_bits, self.config.hidden_size, row_axes=1))
+        rows = np.ascontiguousarray(dequantize(ARRAY, t[HEAD + ".qweight"][ids], t[HEAD + ".scales"][ids],
+                                               self.head_bits, self.config.hidden_size, row_axes=1))
+        t.release(HEAD + ".")  # the rows it touched (and the pages mapped around them) until the logits need it
+        return rows
+
+    def lm_head(self, x: np.ndarray) -> np.ndarray:
+        """The logits of one row, HEAD_ROWS rows of the table at a time, each chunk's pages dropped after it (the
+        whole INT8 table mapped at once would add 0.53 GB to the peak)."""
+        t = self.weights
+        packed, scales = t[HEAD + ".qweight"], t[HEAD + ".scales"]
+        logits = np.empty(len(packed), np.float32)
+        for rows in _chunks(len(packed), HEAD_ROWS):
+            logits[rows] = self.kernels.logits(x, packed[rows], scales[rows], self.head_bits)
+            t.release_rows(HEAD + ".qweight", rows)
+        return logits
+
+
+def _whole_groups(attrs: dict) -> bool:
+    """A MatMulNBits matrix whose inputs fill its blocks, in groups the logits GEMV takes (32..256 in steps of 32)."""
+    group = attrs.get("block_size", 0)
+    return 32 <= group <= 256 and group % 32 == 0 and attrs["K"] % group == 0
 
 
 def _chunks(length: int, size: int, start: int = 0) -> list[slice]:

@@ -10,9 +10,9 @@ every decode step binds them as both ``past_*`` and ``present_*``, so GroupQuery
 place and no step copies the cache. Allocating the cache once also keeps onnxruntime's arena from fragmenting around
 fresh buffers per prompt (docs/performance.md, memory).
 
-Prompts go through the graph (``GraphPrefill``) or, for INT4 bundles where the AVX2 kernel is built and runs, through
-``KernelPrefill``: every row but the last computed by ``Int4Prefill`` straight into the same buffers, the last token a
-decode step (``engines/int4_prefill.py``).
+Prompts go through the graph (``GraphPrefill``) or, for INT4 bundles where the C kernels are built and run, through
+``KernelPrefill``: every row computed by ``Int4Prefill`` straight into the same buffers, and the last row's logits
+(``engines/int4_prefill.py``).
 """
 
 from __future__ import annotations
@@ -151,8 +151,8 @@ class GraphPrefill:
 
 
 class KernelPrefill:
-    """INT4 prompts on the AVX2 kernel: all rows but the last computed by ``Int4Prefill`` into the decoder's cache,
-    the last token a decode step; prompts the split is not exact or not worth it for go through the graph."""
+    """INT4 prompts on the C kernels: ``Int4Prefill`` computes every row into the decoder's cache and the last row's
+    logits; prompts too short to be worth it go through the graph."""
 
     name = "int4-kernel"
 
@@ -160,18 +160,17 @@ class KernelPrefill:
         self.rows = rows
 
     def takes(self, ids: np.ndarray, mask: np.ndarray) -> bool:
-        return self.rows.takes(ids, mask)
+        return self.rows.takes(ids)
 
     def run(self, decoder: OrtDecoder, ids: np.ndarray, position_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        if not self.rows.takes(ids, mask):
+        if not self.rows.takes(ids):
             return decoder.prefill(ids, position_ids, mask)
-        self.rows.run(ids[:-1], position_ids[:, :-1], mask[:-1, :-1], decoder.allocate_cache())
-        return decoder.step(int(ids[-1]), position_ids[:, -1], len(ids) - 1)
+        return self.rows.run(ids, position_ids, mask, decoder.allocate_cache())
 
 
 def choose_prefill(graph: Path, config: ModelConfig, threads: int, prompt_kernel: bool) -> GraphPrefill | KernelPrefill:
-    """The kernel where it applies (``Int4Prefill.open``: INT4 weights, the kernel built, a CPU with AVX2 and FMA),
-    unless ``prompt_kernel`` is False; the graph otherwise."""
+    """The kernel where it applies (``Int4Prefill.open``: INT4 weights and a quantized lm_head, the kernel built, a CPU
+    with AVX2 and FMA), unless ``prompt_kernel`` is False; the graph otherwise."""
     rows = Int4Prefill.open(graph, config, threads) if prompt_kernel else None
     return GraphPrefill() if rows is None else KernelPrefill(rows)
 

@@ -26,11 +26,14 @@ REFUSALS = {BAD_SHAPE: "a shape it does not handle", MISALIGNED: "a misaligned o
 _P, _I = ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
     "sc_quantize_rows": [_P, _I, _I, _I, _P, _P, _P],
-    "sc_int4_gemm": [_P, _P, _P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _P],
-    "sc_int4_gemm_avx512vnni": [_P, _P, _P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _P],
+    "sc_int4_gemm": [_P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _I, _I, _I, _P],
+    "sc_int4_gemm_avx512vnni": [_P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _I, _I, _I, _P],
     "sc_quantize_vector": [_P, _I, _I, _P, _P, _P, _P],
     "sc_int4_gemv": [_P, _P, _P, _P, _I, _I, _P, _P, _P, _I, _I],
     "sc_int4_gemv_avx512vnni": [_P, _P, _P, _P, _I, _I, _P, _P, _P, _I, _I],
+    "sc_nbits_gemv": [_P, _I, _I, _I, _P, _P, _P, _I, _I],
+    "sc_layer_norm": [_P, _I, _I, _P, _P, ctypes.c_float, _P],
+    "sc_heads_to_fp16": [_P, _I, _I, _I, ctypes.c_long, ctypes.c_long, _P, ctypes.c_long, ctypes.c_long],
     "sc_gelu": [_P, ctypes.c_size_t],
     "sc_cpu_features": [],
     "sc_request_amx": [],

@@ -1,5 +1,6 @@
-/* CPU kernels on onnxruntime's MatMulNBits INT4 layout: prompt GEMM (AVX2, AVX-512 VNNI), decode GEMV (AVX2,
- * AVX-512 VNNI), tanh GELU, and the CPUID checks that choose among them at run time.
+/* CPU kernels on onnxruntime's MatMulNBits layouts: prompt GEMM (AVX2, AVX-512 VNNI), decode GEMV (AVX2, AVX-512
+ * VNNI), the prompt's logits (4- or 8-bit lm_head, fp32), LayerNorm, tanh GELU, fp16 cache writes, and the CPUID
+ * checks that choose among them at run time.
  *
  * Why: a prompt is arithmetic-bound and a decode step is bound by the bytes of weights it reads; both run on the
  * bundle's own INT4 codes, unpacked to int8 on the fly (no second copy of the weights). docs/performance.md has the
@@ -32,8 +33,8 @@
 #define NR 16 /* weight columns per AVX2 panel: two vectors of 8 */
 #define NR512 32 /* weight columns per AVX-512 panel: two vectors of 16 */
 #define PREFETCH 1024 /* bytes ahead of the decode GEMV's weight stream */
-#define AVX2 __attribute__((target("avx2,fma")))
-#define VNNI512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+#define VNNI512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 
 enum { SC_OK = 0, SC_BAD_SHAPE = 1, SC_MISALIGNED = 2, SC_NO_AVX2 = 3, SC_NO_AVX512_VNNI = 4 };
 
@@ -51,7 +52,7 @@ static uint64_t xcr0(void) {
 static int detect(void) {
     unsigned a, b, c, d;
     if (!__get_cpuid_count(1, 0, &a, &b, &c, &d) || !(c & bit_OSXSAVE)) return 0;
-    const int fma = (c & bit_FMA) != 0;
+    const int fma = (c & bit_FMA) != 0 && (c & bit_F16C) != 0; /* every AVX2 CPU has both; the cache writes use F16C */
     const uint64_t os = xcr0();
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
     const unsigned leaf7_b = b, leaf7_c = c, leaf7_d = d;
@@ -105,6 +106,12 @@ AVX2 static inline __m128i quantize8(const float *src, __m256 inv, __m256i *sum)
     return _mm_packs_epi16(q16, q16);
 }
 
+AVX2 static float hsum(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
 AVX2 static int hsum8(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
@@ -144,13 +151,12 @@ int sc_quantize_rows(const float *x, int M, int K, int G, int8_t *codes, float *
 
 /* -- prompt GEMM ------------------------------------------------------------------------------------------------ */
 
-/* 8 weight columns -> their codes in a panel of nr columns: for k-group g (codes 4g..4g+3), 8 dwords at
- * panel + g * nr * 4; scales [blocks][8] at panel_scales with a row stride of nr. */
-AVX2 static void pack_eight(const uint8_t *w, const float *ws, int blocks, int G, int nr, uint8_t *panel,
-                            float *panel_scales) {
+/* 8 weight columns, codes k0..K -> their codes in a panel of nr columns: for k-group g (codes 4g..4g+3), 8 dwords at
+ * panel + g * nr * 4. */
+AVX2 static void pack_eight(const uint8_t *w, int blocks, int G, int nr, uint8_t *panel, int k0) {
     const __m128i low4 = _mm_set1_epi8(0x0F);
     const int K = blocks * G;
-    for (int k = 0; k < K; k += 32) {
+    for (int k = k0; k < K; k += 32) {
         __m256 col[8];
         for (int c = 0; c < 8; c++) {  /* 16 bytes of column c = codes k..k+31 */
             __m128i raw = _mm_loadu_si128((const __m128i *)(w + (size_t)c * blocks * (G / 2) + k / 2));
@@ -176,8 +182,59 @@ AVX2 static void pack_eight(const uint8_t *w, const float *ws, int blocks, int G
         _mm256_store_ps(out + 6 * nr, _mm256_permute2f128_ps(u2, u6, 0x31));
         _mm256_store_ps(out + 7 * nr, _mm256_permute2f128_ps(u3, u7, 0x31));
     }
-    for (int b = 0; b < blocks; b++)
-        for (int c = 0; c < 8; c++) panel_scales[b * nr + c] = ws[(size_t)c * blocks + b];
+}
+
+/* The panel's codes on the AVX2 path: nr / 8 runs of 8 columns. */
+AVX2 static void pack_panel_avx2(const uint8_t *w, int blocks, int G, int nr, uint8_t *panel) {
+    for (int part = 0; part < nr / 8; part++)
+        pack_eight(w + (size_t)8 * part * blocks * (G / 2), blocks, G, nr, panel + 32 * part, 0);
+}
+
+/* As pack_eight for 16 columns, 64 codes at a time, in fewer instructions: the columns' bytes are transposed as 16-bit
+ * words (4 codes each; ymm unpacks, which CPUs that split 512-bit operations run at twice the rate of zmm shuffles),
+ * and only then is each word widened to its 4 codes: (z | z << 4) & 0x0F0F on the zero-extended bytes. A last run of
+ * 32 codes (K an odd multiple of 32) goes through pack_eight. */
+VNNI512 static void pack_sixteen(const uint8_t *w, int blocks, int G, int nr, uint8_t *panel) {
+    const int K = blocks * G;
+    const __m512i nibbles = _mm512_set1_epi16(0x0F0F);
+    int k = 0;
+    for (; k + 64 <= K; k += 64) {
+        __m256i r[16], p[16], q[16];  /* r[c]: column c's words 0-7 (lane 0) and 8-15 (lane 1) */
+        for (int c = 0; c < 16; c++) r[c] = _mm256_loadu_si256((const __m256i *)(w + (size_t)c * blocks * (G / 2) + k / 2));
+        for (int i = 0; i < 8; i++) {  /* column pairs 2i, 2i+1: p[i] their words 0-3 of each lane, p[8 + i] words 4-7 */
+            p[i] = _mm256_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
+            p[8 + i] = _mm256_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
+        }
+        for (int a = 0; a < 4; a++)  /* column quads 4a..4a+3: q[4a + t] their words 2t and 2t + 1 */
+            for (int h = 0; h < 2; h++) {
+                q[4 * a + 2 * h] = _mm256_unpacklo_epi32(p[8 * h + 2 * a], p[8 * h + 2 * a + 1]);
+                q[4 * a + 2 * h + 1] = _mm256_unpackhi_epi32(p[8 * h + 2 * a], p[8 * h + 2 * a + 1]);
+            }
+        for (int o = 0; o < 2; o++)  /* column octets 8o..8o+7: r[8o + v] their word v (lane 0) and v + 8 (lane 1) */
+            for (int t = 0; t < 4; t++) {
+                r[8 * o + 2 * t] = _mm256_unpacklo_epi64(q[8 * o + t], q[8 * o + 4 + t]);
+                r[8 * o + 2 * t + 1] = _mm256_unpackhi_epi64(q[8 * o + t], q[8 * o + 4 + t]);
+            }
+        uint8_t *out = panel + (size_t)k * nr;  /* k / 4 groups of nr * 4 bytes */
+        for (int v = 0; v < 8; v++) {  /* word v of all 16 columns, then word v + 8 */
+            const __m512i low = _mm512_cvtepu8_epi16(_mm256_permute2x128_si256(r[v], r[8 + v], 0x20));
+            const __m512i high = _mm512_cvtepu8_epi16(_mm256_permute2x128_si256(r[v], r[8 + v], 0x31));
+            _mm512_store_si512(out + (size_t)v * nr * 4,
+                               _mm512_ternarylogic_epi32(low, _mm512_slli_epi16(low, 4), nibbles, 0xA8));
+            _mm512_store_si512(out + (size_t)(v + 8) * nr * 4,
+                               _mm512_ternarylogic_epi32(high, _mm512_slli_epi16(high, 4), nibbles, 0xA8));
+        }
+    }
+    if (k < K) {
+        pack_eight(w, blocks, G, nr, panel, k);
+        pack_eight(w + (size_t)8 * blocks * (G / 2), blocks, G, nr, panel + 32, k);
+    }
+}
+
+/* The panel's codes on the AVX-512 path: nr / 16 runs of 16 columns. */
+VNNI512 static void pack_panel_avx512(const uint8_t *w, int blocks, int G, int nr, uint8_t *panel) {
+    for (int part = 0; part < nr / 16; part++)
+        pack_sixteen(w + (size_t)16 * part * blocks * (G / 2), blocks, G, nr, panel + 64 * part);
 }
 
 #define DOT4(h0, h1, codes0, codes1, x)                                          \
@@ -187,12 +244,13 @@ AVX2 static void pack_eight(const uint8_t *w, const float *ws, int blocks, int G
         h1 = _mm256_add_epi16(h1, _mm256_maddubs_epi16(codes1, a));               \
     } while (0)
 
-/* y[MR rows][NR columns] = sum over blocks of ws * (xs * dot(codes, xq) - 8 * xs * sum(xq)) */
+/* y[MR rows][NR columns] = bias + sum over blocks of ws * (xs * dot(codes, xq) - 8 * xs * sum(xq)); bias may be NULL */
 AVX2 static void tile_avx2(const int8_t *xq, const float *xs, const float *xo, int blocks, int G, const uint8_t *panel,
-                           const float *panel_scales, float *y, int ldy) {
+                           const float *panel_scales, const float *bias, float *y, int ldy) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 f[MR][2];
-    for (int r = 0; r < MR; r++) f[r][0] = f[r][1] = _mm256_setzero_ps();
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < 2; c++) f[r][c] = bias ? _mm256_loadu_ps(bias + 8 * c) : _mm256_setzero_ps();
     const int32_t *x = (const int32_t *)xq;
     const __m256i *w = (const __m256i *)panel;
     for (int b = 0; b < blocks; b++) {
@@ -231,9 +289,11 @@ AVX2 static void tile_avx2(const int8_t *xq, const float *xs, const float *xo, i
 /* The same tile over NR512 columns: one vpdpbusd multiplies 4 codes of 16 columns by 4 broadcast activation bytes and
  * adds the 4 products into int32 (no int16 stage). 8 int32 and 8 fp32 accumulators stay in registers. */
 VNNI512 static void tile_avx512vnni(const int8_t *xq, const float *xs, const float *xo, int blocks, int G,
-                                    const uint8_t *panel, const float *panel_scales, float *y, int ldy) {
+                                    const uint8_t *panel, const float *panel_scales, const float *bias, float *y,
+                                    int ldy) {
     __m512 f[MR][2];
-    for (int r = 0; r < MR; r++) f[r][0] = f[r][1] = _mm512_setzero_ps();
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < 2; c++) f[r][c] = bias ? _mm512_loadu_ps(bias + 16 * c) : _mm512_setzero_ps();
     const int32_t *x = (const int32_t *)xq;
     const __m512i *w = (const __m512i *)panel;
     for (int b = 0; b < blocks; b++) {
@@ -260,51 +320,61 @@ VNNI512 static void tile_avx512vnni(const int8_t *xq, const float *xs, const flo
     }
 }
 
-typedef void (*tile_fn)(const int8_t *, const float *, const float *, int, int, const uint8_t *, const float *, float *,
-                        int);
+typedef void (*tile_fn)(const int8_t *, const float *, const float *, int, int, const uint8_t *, const float *,
+                        const float *, float *, int);
+typedef void (*pack_fn)(const uint8_t *, int, int, int, uint8_t *);
 
-/* Columns n0..n1 (multiples of nr) of y [M][ldy]: each panel of nr columns unpacked once into scratch (64-byte
- * aligned, K * nr + 4 * (K / G) * nr bytes), then every MR-row tile of the prompt runs over it. */
+/* Columns n0..n1 (multiples of nr) of y [M][ldy] (plus bias [N], if not NULL): each panel of nr columns unpacked once
+ * into scratch (64-byte aligned, K * nr + 4 * (K / G) * nr bytes), then every MR-row tile of the prompt runs over it. */
 AVX2 static void int4_gemm(const int8_t *xq, const float *xs, const float *xo, int M, int K, int G, const uint8_t *w,
-                           const float *ws, float *y, int ldy, int n0, int n1, uint8_t *scratch, int nr, tile_fn tile) {
+                           const float *ws, const float *bias, float *y, int ldy, int n0, int n1, uint8_t *scratch,
+                           int nr, pack_fn pack, tile_fn tile) {
     const int blocks = K / G;
-    float *panel_scales = (float *)(scratch + (size_t)K * nr);
+    float *panel_scales = (float *)(scratch + (size_t)K * nr);  /* [blocks][nr] */
+    const size_t panel_lines = (size_t)nr * (K / 2) / 64, lines_per_tile = panel_lines / (M / MR) + 1;
     for (int n = n0; n < n1; n += nr) {
-        for (int part = 0; part < nr / 8; part++) {
-            const int first = n + 8 * part;
-            pack_eight(w + (size_t)first * blocks * (G / 2), ws + (size_t)first * blocks, blocks, G, nr,
-                       scratch + 32 * part, panel_scales + 8 * part);
-        }
-        for (int m = 0; m < M; m += MR)
+        pack(w + (size_t)n * blocks * (G / 2), blocks, G, nr, scratch);
+        for (int b = 0; b < blocks; b++)
+            for (int c = 0; c < nr; c++) panel_scales[b * nr + c] = ws[(size_t)(n + c) * blocks + b];
+        /* the next panel's bytes into L2 while this one's tiles run, a share before each tile: its 16-32 column
+         * streams are more than the hardware prefetcher follows */
+        const char *next = (const char *)(w + (size_t)(n + nr) * blocks * (G / 2));
+        size_t fetched = n + nr < n1 ? 0 : panel_lines;
+        for (int m = 0; m < M; m += MR) {
+            for (size_t end = fetched + lines_per_tile; fetched < end && fetched < panel_lines; fetched++)
+                _mm_prefetch(next + 64 * fetched, _MM_HINT_T1);
             tile(xq + (size_t)m * K, xs + (size_t)m * blocks, xo + (size_t)m * blocks, blocks, G, scratch,
-                 panel_scales, y + (size_t)m * ldy + n, ldy);
+                 panel_scales, bias ? bias + n : NULL, y + (size_t)m * ldy + n, ldy);
+        }
     }
 }
 
 static int gemm_refusal(const int8_t *xq, const float *xs, const float *xo, int M, int K, int G, const uint8_t *w,
-                        const float *ws, const float *y, int ldy, int n0, int n1, const uint8_t *scratch, int nr) {
+                        const float *ws, const float *bias, const float *y, int ldy, int n0, int n1,
+                        const uint8_t *scratch, int nr) {
     if (M <= 0 || M % MR || !groups_fit(K, G) || n0 < 0 || n0 > n1 || n0 % nr || n1 % nr || n1 > ldy)
         return SC_BAD_SHAPE;
     if (w == NULL || !aligned(xq, 4) || !aligned(xs, 4) || !aligned(xo, 4) || !aligned(ws, 4) || !aligned(y, 4)
-        || !aligned(scratch, 64))
+        || (bias && !aligned(bias, 4)) || !aligned(scratch, 64))
         return SC_MISALIGNED;
     return SC_OK;
 }
 
 int sc_int4_gemm(const int8_t *xq, const float *xs, const float *xo, int M, int K, int G, const uint8_t *w,
-                 const float *ws, float *y, int ldy, int n0, int n1, uint8_t *scratch) {
+                 const float *ws, const float *bias, float *y, int ldy, int n0, int n1, uint8_t *scratch) {
     if (!sc_kernels_supported()) return SC_NO_AVX2;
-    const int refused = gemm_refusal(xq, xs, xo, M, K, G, w, ws, y, ldy, n0, n1, scratch, NR);
-    if (!refused) int4_gemm(xq, xs, xo, M, K, G, w, ws, y, ldy, n0, n1, scratch, NR, tile_avx2);
+    const int refused = gemm_refusal(xq, xs, xo, M, K, G, w, ws, bias, y, ldy, n0, n1, scratch, NR);
+    if (!refused) int4_gemm(xq, xs, xo, M, K, G, w, ws, bias, y, ldy, n0, n1, scratch, NR, pack_panel_avx2, tile_avx2);
     return refused;
 }
 
 /* As sc_int4_gemm, in panels of NR512 columns (scratch K * 32 + 4 * (K / G) * 32 bytes, 64-byte aligned). */
 int sc_int4_gemm_avx512vnni(const int8_t *xq, const float *xs, const float *xo, int M, int K, int G, const uint8_t *w,
-                            const float *ws, float *y, int ldy, int n0, int n1, uint8_t *scratch) {
+                            const float *ws, const float *bias, float *y, int ldy, int n0, int n1, uint8_t *scratch) {
     if (!(sc_cpu_features() & SC_CPU_AVX512_VNNI)) return SC_NO_AVX512_VNNI;
-    const int refused = gemm_refusal(xq, xs, xo, M, K, G, w, ws, y, ldy, n0, n1, scratch, NR512);
-    if (!refused) int4_gemm(xq, xs, xo, M, K, G, w, ws, y, ldy, n0, n1, scratch, NR512, tile_avx512vnni);
+    const int refused = gemm_refusal(xq, xs, xo, M, K, G, w, ws, bias, y, ldy, n0, n1, scratch, NR512);
+    if (!refused)
+        int4_gemm(xq, xs, xo, M, K, G, w, ws, bias, y, ldy, n0, n1, scratch, NR512, pack_panel_avx512, tile_avx512vnni);
     return refused;
 }
 
@@ -351,9 +421,7 @@ AVX2 static float zero_point_term(const float *ws, const float *offsets, int blo
     __m256 acc = _mm256_setzero_ps();
     int b = 0;
     for (; b + 8 <= blocks; b += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(ws + b), _mm256_loadu_ps(offsets + b), acc);
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    float total = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+    float total = hsum(acc);
     for (; b < blocks; b++) total += ws[b] * offsets[b];
     return total;
 }
@@ -386,10 +454,7 @@ AVX2 static void gemv_avx2(const int8_t *x_lo, const int8_t *x_hi, const float *
             if (at & 32) f1 = _mm256_fmadd_ps(d, s, f1);
             else f0 = _mm256_fmadd_ps(d, s, f0);
         }
-        f0 = _mm256_add_ps(f0, f1);
-        __m128 h = _mm_add_ps(_mm256_castps256_ps128(f0), _mm256_extractf128_ps(f0, 1));
-        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        y[n] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h))) - zero_point_term(row_scales, offsets, blocks);
+        y[n] = hsum(_mm256_add_ps(f0, f1)) - zero_point_term(row_scales, offsets, blocks);
     }
 }
 
@@ -447,6 +512,121 @@ int sc_int4_gemv_avx512vnni(const int8_t *x_lo, const int8_t *x_hi, const float 
     const int refused = gemv_refusal(x_lo, x_hi, lane_scales, offsets, K, G, w, ws, y, n0, n1);
     if (!refused) gemv_avx512vnni(x_lo, x_hi, lane_scales, offsets, K, G, w, ws, y, n0, n1);
     return refused;
+}
+
+/* -- the prompt's logits ---------------------------------------------------------------------------------------- */
+
+/* 32 codes of one column from 8-bit (32 bytes) or 4-bit (16 bytes, low nibble first) storage, zero point taken off:
+ * code - 128 is the byte with its top bit flipped, read as signed; code - 8 is the nibble minus 8. */
+AVX2 static inline void signed_codes(const uint8_t *at, int bits, __m128i *first, __m128i *second) {
+    if (bits == 8) {
+        const __m128i flip = _mm_set1_epi8((char)0x80);
+        *first = _mm_xor_si128(_mm_loadu_si128((const __m128i *)at), flip);
+        *second = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(at + 16)), flip);
+    } else {
+        const __m128i low4 = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+        const __m128i raw = _mm_loadu_si128((const __m128i *)at);
+        const __m128i lo = _mm_and_si128(raw, low4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
+        *first = _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), eight);
+        *second = _mm_sub_epi8(_mm_unpackhi_epi8(lo, hi), eight);
+    }
+}
+
+/* y[n] = sum over blocks of ws[n][b] * sum over the block of (code - zero point) * x, in fp32: the lm_head of a
+ * prompt's last row. One row is read once, so this is bound by the bytes of the table (0.53 GB at INT8 for
+ * ChatGLM-6B), not by arithmetic; exact float products keep it closer to the model than int8 activations would. */
+AVX2 static void nbits_gemv(const float *x, int K, int G, int bits, const uint8_t *w, const float *ws, float *y,
+                            int n0, int n1) {
+    const int blocks = K / G, row_bytes = K / 8 * bits;
+    for (int n = n0; n < n1; n++) {
+        const uint8_t *row = w + (size_t)n * row_bytes;
+        __m256 total = _mm256_setzero_ps();
+        for (int b = 0; b < blocks; b++) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+            for (int k = b * G; k < (b + 1) * G; k += 32) {
+                _mm_prefetch((const char *)row + k / 8 * bits + PREFETCH, _MM_HINT_T0);
+                __m128i c[2];
+                signed_codes(row + k / 8 * bits, bits, &c[0], &c[1]);
+                for (int h = 0; h < 2; h++) {
+                    const __m256 low = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c[h]));
+                    const __m256 high = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(c[h], c[h])));
+                    a0 = _mm256_fmadd_ps(low, _mm256_loadu_ps(x + k + 16 * h), a0);
+                    a1 = _mm256_fmadd_ps(high, _mm256_loadu_ps(x + k + 16 * h + 8), a1);
+                }
+            }
+            total = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(ws[(size_t)n * blocks + b]), total);
+        }
+        y[n] = hsum(total);
+    }
+}
+
+/* y[n0..n1) = W x for one fp32 row x [K] and a 4- or 8-bit MatMulNBits matrix W (groups of whole 32-code runs). */
+int sc_nbits_gemv(const float *x, int K, int G, int bits, const uint8_t *w, const float *ws, float *y, int n0, int n1) {
+    if (!sc_kernels_supported()) return SC_NO_AVX2;
+    if ((bits != 4 && bits != 8) || !groups_fit(K, G) || n0 < 0 || n0 > n1) return SC_BAD_SHAPE;
+    if (!aligned(x, 4) || !w || !aligned(ws, 4) || !aligned(y, 4)) return SC_MISALIGNED;
+    nbits_gemv(x, K, G, bits, w, ws, y, n0, n1);
+    return SC_OK;
+}
+
+/* -- LayerNorm -------------------------------------------------------------------------------------------------- */
+
+/* out[r] = (x[r] - mean) / sqrt(var + eps) * weight + bias over rows of K (a multiple of 8): the mean first, then
+ * the variance as the mean square of the deviations (two passes, as numpy's reference computes it). */
+AVX2 static void layer_norm(const float *x, int rows, int K, const float *weight, const float *bias, float eps,
+                            float *out) {
+    for (int r = 0; r < rows; r++) {
+        const float *row = x + (size_t)r * K;
+        float *dst = out + (size_t)r * K;
+        __m256 sum = _mm256_setzero_ps();
+        for (int k = 0; k < K; k += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(row + k));
+        const __m256 mean = _mm256_set1_ps(hsum(sum) / (float)K);
+        __m256 squares = _mm256_setzero_ps();
+        for (int k = 0; k < K; k += 8) {
+            const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(row + k), mean);
+            squares = _mm256_fmadd_ps(d, d, squares);
+        }
+        const __m256 inv = _mm256_set1_ps(1.f / sqrtf(hsum(squares) / (float)K + eps));
+        for (int k = 0; k < K; k += 8) {
+            const __m256 scaled = _mm256_mul_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(row + k), mean), inv),
+                                                _mm256_loadu_ps(weight + k));
+            _mm256_storeu_ps(dst + k, _mm256_add_ps(scaled, _mm256_loadu_ps(bias + k)));
+        }
+    }
+}
+
+int sc_layer_norm(const float *x, int rows, int K, const float *weight, const float *bias, float eps, float *out) {
+    if (!sc_kernels_supported()) return SC_NO_AVX2;
+    if (rows < 0 || K <= 0 || K % 8 || !(eps > 0)) return SC_BAD_SHAPE;
+    if (!aligned(x, 4) || !aligned(weight, 4) || !aligned(bias, 4) || !aligned(out, 4)) return SC_MISALIGNED;
+    layer_norm(x, rows, K, weight, bias, eps, out);
+    return SC_OK;
+}
+
+/* -- keys and values into an fp16 cache ------------------------------------------------------------------------ */
+
+/* dst[h * dst_head + r * dst_row + d] = fp16(src[r * src_row + h * src_head + d]) for rows x heads x hd (a multiple of
+ * 8), strides in elements: a prompt's keys or values [rows, heads, hd] (a view inside the QKV projection) into the
+ * cache's [heads, capacity, hd] layout, rounded to nearest even as numpy's astype rounds, in one pass where numpy's
+ * transposing cast is ten times slower. */
+AVX2 static void heads_to_fp16(const float *src, int rows, int heads, int hd, long src_row, long src_head,
+                               uint16_t *dst, long dst_head, long dst_row) {
+    for (int h = 0; h < heads; h++)
+        for (int r = 0; r < rows; r++) {
+            const float *from = src + r * src_row + h * src_head;
+            uint16_t *to = dst + h * dst_head + r * dst_row;
+            for (int d = 0; d < hd; d += 8)
+                _mm_storeu_si128((__m128i *)(to + d), _mm256_cvtps_ph(_mm256_loadu_ps(from + d), _MM_FROUND_TO_NEAREST_INT));
+        }
+}
+
+int sc_heads_to_fp16(const float *src, int rows, int heads, int hd, long src_row, long src_head, uint16_t *dst,
+                     long dst_head, long dst_row) {
+    if (!sc_kernels_supported()) return SC_NO_AVX2;
+    if (rows < 0 || heads < 0 || hd <= 0 || hd % 8) return SC_BAD_SHAPE;
+    if (!aligned(src, 4) || !aligned(dst, 2)) return SC_MISALIGNED;
+    heads_to_fp16(src, rows, heads, hd, src_row, src_head, dst, dst_head, dst_row);
+    return SC_OK;
 }
 
 /* -- GELU ------------------------------------------------------------------------------------------------------- */

@@ -1,5 +1,5 @@
-"""Prompt matmuls on INT4 MatMulNBits weights through the C kernel in ``prompt_kernels.c`` (x86-64: AVX2 or AVX-512
-VNNI, whichever ``native.path()`` chose).
+"""Prompt matmuls on INT4 MatMulNBits weights, and the last row's logits, through the C kernels in
+``prompt_kernels.c`` (x86-64: AVX2 or AVX-512 VNNI, whichever ``native.path()`` chose).
 
 ``load()`` returns None where the kernel was not built, the CPU lacks AVX2/FMA or ``STREAMCHAT_KERNEL=onnxruntime``;
 callers then keep onnxruntime's prefill. The kernel runs with the GIL released, so a small thread pool splits the
@@ -22,6 +22,7 @@ __all__ = ["BAD_SHAPE", "MISALIGNED", "NO_AVX2", "Int4Weight", "PromptKernels", 
            "load", "split", "status"]
 
 ROWS_PER_TILE = 4  # MR in the C file
+PIECES = 4  # column ranges per thread in a matmul: with another process on one core, 4-6% faster than one range each
 # weight columns per panel (NR, NR512 in the C file) and the GEMM entry point, per path
 PANELS = {"avx2": (16, "sc_int4_gemm"), "avx512vnni": (32, "sc_int4_gemm_avx512vnni")}
 
@@ -80,21 +81,31 @@ def aligned(nbytes: int, dtype=np.uint8) -> np.ndarray:
 
 
 def split(pool: ThreadPoolExecutor | None, threads: int, run: Callable[[int, int, int], None], total: int,
-          unit: int) -> None:
-    """``run(first, end, part)`` over ``total`` items split into one range per thread, in whole ``unit``s (the last
-    range also takes any remainder); the calling thread runs part 0 itself (one hand-off fewer per call, which a
-    decode step's GEMV notices)."""
+          unit: int, pieces: int = 1) -> None:
+    """``run(first, end, part)`` over ``total`` items in whole ``unit``s (the last range also takes any remainder),
+    cut into ``pieces`` ranges per thread that the threads take in turn as each finishes its previous one: with more
+    than one piece a thread slowed by the machine (another process on its core) does less of the work instead of
+    holding up the call. ``part`` is the thread's index (its scratch); the calling thread is part 0 (one hand-off
+    fewer per call, which a decode step's GEMV notices)."""
     units = total // unit
     parts = max(1, min(threads, units)) if pool is not None else 1
-    bounds = [unit * (units * i // parts) for i in range(parts)] + [total]
-    others = [pool.submit(run, bounds[i], bounds[i + 1], i) for i in range(1, parts)] if pool is not None else []
-    run(bounds[0], bounds[1], 0)
+    count = max(1, min(units, parts * pieces))
+    bounds = [unit * (units * i // count) for i in range(count)] + [total]
+    ranges = iter(range(count))  # shared: each next() hands one range to one thread
+
+    def work(part: int) -> None:
+        for i in ranges:
+            run(bounds[i], bounds[i + 1], part)
+
+    others = [pool.submit(work, part) for part in range(1, parts)] if pool is not None else []
+    work(0)
     for future in others:
         future.result()
 
 
 class PromptKernels:
-    """``x @ W.T + b`` and GELU for prompt rows; one instance per engine (it owns per-thread scratch)."""
+    """``x @ W.T + b``, LayerNorm, GELU, cache writes and the logits for prompt rows; one instance per engine (it owns
+    per-thread scratch)."""
 
     def __init__(self, lib: ctypes.CDLL, threads: int, kernel: str | None = None) -> None:
         """``kernel``: ``avx2`` or ``avx512vnni``; by default the path ``native.path()`` chose."""
@@ -133,24 +144,74 @@ class PromptKernels:
         y = np.empty((padded, n), np.float32)
         packed = np.ascontiguousarray(weight.packed)
         scales = np.ascontiguousarray(weight.scales, dtype=np.float32)
+        bias = None if weight.bias is None else np.ascontiguousarray(weight.bias, dtype=np.float32)
         scratch = self._scratch(weight.k, weight.group)
 
         def run(first: int, end: int, part: int) -> None:
-            check(self.gemm(x.codes.ctypes.data, x.scales.ctypes.data, x.offsets.ctypes.data, padded,
-                                        weight.k, weight.group, packed.ctypes.data, scales.ctypes.data, y.ctypes.data, n,
-                                        first, end, scratch[part].ctypes.data), self.gemm.__name__)
+            check(self.gemm(x.codes.ctypes.data, x.scales.ctypes.data, x.offsets.ctypes.data, padded, weight.k,
+                            weight.group, packed.ctypes.data, scales.ctypes.data, None if bias is None else bias.ctypes.data,
+                            y.ctypes.data, n, first, end, scratch[part].ctypes.data), self.gemm.__name__)
 
-        split(self.pool, self.threads, run, n, self.columns_per_panel)
-        y = y[:x.rows]
-        if weight.bias is not None:
-            y += weight.bias
+        split(self.pool, self.threads, run, n, self.columns_per_panel, PIECES)
+        return y[:x.rows]
+
+    def logits(self, x: np.ndarray, packed: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
+        """``W x`` in fp32 for one row ``x`` [K] and a 4- or 8-bit MatMulNBits matrix (``packed`` uint8 [N, blocks,
+        group * bits / 8], ``scales`` [N, blocks]; the lm_head, which may be a memory map): the logits of a prompt's
+        last row, the columns split across the threads."""
+        n, blocks, blob = packed.shape
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        packed, scales = np.ascontiguousarray(packed), np.ascontiguousarray(scales, dtype=np.float32)
+        y = np.empty(n, np.float32)
+
+        def run(first: int, end: int, _part: int) -> None:
+            check(self.lib.sc_nbits_gemv(x.ctypes.data, x.size, blob * 8 // bits, bits, packed.ctypes.data,
+                                         scales.ctypes.data, y.ctypes.data, first, end), "sc_nbits_gemv")
+
+        if x.size != blocks * blob * 8 // bits:
+            raise ValueError(f"a row of {x.size} inputs does not fit a {n} x {blocks * blob * 8 // bits} matrix")
+        split(self.pool, self.threads, run, n, 1)
         return y
 
+    def layer_norm(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+        """LayerNorm over the last axis of ``x`` (rows of a multiple of 8 values) into a new fp32 array, in one C pass
+        per row where numpy makes several over temporaries, the rows split across the threads."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        weight, bias = (np.ascontiguousarray(t, dtype=np.float32) for t in (weight, bias))
+        out = np.empty_like(x)
+        k = x.shape[-1]
+        if weight.shape != (k,) or bias.shape != (k,):
+            raise ValueError(f"LayerNorm over {k} values takes a weight and bias of {k}, not {weight.shape} and {bias.shape}")
+
+        def run(first: int, end: int, _part: int) -> None:  # rows first..end
+            check(self.lib.sc_layer_norm(x.ctypes.data + 4 * k * first, end - first, k, weight.ctypes.data,
+                                         bias.ctypes.data, eps, out.ctypes.data + 4 * k * first), "sc_layer_norm")
+
+        split(self.pool, self.threads, run, x.size // k, 1)
+        return out
+
+    def store_heads(self, values: np.ndarray, cache: np.ndarray) -> None:
+        """``cache[h, r] = values[r, h]``: a prompt's keys or values [rows, heads, hd] (any strides, contiguous along
+        hd) into a cache view [heads, rows, hd]; fp16 caches in one C pass, others by numpy."""
+        rows, heads, hd = values.shape
+        if cache.shape != (heads, rows, hd):
+            raise ValueError(f"keys of shape {values.shape} do not fill a cache view of shape {cache.shape}")
+        if cache.dtype != np.float16 or values.dtype != np.float32 or values.strides[2] != 4 or cache.strides[2] != 2:
+            cache[...] = values.transpose(1, 0, 2)
+            return
+        check(self.lib.sc_heads_to_fp16(values.ctypes.data, rows, heads, hd, values.strides[0] // 4,
+                                        values.strides[1] // 4, cache.ctypes.data, cache.strides[0] // 2,
+                                        cache.strides[1] // 2), "sc_heads_to_fp16")
+
     def gelu(self, x: np.ndarray) -> np.ndarray:
-        """tanh GELU of a C-contiguous float32 array, in place (returned for chaining)."""
+        """tanh GELU of a C-contiguous float32 array, in place (returned for chaining), split across the threads."""
         if x.dtype != np.float32 or not x.flags.c_contiguous:
             raise ValueError("gelu works in place on a C-contiguous float32 array")
-        check(self.lib.sc_gelu(x.ctypes.data, x.size), "sc_gelu")
+
+        def run(first: int, end: int, _part: int) -> None:
+            check(self.lib.sc_gelu(x.ctypes.data + 4 * first, end - first), "sc_gelu")
+
+        split(self.pool, self.threads, run, x.size, 16)  # 16 values: whole cache lines per thread
         return x
 
     def _scratch(self, k: int, group: int) -> list[np.ndarray]:
