@@ -62,6 +62,7 @@ class BundleTensors:
         if len(locations) > 1:
             raise EngineError(f"{graph.name} spreads its weights over {len(locations)} files; expected one")
         self.map = None
+        self.spans: dict[str, list[list[int]]] = {}  # release(prefix)'s byte ranges, merged, by prefix
         if locations:
             with open(graph.parent / locations.pop(), "rb") as data:
                 self.map = mmap.mmap(data.fileno(), 0, access=mmap.ACCESS_READ)
@@ -81,15 +82,27 @@ class BundleTensors:
         if not prefix:
             self._drop(0, len(self.map) if self.map is not None else 0)
             return
-        for name, (offset, _, _) in self.external.items():
-            if name.startswith(prefix):
-                self._drop(offset, offset + self[name].nbytes)
+        if prefix not in self.spans:  # a linear layer's codes, scales and bias lie side by side: usually one span
+            spans: list[list[int]] = []
+            for offset, end in sorted((offset, offset + self._nbytes(name)) for name, (offset, _, _)
+                                      in self.external.items() if name.startswith(prefix)):
+                if spans and offset <= spans[-1][1] + mmap.PAGESIZE:
+                    spans[-1][1] = max(spans[-1][1], end)
+                else:
+                    spans.append([offset, end])
+            self.spans[prefix] = spans
+        for start, end in self.spans[prefix]:
+            self._drop(start, end)
 
     def release_rows(self, name: str, rows: slice) -> None:
         """Drop the mapped pages of rows ``rows`` of the tensor ``name`` (along its first axis)."""
-        offset, shape, dtype = self.external[name]
-        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+        offset, shape, _ = self.external[name]
+        row_bytes = self._nbytes(name) // shape[0]
         self._drop(offset + rows.start * row_bytes, offset + rows.stop * row_bytes)
+
+    def _nbytes(self, name: str) -> int:
+        _, shape, dtype = self.external[name]
+        return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
 
     def _drop(self, start: int, end: int) -> None:
         """MADV_DONTNEED on the pages holding bytes start..end of the data file (the map's unmodified pages: the kernel
@@ -174,19 +187,22 @@ class Int4Prefill:
                key_cache: np.ndarray, value_cache: np.ndarray) -> None:
         """One block on the residual stream ``x`` [L, hidden], in place: the definition's two row-local halves ROWS rows
         at a time around this module's attention. Besides ``x`` a layer holds one [L, hidden] buffer (the queries, then
-        the attention's context written over them) and per-chunk temporaries; the input LayerNorm is computed again
-        for the second half rather than kept (a long prompt's peak memory is these buffers)."""
+        the attention's context written over them) and per-chunk temporaries; over more than one chunk the input
+        LayerNorm is computed again for the second half rather than kept (a long prompt's peak memory is these
+        buffers)."""
         cfg, p = self.config, layer_prefix(n)
         length = len(x)
         queries = np.empty((length, cfg.num_heads, cfg.head_dim), np.float32)
-        for rows in _chunks(length, ROWS):
-            _, q, k, v = attention_inputs(ops, n, x[rows], (rope[0][rows], rope[1][rows]))  # [rows, heads, hd]
+        chunks = _chunks(length, ROWS)
+        for rows in chunks:
+            ln1, q, k, v = attention_inputs(ops, n, x[rows], (rope[0][rows], rope[1][rows]))  # [rows, heads, hd]
             np.multiply(q, np.float32(net_attention_scale(cfg.head_dim)), out=queries[rows])
             self.kernels.store_heads(k, key_cache[0, :, rows])
             self.kernels.store_heads(v, value_cache[0, :, rows])
         context = self._attention(queries, key_cache, value_cache, mask).reshape(length, cfg.hidden_size)
-        for rows in _chunks(length, ROWS):
-            ln1 = ops.layer_norm(p + INPUT_NORM, x[rows])
+        for rows in chunks:
+            if len(chunks) > 1:
+                ln1 = ops.layer_norm(p + INPUT_NORM, x[rows])
             x[rows] = attention_output(ops, n, ln1, context[rows])
 
     def _attention(self, queries: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarray,
