@@ -135,8 +135,8 @@ def test_cpu_graph_int4(shapes, group_size):
 @pytest.mark.skipif(load() is None, reason="INT4 prompt kernel not built or no AVX2/FMA on this CPU")
 def test_int4_prompt_path(shapes):
     """Group 32 (every width a whole number of groups, as the kernel needs). The prompt rows' keys and values written
-    by the kernel path are the reference's, layer by layer; the engine's logits (kernel prefill, then graph decode)
-    agree like the graph's own."""
+    by the kernel path, layer by layer, and its logits are the reference's; the engine's (kernel prefill, then graph
+    decode) agree like the graph's own."""
     bundle = shapes.bundle("cpu", "int4", 32)
     cfg = shapes.reference.config
     prefill = Int4Prefill.open(bundle / "decoder.onnx", cfg, threads=2)
@@ -149,15 +149,18 @@ def test_int4_prompt_path(shapes):
         ids = np.array(shapes.tokenizer.encode_prompt(text))
         layout = layout_of(list(ids), special.bos, special.gmask, special.mask)
         mask, positions = layout.mask(), layout.position_ids()
-        assert Int4Prefill.takes(ids, mask)
+        assert Int4Prefill.takes(ids)
         cache = [np.zeros((1, cfg.num_heads, len(ids), cfg.head_dim), np.float32) for _ in range(2 * cfg.num_layers)]
-        prefill.run(ids[:-1], positions[:, :-1], mask[:-1, :-1], cache)
-        want = reference.model.forward(ids[None, :-1], positions[None, :, :-1], mask[None, None, :-1, :-1]).past
-        for n, (keys, values) in enumerate(want):
+        logits = prefill.run(ids, positions, mask, cache)
+        want = reference.model.forward(ids[None], positions[None], mask[None, None])
+        for n, (keys, values) in enumerate(want.past):
             for got, expected in ((cache[2 * n], keys), (cache[2 * n + 1], values)):
-                got, expected = got[0, :, :-1].transpose(1, 0, 2), expected[:, 0]  # [rows, heads, hd]
+                got, expected = got[0].transpose(1, 0, 2), expected[:, 0]  # [rows, heads, hd]
                 cosine = float(got.ravel() @ expected.ravel() / np.linalg.norm(got) / np.linalg.norm(expected))
                 assert cosine > 0.9999, (text[:12], n, cosine)
+        expected = want.logits[0]
+        cosine = float(logits @ expected / np.linalg.norm(logits) / np.linalg.norm(expected))
+        assert cosine > 0.9999 and np.argmax(logits) == np.argmax(expected), (text[:12], cosine)
     engine = Bundle.open(bundle).engine(prompt_kernel=True)
     metrics = compare_engines(engine, reference, shapes.tokenizer, kernel_prompts, STEPS)
     assert _agrees(metrics, SAME_WEIGHTS_INT8_ACTIVATIONS), metrics
