@@ -55,6 +55,17 @@ def test_only_int4_bundles_take_the_kernel_path(bundles):
 
 
 @needs_kernel
+def test_an_int4_bundle_with_an_unquantized_lm_head_keeps_the_graphs_prefill(tmp_path, tokenizer):
+    """The kernels compute the logits from the lm_head's codes; an fp16 table has none, so the graph prefills."""
+    bundle = export_bundle(TINY, tmp_path / "b", quant="int4", embeddings="fp16").bundle
+    engine = Bundle.open(bundle).engine()
+    assert engine.prefill.name == "graph"
+    ids, layout = _prompt(tokenizer)
+    logits = engine.start().prefill(np.array(ids), layout.position_ids(), layout.mask())
+    assert logits.shape == (engine.config.vocab_size,) and np.isfinite(logits).all()
+
+
+@needs_kernel
 def test_kernel_prefill_gives_the_graphs_cache_logits_and_answer(bundles, tokenizer):
     ids, layout = _prompt(tokenizer)
     assert len(ids) >= MIN_PROMPT

@@ -160,7 +160,10 @@ class Int4Prefill:
                 if weight.k != attrs["K"] or not weight.supported(kernels.columns_per_panel):
                     return None
         head = attributes.get(HEAD + ".qweight", {})
-        if head.get("bits") not in (4, 8) or head["K"] != config.hidden_size or not _whole_groups(head):
+        if head.get("bits") not in (4, 8) or head.get("K") != config.hidden_size or not _whole_groups(head):
+            return None
+        table = tensors[HEAD + ".qweight"]  # [vocab, blocks, group * bits / 8], as the attributes describe it
+        if table.ndim != 3 or table.shape[1] * table.shape[2] * 8 != head["K"] * head["bits"]:
             return None
         return cls(config, tensors, kernels, int(head["bits"]))
 
@@ -307,7 +310,7 @@ class _KernelOps(NumpyOps):
 def _whole_groups(attrs: dict) -> bool:
     """A MatMulNBits matrix whose inputs fill its blocks, in groups the logits GEMV takes (32..256 in steps of 32)."""
     group = attrs.get("block_size", 0)
-    return 32 <= group <= 256 and group % 32 == 0 and attrs["K"] % group == 0
+    return 32 <= group <= 256 and group % 32 == 0 and attrs.get("K", 0) % group == 0
 
 
 def _chunks(length: int, size: int, start: int = 0) -> list[slice]:
