@@ -354,6 +354,10 @@ def test_keys_land_in_the_cache_as_numpy_would_put_them(dtype):
     with pytest.raises(ValueError, match=r"keys of shape \(37, 6, 16\) do not fill a cache view of shape \(6, 36, 16\)"):
         PromptKernels(load(), 1).store_heads(keys, cache[0, :, 5:41])
     assert load().sc_heads_to_fp16(keys.ctypes.data, 37, 6, 12, 144, 48, cache.ctypes.data, 1024, 16) == native.BAD_SHAPE
+    narrow = np.zeros((1, 6, 64, 12), dtype)  # heads of 12: numpy's copy, the same values
+    with np.errstate(over="ignore"):
+        PromptKernels(load(), 1).store_heads(keys[:, :, :12], narrow[0, :, :37])
+        np.testing.assert_array_equal(narrow[0, :, :37], keys[:, :, :12].transpose(1, 0, 2).astype(dtype))
 
 
 @needs_kernel

@@ -191,12 +191,13 @@ class PromptKernels:
         return out
 
     def store_heads(self, values: np.ndarray, cache: np.ndarray) -> None:
-        """``cache[h, r] = values[r, h]``: a prompt's keys or values [rows, heads, hd] (any strides, contiguous along
-        hd) into a cache view [heads, rows, hd]; fp16 caches in one C pass, others by numpy."""
+        """``cache[h, r] = values[r, h]``: a prompt's keys or values [rows, heads, hd] (any strides) into a cache view
+        [heads, rows, hd]; fp16 caches contiguous along hd, hd a multiple of 8, in one C pass, others by numpy."""
         rows, heads, hd = values.shape
         if cache.shape != (heads, rows, hd):
             raise ValueError(f"keys of shape {values.shape} do not fill a cache view of shape {cache.shape}")
-        if cache.dtype != np.float16 or values.dtype != np.float32 or values.strides[2] != 4 or cache.strides[2] != 2:
+        if (cache.dtype != np.float16 or values.dtype != np.float32 or values.strides[2] != 4 or cache.strides[2] != 2
+                or hd % 8):  # the C loop converts 8 values at a time
             cache[...] = values.transpose(1, 0, 2)
             return
         check(self.lib.sc_heads_to_fp16(values.ctypes.data, rows, heads, hd, values.strides[0] // 4,
