@@ -12,11 +12,11 @@ from collections import Counter
 import pytest
 
 from appliance.loading import DEMO_CHECKPOINT, DEMO_QUANT
-from model_export.demo.corpus import normalized, read_corpus
-from model_export.demo.heldout import KINDS, SETS, answer_all, failed_checks, read_heldout
+from model_export.demo.corpus import HELD_OUT, normalized, read_corpus
+from model_export.demo.heldout import KINDS, answer_all, failed_checks, read_heldout
 from model_export.export import export_bundle
 
-LISTS = {name: read_heldout(name) for name in SETS}
+LISTS = {name: read_heldout(name) for name in HELD_OUT}
 # answers that pass every computed check, as docs/demo.md reports them for the shipped checkpoint
 PASSING = {"dev": 29, "test": 27, "final": 29, "fresh": 26, "fifth": 24, "sixth": 22, "seventh": 21}
 # answers that are not whole text (empty, a replacement character, a made-up word), as docs/demo.md reports them
@@ -37,7 +37,7 @@ def answered(tmp_path_factory):
     return {name: answer_all(bundle, questions) for name, questions in LISTS.items()}
 
 
-@pytest.mark.parametrize("name", sorted(SETS))
+@pytest.mark.parametrize("name", sorted(HELD_OUT))
 def test_each_list_is_15_chinese_and_15_english_questions_of_every_kind(name):
     questions = LISTS[name]
     assert Counter(q["lang"] for q in questions) == {"zh": 15, "en": 15}
@@ -52,7 +52,7 @@ def test_each_list_is_15_chinese_and_15_english_questions_of_every_kind(name):
 
 def test_the_lists_share_no_question():
     queries = [normalized(q["query"]) for questions in LISTS.values() for q in questions]
-    assert len(set(queries)) == len(queries) == 30 * len(SETS)
+    assert len(set(queries)) == len(queries) == 30 * len(HELD_OUT)
 
 
 def test_no_question_of_either_list_is_in_the_training_text():
@@ -63,7 +63,7 @@ def test_no_question_of_either_list_is_in_the_training_text():
     assert found == []
 
 
-@pytest.mark.parametrize("name", sorted(SETS))
+@pytest.mark.parametrize("name", sorted(HELD_OUT))
 def test_answers_pass_their_checks(answered, name):
     """Every answer is whole text (not empty, no replacement character, no made-up word) but the few docs/demo.md
     reports as fragments; at least the number it reports pass every check. The checks are necessary, not sufficient:

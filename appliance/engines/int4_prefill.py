@@ -26,7 +26,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from appliance.errors import EngineError
-from appliance.kernels.prompt_kernels import Int4Weight, PromptKernels, load, split
+from appliance.kernels.prompt_kernels import Int4Weight, PromptKernels, groups_fit, load, split
 from appliance.model.definition import MASK_FILL, attention_inputs, attention_output, net_attention_scale, rotary_tables
 from appliance.model.numpy_ops import ARRAY, NumpyOps, softmax
 from appliance.model.weights import EMBEDDING, FINAL_NORM, INPUT_NORM, LINEARS, dequantize, layer_prefix
@@ -160,7 +160,8 @@ class Int4Prefill:
                 if weight.k != attrs["K"] or not weight.supported(kernels.columns_per_panel):
                     return None
         head = attributes.get(HEAD + ".qweight", {})
-        if head.get("bits") not in (4, 8) or head.get("K") != config.hidden_size or not _whole_groups(head):
+        if (head.get("bits") not in (4, 8) or head.get("K") != config.hidden_size
+                or not groups_fit(head["K"], head.get("block_size", 0))):
             return None
         table = tensors[HEAD + ".qweight"]  # [vocab, blocks, group * bits / 8], as the attributes describe it
         if table.ndim != 3 or table.shape[1] * table.shape[2] * 8 != head["K"] * head["bits"]:
@@ -305,12 +306,6 @@ class _KernelOps(NumpyOps):
             logits[rows] = self.kernels.logits(x, packed[rows], scales[rows], self.head_bits)
             t.release_rows(HEAD + ".qweight", rows)
         return logits
-
-
-def _whole_groups(attrs: dict) -> bool:
-    """A MatMulNBits matrix whose inputs fill its blocks, in groups the logits GEMV takes (32..256 in steps of 32)."""
-    group = attrs.get("block_size", 0)
-    return 32 <= group <= 256 and group % 32 == 0 and attrs.get("K", 0) % group == 0
 
 
 def _chunks(length: int, size: int, start: int = 0) -> list[slice]:

@@ -19,7 +19,7 @@ from appliance.errors import EngineError
 from appliance.kernels.native import BAD_SHAPE, MISALIGNED, NO_AVX2, ONNXRUNTIME, check, choice, load, path
 
 __all__ = ["BAD_SHAPE", "MISALIGNED", "NO_AVX2", "Int4Weight", "PromptKernels", "QuantizedRows", "aligned", "check",
-           "load", "split", "status"]
+           "groups_fit", "load", "split", "status"]
 
 ROWS_PER_TILE = 4  # MR in the C file
 PIECES = 4  # column ranges per thread in a matmul: with another process on one core, 4-6% faster than one range each
@@ -34,6 +34,12 @@ def status() -> str:
     except EngineError as exc:  # a bad STREAMCHAT_KERNEL: the text says which
         return str(exc)
     return f"loaded ({chosen} INT4 prompts)" if chosen != ONNXRUNTIME else f"{why}; prompts run in onnxruntime"
+
+
+def groups_fit(k: int, group: int) -> bool:
+    """The blocking every prompt kernel takes (groups_fit in the C file): K in whole groups of 32..256, a multiple of
+    32."""
+    return 32 <= group <= 256 and group % 32 == 0 and k >= group and k % group == 0
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,7 @@ class Int4Weight:
 
     def supported(self, columns_per_panel: int) -> bool:
         """The shapes the kernel handles: columns in whole panels, groups of whole 32-code runs."""
-        return self.n % columns_per_panel == 0 and self.group % 32 == 0 and self.group <= 256
+        return self.n % columns_per_panel == 0 and groups_fit(self.k, self.group)
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,8 @@ class PromptKernels:
         group * bits / 8], ``scales`` [N, blocks]; the lm_head, which may be a memory map): the logits of a prompt's
         last row, the columns split across the threads."""
         n, blocks, blob = packed.shape
+        if x.size != blocks * blob * 8 // bits:
+            raise ValueError(f"a row of {x.size} inputs does not fit a {n} x {blocks * blob * 8 // bits} matrix")
         x = np.ascontiguousarray(x, dtype=np.float32)
         packed, scales = np.ascontiguousarray(packed), np.ascontiguousarray(scales, dtype=np.float32)
         y = np.empty(n, np.float32)
@@ -168,8 +176,6 @@ class PromptKernels:
             check(self.lib.sc_nbits_gemv(x.ctypes.data, x.size, blob * 8 // bits, bits, packed.ctypes.data,
                                          scales.ctypes.data, y.ctypes.data, first, end), "sc_nbits_gemv")
 
-        if x.size != blocks * blob * 8 // bits:
-            raise ValueError(f"a row of {x.size} inputs does not fit a {n} x {blocks * blob * 8 // bits} matrix")
         split(self.pool, self.threads, run, n, 1)
         return y
 

@@ -28,7 +28,6 @@ from appliance.session import ChatSession
 from appliance.settings import Settings
 from model_export.demo.corpus import HELD_OUT, read_groups
 
-SETS = HELD_OUT
 LANGUAGES = ("zh", "en")
 KINDS = ("greeting", "paraphrase", "follow-up", "off-topic")
 CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
@@ -43,7 +42,7 @@ DEMO = {"zh": "演示", "en": "demo"}
 def read_heldout(name: str) -> list[dict]:
     """Each entry: ``{"lang": "zh" | "en", "kind": one of KINDS, "history": [[q, a], ...], "query": str,
     "expect": [keyword, ...]}``, the keywords any on-topic answer names at least one of."""
-    return [json.loads(line) for line in SETS[name].read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in HELD_OUT[name].read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def cjk_share(text: str) -> float:
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     from model_export.export import export_bundle
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--set", choices=sorted(SETS), default="dev", help="which list (default: dev)")
+    parser.add_argument("--set", choices=sorted(HELD_OUT), default="dev", help="which list (default: dev)")
     parser.add_argument("--checkpoint", type=Path, default=DEMO_CHECKPOINT)
     parser.add_argument("--out", type=Path, help="write the answers as JSON here (default: print them)")
     args = parser.parse_args(argv)
