@@ -126,7 +126,7 @@ def compare(rounds: int) -> None:
         sess, ours, nbytes = decode_pair(k, n)
         runners = {"onnxruntime": lambda a, sess=sess: sess.run(None, {"A": a})}
         for p, gemv in gemvs.items():
-            runners[p] = lambda a, gemv=gemv, ours=ours: [gemv.matvec(gemv.quantize(a, w.group), w) for w in ours]
+            runners[p] = lambda a, gemv=gemv, ours=ours: [gemv.linear(a, w) for w in ours]
         decode[(k, n)] = runners, nbytes
     prompts = {"onnxruntime": matmul_nbits([(HIDDEN, INNER)], 4, 128, 4)[0]}
     prompts.update({p: prompt_kernel(HIDDEN, INNER, 128, p) for p in paths})

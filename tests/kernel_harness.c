@@ -19,21 +19,22 @@ int sc_int4_gemm(const int8_t *, const float *, const float *, int, int, int, co
                  const float *, float *, int, int, int, uint8_t *);
 int sc_int4_gemm_avx512vnni(const int8_t *, const float *, const float *, int, int, int, const uint8_t *,
                             const float *, const float *, float *, int, int, int, uint8_t *);
-int sc_quantize_vector(const float *x, int K, int G, int8_t *x_lo, int8_t *x_hi, float *lane_scales, float *offsets);
-int sc_int4_gemv(const int8_t *, const int8_t *, const float *, const float *, int, int, const uint8_t *,
-                 const float *, float *, int, int);
-int sc_int4_gemv_avx512vnni(const int8_t *, const int8_t *, const float *, const float *, int, int, const uint8_t *,
-                            const float *, float *, int, int);
 int sc_nbits_gemv(const float *x, int K, int G, int bits, const uint8_t *w, const float *ws, float *y, int n0, int n1);
 int sc_layer_norm(const float *x, int rows, int K, const float *weight, const float *bias, float eps, float *out);
 int sc_heads_to_fp16(const float *src, int rows, int heads, int hd, long src_row, long src_head, uint16_t *dst,
                      long dst_head, long dst_row);
 int sc_gelu(float *x, size_t n);
+void *sc_team_create(int threads);
+void sc_team_destroy(void *team);
+int sc_team_linear(void *team, int path, const float *x, int K, int G, const uint8_t *w, const float *ws,
+                   const float *bias, float *y, int N, int gelu_after);
+int sc_team_attend(void *team, const float *q, int heads, int hd, const uint16_t *k, const uint16_t *v,
+                   long head_stride, int T, float *scratch, long scratch_stride, float *out);
+int sc_team_logits(void *team, const float *x, int K, int G, int bits, const uint8_t *w, const float *ws, float *y,
+                   int N);
 
 typedef int (*gemm_fn)(const int8_t *, const float *, const float *, int, int, int, const uint8_t *, const float *,
                        const float *, float *, int, int, int, uint8_t *);
-typedef int (*gemv_fn)(const int8_t *, const int8_t *, const float *, const float *, int, int, const uint8_t *,
-                       const float *, float *, int, int);
 
 static uint64_t state = 88172645463325252ull;
 static uint32_t next(void) { state ^= state << 13; state ^= state >> 7; state ^= state << 17; return (uint32_t)state; }
@@ -119,28 +120,34 @@ static void gemm_case(const char *path, gemm_fn gemm, int nr, int M, int K, int 
     free(bias);
 }
 
-static void gemv_case(const char *path, gemv_fn gemv, int K, int G, int N) {
+/* The decode GEMV of `path` on a team of 3 (the caller and two workers, so columns land on every thread), bias added. */
+static void gemv_case(const char *path, int path_number, int K, int G, int N) {
     const int blocks = K / G;
     float *x = exactly(sizeof(float) * K, 4), *ws = exactly(sizeof(float) * N * blocks, 4);
+    float *bias = exactly(sizeof(float) * N, 4), *y = exactly(sizeof(float) * N, 4);
     uint8_t *w = exactly((size_t)N * K / 2, 1);
-    int8_t *lo = exactly(K / 2, 1), *hi = exactly(K / 2, 1);
-    float *lanes = exactly(sizeof(float) * K / 8, 4), *offsets = exactly(sizeof(float) * blocks, 4);
-    float *y = exactly(sizeof(float) * N, 4);
     double *want = exactly(sizeof(double) * N, 8), *bound = exactly(sizeof(double) * N, 8);
     for (int i = 0; i < K; i++) x[i] = 5 * uniform();
     for (int i = 0; i < N * K / 2; i++) w[i] = (uint8_t)next();
     for (int i = 0; i < N * blocks; i++) ws[i] = 0.01f + 0.01f * uniform();
+    for (int n = 0; n < N; n++) bias[n] = (float)n;
     reference(x, 1, K, G, w, ws, N, want, bound);
+    for (int n = 0; n < N; n++) want[n] += n;
     char what[96];
     snprintf(what, sizeof what, "%s gemv %dx%d g%d", path, K, N, G);
-    EXPECT(sc_quantize_vector(x, K, G, lo, hi, lanes, offsets) == 0, "%s: quantize refused", what);
-    EXPECT(gemv(lo, hi, lanes, offsets, K, G, w, ws, y, 0, N / 3) == 0, "%s: refused", what);
-    EXPECT(gemv(lo, hi, lanes, offsets, K, G, w, ws, y, N / 3, N) == 0, "%s: refused", what);
+    void *team = sc_team_create(3);
+    EXPECT(team != NULL, "%s: no team", what);
+    const int refused = sc_team_linear(team, path_number, x, K, G, w, ws, bias, y, N, 0);
+    const int off_chunks = sc_team_linear(team, path_number, x, K + 64, G, w, ws, bias, y, N, 0);
+    const int group96 = sc_team_linear(team, path_number, x, K, 96, w, ws, bias, y, N, 0);
+    const int no_weights = sc_team_linear(team, path_number, x, K, G, NULL, ws, bias, y, N, 0);
+    sc_team_destroy(team);
+    EXPECT(refused == 0, "%s: refused", what);
     compare(what, y, want, bound, 1, N, N);
-    EXPECT(gemv(lo, hi, lanes, offsets, K + 64, G, w, ws, y, 0, N) == 1, "%s: K off the 128-code chunks", what);
-    EXPECT(gemv(lo, hi, lanes, offsets, K, 96, w, ws, y, 0, N) == 1, "%s: a group of 96 accepted", what);
-    EXPECT(gemv(lo, hi, lanes, offsets, K, G, NULL, ws, y, 0, N) == 2, "%s: no weights accepted", what);
-    free(x), free(ws), free(w), free(lo), free(hi), free(lanes), free(offsets), free(y), free(want), free(bound);
+    EXPECT(off_chunks == 1, "%s: K off the 128-code chunks", what);
+    EXPECT(group96 == 1, "%s: a group of 96 accepted", what);
+    EXPECT(no_weights == 2, "%s: no weights accepted", what);
+    free(x), free(ws), free(w), free(bias), free(y), free(want), free(bound);
 }
 
 /* The logits GEMV (fp32 activations, 4- or 8-bit codes) against a double sum of (code - zero point) * ws * x. */
@@ -154,8 +161,15 @@ static void logits_case(int bits, int K, int G, int N) {
     for (int i = 0; i < N * blocks; i++) ws[i] = 0.01f + 0.01f * uniform();
     char what[96];
     snprintf(what, sizeof what, "logits %d-bit %dx%d g%d", bits, K, N, G);
+    float *by_team = exactly(sizeof(float) * N, 4);
+    void *team = sc_team_create(2);
+    const int team_refused = team == NULL || sc_team_logits(team, x, K, G, bits, w, ws, by_team, N) != 0;
+    sc_team_destroy(team);
+    EXPECT(!team_refused, "%s: the team refused", what);
     EXPECT(sc_nbits_gemv(x, K, G, bits, w, ws, y, 0, N / 2) == 0, "%s: refused", what);
     EXPECT(sc_nbits_gemv(x, K, G, bits, w, ws, y, N / 2, N) == 0, "%s: refused", what);
+    EXPECT(!memcmp(y, by_team, sizeof(float) * N), "%s: the team's logits differ", what);
+    free(by_team);
     for (int n = 0; n < N; n++) {
         double want = 0, bound = 0;
         for (int k = 0; k < K; k++) {
@@ -175,28 +189,62 @@ static void logits_case(int bits, int K, int G, int N) {
     free(x), free(ws), free(y), free(w);
 }
 
-static void run_path(const char *path, gemm_fn gemm, int nr, gemv_fn gemv) {
+/* One query row of 3 heads x 40 against 11 of a 12-position fp16 cache on a team of 2, against a double
+ * softmax(q . K) V; the scratch exactly 11 scores per thread, the cache's last row never read. */
+__attribute__((target("f16c"))) static void attention_case(void) {
+    const int heads = 3, hd = 40, cap = 12, T = 11;
+    float *q = exactly(sizeof(float) * heads * hd, 4), *out = exactly(sizeof(float) * heads * hd, 4);
+    float *scratch = exactly(sizeof(float) * 2 * T, 4); /* a row of T scores per thread */
+    uint16_t *k = exactly(sizeof(uint16_t) * heads * cap * hd, 2), *v = exactly(sizeof(uint16_t) * heads * cap * hd, 2);
+    for (int i = 0; i < heads * hd; i++) q[i] = uniform();
+    for (int i = 0; i < heads * cap * hd; i++) k[i] = half(uniform()), v[i] = half(uniform());
+    void *team = sc_team_create(2);
+    int bad = team == NULL || sc_team_attend(team, q, heads, hd, k, v, cap * hd, T, scratch, T, out) != 0;
+    for (int h = 0; h < heads && !bad; h++) {
+        double s[11], top = -1e300, total = 0;
+        for (int j = 0; j < T; j++) {
+            s[j] = 0;
+            for (int d = 0; d < hd; d++) s[j] += (double)q[h * hd + d] * _cvtsh_ss(k[(h * cap + j) * hd + d]);
+            top = s[j] > top ? s[j] : top;
+        }
+        for (int j = 0; j < T; j++) total += s[j] = exp(s[j] - top);
+        for (int d = 0; d < hd; d++) {
+            double want = 0;
+            for (int j = 0; j < T; j++) want += s[j] / total * _cvtsh_ss(v[(h * cap + j) * hd + d]);
+            bad |= fabs(out[h * hd + d] - want) > 1e-5;
+        }
+    }
+    bad |= sc_team_attend(team, q, heads, hd, k, v, T * hd - 8, T, scratch, T, out) != 1; /* heads overlapping */
+    bad |= sc_team_attend(team, q, heads, 36, k, v, cap * hd, T, scratch, T, out) != 1;
+    bad |= sc_team_attend(team, q, heads, hd, k, v, cap * hd, T, scratch, T - 1, out) != 1; /* scratch too short */
+    sc_team_destroy(team);
+    if (bad) { puts("attention: wrong"); failures++; }
+    free(q), free(out), free(scratch), free(k), free(v);
+}
+
+static void run_path(const char *path, gemm_fn gemm, int nr, int gemv) {
     const int groups[] = {32, 64, 128, 256};
     for (int g = 0; g < 4; g++) {
         gemm_case(path, gemm, nr, 8, 1024, groups[g], 3 * nr);
         gemm_case(path, gemm, nr, 4, groups[g], groups[g], nr);
         gemm_case(path, gemm, nr, 4, 3 * groups[g], groups[g], nr); /* K an odd multiple of 32 where G = 32 */
-        gemv_case(path, gemv, 1024, groups[g], 37);
+        gemv_case(path, gemv, 1024, groups[g], 200); /* more than one 64-column unit: every thread works */
         gemv_case(path, gemv, 256 > groups[g] ? 256 : groups[g], groups[g], 5);
+        gemv_case(path, gemv, 3 * (groups[g] > 128 ? groups[g] : 128), groups[g], 7); /* an odd number of 128-code steps */
     }
     printf("%s: %s\n", path, failures ? "FAILED" : "ok");
 }
 
 int main(void) {
     const int features = sc_cpu_features();
-    if (features & 1) run_path("avx2", sc_int4_gemm, 16, sc_int4_gemv);
+    if (features & 1) run_path("avx2", sc_int4_gemm, 16, 0);
     else printf("avx2: skipped, this CPU has no AVX2/FMA\n");
-    if (features & 2) run_path("avx512vnni", sc_int4_gemm_avx512vnni, 32, sc_int4_gemv_avx512vnni);
+    if (features & 2) run_path("avx512vnni", sc_int4_gemm_avx512vnni, 32, 1);
     else printf("avx512vnni: skipped, this CPU has no AVX-512 VNNI\n");
     if (features & 1) {
         const int groups[] = {32, 64, 128, 256};
         for (int g = 0; g < 4; g++)
-            for (int bits = 4; bits <= 8; bits += 4) logits_case(bits, 1024, groups[g], 37);
+            for (int bits = 4; bits <= 8; bits += 4) logits_case(bits, 1024, groups[g], 150); /* 3 units of 64 */
         printf("logits: %s\n", failures ? "FAILED" : "ok");
         float *x = exactly(sizeof(float) * 3 * 40, 4), *out = exactly(sizeof(float) * 3 * 40, 4);
         float *weight = exactly(sizeof(float) * 40, 4), *bias = exactly(sizeof(float) * 40, 4);
@@ -231,6 +279,7 @@ int main(void) {
         float v[13];
         for (int i = 0; i < 13; i++) v[i] = (float)(i - 6);
         if (sc_gelu(v, 13) || fabsf(v[7] - 0.8412f) > 1e-4f || v[6] != 0.f) { puts("gelu: wrong"); failures++; }
+        attention_case();
     }
     return failures ? 1 : 0;
 }

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("
 def test_every_path_is_exact_and_in_bounds_under_the_sanitizers(tmp_path):
     harness = tmp_path / "harness"
     subprocess.run(["gcc", "-DSC_STANDALONE", "-g", "-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-                    "-fno-omit-frame-pointer", str(ROOT / "tests/kernel_harness.c"),
+                    "-fno-omit-frame-pointer", "-pthread", str(ROOT / "tests/kernel_harness.c"),
                     str(ROOT / "appliance/kernels/prompt_kernels.c"), "-lm", "-o", str(harness)], check=True, timeout=120)
     run = subprocess.run([str(harness)], capture_output=True, text=True, timeout=120)
     print(run.stdout)  # which paths ran, which were skipped and why

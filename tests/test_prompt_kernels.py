@@ -13,7 +13,7 @@ import pytest
 
 from appliance.errors import EngineError
 from appliance.kernels import describe, native
-from appliance.kernels.decode_kernels import DecodeKernels
+from appliance.kernels.decode_kernels import PATH_NUMBERS, DecodeKernels
 from appliance.kernels.prompt_kernels import Int4Weight, PromptKernels, load, split, status
 from appliance.model.numpy_ops import ARRAY, layer_norm
 from appliance.model.quantize import quantize_blockwise
@@ -154,20 +154,20 @@ def test_prompt_gemm_and_gemv_are_exact_on_integers(kernel, group):
     np.testing.assert_array_equal(prompt.matmul(prompt.quantize(x, group), weight), want)
     decode = DecodeKernels(load(), 2, kernel)
     for row in range(len(x)):
-        np.testing.assert_array_equal(decode.matvec(decode.quantize(x[row], group), weight), want[row])
+        np.testing.assert_array_equal(decode.linear(x[row], weight), want[row])
 
 
 @needs_kernel
 @pytest.mark.parametrize("kernel", PATHS)
 @pytest.mark.parametrize("k, n, group", [(128, 16, 32), (256, 40, 64), (512, 33, 128), (1024, 64, 256),
-                                         (4096, 100, 128), (16384, 48, 128)])
+                                         (384, 24, 128), (4096, 100, 128), (16384, 48, 128)])
 def test_decode_gemv_matches_the_int8_activation_arithmetic(kernel, k, n, group):
     rng = np.random.default_rng(k + n)
     q = quantize_blockwise(rng.standard_normal((n, k)).astype(np.float32), 4, group)
     x = rng.standard_normal(k).astype(np.float32) * 3
     bias = rng.standard_normal(n).astype(np.float32)
     gemv = DecodeKernels(load(), threads=2, kernel=kernel)
-    got = gemv.matvec(gemv.quantize(x, group), Int4Weight(q.packed, q.scales, bias))
+    got = gemv.linear(x, Int4Weight(q.packed, q.scales, bias))
     assert got.shape == (n,)
     assert (np.abs(got - _emulated(x[None], q)[0] - bias) <= _rounding(x, q) + 1e-5).all()
 
@@ -199,7 +199,7 @@ def test_one_thread_and_two_agree_and_zero_rows_stay_zero(kernel):
     np.testing.assert_array_equal(a, b)
     assert not a[2].any()
     gemv = DecodeKernels(load(), 2, kernel)
-    assert not gemv.matvec(gemv.quantize(x[2], 128), weight).any()
+    assert not gemv.linear(x[2], weight).any()
 
 
 @needs_kernel
@@ -214,13 +214,12 @@ def test_mismatched_or_unsupported_weights_are_refused(kernel):
                                          f"{matmul.columns_per_panel}"):
         matmul.matmul(matmul.quantize(np.ones((2, 256), np.float32), 128), Int4Weight(odd.packed, odd.scales))
     gemv = DecodeKernels(load(), 1, kernel)
-    with pytest.raises(ValueError, match="^the GEMV takes rows of a multiple of 128 inputs .*, not 192 in groups of 64$"):
-        gemv.quantize(np.ones(192, np.float32), 64)
-    with pytest.raises(ValueError, match="does not fit a 32 x 256 weight in groups of 128"):
-        gemv.matvec(gemv.quantize(np.ones(256, np.float32), 64), Int4Weight(q.packed, q.scales))
+    with pytest.raises(ValueError, match="^a row of 192 inputs does not fit a 32 x 256 weight$"):
+        gemv.linear(np.ones(192, np.float32), Int4Weight(q.packed, q.scales))
     wide = quantize_blockwise(np.ones((16, 384), np.float32), 4, 96)
-    with pytest.raises(ValueError, match="not a 16 x 384 weight in groups of 96"):
-        gemv.matvec(gemv.quantize(np.ones(384, np.float32), 128), Int4Weight(wide.packed, wide.scales))
+    with pytest.raises(ValueError, match="^the GEMV takes rows of a multiple of 128 inputs .*, not a 16 x 384 weight in "
+                                         "groups of 96$"):
+        gemv.linear(np.ones(384, np.float32), Int4Weight(wide.packed, wide.scales))
 
 
 @needs_kernel
@@ -228,26 +227,23 @@ def test_the_new_entry_points_return_error_codes():
     """Shapes and buffers the Python side never passes are refused in C, before any memory is touched."""
     lib = load()
     x, y = np.ones(256, np.float32), np.full(16, 7.0, np.float32)
-    lo, hi, lanes, offsets = np.zeros(128, np.int8), np.zeros(128, np.int8), np.zeros(32, np.float32), np.zeros(2, np.float32)
     w, ws = np.zeros((16, 128), np.uint8), np.ones((16, 2), np.float32)
-    assert lib.sc_quantize_vector(x.ctypes.data, 192, 64, lo.ctypes.data, hi.ctypes.data, lanes.ctypes.data,
-                                  offsets.ctypes.data) == native.BAD_SHAPE
-    assert lib.sc_quantize_vector(x.ctypes.data + 2, 256, 128, lo.ctypes.data, hi.ctypes.data, lanes.ctypes.data,
-                                  offsets.ctypes.data) == native.MISALIGNED
-    for name in ("sc_int4_gemv", "sc_int4_gemv_avx512vnni"):
-        gemv = getattr(lib, name)
+    team = DecodeKernels(lib, 2, "avx2").team
+    for name, number in PATH_NUMBERS.items():
 
-        def call(k=256, g=128, n0=0, n1=16, w=w, gemv=gemv):
-            return gemv(lo.ctypes.data, hi.ctypes.data, lanes.ctypes.data, offsets.ctypes.data, k, g,
-                        None if w is None else w.ctypes.data, ws.ctypes.data, y.ctypes.data, n0, n1)
+        def call(k=256, g=128, n=16, w=w, number=number, handle=team):
+            return lib.sc_team_linear(handle, number, x.ctypes.data, k, g, None if w is None else w.ctypes.data,
+                                      ws.ctypes.data, None, y.ctypes.data, n, 0)
 
-        if name.endswith("avx512vnni") and not _has("avx512vnni"):
+        if name == "avx512vnni" and not _has("avx512vnni"):
             assert call() == native.NO_AVX512_VNNI
             continue
-        for bad in ({"k": 192}, {"g": 96}, {"g": 0}, {"n0": 4, "n1": 2}, {"n0": -1}):
+        for bad in ({"k": 192}, {"g": 96}, {"g": 0}, {"n": -1}, {"handle": None}):
             assert call(**bad) == native.BAD_SHAPE, (name, bad)
         assert call(w=None) == native.MISALIGNED
         assert (y == 7.0).all()
+    assert lib.sc_team_linear(team, 2, x.ctypes.data, 256, 128, w.ctypes.data, ws.ctypes.data, None, y.ctypes.data,
+                              16, 0) == native.BAD_SHAPE  # no third path
     table, scales, logits = np.zeros((16, 256), np.uint8), np.ones((16, 2), np.float32), np.full(16, 7.0, np.float32)
 
     def head(bits=8, g=128, n0=0, n1=16, w=table):
@@ -258,8 +254,8 @@ def test_the_new_entry_points_return_error_codes():
         assert head(**bad) == native.BAD_SHAPE, bad
     assert head(w=None) == native.MISALIGNED
     assert (logits == 7.0).all()
-    with pytest.raises(EngineError, match="refused a call to sc_int4_gemv: a shape it does not handle"):
-        native.check(native.BAD_SHAPE, "sc_int4_gemv")
+    with pytest.raises(EngineError, match="refused a call to sc_team_linear: a shape it does not handle"):
+        native.check(native.BAD_SHAPE, "sc_team_linear")
 
 
 @pytest.mark.parametrize("threads, total, unit, pieces", [(1, 100, 8, 4), (2, 100, 8, 1), (2, 4096, 32, 4),
@@ -370,3 +366,59 @@ def test_gelu_matches_the_tanh_formula_in_place():
     np.testing.assert_allclose(x, expected, rtol=2e-6, atol=2e-6)
     with pytest.raises(ValueError, match="C-contiguous float32"):
         kernels.gelu(np.ones((4, 4), np.float32)[:, ::2])
+
+
+def _attention_case(heads: int, hd: int, capacity: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((heads, hd)).astype(np.float32) * 0.3
+    keys, values = (rng.standard_normal((heads, capacity, hd)).astype(np.float16) for _ in range(2))
+    return q, keys, values
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads, hd, length", [(32, 128, 129), (3, 40, 7), (2, 8, 1), (4, 64, 2048)])
+def test_decode_attention_over_the_fp16_cache_matches_softmax_attention(heads, hd, length):
+    """One query row per head against the first ``length`` cached positions, read as fp16 in place (head stride the
+    cache's capacity), the heads shared by the team's threads: softmax(q . K) V within float rounding of a float64
+    reference."""
+    q, keys, values = _attention_case(heads, hd, length + 5, seed=hd + length)
+    scores = np.einsum("hd,htd->ht", q.astype(np.float64), keys[:, :length].astype(np.float64))
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    want = np.einsum("ht,htd->hd", weights / weights.sum(-1, keepdims=True), values[:, :length].astype(np.float64))
+    out = DecodeKernels(load(), 2).attend(q, keys, values, length)
+    np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-6)
+
+
+@needs_kernel
+def test_decode_attention_refuses_what_it_cannot_read():
+    q, keys, values = _attention_case(2, 16, 4, seed=0)
+    decode = DecodeKernels(load(), 2)
+    lib, team, out, scratch = decode.lib, decode.team, np.full((2, 16), 7.0, np.float32), np.empty(8, np.float32)
+
+    def call(heads=2, hd=16, stride=64, length=4, per_thread=4, q_at=q.ctypes.data):
+        return lib.sc_team_attend(team, q_at, heads, hd, keys.ctypes.data, values.ctypes.data, stride, length,
+                                  scratch.ctypes.data, per_thread, out.ctypes.data)
+
+    for bad in ({"hd": 12}, {"length": 0}, {"stride": 48}, {"heads": -1}, {"per_thread": 3}):
+        assert call(**bad) == native.BAD_SHAPE, bad
+    assert call(q_at=q.ctypes.data + 2) == native.MISALIGNED
+    assert (out == 7.0).all()
+    with pytest.raises(ValueError, match="5 positions are not in them"):
+        decode.attend(q, keys, values, 5)
+    with pytest.raises(ValueError, match="do not fit fp16 caches"):
+        decode.attend(q, keys.astype(np.float32), values, 4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_decode_logits_are_the_prompt_logits(bits):
+    """The decode step's logits (the team's rows 64 at a time) are the prompt path's logits, bit for bit, for every
+    team size: the same fp32 arithmetic per row, whichever thread computes it."""
+    rng = np.random.default_rng(bits)
+    q = quantize_blockwise(rng.standard_normal((300, 256)).astype(np.float32), bits, 128)
+    x = rng.standard_normal(256).astype(np.float32)
+    want = PromptKernels(load(), 1).logits(x, q.packed, q.scales, bits)
+    for threads in (1, 2, 3):
+        np.testing.assert_array_equal(DecodeKernels(load(), threads).logits(x, q.packed, q.scales, bits), want)
+    with pytest.raises(ValueError, match="a row of 255 inputs does not fit a 300 x 256 matrix in groups of 128"):
+        DecodeKernels(load(), 1).logits(x[:255], q.packed, q.scales, bits)

@@ -63,6 +63,9 @@ class BundleTensors:
             raise EngineError(f"{graph.name} spreads its weights over {len(locations)} files; expected one")
         self.map = None
         self.spans: dict[str, list[list[int]]] = {}  # release(prefix)'s byte ranges, merged, by prefix
+        # True where this map is the process's only copy of the weights and every decode step reads them again
+        # (bench/decode_step.py): dropping the pages would fault them back in from the page cache each step
+        self.keep_pages = False
         if locations:
             with open(graph.parent / locations.pop(), "rb") as data:
                 self.map = mmap.mmap(data.fileno(), 0, access=mmap.ACCESS_READ)
@@ -106,8 +109,8 @@ class BundleTensors:
 
     def _drop(self, start: int, end: int) -> None:
         """MADV_DONTNEED on the pages holding bytes start..end of the data file (the map's unmodified pages: the kernel
-        reads them from the file again on the next touch)."""
-        if self.map is None or not hasattr(mmap, "MADV_DONTNEED") or end <= start:
+        reads them from the file again on the next touch), unless the pages are kept."""
+        if self.keep_pages or self.map is None or not hasattr(mmap, "MADV_DONTNEED") or end <= start:
             return
         start -= start % mmap.PAGESIZE
         self.map.madvise(mmap.MADV_DONTNEED, start, end - start)

@@ -1,23 +1,27 @@
-"""One-row INT4 matmuls (a decode step's GEMV) on MatMulNBits weights through ``prompt_kernels.c``.
+"""One activation row through the C kernels (a decode step's parts) on a thread team: ``W x + b`` on INT4 MatMulNBits
+weights, attention over the fp16 KV cache, and the logits of a 4- or 8-bit lm_head.
 
 Why: decode reads every weight once per token, so its speed is the rate the weights stream from memory. The C GEMV
-walks each output column's contiguous bytes (prefetching ahead), with the columns split across threads, on AVX2 or
-AVX-512 VNNI as ``native.path()`` chose; bench/kernels.py measures it against onnxruntime's MatMulNBits on the same
-weights (docs/performance.md), and the engine's decode stays on onnxruntime where this is not faster.
+walks each output column's contiguous bytes, AVX2 or AVX-512 VNNI as ``native.path()`` chose; the team (in
+``prompt_kernels.c``) runs each call on every thread, the columns or heads taken a few at a time from a shared counter,
+with no Python thread in between. bench/kernels.py measures the GEMV against onnxruntime's MatMulNBits on the same
+weights and bench/decode_step.py a whole step against onnxruntime's decode (docs/performance.md); the engine's decode
+stays on onnxruntime until a step of these is faster.
 """
 
 from __future__ import annotations
 
 import ctypes
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import weakref
 
 import numpy as np
 
+from appliance.errors import EngineError
 from appliance.kernels.native import check, path
-from appliance.kernels.prompt_kernels import Int4Weight, aligned, split
+from appliance.kernels.prompt_kernels import Int4Weight, groups_fit
 
-GEMV = {"avx2": "sc_int4_gemv", "avx512vnni": "sc_int4_gemv_avx512vnni"}
+PATH_NUMBERS = {"avx2": 0, "avx512vnni": 1}  # sc_team_linear's path argument
+SHAPES = "rows of a multiple of 128 inputs in groups of 32, 64 or a multiple of 128"
 
 
 def fits(k: int, group: int) -> bool:
@@ -25,60 +29,64 @@ def fits(k: int, group: int) -> bool:
     return k > 0 and k % 128 == 0 and k % group == 0 and (group in (32, 64) or group % 128 == 0)
 
 
-SHAPES = "rows of a multiple of 128 inputs in groups of 32, 64 or a multiple of 128"
-
-
-@dataclass(frozen=True)
-class QuantizedVector:
-    """One activation row quantized per group of its weight, split to meet the low and high nibbles."""
-
-    low: np.ndarray  # int8 [K/2]: x[0], x[2], ...
-    high: np.ndarray  # int8 [K/2]: x[1], x[3], ...
-    lane_scales: np.ndarray  # float32 [K/8]: the scale of each run of 8 inputs
-    offsets: np.ndarray  # float32 [K/G]: 8 * scale * sum(codes) per group, the zero point's share
-    group: int
-
-    @property
-    def k(self) -> int:
-        return 2 * len(self.low)
-
-
 class DecodeKernels:
-    """``W x + b`` for one activation row; one instance per engine (it owns its thread pool)."""
+    """A decode step's kernels on one thread team; one instance per engine (the team's threads live as long as it)."""
 
     def __init__(self, lib: ctypes.CDLL, threads: int, kernel: str | None = None) -> None:
         """``kernel``: ``avx2`` or ``avx512vnni``; by default the path ``native.path()`` chose."""
-        self.lib, self.threads, self.kernel = lib, max(1, threads), kernel or path()
-        self.gemv = getattr(lib, GEMV[self.kernel])
-        self.pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="int4-gemv") if self.threads > 1 else None
+        self.lib, self.kernel = lib, kernel or path()
+        self.team = lib.sc_team_create(max(1, threads))
+        if not self.team:
+            raise EngineError(f"could not start {threads} threads for the CPU kernels")
+        weakref.finalize(self, lib.sc_team_destroy, self.team)
+        self.threads = lib.sc_team_threads(self.team)
+        self.scratch = np.empty(0, np.float32)  # attention scores, one row per thread
 
-    def quantize(self, x: np.ndarray, group: int) -> QuantizedVector:
+    def linear(self, x: np.ndarray, weight: Int4Weight, gelu: bool = False) -> np.ndarray:
+        """``W x + b`` for one row ``x`` [K], its activations quantized per group to int8 (as onnxruntime's accuracy
+        level 4 does), then tanh GELU when ``gelu``."""
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
-        k = len(x)
-        if group <= 0 or not fits(k, group):
-            raise ValueError(f"the GEMV takes {SHAPES}, not {k} in groups of {group}")
-        low, high = aligned(k // 2, np.int8), aligned(k // 2, np.int8)
-        lane_scales, offsets = np.empty(k // 8, np.float32), np.empty(k // group, np.float32)
-        check(self.lib.sc_quantize_vector(x.ctypes.data, k, group, low.ctypes.data, high.ctypes.data,
-                                          lane_scales.ctypes.data, offsets.ctypes.data), "sc_quantize_vector")
-        return QuantizedVector(low, high, lane_scales, offsets, group)
-
-    def matvec(self, x: QuantizedVector, weight: Int4Weight) -> np.ndarray:
         if not fits(weight.k, weight.group):
             raise ValueError(f"the GEMV takes {SHAPES}, not a {weight.n} x {weight.k} weight in groups of {weight.group}")
-        if weight.group != x.group or weight.k != x.k:
-            raise ValueError(f"an activation of {x.k} inputs in groups of {x.group} does not fit a {weight.n} x "
-                             f"{weight.k} weight in groups of {weight.group}")
+        if x.size != weight.k:
+            raise ValueError(f"a row of {x.size} inputs does not fit a {weight.n} x {weight.k} weight")
         y = np.empty(weight.n, np.float32)
         packed = np.ascontiguousarray(weight.packed)
         scales = np.ascontiguousarray(weight.scales, dtype=np.float32)
+        bias = None if weight.bias is None else np.ascontiguousarray(weight.bias, dtype=np.float32)
+        check(self.lib.sc_team_linear(self.team, PATH_NUMBERS[self.kernel], x.ctypes.data, weight.k, weight.group,
+                                      packed.ctypes.data, scales.ctypes.data, None if bias is None else bias.ctypes.data,
+                                      y.ctypes.data, weight.n, int(gelu)), "sc_team_linear")
+        return y
 
-        def run(first: int, end: int, _part: int) -> None:
-            check(self.gemv(x.low.ctypes.data, x.high.ctypes.data, x.lane_scales.ctypes.data, x.offsets.ctypes.data,
-                            weight.k, weight.group, packed.ctypes.data, scales.ctypes.data, y.ctypes.data, first, end),
-                  self.gemv.__name__)
+    def attend(self, queries: np.ndarray, keys: np.ndarray, values: np.ndarray, length: int) -> np.ndarray:
+        """softmax(q . K) V per head for one query row ``queries`` [heads, hd] (fp32, already scaled) over the first
+        ``length`` positions of the cache ``keys``/``values`` [heads, capacity, hd] (fp16, read in place)."""
+        heads, hd = queries.shape
+        if (keys.dtype != np.float16 or values.dtype != np.float16 or keys.shape != values.shape
+                or keys.strides != values.strides or keys.shape[0] != heads or keys.shape[2] != hd
+                or keys.strides[1:] != (2 * hd, 2) or not 0 < length <= keys.shape[1]):
+            raise ValueError(f"queries {queries.shape} do not fit fp16 caches of shape {keys.shape} rows of "
+                             f"{hd} apart, or {length} positions are not in them")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.scratch.size < self.threads * length:
+            self.scratch = np.empty(self.threads * keys.shape[1], np.float32)
+        out = np.empty_like(queries)
+        check(self.lib.sc_team_attend(self.team, queries.ctypes.data, heads, hd, keys.ctypes.data, values.ctypes.data,
+                                      keys.strides[0] // 2, length, self.scratch.ctypes.data,
+                                      self.scratch.size // self.threads, out.ctypes.data), "sc_team_attend")
+        return out
 
-        split(self.pool, self.threads, run, weight.n, 16)  # 16 columns: whole cache lines of y per thread
-        if weight.bias is not None:
-            y += weight.bias
+    def logits(self, x: np.ndarray, packed: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
+        """``W x`` in fp32 for one row ``x`` [K] and a 4- or 8-bit MatMulNBits matrix (``packed`` uint8 [N, blocks,
+        group * bits / 8], ``scales`` [N, blocks]): the logits."""
+        n, blocks, blob = packed.shape
+        k, group = blocks * blob * 8 // bits, blob * 8 // bits
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+        if x.size != k or not groups_fit(k, group):
+            raise ValueError(f"a row of {x.size} inputs does not fit a {n} x {k} matrix in groups of {group}")
+        packed, scales = np.ascontiguousarray(packed), np.ascontiguousarray(scales, dtype=np.float32)
+        y = np.empty(n, np.float32)
+        check(self.lib.sc_team_logits(self.team, x.ctypes.data, k, group, bits, packed.ctypes.data, scales.ctypes.data,
+                                      y.ctypes.data, n), "sc_team_logits")
         return y

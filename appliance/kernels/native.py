@@ -20,21 +20,23 @@ ONNXRUNTIME = "onnxruntime"
 PATHS = {"avx512vnni": 2, "avx2": 1}
 AVX_VNNI, AMX_INT8 = 4, 8  # detected and reported; no kernel uses them yet (docs/performance.md)
 # what the C entry points return instead of 0 when they refuse a call (the enum in prompt_kernels.c)
-BAD_SHAPE, MISALIGNED, NO_AVX2, NO_AVX512_VNNI = 1, 2, 3, 4
+BAD_SHAPE, MISALIGNED, NO_AVX2, NO_AVX512_VNNI, NO_MEMORY = 1, 2, 3, 4, 5
 REFUSALS = {BAD_SHAPE: "a shape it does not handle", MISALIGNED: "a misaligned or missing buffer",
-            NO_AVX2: "this CPU has no AVX2/FMA", NO_AVX512_VNNI: "this CPU has no AVX-512 VNNI"}
+            NO_AVX2: "this CPU has no AVX2/FMA", NO_AVX512_VNNI: "this CPU has no AVX-512 VNNI",
+            NO_MEMORY: "no memory for its scratch"}
 _P, _I = ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
     "sc_quantize_rows": [_P, _I, _I, _I, _P, _P, _P],
     "sc_int4_gemm": [_P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _I, _I, _I, _P],
     "sc_int4_gemm_avx512vnni": [_P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _I, _I, _I, _P],
-    "sc_quantize_vector": [_P, _I, _I, _P, _P, _P, _P],
-    "sc_int4_gemv": [_P, _P, _P, _P, _I, _I, _P, _P, _P, _I, _I],
-    "sc_int4_gemv_avx512vnni": [_P, _P, _P, _P, _I, _I, _P, _P, _P, _I, _I],
     "sc_nbits_gemv": [_P, _I, _I, _I, _P, _P, _P, _I, _I],
     "sc_layer_norm": [_P, _I, _I, _P, _P, ctypes.c_float, _P],
     "sc_heads_to_fp16": [_P, _I, _I, _I, ctypes.c_long, ctypes.c_long, _P, ctypes.c_long, ctypes.c_long],
     "sc_gelu": [_P, ctypes.c_size_t],
+    "sc_team_threads": [_P],
+    "sc_team_linear": [_P, _I, _P, _I, _I, _P, _P, _P, _P, _I, _I],
+    "sc_team_attend": [_P, _P, _I, _I, _P, _P, ctypes.c_long, _I, _P, ctypes.c_long, _P],
+    "sc_team_logits": [_P, _P, _I, _I, _I, _P, _P, _P, _I],
     "sc_cpu_features": [],
     "sc_request_amx": [],
 }
@@ -51,6 +53,8 @@ def library() -> ctypes.CDLL | None:
     for name, arguments in _SIGNATURES.items():
         function = getattr(lib, name)
         function.argtypes, function.restype = arguments, _I
+    lib.sc_team_create.argtypes, lib.sc_team_create.restype = [_I], _P  # a team's handle, or None
+    lib.sc_team_destroy.argtypes, lib.sc_team_destroy.restype = [_P], None
     return lib
 
 

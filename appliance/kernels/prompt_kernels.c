@@ -1,6 +1,7 @@
 /* CPU kernels on onnxruntime's MatMulNBits layouts: prompt GEMM (AVX2, AVX-512 VNNI), decode GEMV (AVX2, AVX-512
- * VNNI), the prompt's logits (4- or 8-bit lm_head, fp32), LayerNorm, tanh GELU, fp16 cache writes, and the CPUID
- * checks that choose among them at run time.
+ * VNNI), the logits (4- or 8-bit lm_head, fp32), LayerNorm, tanh GELU, fp16 cache writes, a decode step's attention
+ * over the fp16 cache, the thread team that runs a decode step's parallel parts, and the CPUID checks that choose
+ * among the paths at run time.
  *
  * Why: a prompt is arithmetic-bound and a decode step is bound by the bytes of weights it reads; both run on the
  * bundle's own INT4 codes, unpacked to int8 on the fly (no second copy of the weights). docs/performance.md has the
@@ -23,8 +24,14 @@
 #include <cpuid.h>
 #include <errno.h>
 #include <immintrin.h>
+#include <limits.h>
+#include <linux/futex.h>
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -32,11 +39,11 @@
 #define MR 4 /* prompt rows per tile (both paths: one activation layout) */
 #define NR 16 /* weight columns per AVX2 panel: two vectors of 8 */
 #define NR512 32 /* weight columns per AVX-512 panel: two vectors of 16 */
-#define PREFETCH 1024 /* bytes ahead of the decode GEMV's weight stream */
+#define PREFETCH 1024 /* bytes ahead of the logits GEMV's weight stream */
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 #define VNNI512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 
-enum { SC_OK = 0, SC_BAD_SHAPE = 1, SC_MISALIGNED = 2, SC_NO_AVX2 = 3, SC_NO_AVX512_VNNI = 4 };
+enum { SC_OK = 0, SC_BAD_SHAPE = 1, SC_MISALIGNED = 2, SC_NO_AVX2 = 3, SC_NO_AVX512_VNNI = 4, SC_NO_MEMORY = 5 };
 
 /* -- which instructions this CPU and OS offer ------------------------------------------------------------------- */
 
@@ -408,14 +415,6 @@ AVX2 static void quantize_vector(const float *x, int K, int G, int8_t *x_lo, int
     }
 }
 
-int sc_quantize_vector(const float *x, int K, int G, int8_t *x_lo, int8_t *x_hi, float *lane_scales, float *offsets) {
-    if (!sc_kernels_supported()) return SC_NO_AVX2;
-    if (!gemv_fits(K, G)) return SC_BAD_SHAPE;
-    if (!aligned(x, 4) || !x_lo || !x_hi || !aligned(lane_scales, 4) || !aligned(offsets, 4)) return SC_MISALIGNED;
-    quantize_vector(x, K, G, x_lo, x_hi, lane_scales, offsets);
-    return SC_OK;
-}
-
 /* sum over blocks of ws[b] * offsets[b]: the zero point's share of one column */
 AVX2 static float zero_point_term(const float *ws, const float *offsets, int blocks) {
     __m256 acc = _mm256_setzero_ps();
@@ -426,92 +425,133 @@ AVX2 static float zero_point_term(const float *ws, const float *offsets, int blo
     return total;
 }
 
-/* y[n] for n in n0..n1, one column at a time down its contiguous bytes: 32 bytes (64 codes) per step, one int32 lane
- * per 8 codes, each lane scaled by its block's weight and activation scales. */
+#define SCALE_RUN 256 /* G = 128 GEMV: blocks whose combined scales are worked out ahead, per column */
+
+/* out[b] = ws[b] * the activations' scale of block b (lane_scales holds it for every 8 codes: 16 per block of 128),
+ * for `run` blocks of one column; out. Worked out ahead of the column's loop, so the loop only broadcasts them. */
+AVX2 static const float *block_scales(const float *ws, const float *lane_scales, int run, float *out) {
+    for (int b = 0; b < run; b++) out[b] = ws[b] * lane_scales[(size_t)b * 16];
+    return out;
+}
+
+/* One 32-byte step of a column (64 codes) against the activations at the same place: 8 int32 lanes of 8 codes each.
+ * u8 codes x s8 activations: pairs of at most 2 * 15 * 127 each, two pairs per int16 lane, no saturation. */
+AVX2 static inline __m256i dot64(const uint8_t *w, const int8_t *x_lo, const int8_t *x_hi) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m256i raw = _mm256_loadu_si256((const __m256i *)w);
+    const __m256i lo = _mm256_and_si256(raw, low4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x_lo)),
+                                       _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)x_hi)));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+
+/* y[n] for n in n0..n1, one column at a time down its contiguous bytes. Groups of 128 (what bundles export): a block is
+ * two 32-byte steps with one scale (the weight's block scale times the activations'), each step into its own
+ * accumulator, no index arithmetic beyond the block's. Other groups: each int32 lane (8 codes) scaled by its own block,
+ * the block found per step. One scalar product per block instead of a vector multiply per step made the G = 128 loop
+ * 1.9x faster on data in cache (docs/performance.md). */
 AVX2 static void gemv_avx2(const int8_t *x_lo, const int8_t *x_hi, const float *lane_scales, const float *offsets,
                            int K, int G, const uint8_t *w, const float *ws, float *y, int n0, int n1) {
     const int blocks = K / G;
-    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    float scales[SCALE_RUN] __attribute__((aligned(32)));
     const __m256i pairs = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1); /* G = 32: lanes 0-3 one block, 4-7 the next */
     for (int n = n0; n < n1; n++) {
         const uint8_t *row = w + (size_t)n * (K / 2);
         const float *row_scales = ws + (size_t)n * blocks;
-        __m256 f0 = _mm256_setzero_ps(), f1 = f0;
-        for (int at = 0; at < K / 2; at += 32) {
-            _mm_prefetch((const char *)row + at + PREFETCH, _MM_HINT_T0);
-            const __m256i raw = _mm256_loadu_si256((const __m256i *)(row + at));
-            const __m256i lo = _mm256_and_si256(raw, low4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
-            /* u8 codes x s8 activations: pairs of at most 2 * 15 * 127 each, two pairs per int16 lane, no saturation */
-            const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(x_lo + at))),
-                                               _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x_hi + at))));
-            const int first = 2 * at / G; /* the block of the step's first code */
-            const __m256 wsl = G == 32 ? _mm256_permutevar8x32_ps(
-                                             _mm256_castps128_ps256(_mm_castsi128_ps(_mm_loadl_epi64(
-                                                 (const __m128i *)(row_scales + first)))), pairs)
-                                       : _mm256_set1_ps(row_scales[first]);
-            const __m256 s = _mm256_mul_ps(wsl, _mm256_loadu_ps(lane_scales + at / 4));
-            const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
-            if (at & 32) f1 = _mm256_fmadd_ps(d, s, f1);
-            else f0 = _mm256_fmadd_ps(d, s, f0);
+        __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
+        if (G == 128) {
+            for (int b0 = 0; b0 < blocks; b0 += SCALE_RUN) { /* as in gemv_avx512vnni: two 32-byte steps a block */
+                const int run = blocks - b0 < SCALE_RUN ? blocks - b0 : SCALE_RUN;
+                const float *wb = block_scales(row_scales + b0, lane_scales + (size_t)b0 * 16, run, scales);
+                const uint8_t *wr = row + (size_t)b0 * 64;
+                const int8_t *lo = x_lo + (size_t)b0 * 64, *hi = x_hi + (size_t)b0 * 64;
+                int b = 0;
+                for (; b + 2 <= run; b += 2) {
+                    const int at = b * 64;
+                    const __m256 s0 = _mm256_set1_ps(wb[b]), s1 = _mm256_set1_ps(wb[b + 1]);
+                    f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot64(wr + at, lo + at, hi + at)), s0, f0);
+                    f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot64(wr + at + 32, lo + at + 32, hi + at + 32)), s0, f1);
+                    f2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot64(wr + at + 64, lo + at + 64, hi + at + 64)), s1, f2);
+                    f3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot64(wr + at + 96, lo + at + 96, hi + at + 96)), s1, f3);
+                }
+                if (b < run) {
+                    const __m256 s0 = _mm256_set1_ps(wb[b]);
+                    f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot64(wr + b * 64, lo + b * 64, hi + b * 64)), s0, f0);
+                    f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot64(wr + b * 64 + 32, lo + b * 64 + 32, hi + b * 64 + 32)),
+                                         s0, f1);
+                }
+            }
+        } else {
+            for (int at = 0; at < K / 2; at += 32) {
+                const int first = 2 * at / G; /* the block of the step's first code */
+                const __m256 wsl = G == 32 ? _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castsi128_ps(
+                                                 _mm_loadl_epi64((const __m128i *)(row_scales + first)))), pairs)
+                                           : _mm256_set1_ps(row_scales[first]);
+                const __m256 s = _mm256_mul_ps(wsl, _mm256_loadu_ps(lane_scales + at / 4));
+                f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot64(row + at, x_lo + at, x_hi + at)), s, f0);
+            }
         }
-        y[n] = hsum(_mm256_add_ps(f0, f1)) - zero_point_term(row_scales, offsets, blocks);
+        y[n] = hsum(_mm256_add_ps(_mm256_add_ps(f0, f1), _mm256_add_ps(f2, f3))) - zero_point_term(row_scales, offsets, blocks);
     }
 }
 
-/* As gemv_avx2 with 64 bytes (128 codes) per step and vpdpbusd: 16 int32 lanes of 8 codes each. */
+/* One 64-byte step of a column (128 codes) with vpdpbusd: 16 int32 lanes of 8 codes each. */
+VNNI512 static inline __m512i dot128(const uint8_t *w, const int8_t *x_lo, const int8_t *x_hi) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    const __m512i raw = _mm512_loadu_si512(w);
+    const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(raw, low4), _mm512_loadu_si512(x_lo));
+    return _mm512_dpbusd_epi32(d, _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4), _mm512_loadu_si512(x_hi));
+}
+
+/* As gemv_avx2 with 64-byte steps and vpdpbusd: for groups of 128 a step is a block, two blocks per iteration into two
+ * accumulators (K / 128 blocks may be odd: the last one alone). */
 VNNI512 static void gemv_avx512vnni(const int8_t *x_lo, const int8_t *x_hi, const float *lane_scales,
                                     const float *offsets, int K, int G, const uint8_t *w, const float *ws, float *y,
                                     int n0, int n1) {
-    const int blocks = K / G;
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    const int blocks = K / G, bytes = K / 2;
+    float scales[SCALE_RUN] __attribute__((aligned(32)));
     /* the block of each lane, counted from the step's first block: lane i holds codes 8i..8i+7 */
     const __m512i lane_block = G == 32 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
                                        : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     const __mmask16 step_blocks = G == 32 ? 0xF : 0x3;
     for (int n = n0; n < n1; n++) {
-        const uint8_t *row = w + (size_t)n * (K / 2);
+        const uint8_t *row = w + (size_t)n * bytes;
         const float *row_scales = ws + (size_t)n * blocks;
-        __m512 f0 = _mm512_setzero_ps(), f1 = f0;
-        for (int at = 0; at < K / 2; at += 64) {
-            _mm_prefetch((const char *)row + at + PREFETCH, _MM_HINT_T0);
-            const __m512i raw = _mm512_loadu_si512(row + at);
-            const __m512i lo = _mm512_and_si512(raw, low4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
-            __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(x_lo + at));
-            d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(x_hi + at));
-            const int first = 2 * at / G;
-            const __m512 wsl = G < 128 ? _mm512_permutexvar_ps(lane_block, _mm512_maskz_loadu_ps(step_blocks, row_scales + first))
-                                       : _mm512_set1_ps(row_scales[first]);
-            const __m512 s = _mm512_mul_ps(wsl, _mm512_loadu_ps(lane_scales + at / 4));
-            if (at & 64) f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, f1);
-            else f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, f0);
+        __m512 f0 = _mm512_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
+        if (G == 128) {
+            for (int b0 = 0; b0 < blocks; b0 += SCALE_RUN) { /* a run of block scales, then its blocks 4 at a time */
+                const int run = blocks - b0 < SCALE_RUN ? blocks - b0 : SCALE_RUN;
+                const float *wb = block_scales(row_scales + b0, lane_scales + (size_t)b0 * 16, run, scales);
+                const uint8_t *wr = row + (size_t)b0 * 64;
+                const int8_t *lo = x_lo + (size_t)b0 * 64, *hi = x_hi + (size_t)b0 * 64;
+                int b = 0;
+                for (; b + 4 <= run; b += 4) {
+                    const int at = b * 64;
+                    f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot128(wr + at, lo + at, hi + at)), _mm512_set1_ps(wb[b]), f0);
+                    f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot128(wr + at + 64, lo + at + 64, hi + at + 64)),
+                                         _mm512_set1_ps(wb[b + 1]), f1);
+                    f2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot128(wr + at + 128, lo + at + 128, hi + at + 128)),
+                                         _mm512_set1_ps(wb[b + 2]), f2);
+                    f3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot128(wr + at + 192, lo + at + 192, hi + at + 192)),
+                                         _mm512_set1_ps(wb[b + 3]), f3);
+                }
+                for (; b < run; b++)
+                    f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot128(wr + b * 64, lo + b * 64, hi + b * 64)),
+                                         _mm512_set1_ps(wb[b]), f0);
+            }
+        } else {
+            for (int at = 0; at < bytes; at += 64) {
+                const int first = 2 * at / G;
+                const __m512 wsl = G < 128 ? _mm512_permutexvar_ps(lane_block,
+                                                                   _mm512_maskz_loadu_ps(step_blocks, row_scales + first))
+                                           : _mm512_set1_ps(row_scales[first]);
+                const __m512 s = _mm512_mul_ps(wsl, _mm512_loadu_ps(lane_scales + at / 4));
+                f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot128(row + at, x_lo + at, x_hi + at)), s, f0);
+            }
         }
-        y[n] = _mm512_reduce_add_ps(_mm512_add_ps(f0, f1)) - zero_point_term(row_scales, offsets, blocks);
+        y[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(f0, f1), _mm512_add_ps(f2, f3)))
+               - zero_point_term(row_scales, offsets, blocks);
     }
-}
-
-static int gemv_refusal(const int8_t *x_lo, const int8_t *x_hi, const float *lane_scales, const float *offsets, int K,
-                        int G, const uint8_t *w, const float *ws, const float *y, int n0, int n1) {
-    if (!gemv_fits(K, G) || n0 < 0 || n0 > n1) return SC_BAD_SHAPE;
-    if (!x_lo || !x_hi || !w || !aligned(lane_scales, 4) || !aligned(offsets, 4) || !aligned(ws, 4) || !aligned(y, 4))
-        return SC_MISALIGNED;
-    return SC_OK;
-}
-
-/* y[n0..n1) of y = W x (no bias), x as sc_quantize_vector left it. */
-int sc_int4_gemv(const int8_t *x_lo, const int8_t *x_hi, const float *lane_scales, const float *offsets, int K, int G,
-                 const uint8_t *w, const float *ws, float *y, int n0, int n1) {
-    if (!sc_kernels_supported()) return SC_NO_AVX2;
-    const int refused = gemv_refusal(x_lo, x_hi, lane_scales, offsets, K, G, w, ws, y, n0, n1);
-    if (!refused) gemv_avx2(x_lo, x_hi, lane_scales, offsets, K, G, w, ws, y, n0, n1);
-    return refused;
-}
-
-int sc_int4_gemv_avx512vnni(const int8_t *x_lo, const int8_t *x_hi, const float *lane_scales, const float *offsets,
-                            int K, int G, const uint8_t *w, const float *ws, float *y, int n0, int n1) {
-    if (!(sc_cpu_features() & SC_CPU_AVX512_VNNI)) return SC_NO_AVX512_VNNI;
-    const int refused = gemv_refusal(x_lo, x_hi, lane_scales, offsets, K, G, w, ws, y, n0, n1);
-    if (!refused) gemv_avx512vnni(x_lo, x_hi, lane_scales, offsets, K, G, w, ws, y, n0, n1);
-    return refused;
 }
 
 /* -- the prompt's logits ---------------------------------------------------------------------------------------- */
@@ -669,6 +709,258 @@ int sc_gelu(float *x, size_t n) {
     if (!sc_kernels_supported()) return SC_NO_AVX2;
     if (n && !aligned(x, 4)) return SC_MISALIGNED;
     gelu(x, n);
+    return SC_OK;
+}
+
+/* -- a decode step's attention over the fp16 cache ---------------------------------------------------------------- */
+
+/* q . k for one query row (fp32) and one cached key (fp16), hd a multiple of 8 */
+AVX2 static inline float dot_fp16(const float *q, const uint16_t *k, int hd) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    int d = 0;
+    for (; d + 16 <= hd; d += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + d))), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + d + 8))), a1);
+    }
+    if (d < hd) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + d))), a0);
+    return hsum(_mm256_add_ps(a0, a1));
+}
+
+/* out[d0..d0 + 8 * width) = sum over j < T of p[j] * v[j][d0..], width 1..4 vectors held in registers over the j loop */
+AVX2 static inline void weighted_rows(const float *p, const uint16_t *v, int hd, int T, int d0, int width, float *out) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int j = 0; j < T; j++) {
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        const uint16_t *row = v + (size_t)j * hd + d0;
+        for (int i = 0; i < 4; i++)
+            if (i < width) acc[i] = _mm256_fmadd_ps(pj, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 8 * i))), acc[i]);
+    }
+    for (int i = 0; i < width; i++) _mm256_storeu_ps(out + d0 + 8 * i, acc[i]);
+}
+
+/* Heads h0..h1 of one query row: q [heads][hd] fp32 (scaled), the cache's keys and values fp16 [heads][.. T ..][hd]
+ * (rows of hd, heads head_stride elements apart) -> out [heads][hd] = softmax(q . K) V over the first T positions.
+ * scratch holds T scores. */
+AVX2 static void attend_fp16(const float *q, int h0, int h1, int hd, const uint16_t *k, const uint16_t *v,
+                             long head_stride, int T, float *scratch, float *out) {
+    for (int h = h0; h < h1; h++) {
+        const float *qh = q + (size_t)h * hd;
+        const uint16_t *kh = k + (size_t)h * head_stride, *vh = v + (size_t)h * head_stride;
+        float top = -INFINITY;
+        for (int j = 0; j < T; j++) {
+            scratch[j] = dot_fp16(qh, kh + (size_t)j * hd, hd);
+            top = fmaxf(top, scratch[j]);
+        }
+        const __m256 shift = _mm256_set1_ps(top);
+        __m256 sums = _mm256_setzero_ps();
+        int j = 0;
+        for (; j + 8 <= T; j += 8) {
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(scratch + j), shift));
+            _mm256_storeu_ps(scratch + j, e);
+            sums = _mm256_add_ps(sums, e);
+        }
+        float total = hsum(sums);
+        for (; j < T; j++) total += scratch[j] = expf(scratch[j] - top);
+        const __m256 inv = _mm256_set1_ps(1.f / total);
+        for (j = 0; j + 8 <= T; j += 8) _mm256_storeu_ps(scratch + j, _mm256_mul_ps(_mm256_loadu_ps(scratch + j), inv));
+        for (; j < T; j++) scratch[j] /= total;
+        for (int d = 0; d < hd; d += 32)
+            weighted_rows(scratch, vh, hd, T, d, hd - d >= 32 ? 4 : (hd - d) / 8, out + (size_t)h * hd);
+    }
+}
+
+/* -- a thread team for a decode step ---------------------------------------------------------------------------- */
+
+/* A decode step is a chain of small parallel jobs (four GEMVs and the attention per layer, then the logits), each a
+ * fraction of a millisecond; handing each to Python threads cost more than the job's imbalance (docs/performance.md).
+ * The team's threads wait for the next job spinning briefly, then asleep on a futex; the calling thread works too, and
+ * every thread takes the job's units one at a time from a shared counter, so a thread slowed by another process does
+ * less of the job instead of holding it up. */
+
+#define TEAM_SPIN 4000 /* pause loops before a waiting thread sleeps or yields: tens of microseconds */
+
+typedef void (*team_task)(const void *job, int first, int end, int worker);
+
+typedef struct team {
+    int threads;
+    pthread_t *workers;
+    _Atomic unsigned generation; /* one more per job, and once more to stop */
+    _Atomic int sleepers;        /* workers in futex_wait, or about to be */
+    _Atomic int next;            /* the job's next unit */
+    _Atomic int finished;        /* workers done with the job */
+    _Atomic int stopping;
+    team_task task;
+    const void *job;
+    int total, unit;
+} team;
+
+typedef struct { team *t; int worker; } team_seat;
+
+static void team_work(team *t, int worker) {
+    for (int i; (i = atomic_fetch_add(&t->next, 1)) < (t->total + t->unit - 1) / t->unit;)
+        t->task(t->job, i * t->unit, i * t->unit + t->unit < t->total ? i * t->unit + t->unit : t->total, worker);
+}
+
+static void *team_worker(void *arg) {
+    team_seat *seat = arg;
+    team *t = seat->t;
+    const int worker = seat->worker;
+    free(seat);
+    for (unsigned seen = 0;;) {
+        unsigned now;
+        for (int spins = 0; (now = atomic_load(&t->generation)) == seen;) {
+            if (++spins < TEAM_SPIN) {
+                _mm_pause();
+                continue;
+            }
+            atomic_fetch_add(&t->sleepers, 1); /* before the futex checks the generation: the waker sees one or the other */
+            syscall(SYS_futex, &t->generation, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+            atomic_fetch_sub(&t->sleepers, 1);
+        }
+        seen = now;
+        if (atomic_load(&t->stopping)) return NULL;
+        team_work(t, worker);
+        atomic_fetch_add(&t->finished, 1);
+    }
+}
+
+static void team_wake(team *t) {
+    atomic_fetch_add(&t->generation, 1);
+    if (atomic_load(&t->sleepers)) syscall(SYS_futex, &t->generation, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+
+/* task over 0..total in units, on every thread of the team; returns when all of it is done */
+static void team_run(team *t, team_task task, const void *job, int total, int unit) {
+    if (t->threads == 1 || total <= unit) {
+        task(job, 0, total, 0);
+        return;
+    }
+    t->task = task, t->job = job, t->total = total, t->unit = unit;
+    atomic_store(&t->next, 0);
+    atomic_store(&t->finished, 0);
+    team_wake(t);
+    team_work(t, 0);
+    for (int spins = 0; atomic_load(&t->finished) < t->threads - 1;)
+        if (++spins < TEAM_SPIN) _mm_pause();
+        else sched_yield();
+}
+
+void sc_team_destroy(void *handle);
+
+/* A team of `threads` (the caller and threads - 1 workers), or NULL when the CPU has no AVX2 or a thread cannot start. */
+void *sc_team_create(int threads) {
+    if (!sc_kernels_supported() || threads < 1 || threads > 256) return NULL;
+    team *t = calloc(1, sizeof *t);
+    if (!t || !(t->workers = calloc((size_t)threads, sizeof *t->workers))) return free(t), NULL;
+    t->threads = 1;
+    for (int w = 1; w < threads; w++, t->threads++) {
+        team_seat *seat = malloc(sizeof *seat);
+        if (seat) *seat = (team_seat){t, w};
+        if (!seat || pthread_create(&t->workers[w], NULL, team_worker, seat)) {
+            free(seat);
+            sc_team_destroy(t);
+            return NULL;
+        }
+    }
+    return t;
+}
+
+void sc_team_destroy(void *handle) {
+    team *t = handle;
+    if (!t) return;
+    atomic_store(&t->stopping, 1);
+    team_wake(t);
+    for (int w = 1; w < t->threads; w++) pthread_join(t->workers[w], NULL);
+    free(t->workers);
+    free(t);
+}
+
+int sc_team_threads(const void *handle) { return handle ? ((const team *)handle)->threads : 0; }
+
+/* y = W x + bias for one activation row x [K] (fp32, quantized here per group by quantize_vector), the INT4
+ * GEMV of `path` (0 avx2, 1 avx512vnni) over columns 64 at a time; gelu nonzero applies tanh GELU to y. */
+typedef struct {
+    int vnni, K, G, gelu;
+    const int8_t *x_lo, *x_hi;
+    const float *lane_scales, *offsets, *ws, *bias;
+    const uint8_t *w;
+    float *y;
+} linear_job;
+
+static void linear_task(const void *p, int first, int end, int worker) {
+    const linear_job *j = p;
+    (void)worker;
+    if (j->vnni) gemv_avx512vnni(j->x_lo, j->x_hi, j->lane_scales, j->offsets, j->K, j->G, j->w, j->ws, j->y, first, end);
+    else gemv_avx2(j->x_lo, j->x_hi, j->lane_scales, j->offsets, j->K, j->G, j->w, j->ws, j->y, first, end);
+    if (j->bias)
+        for (int n = first; n < end; n++) j->y[n] += j->bias[n];
+    if (j->gelu) gelu(j->y + first, (size_t)(end - first));
+}
+
+int sc_team_linear(void *handle, int path, const float *x, int K, int G, const uint8_t *w, const float *ws,
+                   const float *bias, float *y, int N, int gelu_after) {
+    if (!sc_kernels_supported()) return SC_NO_AVX2;
+    if (path == 1 && !(sc_cpu_features() & SC_CPU_AVX512_VNNI)) return SC_NO_AVX512_VNNI;
+    if (!handle || (path != 0 && path != 1) || !gemv_fits(K, G) || N < 0) return SC_BAD_SHAPE;
+    if (!aligned(x, 4) || !w || !aligned(ws, 4) || (bias && !aligned(bias, 4)) || !aligned(y, 4)) return SC_MISALIGNED;
+    int8_t *codes = malloc((size_t)K);
+    float *lanes = malloc(sizeof(float) * ((size_t)K / 8 + (size_t)K / G));
+    if (!codes || !lanes) return free(codes), free(lanes), SC_NO_MEMORY;
+    quantize_vector(x, K, G, codes, codes + K / 2, lanes, lanes + K / 8);
+    const linear_job job = {path, K, G, gelu_after, codes, codes + K / 2, lanes, lanes + K / 8, ws, bias, w, y};
+    team_run(handle, linear_task, &job, N, 64);
+    free(codes), free(lanes);
+    return SC_OK;
+}
+
+/* attend_fp16 over heads, one at a time from the team's counter; scratch holds `scratch_stride` floats per thread. */
+typedef struct {
+    const float *q;
+    int hd, T;
+    const uint16_t *k, *v;
+    long head_stride, scratch_stride;
+    float *scratch, *out;
+} attend_job;
+
+static void attend_task(const void *p, int first, int end, int worker) {
+    const attend_job *j = p;
+    attend_fp16(j->q, first, end, j->hd, j->k, j->v, j->head_stride, j->T, j->scratch + worker * j->scratch_stride, j->out);
+}
+
+int sc_team_attend(void *handle, const float *q, int heads, int hd, const uint16_t *k, const uint16_t *v,
+                   long head_stride, int T, float *scratch, long scratch_stride, float *out) {
+    if (!sc_kernels_supported()) return SC_NO_AVX2;
+    if (!handle || heads < 0 || hd <= 0 || hd % 8 || T <= 0 || head_stride < (long)T * hd || scratch_stride < T)
+        return SC_BAD_SHAPE;
+    if (!aligned(q, 4) || !aligned(k, 2) || !aligned(v, 2) || !aligned(scratch, 4) || !aligned(out, 4))
+        return SC_MISALIGNED;
+    const attend_job job = {q, hd, T, k, v, head_stride, scratch_stride, scratch, out};
+    team_run(handle, attend_task, &job, heads, 1);
+    return SC_OK;
+}
+
+/* sc_nbits_gemv over rows 64 at a time: a decode step's logits */
+typedef struct {
+    const float *x;
+    int K, G, bits;
+    const uint8_t *w;
+    const float *ws;
+    float *y;
+} logits_job;
+
+static void logits_task(const void *p, int first, int end, int worker) {
+    const logits_job *j = p;
+    (void)worker;
+    nbits_gemv(j->x, j->K, j->G, j->bits, j->w, j->ws, j->y, first, end);
+}
+
+int sc_team_logits(void *handle, const float *x, int K, int G, int bits, const uint8_t *w, const float *ws, float *y,
+                   int N) {
+    if (!sc_kernels_supported()) return SC_NO_AVX2;
+    if (!handle || (bits != 4 && bits != 8) || !groups_fit(K, G) || N < 0) return SC_BAD_SHAPE;
+    if (!aligned(x, 4) || !w || !aligned(ws, 4) || !aligned(y, 4)) return SC_MISALIGNED;
+    const logits_job job = {x, K, G, bits, w, ws, y};
+    team_run(handle, logits_task, &job, N, 64);
     return SC_OK;
 }
 
