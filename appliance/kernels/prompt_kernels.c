@@ -773,11 +773,11 @@ AVX2 static void attend_fp16(const float *q, int h0, int h1, int hd, const uint1
 
 /* A decode step is a chain of small parallel jobs (four GEMVs and the attention per layer, then the logits), each a
  * fraction of a millisecond; handing each to Python threads cost more than the job's imbalance (docs/performance.md).
- * The team's threads wait for the next job spinning briefly, then asleep on a futex; the calling thread works too, and
- * every thread takes the job's units one at a time from a shared counter, so a thread slowed by another process does
- * less of the job instead of holding it up. */
+ * The team's threads wait for the next job spinning briefly (the calls of one step come back to back), then asleep
+ * on a futex; the calling thread works too, and every thread takes the job's units one at a time from a shared
+ * counter, so a thread slowed by another process does less of the job instead of holding it up. */
 
-#define TEAM_SPIN 4000 /* pause loops before a waiting thread sleeps or yields: tens of microseconds */
+#define TEAM_SPIN 4000 /* pause loops before a waiting thread sleeps or yields: about 0.1 ms on Zen 4 (25 ns a pause) */
 
 typedef void (*team_task)(const void *job, int first, int end, int worker);
 
