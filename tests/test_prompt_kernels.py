@@ -220,6 +220,12 @@ def test_mismatched_or_unsupported_weights_are_refused(kernel):
     with pytest.raises(ValueError, match="^the GEMV takes rows of a multiple of 128 inputs .*, not a 16 x 384 weight in "
                                          "groups of 96$"):
         gemv.linear(np.ones(384, np.float32), Int4Weight(wide.packed, wide.scales))
+    with pytest.raises(ValueError, match="and scales .* are not one MatMulNBits matrix"):
+        gemv.linear(np.ones(256, np.float32), Int4Weight(q.packed, q.scales[:-1]))
+    with pytest.raises(ValueError, match="are not one MatMulNBits matrix"):
+        gemv.logits(np.ones(256, np.float32), q.packed.view(np.int8), q.scales, 4)
+    with pytest.raises(ValueError, match=r"a bias of shape \(31,\) does not fit 32 columns"):
+        gemv.linear(np.ones(256, np.float32), Int4Weight(q.packed, q.scales, np.ones(31, np.float32)))
 
 
 @needs_kernel
@@ -422,3 +428,26 @@ def test_the_decode_logits_are_the_prompt_logits(bits):
         np.testing.assert_array_equal(DecodeKernels(load(), threads).logits(x, q.packed, q.scales, bits), want)
     with pytest.raises(ValueError, match="a row of 255 inputs does not fit a 300 x 256 matrix in groups of 128"):
         DecodeKernels(load(), 1).logits(x[:255], q.packed, q.scales, bits)
+
+
+@needs_kernel
+def test_the_team_takes_calls_from_several_threads_and_from_a_forked_child():
+    """Python threads calling one team take turns (each gets its own right answer), and a child forked after the team
+    started, which has the team's memory but not its threads, computes alone instead of waiting for them forever."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(7)
+    q = quantize_blockwise(rng.standard_normal((512, 1024)).astype(np.float32), 4, 128)
+    weight, rows = Int4Weight(q.packed, q.scales), rng.standard_normal((12, 1024)).astype(np.float32)
+    decode = DecodeKernels(load(), 2)
+    want = [decode.linear(row, weight) for row in rows]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda row: decode.linear(row, weight), list(rows) * 5))
+    for i, y in enumerate(got):
+        np.testing.assert_array_equal(y, want[i % len(rows)])
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child's status is the assertion
+        os._exit(0 if np.array_equal(decode.linear(rows[0], weight), want[0]) else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

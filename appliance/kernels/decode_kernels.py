@@ -12,6 +12,7 @@ stays on onnxruntime until a step of these is faster.
 from __future__ import annotations
 
 import ctypes
+import threading
 import weakref
 
 import numpy as np
@@ -30,7 +31,8 @@ def fits(k: int, group: int) -> bool:
 
 
 class DecodeKernels:
-    """A decode step's kernels on one thread team; one instance per engine (the team's threads live as long as it)."""
+    """A decode step's kernels on one thread team; one instance per engine (the team's threads live as long as it).
+    The team runs one job at a time: calls from several Python threads take turns."""
 
     def __init__(self, lib: ctypes.CDLL, threads: int, kernel: str | None = None) -> None:
         """``kernel``: ``avx2`` or ``avx512vnni``; by default the path ``native.path()`` chose."""
@@ -38,7 +40,8 @@ class DecodeKernels:
         self.team = lib.sc_team_create(max(1, threads))
         if not self.team:
             raise EngineError(f"could not start {threads} threads for the CPU kernels")
-        weakref.finalize(self, lib.sc_team_destroy, self.team)
+        self.turn = threading.Lock()  # one job at a time on the team, and none while it is destroyed
+        weakref.finalize(self, _destroy, lib, self.team, self.turn)
         self.threads = lib.sc_team_threads(self.team)
         self.scratch = np.empty(0, np.float32)  # attention scores, one row per thread
 
@@ -50,13 +53,16 @@ class DecodeKernels:
             raise ValueError(f"the GEMV takes {SHAPES}, not a {weight.n} x {weight.k} weight in groups of {weight.group}")
         if x.size != weight.k:
             raise ValueError(f"a row of {x.size} inputs does not fit a {weight.n} x {weight.k} weight")
-        y = np.empty(weight.n, np.float32)
-        packed = np.ascontiguousarray(weight.packed)
-        scales = np.ascontiguousarray(weight.scales, dtype=np.float32)
+        packed, scales = _tables(weight.packed, weight.scales)
         bias = None if weight.bias is None else np.ascontiguousarray(weight.bias, dtype=np.float32)
-        check(self.lib.sc_team_linear(self.team, PATH_NUMBERS[self.kernel], x.ctypes.data, weight.k, weight.group,
-                                      packed.ctypes.data, scales.ctypes.data, None if bias is None else bias.ctypes.data,
-                                      y.ctypes.data, weight.n, int(gelu)), "sc_team_linear")
+        if bias is not None and bias.shape != (weight.n,):
+            raise ValueError(f"a bias of shape {bias.shape} does not fit {weight.n} columns")
+        y = np.empty(weight.n, np.float32)
+        with self.turn:
+            code = self.lib.sc_team_linear(self.team, PATH_NUMBERS[self.kernel], x.ctypes.data, weight.k, weight.group,
+                                           packed.ctypes.data, scales.ctypes.data,
+                                           None if bias is None else bias.ctypes.data, y.ctypes.data, weight.n, int(gelu))
+        check(code, "sc_team_linear")
         return y
 
     def attend(self, queries: np.ndarray, keys: np.ndarray, values: np.ndarray, length: int) -> np.ndarray:
@@ -69,12 +75,14 @@ class DecodeKernels:
             raise ValueError(f"queries {queries.shape} do not fit fp16 caches of shape {keys.shape} rows of "
                              f"{hd} apart, or {length} positions are not in them")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if self.scratch.size < self.threads * length:
-            self.scratch = np.empty(self.threads * keys.shape[1], np.float32)
         out = np.empty_like(queries)
-        check(self.lib.sc_team_attend(self.team, queries.ctypes.data, heads, hd, keys.ctypes.data, values.ctypes.data,
-                                      keys.strides[0] // 2, length, self.scratch.ctypes.data,
-                                      self.scratch.size // self.threads, out.ctypes.data), "sc_team_attend")
+        with self.turn:
+            if self.scratch.size < self.threads * length:
+                self.scratch = np.empty(self.threads * keys.shape[1], np.float32)
+            code = self.lib.sc_team_attend(self.team, queries.ctypes.data, heads, hd, keys.ctypes.data,
+                                           values.ctypes.data, keys.strides[0] // 2, length, self.scratch.ctypes.data,
+                                           self.scratch.size // self.threads, out.ctypes.data)
+        check(code, "sc_team_attend")
         return out
 
     def logits(self, x: np.ndarray, packed: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
@@ -85,8 +93,25 @@ class DecodeKernels:
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
         if x.size != k or not groups_fit(k, group):
             raise ValueError(f"a row of {x.size} inputs does not fit a {n} x {k} matrix in groups of {group}")
-        packed, scales = np.ascontiguousarray(packed), np.ascontiguousarray(scales, dtype=np.float32)
+        packed, scales = _tables(packed, scales)
         y = np.empty(n, np.float32)
-        check(self.lib.sc_team_logits(self.team, x.ctypes.data, k, group, bits, packed.ctypes.data, scales.ctypes.data,
-                                      y.ctypes.data, n), "sc_team_logits")
+        with self.turn:
+            code = self.lib.sc_team_logits(self.team, x.ctypes.data, k, group, bits, packed.ctypes.data,
+                                           scales.ctypes.data, y.ctypes.data, n)
+        check(code, "sc_team_logits")
         return y
+
+
+def _tables(packed: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A MatMulNBits matrix as the C code reads it: uint8 codes [N, blocks, bytes per block] and one float32 scale per
+    column and block (C sees pointers only, so the shapes are checked here)."""
+    if packed.dtype != np.uint8 or packed.ndim != 3 or scales.size != packed.shape[0] * packed.shape[1]:
+        raise ValueError(f"codes {packed.dtype} {packed.shape} and scales {scales.shape} are not one MatMulNBits matrix")
+    return np.ascontiguousarray(packed), np.ascontiguousarray(scales, dtype=np.float32)
+
+
+def _destroy(lib: ctypes.CDLL, team: int, turn: threading.Lock) -> None:
+    """Stop the team's threads once no call runs on it; at interpreter exit a call still running on a daemon thread
+    keeps the lock, and the team is left to the process's end rather than freed under it."""
+    if turn.acquire(timeout=1):
+        lib.sc_team_destroy(team)

@@ -74,9 +74,10 @@ static int detect(void) {
 }
 
 int sc_cpu_features(void) {
-    static int features = -1; /* CPUID traps to the hypervisor in a VM: once per process (racing threads agree) */
-    if (features < 0) features = detect();
-    return features;
+    static _Atomic int features = -1; /* CPUID traps to the hypervisor in a VM: once per process (racing threads agree) */
+    int known = atomic_load_explicit(&features, memory_order_relaxed);
+    if (known < 0) atomic_store_explicit(&features, known = detect(), memory_order_relaxed);
+    return known;
 }
 
 /* Linux gives a process AMX tile data state only on request: 0 when granted, else the errno. */
@@ -783,6 +784,7 @@ typedef void (*team_task)(const void *job, int first, int end, int worker);
 
 typedef struct team {
     int threads;
+    pid_t pid; /* the process whose threads these are: a forked child has the memory but not the threads */
     pthread_t *workers;
     _Atomic unsigned generation; /* one more per job, and once more to stop */
     _Atomic int sleepers;        /* workers in futex_wait, or about to be */
@@ -797,8 +799,11 @@ typedef struct team {
 typedef struct { team *t; int worker; } team_seat;
 
 static void team_work(team *t, int worker) {
-    for (int i; (i = atomic_fetch_add(&t->next, 1)) < (t->total + t->unit - 1) / t->unit;)
-        t->task(t->job, i * t->unit, i * t->unit + t->unit < t->total ? i * t->unit + t->unit : t->total, worker);
+    const int units = t->total / t->unit + (t->total % t->unit != 0); /* no sum that could pass INT_MAX */
+    for (int i; (i = atomic_fetch_add(&t->next, 1)) < units;) {
+        const int first = i * t->unit; /* at most total - 1 */
+        t->task(t->job, first, t->total - first > t->unit ? first + t->unit : t->total, worker);
+    }
 }
 
 static void *team_worker(void *arg) {
@@ -809,8 +814,8 @@ static void *team_worker(void *arg) {
     for (unsigned seen = 0;;) {
         unsigned now;
         for (int spins = 0; (now = atomic_load(&t->generation)) == seen;) {
-            if (++spins < TEAM_SPIN) {
-                _mm_pause();
+            if (spins < TEAM_SPIN) {
+                spins++, _mm_pause();
                 continue;
             }
             atomic_fetch_add(&t->sleepers, 1); /* before the futex checks the generation: the waker sees one or the other */
@@ -831,7 +836,7 @@ static void team_wake(team *t) {
 
 /* task over 0..total in units, on every thread of the team; returns when all of it is done */
 static void team_run(team *t, team_task task, const void *job, int total, int unit) {
-    if (t->threads == 1 || total <= unit) {
+    if (t->threads == 1 || total <= unit || getpid() != t->pid) {
         task(job, 0, total, 0);
         return;
     }
@@ -841,7 +846,7 @@ static void team_run(team *t, team_task task, const void *job, int total, int un
     team_wake(t);
     team_work(t, 0);
     for (int spins = 0; atomic_load(&t->finished) < t->threads - 1;)
-        if (++spins < TEAM_SPIN) _mm_pause();
+        if (spins < TEAM_SPIN) spins++, _mm_pause();
         else sched_yield();
 }
 
@@ -853,6 +858,7 @@ void *sc_team_create(int threads) {
     team *t = calloc(1, sizeof *t);
     if (!t || !(t->workers = calloc((size_t)threads, sizeof *t->workers))) return free(t), NULL;
     t->threads = 1;
+    t->pid = getpid();
     for (int w = 1; w < threads; w++, t->threads++) {
         team_seat *seat = malloc(sizeof *seat);
         if (seat) *seat = (team_seat){t, w};
@@ -867,7 +873,7 @@ void *sc_team_create(int threads) {
 
 void sc_team_destroy(void *handle) {
     team *t = handle;
-    if (!t) return;
+    if (!t || getpid() != t->pid) return; /* a forked child leaves its parent's team alone */
     atomic_store(&t->stopping, 1);
     team_wake(t);
     for (int w = 1; w < t->threads; w++) pthread_join(t->workers[w], NULL);
