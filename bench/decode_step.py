@@ -45,6 +45,7 @@ def _prompt(tok, length: int):
 
 def child_kernels(bundle_dir: str, context: int, steps: int) -> dict:
     from appliance.bundle import Bundle
+    from appliance.engines.cpu import physical_cores
     from appliance.engines.int4_prefill import HEAD, Int4Prefill, _int4_weight, _KernelOps
     from appliance.kernels.decode_kernels import DecodeKernels
     from appliance.kernels.native import path
@@ -53,7 +54,7 @@ def child_kernels(bundle_dir: str, context: int, steps: int) -> dict:
 
     bundle = Bundle.open(bundle_dir, full_check=False)
     config, tok = bundle.config, bundle.tokenizer()
-    rows = Int4Prefill.open(bundle.path / bundle.manifest["graphs"]["decoder"], config, 2)
+    rows = Int4Prefill.open(bundle.path / bundle.manifest["graphs"]["decoder"], config, physical_cores())
     if rows is None:
         raise SystemExit("the kernels do not take this bundle (INT4 weights, a quantized lm_head, an AVX2 CPU)")
     rows.tensors.keep_pages = True
@@ -103,10 +104,11 @@ def child_kernels(bundle_dir: str, context: int, steps: int) -> dict:
         start = time.perf_counter()
         logits = step(tokens[-1], layout.step_position(past + 1), past)
         times.append(time.perf_counter() - start)
-        by_part.append(dict(parts))
+        by_part.append({**parts, "rest": times[-1] - sum(parts.values())})
     return {"ms": float(np.median(times) * 1e3),
-            "parts_ms": {part: float(np.median([p[part] for p in by_part]) * 1e3) for part in parts},
-            "tokens": tokens, "peak_rss_gb": peak_rss_gb(), "kernels": f"{path()} GEMV, attention and logits"}
+            "parts_ms": {part: float(np.median([p[part] for p in by_part]) * 1e3) for part in by_part[0]},
+            "tokens": tokens, "peak_rss_gb": peak_rss_gb(),
+            "kernels": f"{path()} GEMV, attention and logits on {decode.threads} threads"}
 
 
 def child_onnxruntime(bundle_dir: str, context: int, steps: int) -> dict:
@@ -127,9 +129,13 @@ def child_onnxruntime(bundle_dir: str, context: int, steps: int) -> dict:
             "kernels": "onnxruntime's MatMulNBits, GroupQueryAttention"}
 
 
-def step_bytes(bundle: Path, context: int, layers: int, hidden: int) -> int:
-    """What one step reads: the weights' data file and the fp16 keys and values of ``context`` positions."""
-    return sum(f.stat().st_size for f in bundle.glob("*.onnx.data")) + 2 * layers * context * hidden * 2
+def step_bytes(bundle: Path, manifest: dict, context: int) -> int:
+    """What one step reads: the decoder's data file (its weights) and the cached keys and values of ``context``
+    positions in the cache's element type."""
+    config = manifest["model"]["config"]
+    element = 4 if manifest["graphs"].get("kv_cache") == "fp32" else 2
+    data = bundle / (manifest["graphs"]["decoder"] + ".data")
+    return data.stat().st_size + 2 * config["num_layers"] * context * config["hidden_size"] * element
 
 
 def main() -> None:
@@ -144,10 +150,10 @@ def main() -> None:
         child = child_kernels if args.child == "kernels" else child_onnxruntime
         print(json.dumps(child(str(args.bundle), args.context, args.steps)))
         return
-    manifest = json.loads((args.bundle / "manifest.json").read_text())
-    config = manifest["model"]["config"]
-    nbytes = step_bytes(args.bundle, args.context, config["num_layers"], config["hidden_size"])
-    print(f"one step reads {nbytes / 1e9:.2f} GB (weights + fp16 KV at context {args.context})")
+    bundle = args.bundle.resolve()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    nbytes = step_bytes(bundle, manifest, args.context)
+    print(f"one step reads {nbytes / 1e9:.2f} GB (weights + KV cache at context {args.context})")
     print("| round | decode by | GB/s before/after | ms/token (median of "
           f"{args.steps}) | share of floor | GEMV / attention / logits / rest ms | peak RSS GB | kernels |")
     print("|---|---|---|---|---|---|---|---|")
@@ -155,17 +161,17 @@ def main() -> None:
     for r in range(args.rounds):
         for kind in ("kernels", "onnxruntime"):
             before = read_bandwidth_gbs(256, repeats=3)
-            run = subprocess.run([sys.executable, __file__, str(args.bundle), "--child", kind, "--context",
+            run = subprocess.run([sys.executable, __file__, str(bundle), "--child", kind, "--context",
                                   str(args.context), "--steps", str(args.steps)], capture_output=True, text=True,
-                                 cwd=ROOT / "bench")
+                                 cwd=ROOT)
             if run.returncode:
-                raise SystemExit(f"the {kind} process failed: {run.stderr.strip().splitlines()[-1:]}")
+                last = (run.stderr.strip().splitlines() or ["(no output)"])[-1]
+                raise SystemExit(f"the {kind} process failed: {last}")
             out = json.loads(run.stdout.splitlines()[-1])
             after = read_bandwidth_gbs(256, repeats=3)
             floor_ms = nbytes / ((before + after) / 2 * 1e9) * 1e3
             parts = out.get("parts_ms")
-            split_ms = (" / ".join(f"{parts[p]:.1f}" for p in ("gemv", "attention", "logits"))
-                        + f" / {out['ms'] - sum(parts.values()):.1f}") if parts else "-"
+            split_ms = " / ".join(f"{parts[p]:.1f}" for p in ("gemv", "attention", "logits", "rest")) if parts else "-"
             print(f"| {r + 1} | {kind} | {before:.1f}/{after:.1f} | {out['ms']:.1f} | {floor_ms / out['ms']:.0%} | "
                   f"{split_ms} | {out['peak_rss_gb']:.2f} | {out['kernels']} |", flush=True)
             tokens.setdefault(kind, out["tokens"])

@@ -2,7 +2,7 @@
  * (malloc'ed one by one, so AddressSanitizer sees any read or write past them), each path against a scalar reference of
  * the same integer arithmetic, and the refusals. Built and run by tests/test_kernel_sanitizers.py:
  *
- *     gcc -DSC_STANDALONE -fsanitize=address,undefined tests/kernel_harness.c appliance/kernels/prompt_kernels.c
+ *     gcc -DSC_STANDALONE -fsanitize=address,undefined -pthread tests/kernel_harness.c appliance/kernels/prompt_kernels.c -lm
  *
  * Prints one line per path it ran or skipped and exits 0, or names the first mismatch and exits 1.
  */
@@ -27,7 +27,7 @@ int sc_gelu(float *x, size_t n);
 void *sc_team_create(int threads);
 void sc_team_destroy(void *team);
 int sc_team_linear(void *team, int path, const float *x, int K, int G, const uint8_t *w, const float *ws,
-                   const float *bias, float *y, int N, int gelu_after);
+                   const float *bias, float *y, int N);
 int sc_team_attend(void *team, const float *q, int heads, int hd, const uint16_t *k, const uint16_t *v,
                    long head_stride, int T, float *scratch, long scratch_stride, float *out);
 int sc_team_logits(void *team, const float *x, int K, int G, int bits, const uint8_t *w, const float *ws, float *y,
@@ -120,7 +120,8 @@ static void gemm_case(const char *path, gemm_fn gemm, int nr, int M, int K, int 
     free(bias);
 }
 
-/* The decode GEMV of `path` on a team of 3 (the caller and two workers, so columns land on every thread), bias added. */
+/* The decode GEMV of `path` on a team of 3 (the caller and two workers, which take columns when they wake in time),
+ * bias added. */
 static void gemv_case(const char *path, int path_number, int K, int G, int N) {
     const int blocks = K / G;
     float *x = exactly(sizeof(float) * K, 4), *ws = exactly(sizeof(float) * N * blocks, 4);
@@ -137,10 +138,10 @@ static void gemv_case(const char *path, int path_number, int K, int G, int N) {
     snprintf(what, sizeof what, "%s gemv %dx%d g%d", path, K, N, G);
     void *team = sc_team_create(3);
     EXPECT(team != NULL, "%s: no team", what);
-    const int refused = sc_team_linear(team, path_number, x, K, G, w, ws, bias, y, N, 0);
-    const int off_chunks = sc_team_linear(team, path_number, x, K + 64, G, w, ws, bias, y, N, 0);
-    const int group96 = sc_team_linear(team, path_number, x, K, 96, w, ws, bias, y, N, 0);
-    const int no_weights = sc_team_linear(team, path_number, x, K, G, NULL, ws, bias, y, N, 0);
+    const int refused = sc_team_linear(team, path_number, x, K, G, w, ws, bias, y, N);
+    const int off_chunks = sc_team_linear(team, path_number, x, K + 64, G, w, ws, bias, y, N);
+    const int group96 = sc_team_linear(team, path_number, x, K, 96, w, ws, bias, y, N);
+    const int no_weights = sc_team_linear(team, path_number, x, K, G, NULL, ws, bias, y, N);
     sc_team_destroy(team);
     EXPECT(refused == 0, "%s: refused", what);
     compare(what, y, want, bound, 1, N, N);
@@ -228,7 +229,7 @@ static void run_path(const char *path, gemm_fn gemm, int nr, int gemv) {
         gemm_case(path, gemm, nr, 8, 1024, groups[g], 3 * nr);
         gemm_case(path, gemm, nr, 4, groups[g], groups[g], nr);
         gemm_case(path, gemm, nr, 4, 3 * groups[g], groups[g], nr); /* K an odd multiple of 32 where G = 32 */
-        gemv_case(path, gemv, 1024, groups[g], 200); /* more than one 64-column unit: every thread works */
+        gemv_case(path, gemv, 1024, groups[g], 200); /* more than one 64-column unit, for the workers to take */
         gemv_case(path, gemv, 256 > groups[g] ? 256 : groups[g], groups[g], 5);
         gemv_case(path, gemv, 3 * (groups[g] > 128 ? groups[g] : 128), groups[g], 7); /* an odd number of 128-code steps */
     }

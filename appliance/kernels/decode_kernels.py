@@ -19,7 +19,7 @@ import numpy as np
 
 from appliance.errors import EngineError
 from appliance.kernels.native import check, path
-from appliance.kernels.prompt_kernels import Int4Weight, groups_fit
+from appliance.kernels.prompt_kernels import Int4Weight, logits_operands, matrix_operands
 
 PATH_NUMBERS = {"avx2": 0, "avx512vnni": 1}  # sc_team_linear's path argument
 SHAPES = "rows of a multiple of 128 inputs in groups of 32, 64 or a multiple of 128"
@@ -31,29 +31,31 @@ def fits(k: int, group: int) -> bool:
 
 
 class DecodeKernels:
-    """A decode step's kernels on one thread team; one instance per engine (the team's threads live as long as it).
-    The team runs one job at a time: calls from several Python threads take turns."""
+    """A decode step's kernels on one thread team (its threads live as long as the instance): bench/decode_step.py and
+    bench/kernels.py use it, the engine does not. The team runs one job at a time: calls from several Python threads
+    take turns."""
 
     def __init__(self, lib: ctypes.CDLL, threads: int, kernel: str | None = None) -> None:
         """``kernel``: ``avx2`` or ``avx512vnni``; by default the path ``native.path()`` chose."""
         self.lib, self.kernel = lib, kernel or path()
         self.team = lib.sc_team_create(max(1, threads))
         if not self.team:
-            raise EngineError(f"could not start {threads} threads for the CPU kernels")
+            raise EngineError(f"could not make a team of {threads} threads for the CPU kernels (1 to 256 threads, and "
+                              "the memory and threads to start them)")
         self.turn = threading.Lock()  # one job at a time on the team, and none while it is destroyed
         weakref.finalize(self, _destroy, lib, self.team, self.turn)
         self.threads = lib.sc_team_threads(self.team)
         self.scratch = np.empty(0, np.float32)  # attention scores, one row per thread
 
-    def linear(self, x: np.ndarray, weight: Int4Weight, gelu: bool = False) -> np.ndarray:
+    def linear(self, x: np.ndarray, weight: Int4Weight) -> np.ndarray:
         """``W x + b`` for one row ``x`` [K], its activations quantized per group to int8 (as onnxruntime's accuracy
-        level 4 does), then tanh GELU when ``gelu``."""
+        level 4 does)."""
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
         if not fits(weight.k, weight.group):
             raise ValueError(f"the GEMV takes {SHAPES}, not a {weight.n} x {weight.k} weight in groups of {weight.group}")
         if x.size != weight.k:
             raise ValueError(f"a row of {x.size} inputs does not fit a {weight.n} x {weight.k} weight")
-        packed, scales = _tables(weight.packed, weight.scales)
+        packed, scales = matrix_operands(weight.packed, weight.scales)
         bias = None if weight.bias is None else np.ascontiguousarray(weight.bias, dtype=np.float32)
         if bias is not None and bias.shape != (weight.n,):
             raise ValueError(f"a bias of shape {bias.shape} does not fit {weight.n} columns")
@@ -61,7 +63,7 @@ class DecodeKernels:
         with self.turn:
             code = self.lib.sc_team_linear(self.team, PATH_NUMBERS[self.kernel], x.ctypes.data, weight.k, weight.group,
                                            packed.ctypes.data, scales.ctypes.data,
-                                           None if bias is None else bias.ctypes.data, y.ctypes.data, weight.n, int(gelu))
+                                           None if bias is None else bias.ctypes.data, y.ctypes.data, weight.n)
         check(code, "sc_team_linear")
         return y
 
@@ -88,26 +90,14 @@ class DecodeKernels:
     def logits(self, x: np.ndarray, packed: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
         """``W x`` in fp32 for one row ``x`` [K] and a 4- or 8-bit MatMulNBits matrix (``packed`` uint8 [N, blocks,
         group * bits / 8], ``scales`` [N, blocks]): the logits."""
-        n, blocks, blob = packed.shape
-        k, group = blocks * blob * 8 // bits, blob * 8 // bits
-        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
-        if x.size != k or not groups_fit(k, group):
-            raise ValueError(f"a row of {x.size} inputs does not fit a {n} x {k} matrix in groups of {group}")
-        packed, scales = _tables(packed, scales)
+        x, packed, scales, group = logits_operands(x, packed, scales, bits)
+        n = len(packed)
         y = np.empty(n, np.float32)
         with self.turn:
-            code = self.lib.sc_team_logits(self.team, x.ctypes.data, k, group, bits, packed.ctypes.data,
+            code = self.lib.sc_team_logits(self.team, x.ctypes.data, x.size, group, bits, packed.ctypes.data,
                                            scales.ctypes.data, y.ctypes.data, n)
         check(code, "sc_team_logits")
         return y
-
-
-def _tables(packed: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A MatMulNBits matrix as the C code reads it: uint8 codes [N, blocks, bytes per block] and one float32 scale per
-    column and block (C sees pointers only, so the shapes are checked here)."""
-    if packed.dtype != np.uint8 or packed.ndim != 3 or scales.size != packed.shape[0] * packed.shape[1]:
-        raise ValueError(f"codes {packed.dtype} {packed.shape} and scales {scales.shape} are not one MatMulNBits matrix")
-    return np.ascontiguousarray(packed), np.ascontiguousarray(scales, dtype=np.float32)
 
 
 def _destroy(lib: ctypes.CDLL, team: int, turn: threading.Lock) -> None:

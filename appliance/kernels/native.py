@@ -34,7 +34,7 @@ _SIGNATURES = {
     "sc_heads_to_fp16": [_P, _I, _I, _I, ctypes.c_long, ctypes.c_long, _P, ctypes.c_long, ctypes.c_long],
     "sc_gelu": [_P, ctypes.c_size_t],
     "sc_team_threads": [_P],
-    "sc_team_linear": [_P, _I, _P, _I, _I, _P, _P, _P, _P, _I, _I],
+    "sc_team_linear": [_P, _I, _P, _I, _I, _P, _P, _P, _P, _I],
     "sc_team_attend": [_P, _P, _I, _I, _P, _P, ctypes.c_long, _I, _P, ctypes.c_long, _P],
     "sc_team_logits": [_P, _P, _I, _I, _I, _P, _P, _P, _I],
     "sc_cpu_features": [],

@@ -13,8 +13,9 @@
  * zero point is one precomputed term per row and block ("offsets" below).
  *
  * Each entry point (sc_*) checks the CPU, its shapes and its pointers before any vector code runs and returns SC_OK or
- * why it refused (SC_NO_AVX2 / SC_NO_AVX512_VNNI, SC_BAD_SHAPE, SC_MISALIGNED): a wrong call is an error code, not a
- * crash or SIGILL. The library is also a (empty) Python extension module, so installers and freezers ship it like any
+ * why it refused (SC_NO_AVX2 / SC_NO_AVX512_VNNI, SC_BAD_SHAPE, SC_MISALIGNED, SC_NO_MEMORY): a wrong call is an error
+ * code, not a crash or SIGILL. The team's own functions (sc_team_create, _destroy, _threads) handle a team instead:
+ * NULL, or its size. The library is also a (empty) Python extension module, so installers and freezers ship it like any
  * other; appliance/kernels/native.py loads it through ctypes and chooses the path.
  */
 #ifndef SC_STANDALONE /* tests/kernel_harness.c builds the kernels without Python, under the sanitizers */
@@ -429,7 +430,7 @@ AVX2 static float zero_point_term(const float *ws, const float *offsets, int blo
 #define SCALE_RUN 256 /* G = 128 GEMV: blocks whose combined scales are worked out ahead, per column */
 
 /* out[b] = ws[b] * the activations' scale of block b (lane_scales holds it for every 8 codes: 16 per block of 128),
- * for `run` blocks of one column; out. Worked out ahead of the column's loop, so the loop only broadcasts them. */
+ * for `run` blocks of one column, returned in out: worked out ahead of the column's loop, which only broadcasts them. */
 AVX2 static const float *block_scales(const float *ws, const float *lane_scales, int run, float *out) {
     for (int b = 0; b < run; b++) out[b] = ws[b] * lane_scales[(size_t)b * 16];
     return out;
@@ -461,7 +462,7 @@ AVX2 static void gemv_avx2(const int8_t *x_lo, const int8_t *x_hi, const float *
         const float *row_scales = ws + (size_t)n * blocks;
         __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
         if (G == 128) {
-            for (int b0 = 0; b0 < blocks; b0 += SCALE_RUN) { /* as in gemv_avx512vnni: two 32-byte steps a block */
+            for (int b0 = 0; b0 < blocks; b0 += SCALE_RUN) { /* a run's scales first; two 32-byte steps a block */
                 const int run = blocks - b0 < SCALE_RUN ? blocks - b0 : SCALE_RUN;
                 const float *wb = block_scales(row_scales + b0, lane_scales + (size_t)b0 * 16, run, scales);
                 const uint8_t *wr = row + (size_t)b0 * 64;
@@ -885,9 +886,9 @@ void sc_team_destroy(void *handle) {
 int sc_team_threads(const void *handle) { return handle ? ((const team *)handle)->threads : 0; }
 
 /* y = W x + bias for one activation row x [K] (fp32, quantized here per group by quantize_vector), the INT4
- * GEMV of `path` (0 avx2, 1 avx512vnni) over columns 64 at a time; gelu nonzero applies tanh GELU to y. */
+ * GEMV of `path` (0 avx2, 1 avx512vnni) over columns 64 at a time. */
 typedef struct {
-    int vnni, K, G, gelu;
+    int vnni, K, G;
     const int8_t *x_lo, *x_hi;
     const float *lane_scales, *offsets, *ws, *bias;
     const uint8_t *w;
@@ -901,11 +902,10 @@ static void linear_task(const void *p, int first, int end, int worker) {
     else gemv_avx2(j->x_lo, j->x_hi, j->lane_scales, j->offsets, j->K, j->G, j->w, j->ws, j->y, first, end);
     if (j->bias)
         for (int n = first; n < end; n++) j->y[n] += j->bias[n];
-    if (j->gelu) gelu(j->y + first, (size_t)(end - first));
 }
 
 int sc_team_linear(void *handle, int path, const float *x, int K, int G, const uint8_t *w, const float *ws,
-                   const float *bias, float *y, int N, int gelu_after) {
+                   const float *bias, float *y, int N) {
     if (!sc_kernels_supported()) return SC_NO_AVX2;
     if (path == 1 && !(sc_cpu_features() & SC_CPU_AVX512_VNNI)) return SC_NO_AVX512_VNNI;
     if (!handle || (path != 0 && path != 1) || !gemv_fits(K, G) || N < 0) return SC_BAD_SHAPE;
@@ -914,7 +914,7 @@ int sc_team_linear(void *handle, int path, const float *x, int K, int G, const u
     float *lanes = malloc(sizeof(float) * ((size_t)K / 8 + (size_t)K / G));
     if (!codes || !lanes) return free(codes), free(lanes), SC_NO_MEMORY;
     quantize_vector(x, K, G, codes, codes + K / 2, lanes, lanes + K / 8);
-    const linear_job job = {path, K, G, gelu_after, codes, codes + K / 2, lanes, lanes + K / 8, ws, bias, w, y};
+    const linear_job job = {path, K, G, codes, codes + K / 2, lanes, lanes + K / 8, ws, bias, w, y};
     team_run(handle, linear_task, &job, N, 64);
     free(codes), free(lanes);
     return SC_OK;

@@ -19,7 +19,7 @@ from appliance.errors import EngineError
 from appliance.kernels.native import BAD_SHAPE, MISALIGNED, NO_AVX2, ONNXRUNTIME, check, choice, load, path
 
 __all__ = ["BAD_SHAPE", "MISALIGNED", "NO_AVX2", "Int4Weight", "PromptKernels", "QuantizedRows", "aligned", "check",
-           "groups_fit", "load", "split", "status"]
+           "groups_fit", "load", "logits_operands", "matrix_operands", "split", "status"]
 
 ROWS_PER_TILE = 4  # MR in the C file
 PIECES = 4  # column ranges per thread in a matmul: with another process on one core, 4-6% faster than one range each
@@ -79,6 +79,27 @@ class QuantizedRows:
     group: int
 
 
+def logits_operands(x: np.ndarray, packed: np.ndarray, scales: np.ndarray,
+                    bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """One row ``x`` and a 4- or 8-bit MatMulNBits matrix (``packed`` uint8 [N, blocks, group * bits / 8], ``scales``
+    one float32 per column and block) as the logits GEMV reads them, and the group; C sees pointers only, so every
+    shape is checked here."""
+    n, blocks, blob = packed.shape
+    k, group = blocks * blob * 8 // bits, blob * 8 // bits
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    if x.size != k or not groups_fit(k, group):
+        raise ValueError(f"a row of {x.size} inputs does not fit a {n} x {k} matrix in groups of {group}")
+    return x, *matrix_operands(packed, scales), group
+
+
+def matrix_operands(packed: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A MatMulNBits matrix as the C code reads it: uint8 codes [N, blocks, bytes per block] and one float32 scale per
+    column and block."""
+    if packed.dtype != np.uint8 or packed.ndim != 3 or scales.size != packed.shape[0] * packed.shape[1]:
+        raise ValueError(f"codes {packed.dtype} {packed.shape} and scales {scales.shape} are not one MatMulNBits matrix")
+    return np.ascontiguousarray(packed), np.ascontiguousarray(scales, dtype=np.float32)
+
+
 def aligned(nbytes: int, dtype=np.uint8) -> np.ndarray:
     """A 64-byte aligned buffer (the kernels use aligned AVX loads on their scratch and codes)."""
     raw = np.empty(nbytes + 64, np.uint8)
@@ -92,7 +113,7 @@ def split(pool: ThreadPoolExecutor | None, threads: int, run: Callable[[int, int
     cut into ``pieces`` ranges per thread that the threads take in turn as each finishes its previous one: with more
     than one piece a thread slowed by the machine (another process on its core) does less of the work instead of
     holding up the call. ``part`` is the thread's index (its scratch); the calling thread is part 0 (one hand-off
-    fewer per call, which a decode step's GEMV notices)."""
+    fewer per call)."""
     units = total // unit
     parts = max(1, min(threads, units)) if pool is not None else 1
     count = max(1, min(units, parts * pieces))
@@ -165,18 +186,14 @@ class PromptKernels:
         """``W x`` in fp32 for one row ``x`` [K] and a 4- or 8-bit MatMulNBits matrix (``packed`` uint8 [N, blocks,
         group * bits / 8], ``scales`` [N, blocks]; the lm_head, which may be a memory map): the logits of a prompt's
         last row, the columns split across the threads."""
-        n, blocks, blob = packed.shape
-        if x.size != blocks * blob * 8 // bits:
-            raise ValueError(f"a row of {x.size} inputs does not fit a {n} x {blocks * blob * 8 // bits} matrix")
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        packed, scales = np.ascontiguousarray(packed), np.ascontiguousarray(scales, dtype=np.float32)
-        y = np.empty(n, np.float32)
+        x, packed, scales, group = logits_operands(x, packed, scales, bits)
+        y = np.empty(len(packed), np.float32)
 
         def run(first: int, end: int, _part: int) -> None:
-            check(self.lib.sc_nbits_gemv(x.ctypes.data, x.size, blob * 8 // bits, bits, packed.ctypes.data,
-                                         scales.ctypes.data, y.ctypes.data, first, end), "sc_nbits_gemv")
+            check(self.lib.sc_nbits_gemv(x.ctypes.data, x.size, group, bits, packed.ctypes.data, scales.ctypes.data,
+                                         y.ctypes.data, first, end), "sc_nbits_gemv")
 
-        split(self.pool, self.threads, run, n, 1)
+        split(self.pool, self.threads, run, len(packed), 1)
         return y
 
     def layer_norm(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
