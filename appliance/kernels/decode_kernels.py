@@ -19,7 +19,7 @@ import numpy as np
 
 from appliance.errors import EngineError
 from appliance.kernels.native import check, path
-from appliance.kernels.prompt_kernels import Int4Weight, logits_operands, matrix_operands
+from appliance.kernels.prompt_kernels import Int4Weight, logits_operands
 
 PATH_NUMBERS = {"avx2": 0, "avx512vnni": 1}  # sc_team_linear's path argument
 SHAPES = "rows of a multiple of 128 inputs in groups of 32, 64 or a multiple of 128"
@@ -55,10 +55,7 @@ class DecodeKernels:
             raise ValueError(f"the GEMV takes {SHAPES}, not a {weight.n} x {weight.k} weight in groups of {weight.group}")
         if x.size != weight.k:
             raise ValueError(f"a row of {x.size} inputs does not fit a {weight.n} x {weight.k} weight")
-        packed, scales = matrix_operands(weight.packed, weight.scales)
-        bias = None if weight.bias is None else np.ascontiguousarray(weight.bias, dtype=np.float32)
-        if bias is not None and bias.shape != (weight.n,):
-            raise ValueError(f"a bias of shape {bias.shape} does not fit {weight.n} columns")
+        packed, scales, bias = weight.operands()
         y = np.empty(weight.n, np.float32)
         with self.turn:
             code = self.lib.sc_team_linear(self.team, PATH_NUMBERS[self.kernel], x.ctypes.data, weight.k, weight.group,

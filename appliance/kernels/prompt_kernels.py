@@ -19,7 +19,7 @@ from appliance.errors import EngineError
 from appliance.kernels.native import BAD_SHAPE, MISALIGNED, NO_AVX2, ONNXRUNTIME, check, choice, load, path
 
 __all__ = ["BAD_SHAPE", "MISALIGNED", "NO_AVX2", "Int4Weight", "PromptKernels", "QuantizedRows", "aligned", "check",
-           "groups_fit", "load", "logits_operands", "matrix_operands", "split", "status"]
+           "groups_fit", "load", "logits_operands", "split", "status"]
 
 ROWS_PER_TILE = 4  # MR in the C file
 PIECES = 4  # column ranges per thread in a matmul: with another process on one core, 4-6% faster than one range each
@@ -66,6 +66,15 @@ class Int4Weight:
     def supported(self, columns_per_panel: int) -> bool:
         """The shapes the kernel handles: columns in whole panels, groups of whole 32-code runs."""
         return self.n % columns_per_panel == 0 and groups_fit(self.k, self.group)
+
+    def operands(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """codes, scales and bias as the C kernels read them (contiguous, float32), their sizes checked: C sees
+        pointers only."""
+        packed, scales = matrix_operands(self.packed, self.scales)
+        bias = None if self.bias is None else np.ascontiguousarray(self.bias, dtype=np.float32)
+        if bias is not None and bias.shape != (self.n,):
+            raise ValueError(f"a bias of shape {bias.shape} does not fit {self.n} columns")
+        return packed, scales, bias
 
 
 @dataclass(frozen=True)
@@ -169,9 +178,7 @@ class PromptKernels:
                              f"a {weight.n} x {weight.k} weight in groups of {weight.group}")
         padded, n = x.scales.shape[0], weight.n
         y = np.empty((padded, n), np.float32)
-        packed = np.ascontiguousarray(weight.packed)
-        scales = np.ascontiguousarray(weight.scales, dtype=np.float32)
-        bias = None if weight.bias is None else np.ascontiguousarray(weight.bias, dtype=np.float32)
+        packed, scales, bias = weight.operands()
         scratch = self._scratch(weight.k, weight.group)
 
         def run(first: int, end: int, part: int) -> None:
