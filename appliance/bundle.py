@@ -346,15 +346,15 @@ class Bundle:
         return tokenizer
 
     def engine(self, threads: int | None = None, kind: str = AUTO, context: int | None = None,
-               prompt_kernel: bool = True, progress: Callable[[str], None] | None = None, device: str = "cpu",
+               kernels: bool = True, progress: Callable[[str], None] | None = None, device: str = "cpu",
                device_id: int = 0, weights: str | None = None) -> BundleEngine:
         """This bundle on the engine named ``kind`` (``appliance.engines.ENGINES``; ``auto`` = its target's runtime):
         Ascend bundles can also run on ``onnxruntime`` (their fp32-compute graphs, on the CPU). ``context`` caps a cpu
         bundle's context window below its ``max_context``: its KV cache is allocated for that many positions (32 KB
-        each per layer for ChatGLM-6B). ``prompt_kernel=False`` keeps an INT4 cpu bundle's prompts in the graph
-        instead of the AVX2 kernel (for comparison). ``progress`` hears the stages of a long load. ``device``,
+        each per layer for ChatGLM-6B). ``kernels=False`` keeps an INT4 cpu bundle on onnxruntime's graph,
+        prompts and decode, instead of the C kernels (for comparison). ``progress`` hears the stages of a long load. ``device``,
         ``device_id`` and ``weights``: where the engine runs and the weight format it holds (``EngineOptions``)."""
-        return open_engine(self, kind, EngineOptions(threads=threads, context=context, prompt_kernel=prompt_kernel,
+        return open_engine(self, kind, EngineOptions(threads=threads, context=context, kernels=kernels,
                                                      progress=progress, device=device, device_id=device_id,
                                                      weights=weights))
 

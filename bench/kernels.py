@@ -116,6 +116,7 @@ def compare(rounds: int) -> None:
     round measuring all of them in turn with the read bandwidth measured before and after it."""
     from appliance.kernels.decode_kernels import DecodeKernels
     from appliance.kernels.native import PATHS, cpu_features, library
+    from appliance.kernels.step_program import PackedLinear
 
     lib = library()
     paths = [p for p in PATHS if p in cpu_features()]
@@ -125,8 +126,9 @@ def compare(rounds: int) -> None:
     for k, n in DECODE_SHAPES:
         sess, ours, nbytes = decode_pair(k, n)
         runners = {"onnxruntime": lambda a, sess=sess: sess.run(None, {"A": a})}
+        packed = [PackedLinear.of(w, lib) for w in ours]  # the decode engine's copy of each matrix
         for p, gemv in gemvs.items():
-            runners[p] = lambda a, gemv=gemv, ours=ours: [gemv.linear(a, w) for w in ours]
+            runners[p] = lambda a, gemv=gemv, packed=packed: [gemv.linear(a, w) for w in packed]
         decode[(k, n)] = runners, nbytes
     prompts = {"onnxruntime": matmul_nbits([(HIDDEN, INNER)], 4, 128, 4)[0]}
     prompts.update({p: prompt_kernel(HIDDEN, INNER, 128, p) for p in paths})

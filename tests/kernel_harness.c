@@ -26,12 +26,14 @@ int sc_heads_to_fp16(const float *src, int rows, int heads, int hd, long src_row
 int sc_gelu(float *x, size_t n);
 void *sc_team_create(int threads);
 void sc_team_destroy(void *team);
-int sc_team_linear(void *team, int path, const float *x, int K, int G, const uint8_t *w, const float *ws,
-                   const float *bias, float *y, int N);
+int sc_team_linear(void *team, int path, const float *x, int K, const uint8_t *w, const float *ws, const float *bias,
+                   float *y, int N);
 int sc_team_attend(void *team, const float *q, int heads, int hd, const uint16_t *k, const uint16_t *v,
                    long head_stride, int T, float *scratch, long scratch_stride, float *out);
 int sc_team_logits(void *team, const float *x, int K, int G, int bits, const uint8_t *w, const float *ws, float *y,
                    int N);
+int sc_repack_int4(const uint8_t *w, int N, int K, uint8_t *out);
+int sc_step_run(void *team, int path, const int64_t *code, int count, float *arena, int64_t arena_floats, int past);
 
 typedef int (*gemm_fn)(const int8_t *, const float *, const float *, int, int, int, const uint8_t *, const float *,
                        const float *, float *, int, int, int, uint8_t *);
@@ -120,35 +122,36 @@ static void gemm_case(const char *path, gemm_fn gemm, int nr, int M, int K, int 
     free(bias);
 }
 
-/* The decode GEMV of `path` on a team of 3 (the caller and two workers, which take columns when they wake in time),
- * bias added. */
-static void gemv_case(const char *path, int path_number, int K, int G, int N) {
-    const int blocks = K / G;
+/* The decode GEMV of `path` on repacked weights and a team of 3 (the caller and two workers, which take columns when
+ * they wake in time), bias added. */
+static void gemv_case(const char *path, int path_number, int K, int N) {
+    const int blocks = K / 128;
     float *x = exactly(sizeof(float) * K, 4), *ws = exactly(sizeof(float) * N * blocks, 4);
     float *bias = exactly(sizeof(float) * N, 4), *y = exactly(sizeof(float) * N, 4);
-    uint8_t *w = exactly((size_t)N * K / 2, 1);
+    uint8_t *w = exactly((size_t)N * K / 2, 1), *packed = exactly((size_t)N * K / 2, 64);
     double *want = exactly(sizeof(double) * N, 8), *bound = exactly(sizeof(double) * N, 8);
     for (int i = 0; i < K; i++) x[i] = 5 * uniform();
     for (int i = 0; i < N * K / 2; i++) w[i] = (uint8_t)next();
     for (int i = 0; i < N * blocks; i++) ws[i] = 0.01f + 0.01f * uniform();
     for (int n = 0; n < N; n++) bias[n] = (float)n;
-    reference(x, 1, K, G, w, ws, N, want, bound);
+    reference(x, 1, K, 128, w, ws, N, want, bound);
     for (int n = 0; n < N; n++) want[n] += n;
     char what[96];
-    snprintf(what, sizeof what, "%s gemv %dx%d g%d", path, K, N, G);
+    snprintf(what, sizeof what, "%s gemv %dx%d", path, K, N);
+    EXPECT(sc_repack_int4(w, N, K, packed) == 0, "%s: repack refused", what);
     void *team = sc_team_create(3);
     EXPECT(team != NULL, "%s: no team", what);
-    const int refused = sc_team_linear(team, path_number, x, K, G, w, ws, bias, y, N);
-    const int off_chunks = sc_team_linear(team, path_number, x, K + 64, G, w, ws, bias, y, N);
-    const int group96 = sc_team_linear(team, path_number, x, K, 96, w, ws, bias, y, N);
-    const int no_weights = sc_team_linear(team, path_number, x, K, G, NULL, ws, bias, y, N);
+    const int refused = sc_team_linear(team, path_number, x, K, packed, ws, bias, y, N);
+    const int off_blocks = sc_team_linear(team, path_number, x, K + 64, packed, ws, bias, y, N);
+    const int odd_columns = sc_team_linear(team, path_number, x, K, packed, ws, bias, y, N - 2);
+    const int unaligned = sc_team_linear(team, path_number, x, K, packed + 1, ws, bias, y, N);
     sc_team_destroy(team);
     EXPECT(refused == 0, "%s: refused", what);
     compare(what, y, want, bound, 1, N, N);
-    EXPECT(off_chunks == 1, "%s: K off the 128-code chunks", what);
-    EXPECT(group96 == 1, "%s: a group of 96 accepted", what);
-    EXPECT(no_weights == 2, "%s: no weights accepted", what);
-    free(x), free(ws), free(w), free(bias), free(y), free(want), free(bound);
+    EXPECT(off_blocks == 1, "%s: K off the 128-code blocks", what);
+    EXPECT(odd_columns == 1, "%s: columns not in fours accepted", what);
+    EXPECT(unaligned == 2, "%s: unaligned weights accepted", what);
+    free(x), free(ws), free(w), free(packed), free(bias), free(y), free(want), free(bound);
 }
 
 /* The logits GEMV (fp32 activations, 4- or 8-bit codes) against a double sum of (code - zero point) * ws * x. */
@@ -229,11 +232,70 @@ static void run_path(const char *path, gemm_fn gemm, int nr, int gemv) {
         gemm_case(path, gemm, nr, 8, 1024, groups[g], 3 * nr);
         gemm_case(path, gemm, nr, 4, groups[g], groups[g], nr);
         gemm_case(path, gemm, nr, 4, 3 * groups[g], groups[g], nr); /* K an odd multiple of 32 where G = 32 */
-        gemv_case(path, gemv, 1024, groups[g], 200); /* more than one 64-column unit, for the workers to take */
-        gemv_case(path, gemv, 256 > groups[g] ? 256 : groups[g], groups[g], 5);
-        gemv_case(path, gemv, 3 * (groups[g] > 128 ? groups[g] : 128), groups[g], 7); /* an odd number of 128-code steps */
     }
+    gemv_case(path, gemv, 1024, 200); /* more than one 64-column unit, for the workers to take */
+    gemv_case(path, gemv, 128, 4);
+    gemv_case(path, gemv, 384, 8); /* an odd number of blocks */
     printf("%s: %s\n", path, failures ? "FAILED" : "ok");
+}
+
+/* A recorded step of every operation on an arena of exactly its size, on a team of 3: LayerNorm, the GEMV on
+ * repacked weights (against the reference), GELU, a broadcast multiply and add, attention at position 2 of a 5-position
+ * fp16 cache, the logits; then a program with one offset past the arena, refused before anything runs. */
+static int64_t bits_of(float f) {
+    int32_t b;
+    memcpy(&b, &f, 4);
+    return b;
+}
+
+static void step_case(const char *path, int path_number) {
+    enum { K = 256, N = 48, HEADS = 2, HD = 8, CAP = 5, VOCAB = 10 };
+    /* arena (floats): x 0, normed 256, y 512 (N), up 576 (N), scaled 640 (N), q.k.v 704 (N = heads x 3 x hd),
+     * attended 768 (16), logits 784 (10), linear scratch 800 (64 + 32 + 4), attention scratch 912 (16 + 3 x 5) */
+    const int64_t arena_floats = 944;
+    float *arena = exactly(sizeof(float) * arena_floats, 64), *gain = exactly(sizeof(float) * K, 4);
+    float *shift = exactly(sizeof(float) * K, 4), *ws = exactly(sizeof(float) * N * 2, 4);
+    float *head_scales = exactly(sizeof(float) * VOCAB * 2, 4);
+    uint8_t *w = exactly((size_t)N * K / 2, 1), *packed = exactly((size_t)N * K / 2, 64);
+    uint8_t *head = exactly((size_t)VOCAB * K / 2, 1); /* a 4-bit lm_head over the normed row, groups of 128 */
+    uint16_t *keys = exactly(sizeof(uint16_t) * HEADS * CAP * HD, 2), *values = exactly(sizeof(uint16_t) * HEADS * CAP * HD, 2);
+    double want[N], bound[N];
+    for (int i = 0; i < arena_floats; i++) arena[i] = 0;
+    for (int i = 0; i < K; i++) arena[i] = 5 * uniform(), gain[i] = 1, shift[i] = 0;
+    for (int i = 0; i < N * K / 2; i++) w[i] = (uint8_t)next();
+    for (int i = 0; i < N * 2; i++) ws[i] = 0.01f + 0.01f * uniform();
+    for (int i = 0; i < VOCAB * K / 2; i++) head[i] = (uint8_t)next();
+    for (int i = 0; i < VOCAB * 2; i++) head_scales[i] = 0.1f;
+    for (int i = 0; i < HEADS * CAP * HD; i++) keys[i] = values[i] = half(uniform());
+    char what[64];
+    snprintf(what, sizeof what, "%s step", path);
+    EXPECT(sc_repack_int4(w, N, K, packed) == 0 && sc_repack_int4(w, N - 2, K, packed) == 1, "%s: repack", what);
+    int64_t code[8][24] = {
+        {3, 256, 0, K, (intptr_t)gain, (intptr_t)shift, bits_of(1e-5f)},
+        {4, 512, 256, K, N, (intptr_t)packed, (intptr_t)ws, 0, 800},
+        {5, 576, 512, N},
+        {2, 640, 576, -1, bits_of(0.5f), 1, 1, 1, N, 0, 0, 0, 1, 0, 0, 0, 1},
+        {1, 704, 640, 512, 0, 1, 1, 1, N, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1},
+        {6, 768, 704, 712, 720, HEADS, HD, 3 * HD, 3 * HD, 3 * HD, (intptr_t)keys, (intptr_t)values, CAP,
+         bits_of(0.35f), 912},
+        {7, 784, 256, K, 128, 4, VOCAB, (intptr_t)head, (intptr_t)head_scales},
+    };
+    void *team = sc_team_create(3);
+    EXPECT(team != NULL, "%s: no team", what);
+    const int ran = sc_step_run(team, path_number, &code[0][0], 7, arena, arena_floats, 2);
+    const int full = sc_step_run(team, path_number, &code[0][0], 7, arena, arena_floats, CAP);
+    code[6][1] = arena_floats - VOCAB + 1; /* the logits one float past the arena */
+    for (int i = 0; i < VOCAB; i++) arena[784 + i] = -1;
+    const int past_end = sc_step_run(team, path_number, &code[0][0], 7, arena, arena_floats, 2);
+    sc_team_destroy(team);
+    EXPECT(ran == 0 && full == 1 && past_end == 1, "%s: ran %d, full cache %d, past the arena %d", what, ran, full,
+           past_end);
+    EXPECT(arena[784] == -1, "%s: a refused program ran", what);
+    reference(arena + 256, 1, K, 128, w, ws, N, want, bound);
+    compare(what, arena + 512, want, bound, 1, N, N);
+    for (int i = 0; i < 784; i++) EXPECT(isfinite(arena[i]), "%s: arena[%d] is not finite", what, i);
+    free(arena), free(gain), free(shift), free(ws), free(head_scales), free(w), free(packed), free(head), free(keys),
+        free(values);
 }
 
 int main(void) {
@@ -281,6 +343,9 @@ int main(void) {
         for (int i = 0; i < 13; i++) v[i] = (float)(i - 6);
         if (sc_gelu(v, 13) || fabsf(v[7] - 0.8412f) > 1e-4f || v[6] != 0.f) { puts("gelu: wrong"); failures++; }
         attention_case();
+        step_case("avx2", 0);
+        if (features & 2) step_case("avx512vnni", 1);
+        printf("decode step: %s\n", failures ? "FAILED" : "ok");
     }
     return failures ? 1 : 0;
 }

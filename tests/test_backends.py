@@ -118,7 +118,7 @@ def test_shape_sets_are_what_they_claim(shapes):
 
 
 def test_cpu_graph_fp32(shapes):
-    engine = Bundle.open(shapes.bundle("cpu", "fp32")).engine(prompt_kernel=False)
+    engine = Bundle.open(shapes.bundle("cpu", "fp32")).engine(kernels=False)
     metrics = compare_engines(engine, ReferenceEngine(shapes.reference), shapes.tokenizer, PROMPTS, STEPS)
     assert _agrees(metrics, EXACT), metrics
 
@@ -126,7 +126,7 @@ def test_cpu_graph_fp32(shapes):
 @pytest.mark.parametrize("group_size", [128, 32])
 def test_cpu_graph_int4(shapes, group_size):
     """Group 128 leaves hidden 96 with a zero-padded last group; 32 divides every width."""
-    engine = Bundle.open(shapes.bundle("cpu", "int4", group_size)).engine(prompt_kernel=False)
+    engine = Bundle.open(shapes.bundle("cpu", "int4", group_size)).engine(kernels=False)
     reference = shapes.quantized_reference("cpu", "int4", group_size)
     metrics = compare_engines(engine, reference, shapes.tokenizer, PROMPTS, STEPS)
     assert _agrees(metrics, SAME_WEIGHTS_INT8_ACTIVATIONS), metrics
@@ -161,7 +161,7 @@ def test_int4_prompt_path(shapes):
         expected = want.logits[0]
         cosine = float(logits @ expected / np.linalg.norm(logits) / np.linalg.norm(expected))
         assert cosine > 0.9999 and np.argmax(logits) == np.argmax(expected), (text[:12], cosine)
-    engine = Bundle.open(bundle).engine(prompt_kernel=True)
+    engine = Bundle.open(bundle).engine(kernels=True)
     metrics = compare_engines(engine, reference, shapes.tokenizer, kernel_prompts, STEPS)
     assert _agrees(metrics, SAME_WEIGHTS_INT8_ACTIVATIONS), metrics
 

@@ -45,7 +45,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 @needs_kernel
 def test_int4_bundles_prefill_on_the_kernel_the_others_in_the_graph(bundles):
     assert Bundle.open(bundles["int4"]).engine().prefill.name == "int4-kernel"
-    assert Bundle.open(bundles["int4"]).engine(prompt_kernel=False).prefill.name == "graph"
+    assert Bundle.open(bundles["int4"]).engine(kernels=False).prefill.name == "graph"
     for quant in ("fp32", "fp16", "int8"):
         assert Bundle.open(bundles[quant]).engine().prefill.name == "graph"
 
@@ -66,7 +66,7 @@ def test_the_kernel_strategy_hands_short_prompts_to_the_graph(bundles, tokenizer
     engine = Bundle.open(bundles["int4"]).engine()
     ids, layout = _prompt(tokenizer, "你好")
     assert len(ids) < 16 and not engine.prefill.takes(ids, layout.mask())
-    graph = Bundle.open(bundles["int4"]).engine(prompt_kernel=False)
+    graph = Bundle.open(bundles["int4"]).engine(kernels=False)
     got, want = (e.start().prefill(ids, layout.position_ids(), layout.mask()) for e in (engine, graph))
     np.testing.assert_array_equal(got, want)
 
@@ -192,7 +192,7 @@ def open_graph_only(bundle: Bundle, options: EngineOptions) -> OrtEngine:
     """A registered engine's open function: here onnxruntime with its prompts always in the graph."""
     from appliance.engines.onnxruntime import open_bundle
 
-    return open_bundle(bundle, EngineOptions(options.threads, options.context, prompt_kernel=False))
+    return open_bundle(bundle, EngineOptions(options.threads, options.context, kernels=False))
 
 
 def test_an_engine_is_one_table_entry(bundles, tokenizer, monkeypatch, capsys):

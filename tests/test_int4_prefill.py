@@ -27,8 +27,8 @@ from tests.conftest import TINY
 needs_kernel = pytest.mark.skipif(load() is None, reason="INT4 kernel not built or no AVX2 on this CPU")
 
 
-def _engine(bundles, quant: str = "int4", prompt_kernel: bool = True):
-    return Bundle.open(bundles[quant]).engine(prompt_kernel=prompt_kernel)
+def _engine(bundles, quant: str = "int4", kernels: bool = True):
+    return Bundle.open(bundles[quant]).engine(kernels=kernels)
 
 
 def _prompt(tokenizer):
@@ -69,7 +69,7 @@ def test_an_int4_bundle_with_an_unquantized_lm_head_keeps_the_graphs_prefill(tmp
 def test_kernel_prefill_gives_the_graphs_cache_logits_and_answer(bundles, tokenizer):
     ids, layout = _prompt(tokenizer)
     assert len(ids) >= MIN_PROMPT
-    engines = [_engine(bundles, prompt_kernel=k) for k in (True, False)]
+    engines = [_engine(bundles, kernels=k) for k in (True, False)]
     assert engines[0].prefill.name == "int4-kernel" and engines[1].prefill.name == "graph"
     sequences = [e.start() for e in engines]
     logits = [s.prefill(np.array(ids), layout.position_ids(), layout.mask()) for s in sequences]
@@ -136,7 +136,7 @@ def test_the_kernel_follows_any_prefix_mask_as_the_graph_does(bundles, tokenizer
     ids, layout = _prompt(tokenizer)
     mask = layout.mask()
     mask[:, -1] = False  # every row attends to the last token too
-    engines = [_engine(bundles, prompt_kernel=k) for k in (True, False)]
+    engines = [_engine(bundles, kernels=k) for k in (True, False)]
     logits = [e.start().prefill(np.array(ids), layout.position_ids(), mask) for e in engines]
     assert _cos(*logits) > PATHS_MIN_COSINE and np.argmax(logits[0]) == np.argmax(logits[1])
     for kernel_cache, graph_cache in zip(engines[0].decoder.cache, engines[1].decoder.cache, strict=True):

@@ -28,12 +28,6 @@ def test_every_path_is_exact_and_in_bounds_under_the_sanitizers(tmp_path):
     lines = run.stdout.splitlines()
     assert lines[0] in ("avx2: ok", "avx2: skipped, this CPU has no AVX2/FMA")
     assert lines[1] in ("avx512vnni: ok", "avx512vnni: skipped, this CPU has no AVX-512 VNNI")
+    if lines[0] == "avx2: ok":  # the logits, LayerNorm, cache writes, GELU, attention and a recorded decode step
+        assert lines[2:] == ["logits: ok", "decode step: ok"]
 
-
-def test_the_c_decode_step_bench_builds_on_the_kernels_as_they_are(tmp_path):
-    """bench/decode_step_c.c includes the kernels' C file and uses its internals (the team, the GEMV's quantizer, the
-    attention and logits jobs): a renamed or changed internal breaks its build here rather than in someone's bench."""
-    subprocess.run(["gcc", "-DSC_STANDALONE", "-O1", "-pthread", "-Werror=implicit-function-declaration",
-                    "-I", str(ROOT / "appliance/kernels"), "-c", str(ROOT / "bench/decode_step_c.c"),
-                    "-o", str(tmp_path / "decode_step_c.o")], check=True, timeout=120)
-    assert (tmp_path / "decode_step_c.o").stat().st_size > 0

@@ -75,8 +75,8 @@ def device_number(text: str) -> int:
 @dataclass(frozen=True)
 class EngineOptions:
     """How to open a bundle's engine: ``threads`` None = the physical cores; ``context`` caps a decoder bundle's
-    context window (its KV cache is allocated for that many positions); ``prompt_kernel`` False keeps an INT4
-    bundle's prompts in the graph instead of the AVX2 kernel (for comparison); ``progress`` gets one line per stage of
+    context window (its KV cache is allocated for that many positions); ``kernels`` False keeps an INT4 bundle on
+    onnxruntime's graph, prompts and decode, instead of the C kernels (for comparison); ``progress`` gets one line per stage of
     a long load (MindSpore Lite converting and building each graph).
 
     ``device`` (``cpu`` or ``ascend``) and ``device_id`` (the NPU number) say where the engine runs: each engine takes
@@ -87,7 +87,7 @@ class EngineOptions:
 
     threads: int | None = None
     context: int | None = None
-    prompt_kernel: bool = True
+    kernels: bool = True
     progress: Callable[[str], None] | None = None
     device: str = "cpu"
     device_id: int = 0

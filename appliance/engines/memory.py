@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import resource
 
+import numpy as np
+
 from appliance.errors import ResourceError
 from appliance.model_config import KV_CACHE_DTYPES, ModelConfig
 
@@ -72,3 +74,17 @@ def require_memory(what: str, needed: int, advice: str) -> None:
     room = available_memory()
     if room is not None and needed > room[0]:
         raise not_enough_memory(what, needed, advice, room)
+
+
+def allocate_kv_cache(config: ModelConfig, capacity: int, dtype: str) -> list[np.ndarray]:
+    """An engine's KV cache: keys and values of every layer, ``[1, heads, capacity, head_dim]`` each in the element
+    type ``dtype`` names, in the graph's order (key, value per layer); refused with the sizes when they cannot fit."""
+    shape = (1, config.num_heads, capacity, config.head_dim)
+    what = f"the KV cache for {capacity} positions"
+    needed = kv_cache_bytes(config, capacity, dtype)
+    advice = "close other programs or lower the context budget (Settings)"
+    require_memory(what, needed, advice)
+    try:
+        return [np.empty(shape, KV_CACHE_DTYPES[dtype]) for _ in range(2 * config.num_layers)]
+    except MemoryError as exc:
+        raise not_enough_memory(what, needed, advice) from exc

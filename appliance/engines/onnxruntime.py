@@ -1,17 +1,18 @@
-"""The ``cpu`` target's engine: a decoder (one onnxruntime session and its KV cache) and a prefill strategy chosen
-when the bundle is opened.
+"""The ``cpu`` target's engine: a decoder and a prefill strategy, both chosen when the bundle is opened
+(``open_bundle``).
 
-The decoder owns one KV cache: buffers with room for ``max_context`` positions, in the element type the bundle's graph
-declares (``graphs.kv_cache``: fp16, or fp32 for exact bundles and bundles exported before the field), allocated once
-and reused by every sequence (a single-user appliance decodes one conversation at a time; starting a sequence retires
-the previous one).
-A graph prefill writes the prompt's keys/values into them (``present_*`` bound to the buffers through IOBinding), and
-every decode step binds them as both ``past_*`` and ``present_*``, so GroupQueryAttention writes the new position in
-place and no step copies the cache. Allocating the cache once also keeps onnxruntime's arena from fragmenting around
-fresh buffers per prompt (docs/performance.md, memory).
+A decoder owns one KV cache: buffers with room for ``max_context`` positions, allocated once and reused by every
+sequence (a single-user appliance decodes one conversation at a time; starting a sequence retires the previous one).
+``OrtDecoder`` runs the bundle's graph in one onnxruntime session, its cache in the element type the graph declares
+(``graphs.kv_cache``: fp16, or fp32 for exact bundles and bundles exported before the field): a graph prefill writes
+the prompt's keys/values into the buffers (``present_*`` bound to them through IOBinding), and every decode step binds
+them as both ``past_*`` and ``present_*``, so GroupQueryAttention writes the new position in place and no step copies
+the cache. Allocating the cache once also keeps onnxruntime's arena from fragmenting around fresh buffers per prompt
+(docs/performance.md, memory). ``KernelDecoder`` (``engines/kernel_decode.py``) decodes INT4 bundles on the C kernels
+instead, where they take the bundle.
 
 Prompts go through the graph (``GraphPrefill``) or, for INT4 bundles where the C kernels are built and run, through
-``KernelPrefill``: every row computed by ``Int4Prefill`` straight into the same buffers, and the last row's logits
+``KernelPrefill``: every row computed by ``Int4Prefill`` straight into the decoder's buffers, and the last row's logits
 (``engines/int4_prefill.py``).
 """
 
@@ -26,7 +27,8 @@ import onnxruntime as ort
 from appliance.engines import EngineOptions
 from appliance.engines.cpu import physical_cores
 from appliance.engines.int4_prefill import Int4Prefill
-from appliance.engines.memory import kv_cache_bytes, not_enough_memory, require_memory
+from appliance.engines.kernel_decode import KernelDecoder
+from appliance.engines.memory import allocate_kv_cache
 from appliance.engines.residency import release_clean_pages
 from appliance.errors import EngineError
 from appliance.model_config import KV_CACHE_DTYPES, UNMARKED_KV_CACHE, ModelConfig
@@ -93,20 +95,16 @@ class OrtDecoder:
         self.shrink_after.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     def allocate_cache(self) -> list[np.ndarray]:
-        """The KV cache buffers ``[1, heads, max_context, head_dim]`` in the graph's order (key, value per layer),
-        allocated on the first call; refused with the sizes when they cannot fit."""
+        """The KV cache buffers (``memory.allocate_kv_cache``), allocated on the first call."""
         if not self.cache:
-            shape = (1, self.config.num_heads, self.max_context, self.config.head_dim)
-            what = f"the KV cache for {self.max_context} positions"
-            needed = kv_cache_bytes(self.config, self.max_context, self.kv_cache)
-            advice = "close other programs or lower the context budget (Settings)"
-            require_memory(what, needed, advice)
-            try:
-                self.cache = [np.empty(shape, self.kv_dtype) for _ in self.past_names]
-            except MemoryError as exc:
-                raise not_enough_memory(what, needed, advice) from exc
-            self.cache_values = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in self.cache]
+            self.adopt_cache(allocate_kv_cache(self.config, self.max_context, self.kv_cache))
         return self.cache
+
+    def adopt_cache(self, buffers: list[np.ndarray]) -> None:
+        """Run on ``buffers`` (another decoder's cache of this shape and type: a graph prefill into the kernel
+        decoder's cache) instead of a cache of its own."""
+        self.cache = buffers
+        self.cache_values = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in buffers]
 
     def prefill(self, ids: np.ndarray, position_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """The whole prompt (ids [L], position_ids [2, L], mask [L, L]) into an empty cache -> logits [vocab]."""
@@ -152,27 +150,22 @@ class GraphPrefill:
 
 class KernelPrefill:
     """INT4 prompts on the C kernels: ``Int4Prefill`` computes every row into the decoder's cache and the last row's
-    logits; prompts too short to be worth it go through the graph."""
+    logits. Beside onnxruntime's decoder, prompts too short to be worth it (``Int4Prefill.takes``) go through the
+    graph; beside the kernel decoder every prompt stays here (the graph would load a second copy of the weights)."""
 
     name = "int4-kernel"
 
-    def __init__(self, rows: Int4Prefill) -> None:
-        self.rows = rows
+    def __init__(self, rows: Int4Prefill, short_in_graph: bool = True) -> None:
+        self.rows, self.short_in_graph = rows, short_in_graph
 
     def takes(self, ids: np.ndarray, mask: np.ndarray) -> bool:
-        return self.rows.takes(ids)
+        return not self.short_in_graph or self.rows.takes(ids)
 
-    def run(self, decoder: OrtDecoder, ids: np.ndarray, position_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        if not self.rows.takes(ids):
+    def run(self, decoder: OrtDecoder | KernelDecoder, ids: np.ndarray, position_ids: np.ndarray,
+            mask: np.ndarray) -> np.ndarray:
+        if not self.takes(ids, mask):
             return decoder.prefill(ids, position_ids, mask)
         return self.rows.run(ids, position_ids, mask, decoder.allocate_cache())
-
-
-def choose_prefill(graph: Path, config: ModelConfig, threads: int, prompt_kernel: bool) -> GraphPrefill | KernelPrefill:
-    """The kernel where it applies (``Int4Prefill.open``: INT4 weights and a quantized lm_head, the kernel built, a CPU
-    with AVX2 and FMA), unless ``prompt_kernel`` is False; the graph otherwise."""
-    rows = Int4Prefill.open(graph, config, threads) if prompt_kernel else None
-    return GraphPrefill() if rows is None else KernelPrefill(rows)
 
 
 class OrtEngine:
@@ -227,10 +220,22 @@ class OrtSequence:
 
 
 def open_bundle(bundle: Bundle, options: EngineOptions) -> OrtEngine:
-    """A ``decoder`` bundle on onnxruntime, its cache sized to its ``max_context`` or ``options.context`` if lower."""
+    """A ``decoder`` bundle, its cache sized to its ``max_context`` or ``options.context`` if lower. INT4 bundles
+    where the C kernels run here (``Int4Prefill.open``) prefill on them, unless ``options.kernels`` is False,
+    and decode on them too where ``KernelDecoder.open`` takes the bundle; everything else runs in onnxruntime."""
     graph, config = bundle.path / bundle.manifest["graphs"]["decoder"], bundle.config
     limit = int(bundle.manifest["max_context"])
+    context, threads = min(limit, options.context or limit), options.threads or physical_cores()
     kv_cache = bundle.manifest["graphs"].get("kv_cache", UNMARKED_KV_CACHE)
-    decoder = OrtDecoder(graph, config, min(limit, options.context or limit), options.threads, kv_cache)
+
+    def graph_decoder() -> OrtDecoder:
+        return OrtDecoder(graph, config, context, threads, kv_cache)
+
     int4 = bundle.manifest["quant"]["weights"] == "int4"  # only INT4 weights can take the kernel: skip reading the graph
-    return OrtEngine(decoder, choose_prefill(graph, config, decoder.threads, options.prompt_kernel and int4))
+    rows = Int4Prefill.open(graph, config, threads) if options.kernels and int4 else None
+    if rows is None:
+        return OrtEngine(graph_decoder(), GraphPrefill())
+    kernel_decoder = KernelDecoder.open(rows, context, kv_cache, graph_decoder)
+    if kernel_decoder is not None:
+        return OrtEngine(kernel_decoder, KernelPrefill(rows, short_in_graph=False))
+    return OrtEngine(graph_decoder(), KernelPrefill(rows))

@@ -1,12 +1,12 @@
-"""One activation row through the C kernels (a decode step's parts) on a thread team: ``W x + b`` on INT4 MatMulNBits
-weights, attention over the fp16 KV cache, and the logits of a 4- or 8-bit lm_head.
+"""A decode step's kernels on a thread team: recorded steps (``step_program``), and each of their parts on its own for
+tests and benchmarks: ``W x + b`` on repacked INT4 weights, attention over the fp16 KV cache, the logits of a 4- or
+8-bit lm_head.
 
-Why: decode reads every weight once per token, so its speed is the rate the weights stream from memory. The C GEMV
-walks each output column's contiguous bytes, AVX2 or AVX-512 VNNI as ``native.path()`` chose; the team (in
-``prompt_kernels.c``) runs each call on every thread, the columns or heads taken a few at a time from a shared counter,
-with no Python thread in between. bench/kernels.py measures the GEMV against onnxruntime's MatMulNBits on the same
-weights and bench/decode_step.py a whole step against onnxruntime's decode (docs/performance.md); the engine's decode
-stays on onnxruntime until a step of these is faster.
+Why: decode reads every weight once per token, so its speed is the rate the weights stream from memory. The GEMV reads
+four columns per stream, AVX2 or AVX-512 VNNI as ``native.path()`` chose; the team (in ``prompt_kernels.c``) runs each
+job on every thread, the columns or heads taken a few at a time from a shared counter, and a recorded step runs all of
+its jobs in one call. bench/kernels.py measures the GEMV against onnxruntime's MatMulNBits on the same weights and
+bench/decode_step.py the engine's step against onnxruntime's decode (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -14,26 +14,24 @@ from __future__ import annotations
 import ctypes
 import threading
 import weakref
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from appliance.errors import EngineError
 from appliance.kernels.native import check, path
-from appliance.kernels.prompt_kernels import Int4Weight, logits_operands
+from appliance.kernels.prompt_kernels import logits_operands
 
-PATH_NUMBERS = {"avx2": 0, "avx512vnni": 1}  # sc_team_linear's path argument
-SHAPES = "rows of a multiple of 128 inputs in groups of 32, 64 or a multiple of 128"
+if TYPE_CHECKING:
+    from appliance.kernels.step_program import PackedLinear, StepProgram
 
-
-def fits(k: int, group: int) -> bool:
-    """The shapes the GEMV handles (gemv_fits in the C file): K in 128-code chunks, groups of 32, 64 or n * 128."""
-    return k > 0 and k % 128 == 0 and k % group == 0 and (group in (32, 64) or group % 128 == 0)
+PATH_NUMBERS = {"avx2": 0, "avx512vnni": 1}  # the path argument of sc_team_linear and sc_step_run
 
 
 class DecodeKernels:
-    """A decode step's kernels on one thread team (its threads live as long as the instance): bench/decode_step.py and
-    bench/kernels.py use it, the engine does not. The team runs one job at a time: calls from several Python threads
-    take turns."""
+    """A decode step's kernels on one thread team (its threads live as long as the instance): the kernel decoder's
+    (``engines/kernel_decode.py``), or a test's or benchmark's. The team runs one job at a time: calls from several
+    Python threads take turns."""
 
     def __init__(self, lib: ctypes.CDLL, threads: int, kernel: str | None = None) -> None:
         """``kernel``: ``avx2`` or ``avx512vnni``; by default the path ``native.path()`` chose."""
@@ -47,20 +45,18 @@ class DecodeKernels:
         self.threads = lib.sc_team_threads(self.team)
         self.scratch = np.empty(0, np.float32)  # attention scores, one row per thread
 
-    def linear(self, x: np.ndarray, weight: Int4Weight) -> np.ndarray:
-        """``W x + b`` for one row ``x`` [K], its activations quantized per group to int8 (as onnxruntime's accuracy
-        level 4 does)."""
+    def linear(self, x: np.ndarray, weight: PackedLinear) -> np.ndarray:
+        """``W x + b`` for one row ``x`` [K] on a repacked matrix, its activations quantized per group of 128 to int8
+        (as onnxruntime's accuracy level 4 does): the GEMV a recorded step runs, on its own."""
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
-        if not fits(weight.k, weight.group):
-            raise ValueError(f"the GEMV takes {SHAPES}, not a {weight.n} x {weight.k} weight in groups of {weight.group}")
         if x.size != weight.k:
             raise ValueError(f"a row of {x.size} inputs does not fit a {weight.n} x {weight.k} weight")
-        packed, scales, bias = weight.operands()
         y = np.empty(weight.n, np.float32)
         with self.turn:
-            code = self.lib.sc_team_linear(self.team, PATH_NUMBERS[self.kernel], x.ctypes.data, weight.k, weight.group,
-                                           packed.ctypes.data, scales.ctypes.data,
-                                           None if bias is None else bias.ctypes.data, y.ctypes.data, weight.n)
+            code = self.lib.sc_team_linear(self.team, PATH_NUMBERS[self.kernel], x.ctypes.data, weight.k,
+                                           weight.codes.ctypes.data, weight.scales.ctypes.data,
+                                           None if weight.bias is None else weight.bias.ctypes.data, y.ctypes.data,
+                                           weight.n)
         check(code, "sc_team_linear")
         return y
 
@@ -95,6 +91,15 @@ class DecodeKernels:
                                            scales.ctypes.data, y.ctypes.data, n)
         check(code, "sc_team_logits")
         return y
+
+
+    def run(self, program: StepProgram, past: int) -> None:
+        """A recorded decode step (``step_program``) for the token after ``past`` cached positions: its logits land
+        in ``program.output``."""
+        with self.turn:
+            code = self.lib.sc_step_run(self.team, PATH_NUMBERS[self.kernel], program.code.ctypes.data,
+                                        len(program.code), program.arena.ctypes.data, program.arena.size, past)
+        check(code, "sc_step_run")
 
 
 def _destroy(lib: ctypes.CDLL, team: int, turn: threading.Lock) -> None:

@@ -34,9 +34,11 @@ _SIGNATURES = {
     "sc_heads_to_fp16": [_P, _I, _I, _I, ctypes.c_long, ctypes.c_long, _P, ctypes.c_long, ctypes.c_long],
     "sc_gelu": [_P, ctypes.c_size_t],
     "sc_team_threads": [_P],
-    "sc_team_linear": [_P, _I, _P, _I, _I, _P, _P, _P, _P, _I],
+    "sc_team_linear": [_P, _I, _P, _I, _P, _P, _P, _P, _I],
     "sc_team_attend": [_P, _P, _I, _I, _P, _P, ctypes.c_long, _I, _P, ctypes.c_long, _P],
     "sc_team_logits": [_P, _P, _I, _I, _I, _P, _P, _P, _I],
+    "sc_repack_int4": [_P, _I, _I, _P],
+    "sc_step_run": [_P, _I, _P, _I, _P, ctypes.c_int64, _I],
     "sc_cpu_features": [],
     "sc_request_amx": [],
 }
@@ -116,4 +118,4 @@ def describe() -> str:
     features = ", ".join(cpu_features()) or "none"
     if chosen == ONNXRUNTIME:
         return f"onnxruntime's kernels ({why}; CPU: {features})"
-    return f"{chosen} INT4 prompt kernel, onnxruntime's decode ({why}; CPU: {features})"
+    return f"{chosen} INT4 kernels for prompts and decode ({why}; CPU: {features})"

@@ -391,28 +391,23 @@ int sc_int4_gemm_avx512vnni(const int8_t *xq, const float *xs, const float *xo, 
 
 /* The shapes both GEMV paths take: K in 128-code chunks (one 64-byte load of a column), and blocks that a chunk
  * either splits evenly (32, 64) or lies inside (multiples of 128). */
-static int gemv_fits(int K, int G) {
-    return K > 0 && G > 0 && K % 128 == 0 && K % G == 0 && (G == 32 || G == 64 || G % 128 == 0);
-}
-
-/* x [K] -> x_lo/x_hi [K/2] int8: the codes that meet a weight byte's low and high nibble (x[2j], x[2j+1]);
- * lane_scales [K/8]: the scale of each run of 8 inputs; offsets [K/G]: 8 * scale * sum(codes) per block. */
-AVX2 static void quantize_vector(const float *x, int K, int G, int8_t *x_lo, int8_t *x_hi, float *lane_scales,
-                                 float *offsets) {
+/* x [K] (a multiple of 128) -> x_lo/x_hi [K/2] int8: the codes that meet a weight byte's low and high nibble (x[2j],
+ * x[2j+1]); per block of 128: scales (max|x| / 127) and offsets (8 * scale * sum(codes), the zero point's share). */
+AVX2 static void quantize_vector(const float *x, int K, int8_t *x_lo, int8_t *x_hi, float *scales, float *offsets) {
     const __m128i split = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
-    for (int b = 0; b < K / G; b++) {
-        const float *src = x + (size_t)b * G;
-        const float scale = block_scale(src, G);
+    for (int b = 0; b < K / 128; b++) {
+        const float *src = x + (size_t)b * 128;
+        const float scale = block_scale(src, 128);
         const __m256 inv = _mm256_set1_ps(scale > 0 ? 1.f / scale : 0.f);
         __m256i sum = _mm256_setzero_si256();
-        for (int i = 0; i < G; i += 8) {
+        for (int i = 0; i < 128; i += 8) {
             const __m128i q = _mm_shuffle_epi8(quantize8(src + i, inv, &sum), split);
-            const size_t at = ((size_t)b * G + i) / 2;
+            const size_t at = ((size_t)b * 128 + i) / 2;
             const int32_t even = _mm_cvtsi128_si32(q), odd = _mm_extract_epi32(q, 1);
             memcpy(x_lo + at, &even, 4);
             memcpy(x_hi + at, &odd, 4);
-            lane_scales[((size_t)b * G + i) / 8] = scale;
         }
+        scales[b] = scale;
         offsets[b] = 8.f * scale * (float)hsum8(sum);
     }
 }
@@ -425,136 +420,6 @@ AVX2 static float zero_point_term(const float *ws, const float *offsets, int blo
     float total = hsum(acc);
     for (; b < blocks; b++) total += ws[b] * offsets[b];
     return total;
-}
-
-#define SCALE_RUN 256 /* G = 128 GEMV: blocks whose combined scales are worked out ahead, per column */
-
-/* out[b] = ws[b] * the activations' scale of block b (lane_scales holds it for every 8 codes: 16 per block of 128),
- * for `run` blocks of one column, returned in out: worked out ahead of the column's loop, which only broadcasts them. */
-AVX2 static const float *block_scales(const float *ws, const float *lane_scales, int run, float *out) {
-    for (int b = 0; b < run; b++) out[b] = ws[b] * lane_scales[(size_t)b * 16];
-    return out;
-}
-
-/* One 32-byte step of a column (64 codes) against the activations at the same place: 8 int32 lanes of 8 codes each.
- * u8 codes x s8 activations: pairs of at most 2 * 15 * 127 each, two pairs per int16 lane, no saturation. */
-AVX2 static inline __m256i dot64(const uint8_t *w, const int8_t *x_lo, const int8_t *x_hi) {
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
-    const __m256i raw = _mm256_loadu_si256((const __m256i *)w);
-    const __m256i lo = _mm256_and_si256(raw, low4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
-    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x_lo)),
-                                       _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)x_hi)));
-    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
-}
-
-/* y[n] for n in n0..n1, one column at a time down its contiguous bytes. Groups of 128 (what bundles export): a block is
- * two 32-byte steps with one scale (the weight's block scale times the activations'), worked out for a run of blocks
- * before the loop over them, which only broadcasts it (block_scales); four accumulators. Other groups: each int32 lane
- * (8 codes) scaled by its own block, the block found per step. The avx2 G = 128 loop is 1.65x as fast on data in cache
- * as with a scale vector, lane-scale load and division per step (docs/performance.md). */
-AVX2 static void gemv_avx2(const int8_t *x_lo, const int8_t *x_hi, const float *lane_scales, const float *offsets,
-                           int K, int G, const uint8_t *w, const float *ws, float *y, int n0, int n1) {
-    const int blocks = K / G;
-    float scales[SCALE_RUN] __attribute__((aligned(32)));
-    const __m256i pairs = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1); /* G = 32: lanes 0-3 one block, 4-7 the next */
-    for (int n = n0; n < n1; n++) {
-        const uint8_t *row = w + (size_t)n * (K / 2);
-        const float *row_scales = ws + (size_t)n * blocks;
-        __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
-        if (G == 128) {
-            for (int b0 = 0; b0 < blocks; b0 += SCALE_RUN) { /* a run's scales first; two 32-byte steps a block */
-                const int run = blocks - b0 < SCALE_RUN ? blocks - b0 : SCALE_RUN;
-                const float *wb = block_scales(row_scales + b0, lane_scales + (size_t)b0 * 16, run, scales);
-                const uint8_t *wr = row + (size_t)b0 * 64;
-                const int8_t *lo = x_lo + (size_t)b0 * 64, *hi = x_hi + (size_t)b0 * 64;
-                int b = 0;
-                for (; b + 2 <= run; b += 2) {
-                    const int at = b * 64;
-                    const __m256 s0 = _mm256_set1_ps(wb[b]), s1 = _mm256_set1_ps(wb[b + 1]);
-                    f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot64(wr + at, lo + at, hi + at)), s0, f0);
-                    f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot64(wr + at + 32, lo + at + 32, hi + at + 32)), s0, f1);
-                    f2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot64(wr + at + 64, lo + at + 64, hi + at + 64)), s1, f2);
-                    f3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot64(wr + at + 96, lo + at + 96, hi + at + 96)), s1, f3);
-                }
-                if (b < run) {
-                    const __m256 s0 = _mm256_set1_ps(wb[b]);
-                    f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot64(wr + b * 64, lo + b * 64, hi + b * 64)), s0, f0);
-                    f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot64(wr + b * 64 + 32, lo + b * 64 + 32, hi + b * 64 + 32)),
-                                         s0, f1);
-                }
-            }
-        } else {
-            for (int at = 0; at < K / 2; at += 32) {
-                const int first = 2 * at / G; /* the block of the step's first code */
-                const __m256 wsl = G == 32 ? _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castsi128_ps(
-                                                 _mm_loadl_epi64((const __m128i *)(row_scales + first)))), pairs)
-                                           : _mm256_set1_ps(row_scales[first]);
-                const __m256 s = _mm256_mul_ps(wsl, _mm256_loadu_ps(lane_scales + at / 4));
-                f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot64(row + at, x_lo + at, x_hi + at)), s, f0);
-            }
-        }
-        y[n] = hsum(_mm256_add_ps(_mm256_add_ps(f0, f1), _mm256_add_ps(f2, f3)))
-               - zero_point_term(row_scales, offsets, blocks);
-    }
-}
-
-/* One 64-byte step of a column (128 codes) with vpdpbusd: 16 int32 lanes of 8 codes each. */
-VNNI512 static inline __m512i dot128(const uint8_t *w, const int8_t *x_lo, const int8_t *x_hi) {
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
-    const __m512i raw = _mm512_loadu_si512(w);
-    const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(raw, low4), _mm512_loadu_si512(x_lo));
-    return _mm512_dpbusd_epi32(d, _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4), _mm512_loadu_si512(x_hi));
-}
-
-/* As gemv_avx2 with 64-byte steps and vpdpbusd: for groups of 128 a step is a block, four blocks per iteration into
- * four accumulators (a run's last blocks one at a time). */
-VNNI512 static void gemv_avx512vnni(const int8_t *x_lo, const int8_t *x_hi, const float *lane_scales,
-                                    const float *offsets, int K, int G, const uint8_t *w, const float *ws, float *y,
-                                    int n0, int n1) {
-    const int blocks = K / G, bytes = K / 2;
-    float scales[SCALE_RUN] __attribute__((aligned(32)));
-    /* the block of each lane, counted from the step's first block: lane i holds codes 8i..8i+7 */
-    const __m512i lane_block = G == 32 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
-                                       : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    const __mmask16 step_blocks = G == 32 ? 0xF : 0x3;
-    for (int n = n0; n < n1; n++) {
-        const uint8_t *row = w + (size_t)n * bytes;
-        const float *row_scales = ws + (size_t)n * blocks;
-        __m512 f0 = _mm512_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
-        if (G == 128) {
-            for (int b0 = 0; b0 < blocks; b0 += SCALE_RUN) { /* a run of block scales, then its blocks 4 at a time */
-                const int run = blocks - b0 < SCALE_RUN ? blocks - b0 : SCALE_RUN;
-                const float *wb = block_scales(row_scales + b0, lane_scales + (size_t)b0 * 16, run, scales);
-                const uint8_t *wr = row + (size_t)b0 * 64;
-                const int8_t *lo = x_lo + (size_t)b0 * 64, *hi = x_hi + (size_t)b0 * 64;
-                int b = 0;
-                for (; b + 4 <= run; b += 4) {
-                    const int at = b * 64;
-                    f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot128(wr + at, lo + at, hi + at)), _mm512_set1_ps(wb[b]), f0);
-                    f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot128(wr + at + 64, lo + at + 64, hi + at + 64)),
-                                         _mm512_set1_ps(wb[b + 1]), f1);
-                    f2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot128(wr + at + 128, lo + at + 128, hi + at + 128)),
-                                         _mm512_set1_ps(wb[b + 2]), f2);
-                    f3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot128(wr + at + 192, lo + at + 192, hi + at + 192)),
-                                         _mm512_set1_ps(wb[b + 3]), f3);
-                }
-                for (; b < run; b++)
-                    f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot128(wr + b * 64, lo + b * 64, hi + b * 64)),
-                                         _mm512_set1_ps(wb[b]), f0);
-            }
-        } else {
-            for (int at = 0; at < bytes; at += 64) {
-                const int first = 2 * at / G;
-                const __m512 wsl = G < 128 ? _mm512_permutexvar_ps(lane_block,
-                                                                   _mm512_maskz_loadu_ps(step_blocks, row_scales + first))
-                                           : _mm512_set1_ps(row_scales[first]);
-                const __m512 s = _mm512_mul_ps(wsl, _mm512_loadu_ps(lane_scales + at / 4));
-                f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot128(row + at, x_lo + at, x_hi + at)), s, f0);
-            }
-        }
-        y[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(f0, f1), _mm512_add_ps(f2, f3)))
-               - zero_point_term(row_scales, offsets, blocks);
-    }
 }
 
 /* -- the prompt's logits ---------------------------------------------------------------------------------------- */
@@ -885,41 +750,6 @@ void sc_team_destroy(void *handle) {
 
 int sc_team_threads(const void *handle) { return handle ? ((const team *)handle)->threads : 0; }
 
-/* y = W x + bias for one activation row x [K] (fp32, quantized here per group by quantize_vector), the INT4
- * GEMV of `path` (0 avx2, 1 avx512vnni) over columns 64 at a time. */
-typedef struct {
-    int vnni, K, G;
-    const int8_t *x_lo, *x_hi;
-    const float *lane_scales, *offsets, *ws, *bias;
-    const uint8_t *w;
-    float *y;
-} linear_job;
-
-static void linear_task(const void *p, int first, int end, int worker) {
-    const linear_job *j = p;
-    (void)worker;
-    if (j->vnni) gemv_avx512vnni(j->x_lo, j->x_hi, j->lane_scales, j->offsets, j->K, j->G, j->w, j->ws, j->y, first, end);
-    else gemv_avx2(j->x_lo, j->x_hi, j->lane_scales, j->offsets, j->K, j->G, j->w, j->ws, j->y, first, end);
-    if (j->bias)
-        for (int n = first; n < end; n++) j->y[n] += j->bias[n];
-}
-
-int sc_team_linear(void *handle, int path, const float *x, int K, int G, const uint8_t *w, const float *ws,
-                   const float *bias, float *y, int N) {
-    if (!sc_kernels_supported()) return SC_NO_AVX2;
-    if (path == 1 && !(sc_cpu_features() & SC_CPU_AVX512_VNNI)) return SC_NO_AVX512_VNNI;
-    if (!handle || (path != 0 && path != 1) || !gemv_fits(K, G) || N < 0) return SC_BAD_SHAPE;
-    if (!aligned(x, 4) || !w || !aligned(ws, 4) || (bias && !aligned(bias, 4)) || !aligned(y, 4)) return SC_MISALIGNED;
-    int8_t *codes = malloc((size_t)K);
-    float *lanes = malloc(sizeof(float) * ((size_t)K / 8 + (size_t)K / G));
-    if (!codes || !lanes) return free(codes), free(lanes), SC_NO_MEMORY;
-    quantize_vector(x, K, G, codes, codes + K / 2, lanes, lanes + K / 8);
-    const linear_job job = {path, K, G, codes, codes + K / 2, lanes, lanes + K / 8, ws, bias, w, y};
-    team_run(handle, linear_task, &job, N, 64);
-    free(codes), free(lanes);
-    return SC_OK;
-}
-
 /* attend_fp16 over heads, one at a time from the team's counter; scratch holds `scratch_stride` floats per thread. */
 typedef struct {
     const float *q;
@@ -968,6 +798,289 @@ int sc_team_logits(void *handle, const float *x, int K, int G, int bits, const u
     if (!aligned(x, 4) || !w || !aligned(ws, 4) || !aligned(y, 4)) return SC_MISALIGNED;
     const logits_job job = {x, K, G, bits, w, ws, y};
     team_run(handle, logits_task, &job, N, 64);
+    return SC_OK;
+}
+
+/* -- the decode GEMV on repacked weights ------------------------------------------------------------------------ */
+
+/* The decode engine's copy of an INT4 matrix with groups of 128: four columns' 64-byte blocks side by side,
+ * [N/4][K/128][4][64], so one stream feeds four columns whose activations are loaded once (the layout onnxruntime
+ * repacks MatMulNBits weights into). Side by side with the same loop on the bundle's layout, one column per stream,
+ * it read 92.5% of the memory's bandwidth against 86-87% (docs/performance.md). */
+int sc_repack_int4(const uint8_t *w, int N, int K, uint8_t *out) {
+    if (N <= 0 || N % 4 || K <= 0 || K % 128) return SC_BAD_SHAPE;
+    if (!w || !out) return SC_MISALIGNED;
+    const size_t blocks = (size_t)K / 128;
+    for (size_t n = 0; n < (size_t)N; n++)
+        for (size_t b = 0; b < blocks; b++)
+            memcpy(out + ((n / 4 * blocks + b) * 4 + n % 4) * 64, w + (n * blocks + b) * 64, 64);
+    return SC_OK;
+}
+
+#define PACKED_MAX_BLOCKS 256 /* K up to 32768 on repacked weights: one column's combined scales on the stack */
+
+/* y[n] = W x + bias over repacked columns first..end (multiples of 4): x quantized per block of 128 (x_lo, x_hi,
+ * x_scales and offsets as quantize_vector writes them). */
+typedef struct {
+    const int8_t *x_lo, *x_hi;
+    const float *x_scales, *offsets;
+    int K;
+    const uint8_t *w;
+    const float *ws, *bias;
+    float *y;
+} packed_job;
+
+/* ws[n, b] * x_scales[b] for the four columns of one stream */
+AVX2 static void packed_scales(const packed_job *j, int n, int blocks, float scale[4][PACKED_MAX_BLOCKS]) {
+    for (int c = 0; c < 4; c++)
+        for (int b = 0; b < blocks; b++) scale[c][b] = j->ws[(size_t)(n + c) * blocks + b] * j->x_scales[b];
+}
+
+AVX2 static void packed_finish(const packed_job *j, int n, int blocks, const float sums[4]) {
+    for (int c = 0; c < 4; c++) {
+        const float *ws = j->ws + (size_t)(n + c) * blocks;
+        j->y[n + c] = sums[c] - zero_point_term(ws, j->offsets, blocks) + (j->bias ? j->bias[n + c] : 0.f);
+    }
+}
+
+AVX2 static void packed_avx2_task(const void *p, int first, int end, int worker) {
+    const packed_job *j = p;
+    const int blocks = j->K / 128;
+    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    float scale[4][PACKED_MAX_BLOCKS];
+    (void)worker;
+    for (int n = first; n < end; n += 4) {
+        const uint8_t *stream = j->w + (size_t)n * (j->K / 2);
+        packed_scales(j, n, blocks, scale);
+        __m256 f[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int b = 0; b < blocks; b++) {
+            const __m256i lo0 = _mm256_load_si256((const __m256i *)(j->x_lo + b * 64)),
+                          lo1 = _mm256_load_si256((const __m256i *)(j->x_lo + b * 64 + 32)),
+                          hi0 = _mm256_load_si256((const __m256i *)(j->x_hi + b * 64)),
+                          hi1 = _mm256_load_si256((const __m256i *)(j->x_hi + b * 64 + 32));
+            for (int c = 0; c < 4; c++) {
+                const uint8_t *block = stream + (size_t)b * 256 + 64 * c;
+                const __m256i r0 = _mm256_load_si256((const __m256i *)block),
+                              r1 = _mm256_load_si256((const __m256i *)(block + 32));
+                /* four u8 x s8 pair sums of at most 2 * 15 * 127 each: 15240 fits int16 */
+                const __m256i s = _mm256_add_epi16(
+                    _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(r0, low4), lo0),
+                                     _mm256_maddubs_epi16(_mm256_and_si256(r1, low4), lo1)),
+                    _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(r0, 4), low4), hi0),
+                                     _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(r1, 4), low4), hi1)));
+                f[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones)), _mm256_set1_ps(scale[c][b]), f[c]);
+            }
+        }
+        const float sums[4] = {hsum(f[0]), hsum(f[1]), hsum(f[2]), hsum(f[3])};
+        packed_finish(j, n, blocks, sums);
+    }
+}
+
+VNNI512 static void packed_vnni_task(const void *p, int first, int end, int worker) {
+    const packed_job *j = p;
+    const int blocks = j->K / 128;
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    float scale[4][PACKED_MAX_BLOCKS];
+    (void)worker;
+    for (int n = first; n < end; n += 4) {
+        const uint8_t *stream = j->w + (size_t)n * (j->K / 2);
+        packed_scales(j, n, blocks, scale);
+        __m512 f[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int b = 0; b < blocks; b++) {
+            const __m512i lo = _mm512_load_si512(j->x_lo + b * 64), hi = _mm512_load_si512(j->x_hi + b * 64);
+            for (int c = 0; c < 4; c++) {
+                const __m512i raw = _mm512_load_si512(stream + (size_t)b * 256 + 64 * c);
+                const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(raw, low4), lo);
+                const __m512i e = _mm512_dpbusd_epi32(d, _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4), hi);
+                f[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(e), _mm512_set1_ps(scale[c][b]), f[c]);
+            }
+        }
+        const float sums[4] = {_mm512_reduce_add_ps(f[0]), _mm512_reduce_add_ps(f[1]), _mm512_reduce_add_ps(f[2]),
+                               _mm512_reduce_add_ps(f[3])};
+        packed_finish(j, n, blocks, sums);
+    }
+}
+
+static int packed_fits(int64_t K, int64_t N) {
+    return K > 0 && K % 128 == 0 && K / 128 <= PACKED_MAX_BLOCKS && N > 0 && N % 4 == 0 && N <= INT_MAX;
+}
+
+/* y = W x + bias on repacked weights, the columns 64 at a time across the team; codes [K] and scales [2 * K/128] are
+ * the quantized activations' room (64-byte aligned). */
+static void packed_linear(team *t, int vnni, const float *x, int K, const uint8_t *w, const float *ws, const float *bias,
+                          float *y, int N, int8_t *codes, float *scales) {
+    quantize_vector(x, K, codes, codes + K / 2, scales, scales + K / 128);
+    const packed_job job = {codes, codes + K / 2, scales, scales + K / 128, K, w, ws, bias, y};
+    team_run(t, vnni ? packed_vnni_task : packed_avx2_task, &job, N, 64);
+}
+
+/* y = W x + bias for one activation row x [K] (fp32, quantized per block of 128 to int8 as MatMulNBits' accuracy
+ * level 4 does) and a matrix sc_repack_int4 laid out, on the team: the GEMV of `path` (0 avx2, 1 avx512vnni). */
+int sc_team_linear(void *handle, int path, const float *x, int K, const uint8_t *w, const float *ws, const float *bias,
+                   float *y, int N) {
+    if (!sc_kernels_supported()) return SC_NO_AVX2;
+    if (path == 1 && !(sc_cpu_features() & SC_CPU_AVX512_VNNI)) return SC_NO_AVX512_VNNI;
+    if (!handle || (path != 0 && path != 1) || !packed_fits(K, N)) return SC_BAD_SHAPE;
+    if (!aligned(x, 4) || !aligned(w, 64) || !aligned(ws, 4) || (bias && !aligned(bias, 4)) || !aligned(y, 4))
+        return SC_MISALIGNED;
+    int8_t *codes = aligned_alloc(64, (size_t)K);
+    float *scales = malloc(sizeof(float) * 2 * ((size_t)K / 128));
+    if (!codes || !scales) return free(codes), free(scales), SC_NO_MEMORY;
+    packed_linear(handle, path, x, K, w, ws, bias, y, N, codes, scales);
+    free(codes), free(scales);
+    return SC_OK;
+}
+
+/* -- a decode step as a program ---------------------------------------------------------------------------------- */
+
+/* appliance/kernels/step_program.py records a decode step once from the model definition (appliance/model) as a list
+ * of instructions over one float arena, and sc_step_run runs it per token: the sequence of the step is the
+ * definition's, C only executes it, with the GEMV, attention and logits on the team. Each instruction is STEP_FIELDS
+ * int64 values: its op, then operands (arena offsets in floats, sizes, and pointers to the engine's own weights and
+ * cache, never to bundle bytes); a float constant is its bit pattern. Every arena range is checked before anything
+ * runs; the pointers are the engine's arrays, which the recorder sized. */
+enum { STEP_COPY, STEP_ADD, STEP_MUL, STEP_LAYER_NORM, STEP_LINEAR, STEP_GELU, STEP_ATTEND, STEP_LOGITS };
+#define STEP_FIELDS 24
+#define STEP_DIMS 4
+
+static float bits_to_float(int64_t v) {
+    const int32_t bits = (int32_t)v;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* whether a view (offset, shape, strides of STEP_DIMS) lies inside the arena; strides >= 0, sizes >= 1 */
+static int view_fits(const int64_t *offset, const int64_t *shape, const int64_t *strides, int64_t arena) {
+    int64_t last = offset[0];
+    if (last < 0) return 0;
+    for (int d = 0; d < STEP_DIMS; d++) {
+        if (shape[d] < 1 || shape[d] > arena || strides[d] < 0 || strides[d] > arena) return 0;
+        last += (shape[d] - 1) * strides[d];
+    }
+    return last < arena;
+}
+
+static int range_fits(int64_t offset, int64_t length, int64_t arena) {
+    return offset >= 0 && length >= 0 && length <= arena && offset <= arena - length;
+}
+
+static int aligned_range(int64_t offset, int64_t length, int64_t arena) {
+    return range_fits(offset, length, arena) && offset % 16 == 0; /* 64-byte loads of the GEMV's codes */
+}
+
+/* one instruction's operands against the arena and the step's shape rules; threads sizes the attention's scratch */
+static int step_instruction_fits(const int64_t *f, int64_t arena, int threads) {
+    switch (f[0]) {
+    case STEP_COPY:
+    case STEP_ADD:
+    case STEP_MUL: /* out, a, b (-1: the constant f[4]), shape f[5..9), strides of out, a, b */
+        return view_fits(f + 1, f + 5, f + 9, arena) && view_fits(f + 2, f + 5, f + 13, arena) &&
+               (f[0] == STEP_COPY || f[3] == -1 || view_fits(f + 3, f + 5, f + 17, arena));
+    case STEP_LAYER_NORM: /* out, in, K, weight, bias, eps */
+        return f[3] > 0 && f[3] % 8 == 0 && range_fits(f[1], f[3], arena) && range_fits(f[2], f[3], arena) && f[4] &&
+               f[5] && bits_to_float(f[6]) > 0;
+    case STEP_LINEAR: /* out, in, K, N, codes (repacked, 64-byte aligned), scales, bias (0: none), scratch */
+        return packed_fits(f[3], f[4]) && range_fits(f[1], f[4], arena) && range_fits(f[2], f[3], arena) &&
+               aligned((const void *)(intptr_t)f[5], 64) && f[6] && aligned_range(f[8], f[3] / 4 + 2 * (f[3] / 128), arena);
+    case STEP_GELU: /* out, in, n */
+        return range_fits(f[1], f[3], arena) && range_fits(f[2], f[3], arena);
+    case STEP_ATTEND: /* out, q, k, v, heads, hd, q/k/v head strides, keys, values, capacity, scale, scratch */
+        return f[5] > 0 && f[5] <= 4096 && f[6] > 0 && f[6] % 8 == 0 && f[6] <= 4096 && f[12] > 0 &&
+               f[12] <= INT_MAX && f[10] && f[11] && range_fits(f[1], f[5] * f[6], arena) &&
+               range_fits(f[2], (f[5] - 1) * f[7] + f[6], arena) && range_fits(f[3], (f[5] - 1) * f[8] + f[6], arena) &&
+               range_fits(f[4], (f[5] - 1) * f[9] + f[6], arena) && f[7] >= f[6] && f[8] >= f[6] && f[9] >= f[6] &&
+               range_fits(f[14], f[5] * f[6] + (int64_t)threads * f[12], arena);
+    case STEP_LOGITS: /* out, in, K, G, bits, N, codes, scales */
+        return (f[5] == 4 || f[5] == 8) && f[3] <= INT_MAX && groups_fit((int)f[3], (int)f[4]) && f[6] >= 0 &&
+               f[6] <= INT_MAX && range_fits(f[1], f[6], arena) && range_fits(f[2], f[3], arena) && f[7] && f[8];
+    default:
+        return 0;
+    }
+}
+
+/* out = a (copy), a + b or a * b elementwise over a 4-dimensional shape, each operand through its own strides */
+static void step_elementwise(const int64_t *f, float *arena) {
+    const int64_t *n = f + 5, *so = f + 9, *sa = f + 13, *sb = f + 17;
+    const float constant = bits_to_float(f[4]);
+    float *out = arena + f[1];
+    const float *a = arena + f[2], *b = f[3] == -1 ? &constant : arena + f[3];
+    const int64_t b3 = f[3] == -1 ? 0 : sb[3];
+    for (int64_t i0 = 0; i0 < n[0]; i0++)
+        for (int64_t i1 = 0; i1 < n[1]; i1++)
+            for (int64_t i2 = 0; i2 < n[2]; i2++) {
+                float *o = out + i0 * so[0] + i1 * so[1] + i2 * so[2];
+                const float *x = a + i0 * sa[0] + i1 * sa[1] + i2 * sa[2];
+                const float *y = f[3] == -1 ? b : b + i0 * sb[0] + i1 * sb[1] + i2 * sb[2];
+                for (int64_t i = 0; i < n[3]; i++) {
+                    const float u = x[i * sa[3]], v = y[i * b3];
+                    o[i * so[3]] = f[0] == STEP_COPY ? u : f[0] == STEP_ADD ? u + v : u * v;
+                }
+            }
+}
+
+static void step_linear(team *t, int vnni, const int64_t *f, float *arena) {
+    float *scratch = arena + f[8];
+    packed_linear(t, vnni, arena + f[2], (int)f[3], (const uint8_t *)(intptr_t)f[5], (const float *)(intptr_t)f[6],
+                  (const float *)(intptr_t)f[7], arena + f[1], (int)f[4], (int8_t *)scratch, scratch + f[3] / 4);
+}
+
+/* this step's key and value into the fp16 cache at position `past`, then the query (scaled) against positions
+ * 0..past */
+static void step_attend(team *t, const int64_t *f, float *arena, int past) {
+    const int heads = (int)f[5], hd = (int)f[6];
+    const long capacity = (long)f[12];
+    float *q = arena + f[14], *scratch = q + (size_t)heads * hd;
+    const float scale = bits_to_float(f[13]);
+    for (int h = 0; h < heads; h++)
+        for (int d = 0; d < hd; d++) q[h * hd + d] = arena[f[2] + h * f[7] + d] * scale;
+    uint16_t *keys = (uint16_t *)(intptr_t)f[10], *values = (uint16_t *)(intptr_t)f[11];
+    heads_to_fp16(arena + f[3], 1, heads, hd, 0, (long)f[8], keys + (size_t)past * hd, capacity * hd, 0);
+    heads_to_fp16(arena + f[4], 1, heads, hd, 0, (long)f[9], values + (size_t)past * hd, capacity * hd, 0);
+    const attend_job job = {q, hd, past + 1, keys, values, capacity * hd, capacity, scratch, arena + f[1]};
+    team_run(t, attend_task, &job, heads, 1);
+}
+
+/* Run `count` instructions of STEP_FIELDS on the arena for the token after `past` cached positions; path 0 avx2,
+ * 1 avx512vnni for the GEMV. Nothing runs unless every instruction fits. */
+int sc_step_run(void *handle, int path, const int64_t *code, int count, float *arena, int64_t arena_floats, int past) {
+    if (!sc_kernels_supported()) return SC_NO_AVX2;
+    if (path == 1 && !(sc_cpu_features() & SC_CPU_AVX512_VNNI)) return SC_NO_AVX512_VNNI;
+    team *t = handle;
+    if (!t || (path != 0 && path != 1) || count < 0 || past < 0 || arena_floats < 0) return SC_BAD_SHAPE;
+    if (!code || !aligned(arena, 64)) return SC_MISALIGNED;
+    for (int i = 0; i < count; i++) {
+        const int64_t *f = code + (size_t)i * STEP_FIELDS;
+        if (!step_instruction_fits(f, arena_floats, t->threads) || (f[0] == STEP_ATTEND && past >= f[12]))
+            return SC_BAD_SHAPE;
+    }
+    for (int i = 0; i < count; i++) {
+        const int64_t *f = code + (size_t)i * STEP_FIELDS;
+        switch (f[0]) {
+        case STEP_LAYER_NORM:
+            layer_norm(arena + f[2], 1, (int)f[3], (const float *)(intptr_t)f[4], (const float *)(intptr_t)f[5],
+                       bits_to_float(f[6]), arena + f[1]);
+            break;
+        case STEP_LINEAR:
+            step_linear(t, path, f, arena);
+            break;
+        case STEP_GELU:
+            memmove(arena + f[1], arena + f[2], sizeof(float) * (size_t)f[3]);
+            gelu(arena + f[1], (size_t)f[3]);
+            break;
+        case STEP_ATTEND:
+            step_attend(t, f, arena, past);
+            break;
+        case STEP_LOGITS: {
+            const logits_job job = {arena + f[2], (int)f[3], (int)f[4], (int)f[5], (const uint8_t *)(intptr_t)f[7],
+                                    (const float *)(intptr_t)f[8], arena + f[1]};
+            team_run(t, logits_task, &job, (int)f[6], 64);
+            break;
+        }
+        default:
+            step_elementwise(f, arena);
+        }
+    }
     return SC_OK;
 }
 
