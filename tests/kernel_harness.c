@@ -241,23 +241,42 @@ static void run_path(const char *path, gemm_fn gemm, int nr, int gemv) {
 
 /* A recorded step of every operation on an arena of exactly its size, on a team of 3: LayerNorm, the GEMV on
  * repacked weights (against the reference), GELU, a broadcast multiply and add, attention at position 2 of a 5-position
- * fp16 cache, the logits; then a program with one offset past the arena, refused before anything runs. */
+ * fp16 cache, the logits of a 4-bit table (fp32) and of an 8-bit one (int8 activations, against their reference); a
+ * full cache, and a program with one offset past the arena, are refused before anything runs. */
 static int64_t bits_of(float f) {
     int32_t b;
     memcpy(&b, &f, 4);
     return b;
 }
 
+/* y[n] = sum over groups of ws * s * sum((code - 128) * q), q = rint(x / s), s = max|x| / 127: the 8-bit logits */
+static void logits8_reference(const float *x, int K, int G, const uint8_t *w, const float *ws, int N, double *y,
+                              double *bound) {
+    for (int n = 0; n < N; n++) {
+        y[n] = bound[n] = 0;
+        for (int b = 0; b < K / G; b++) {
+            float top = 0;
+            for (int i = 0; i < G; i++) top = fmaxf(top, fabsf(x[b * G + i]));
+            const float s = top / 127.f, inv = s > 0 ? 1.f / s : 0.f;
+            long dot = 0;
+            for (int i = 0; i < G; i++) dot += (long)(w[(size_t)n * K + b * G + i] - 128) * lrintf(x[b * G + i] * inv);
+            y[n] += (double)ws[n * (K / G) + b] * s * dot;
+            bound[n] += fabs((double)ws[n * (K / G) + b] * s) * 128 * 127 * G;
+        }
+    }
+}
+
 static void step_case(const char *path, int path_number) {
     enum { K = 256, N = 48, HEADS = 2, HD = 8, CAP = 5, VOCAB = 10 };
     /* arena (floats): x 0, normed 256, y 512 (N), up 576 (N), scaled 640 (N), q.k.v 704 (N = heads x 3 x hd),
-     * attended 768 (16), logits 784 (10), linear scratch 800 (64 + 32 + 4), attention scratch 912 (16 + 3 x 5) */
-    const int64_t arena_floats = 944;
+     * attended 768 (16), logits 784 (10), linear scratch 800 (64 + 4), attention scratch 880 (16 + 3 x 5),
+     * 8-bit logits 912 (10) */
+    const int64_t arena_floats = 922;
     float *arena = exactly(sizeof(float) * arena_floats, 64), *gain = exactly(sizeof(float) * K, 4);
     float *shift = exactly(sizeof(float) * K, 4), *ws = exactly(sizeof(float) * N * 2, 4);
     float *head_scales = exactly(sizeof(float) * VOCAB * 2, 4);
     uint8_t *w = exactly((size_t)N * K / 2, 1), *packed = exactly((size_t)N * K / 2, 64);
-    uint8_t *head = exactly((size_t)VOCAB * K / 2, 1); /* a 4-bit lm_head over the normed row, groups of 128 */
+    uint8_t *head = exactly((size_t)VOCAB * K / 2, 1), *head8 = exactly((size_t)VOCAB * K, 1);
     uint16_t *keys = exactly(sizeof(uint16_t) * HEADS * CAP * HD, 2), *values = exactly(sizeof(uint16_t) * HEADS * CAP * HD, 2);
     double want[N], bound[N];
     for (int i = 0; i < arena_floats; i++) arena[i] = 0;
@@ -265,6 +284,7 @@ static void step_case(const char *path, int path_number) {
     for (int i = 0; i < N * K / 2; i++) w[i] = (uint8_t)next();
     for (int i = 0; i < N * 2; i++) ws[i] = 0.01f + 0.01f * uniform();
     for (int i = 0; i < VOCAB * K / 2; i++) head[i] = (uint8_t)next();
+    for (int i = 0; i < VOCAB * K; i++) head8[i] = (uint8_t)next();
     for (int i = 0; i < VOCAB * 2; i++) head_scales[i] = 0.1f;
     for (int i = 0; i < HEADS * CAP * HD; i++) keys[i] = values[i] = half(uniform());
     char what[64];
@@ -277,25 +297,31 @@ static void step_case(const char *path, int path_number) {
         {2, 640, 576, -1, bits_of(0.5f), 1, 1, 1, N, 0, 0, 0, 1, 0, 0, 0, 1},
         {1, 704, 640, 512, 0, 1, 1, 1, N, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1},
         {6, 768, 704, 712, 720, HEADS, HD, 3 * HD, 3 * HD, 3 * HD, (intptr_t)keys, (intptr_t)values, CAP,
-         bits_of(0.35f), 912},
-        {7, 784, 256, K, 128, 4, VOCAB, (intptr_t)head, (intptr_t)head_scales},
+         bits_of(0.35f), 880},
+        {7, 784, 256, K, 128, 4, VOCAB, (intptr_t)head, (intptr_t)head_scales, 800},
+        {7, 912, 256, K, 128, 8, VOCAB, (intptr_t)head8, (intptr_t)head_scales, 800},
     };
     void *team = sc_team_create(3);
     EXPECT(team != NULL, "%s: no team", what);
-    const int ran = sc_step_run(team, path_number, &code[0][0], 7, arena, arena_floats, 2);
-    const int full = sc_step_run(team, path_number, &code[0][0], 7, arena, arena_floats, CAP);
+    const int ran = sc_step_run(team, path_number, &code[0][0], 8, arena, arena_floats, 2);
+    const int full = sc_step_run(team, path_number, &code[0][0], 8, arena, arena_floats, CAP);
     code[6][1] = arena_floats - VOCAB + 1; /* the logits one float past the arena */
     for (int i = 0; i < VOCAB; i++) arena[784 + i] = -1;
-    const int past_end = sc_step_run(team, path_number, &code[0][0], 7, arena, arena_floats, 2);
+    const int past_end = sc_step_run(team, path_number, &code[0][0], 8, arena, arena_floats, 2);
     sc_team_destroy(team);
     EXPECT(ran == 0 && full == 1 && past_end == 1, "%s: ran %d, full cache %d, past the arena %d", what, ran, full,
            past_end);
     EXPECT(arena[784] == -1, "%s: a refused program ran", what);
     reference(arena + 256, 1, K, 128, w, ws, N, want, bound);
     compare(what, arena + 512, want, bound, 1, N, N);
-    for (int i = 0; i < 784; i++) EXPECT(isfinite(arena[i]), "%s: arena[%d] is not finite", what, i);
-    free(arena), free(gain), free(shift), free(ws), free(head_scales), free(w), free(packed), free(head), free(keys),
-        free(values);
+    logits8_reference(arena + 256, K, 128, head8, head_scales, VOCAB, want, bound);
+    for (int n = 0; n < VOCAB; n++)
+        EXPECT(fabs(arena[912 + n] - want[n]) <= 1e-6 * bound[n] + 1e-5, "%s: 8-bit logit %d: %.7g, want %.7g", what, n,
+               arena[912 + n], want[n]);
+    for (int i = 0; i < arena_floats; i++) /* every value but the scratch's (int8 codes read as floats) */
+        EXPECT(isfinite(arena[i]) || (i >= 800 && i < 912), "%s: arena[%d] is not finite", what, i);
+    free(arena), free(gain), free(shift), free(ws), free(head_scales), free(w), free(packed), free(head), free(head8),
+        free(keys), free(values);
 }
 
 int main(void) {

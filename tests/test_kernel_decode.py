@@ -17,7 +17,7 @@ from appliance.errors import EngineError
 from appliance.kernels import native
 from appliance.kernels.decode_kernels import DecodeKernels
 from appliance.kernels.prompt_kernels import Int4Weight, load
-from appliance.kernels.step_program import FIELDS, PackedLinear, StepProgram, StepRecorder
+from appliance.kernels.step_program import FIELDS, Head, PackedLinear, StepProgram, StepRecorder
 from appliance.model.quantize import quantize_blockwise
 from appliance.positions import layout_of
 from model_export.export import export_bundle
@@ -77,6 +77,55 @@ def test_the_repacked_gemv_is_exact_on_integers(kernel, threads):
     gemv = _packed_gemv(kernel, threads)
     for row in range(len(x)):
         np.testing.assert_array_equal(gemv(x[row], weight), want[row])
+
+
+class _OneHead:
+    """The weights of a recording that computes the logits of its input."""
+
+    def __init__(self, head: Head) -> None:
+        self.table = head
+
+    def head(self) -> Head:
+        return self.table
+
+
+def _step_logits(kernel: str, x: np.ndarray, head: Head) -> np.ndarray:
+    recorder = StepRecorder(SimpleNamespace(hidden_size=x.size), _OneHead(head), 2)
+    program = StepProgram(recorder, recorder.lm_head(recorder.embed(None)))
+    program.inputs["embedding"][0] = x
+    DecodeKernels(load(), 2, kernel).run(program, 0)
+    return program.output.copy()
+
+
+@needs_kernel
+@pytest.mark.parametrize("kernel", PATHS)
+@pytest.mark.parametrize("group", [32, 128, 256])
+def test_the_steps_8_bit_logits_match_the_int8_activation_arithmetic(kernel, group):
+    """An 8-bit lm_head meets the row quantized to int8 per group, as the graph's accuracy level 4 computes it."""
+    rng = np.random.default_rng(group)
+    q = quantize_blockwise(rng.standard_normal((150, 1024)).astype(np.float32), 8, group)
+    x = rng.standard_normal(1024).astype(np.float32) * 3
+    got = _step_logits(kernel, x, Head(q.packed, q.scales, 8, group))
+    groups = x.reshape(-1, group)
+    scale = np.abs(groups).max(-1) / np.float32(127)
+    codes = np.rint(groups * (np.float32(1) / scale)[:, None]).astype(np.int64)
+    dots = np.einsum("bg,nbg->nb", codes, q.packed.astype(np.int64) - 128)
+    want = np.einsum("nb,b,nb->n", dots.astype(np.float64), scale, q.scales)
+    magnitudes = np.einsum("bg,nbg->n", np.abs(codes) * scale[:, None], np.abs(q.packed.astype(np.float64) - 128)
+                           * q.scales[..., None])
+    assert (np.abs(got - want) <= 2e-6 * magnitudes + 1e-5).all()
+    exact = q.dequantize() @ x  # and within the activations' rounding of the exact product
+    assert np.linalg.norm(got - exact) / np.linalg.norm(exact) < 0.01
+
+
+@needs_kernel
+@pytest.mark.parametrize("kernel", PATHS)
+def test_the_steps_4_bit_logits_are_fp32_products(kernel):
+    rng = np.random.default_rng(4)
+    q = quantize_blockwise(rng.standard_normal((70, 512)).astype(np.float32), 4, 128)
+    x = rng.standard_normal(512).astype(np.float32)
+    got = _step_logits(kernel, x, Head(q.packed, q.scales, 4, 128))
+    np.testing.assert_allclose(got, q.dequantize().astype(np.float64) @ x, rtol=1e-5, atol=1e-4)
 
 
 @needs_kernel

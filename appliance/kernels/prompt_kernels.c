@@ -387,28 +387,33 @@ int sc_int4_gemm_avx512vnni(const int8_t *xq, const float *xs, const float *xo, 
     return refused;
 }
 
-/* -- decode GEMV ------------------------------------------------------------------------------------------------ */
+/* -- one activation row quantized for a decode step ------------------------------------------------------------- */
 
-/* The shapes both GEMV paths take: K in 128-code chunks (one 64-byte load of a column), and blocks that a chunk
- * either splits evenly (32, 64) or lies inside (multiples of 128). */
-/* x [K] (a multiple of 128) -> x_lo/x_hi [K/2] int8: the codes that meet a weight byte's low and high nibble (x[2j],
- * x[2j+1]); per block of 128: scales (max|x| / 127) and offsets (8 * scale * sum(codes), the zero point's share). */
-AVX2 static void quantize_vector(const float *x, int K, int8_t *x_lo, int8_t *x_hi, float *scales, float *offsets) {
+/* x [K] -> int8 codes per block of G (a multiple of 8), scales (max|x| / 127) and offsets (zero * scale * sum(codes),
+ * the share of a code's zero point) per block. With x_hi, the codes are split for INT4 bytes: x_lo [K/2] meets each
+ * byte's low nibble (x[2j]), x_hi its high one (x[2j+1]); without, x_lo [K] holds them in order (8-bit codes). */
+AVX2 static void quantize_vector(const float *x, int K, int G, float zero, int8_t *x_lo, int8_t *x_hi, float *scales,
+                                 float *offsets) {
     const __m128i split = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
-    for (int b = 0; b < K / 128; b++) {
-        const float *src = x + (size_t)b * 128;
-        const float scale = block_scale(src, 128);
+    for (int b = 0; b < K / G; b++) {
+        const float *src = x + (size_t)b * G;
+        const float scale = block_scale(src, G);
         const __m256 inv = _mm256_set1_ps(scale > 0 ? 1.f / scale : 0.f);
         __m256i sum = _mm256_setzero_si256();
-        for (int i = 0; i < 128; i += 8) {
-            const __m128i q = _mm_shuffle_epi8(quantize8(src + i, inv, &sum), split);
-            const size_t at = ((size_t)b * 128 + i) / 2;
-            const int32_t even = _mm_cvtsi128_si32(q), odd = _mm_extract_epi32(q, 1);
-            memcpy(x_lo + at, &even, 4);
-            memcpy(x_hi + at, &odd, 4);
+        for (int i = 0; i < G; i += 8) {
+            const __m128i q = quantize8(src + i, inv, &sum);
+            const size_t at = (size_t)b * G + i;
+            if (x_hi) {
+                const __m128i halves = _mm_shuffle_epi8(q, split);
+                const int32_t even = _mm_cvtsi128_si32(halves), odd = _mm_extract_epi32(halves, 1);
+                memcpy(x_lo + at / 2, &even, 4);
+                memcpy(x_hi + at / 2, &odd, 4);
+            } else {
+                _mm_storel_epi64((__m128i *)(x_lo + at), q);
+            }
         }
         scales[b] = scale;
-        offsets[b] = 8.f * scale * (float)hsum8(sum);
+        offsets[b] = zero * scale * (float)hsum8(sum);
     }
 }
 
@@ -511,7 +516,7 @@ int sc_layer_norm(const float *x, int rows, int K, const float *weight, const fl
     return SC_OK;
 }
 
-/* -- keys and values into an fp16 cache ------------------------------------------------------------------------ */
+/* -- keys and values into an fp16 cache ------------------------------------------------------------------------- */
 
 /* dst[h * dst_head + r * dst_row + d] = fp16(src[r * src_row + h * src_head + d]) for rows x heads x hd (a multiple of
  * 8), strides in elements: a prompt's keys or values [rows, heads, hd] (a view inside the QKV projection) into the
@@ -580,7 +585,7 @@ int sc_gelu(float *x, size_t n) {
     return SC_OK;
 }
 
-/* -- a decode step's attention over the fp16 cache ---------------------------------------------------------------- */
+/* -- a decode step's attention over the fp16 cache -------------------------------------------------------------- */
 
 /* q . k for one query row (fp32) and one cached key (fp16), hd a multiple of 8 */
 AVX2 static inline float dot_fp16(const float *q, const uint16_t *k, int hd) {
@@ -901,6 +906,62 @@ VNNI512 static void packed_vnni_task(const void *p, int first, int end, int work
     }
 }
 
+/* -- the decode step's logits: an 8-bit table against int8 activations ------------------------------------------ */
+
+/* y[n] = sum over blocks of ws[n][b] * xs[b] * sum((code - 128) * xq) for an 8-bit MatMulNBits table (codes
+ * [N][K], groups of G) and one row quantized per group (xq in order, offsets[b] = 128 * xs[b] * sum(xq)): the logits
+ * as the graph's accuracy level 4 computes them. The fp32 products of nbits_gemv kept the table's stream at 29 GB/s
+ * against the GEMV's 36 on the AVX-512 machine (docs/performance.md); these are one instruction per 32 codes. */
+typedef struct {
+    const int8_t *xq;
+    const float *xs, *offsets;
+    int K, G;
+    const uint8_t *w;
+    const float *ws;
+    float *y;
+} logits8_job;
+
+/* AVX2 has no u8 x s8 product that cannot saturate at 255 x 127, so both sides are widened to int16 first. */
+AVX2 static void logits8_avx2_task(const void *p, int first, int end, int worker) {
+    const logits8_job *j = p;
+    const int blocks = j->K / j->G;
+    (void)worker;
+    for (int n = first; n < end; n++) {
+        const uint8_t *row = j->w + (size_t)n * j->K;
+        const float *row_scales = j->ws + (size_t)n * blocks;
+        __m256 total = _mm256_setzero_ps();
+        for (int b = 0; b < blocks; b++) {
+            __m256i acc = _mm256_setzero_si256();
+            for (int k = b * j->G; k < (b + 1) * j->G; k += 16) {
+                const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(row + k)));
+                const __m256i x = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(j->xq + k)));
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(c, x));
+            }
+            total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(row_scales[b] * j->xs[b]), total);
+        }
+        j->y[n] = hsum(total) - zero_point_term(row_scales, j->offsets, blocks);
+    }
+}
+
+VNNI512 static void logits8_vnni_task(const void *p, int first, int end, int worker) {
+    const logits8_job *j = p;
+    const int blocks = j->K / j->G;
+    (void)worker;
+    for (int n = first; n < end; n++) {
+        const uint8_t *row = j->w + (size_t)n * j->K;
+        const float *row_scales = j->ws + (size_t)n * blocks;
+        __m256 total = _mm256_setzero_ps();
+        for (int b = 0; b < blocks; b++) {
+            __m256i acc = _mm256_setzero_si256();
+            for (int k = b * j->G; k < (b + 1) * j->G; k += 32)
+                acc = _mm256_dpbusd_epi32(acc, _mm256_loadu_si256((const __m256i *)(row + k)),
+                                          _mm256_loadu_si256((const __m256i *)(j->xq + k)));
+            total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(row_scales[b] * j->xs[b]), total);
+        }
+        j->y[n] = hsum(total) - zero_point_term(row_scales, j->offsets, blocks);
+    }
+}
+
 static int packed_fits(int64_t K, int64_t N) {
     return K > 0 && K % 128 == 0 && K / 128 <= PACKED_MAX_BLOCKS && N > 0 && N % 4 == 0 && N <= INT_MAX;
 }
@@ -909,7 +970,7 @@ static int packed_fits(int64_t K, int64_t N) {
  * the quantized activations' room (64-byte aligned). */
 static void packed_linear(team *t, int vnni, const float *x, int K, const uint8_t *w, const float *ws, const float *bias,
                           float *y, int N, int8_t *codes, float *scales) {
-    quantize_vector(x, K, codes, codes + K / 2, scales, scales + K / 128);
+    quantize_vector(x, K, 128, 8.f, codes, codes + K / 2, scales, scales + K / 128);
     const packed_job job = {codes, codes + K / 2, scales, scales + K / 128, K, w, ws, bias, y};
     team_run(t, vnni ? packed_vnni_task : packed_avx2_task, &job, N, 64);
 }
@@ -931,7 +992,7 @@ int sc_team_linear(void *handle, int path, const float *x, int K, const uint8_t 
     return SC_OK;
 }
 
-/* -- a decode step as a program ---------------------------------------------------------------------------------- */
+/* -- a decode step as a program --------------------------------------------------------------------------------- */
 
 /* appliance/kernels/step_program.py records a decode step once from the model definition (appliance/model) as a list
  * of instructions over one float arena, and sc_step_run runs it per token: the sequence of the step is the
@@ -991,9 +1052,10 @@ static int step_instruction_fits(const int64_t *f, int64_t arena, int threads) {
                range_fits(f[2], (f[5] - 1) * f[7] + f[6], arena) && range_fits(f[3], (f[5] - 1) * f[8] + f[6], arena) &&
                range_fits(f[4], (f[5] - 1) * f[9] + f[6], arena) && f[7] >= f[6] && f[8] >= f[6] && f[9] >= f[6] &&
                range_fits(f[14], f[5] * f[6] + (int64_t)threads * f[12], arena);
-    case STEP_LOGITS: /* out, in, K, G, bits, N, codes, scales */
-        return (f[5] == 4 || f[5] == 8) && f[3] <= INT_MAX && groups_fit((int)f[3], (int)f[4]) && f[6] >= 0 &&
-               f[6] <= INT_MAX && range_fits(f[1], f[6], arena) && range_fits(f[2], f[3], arena) && f[7] && f[8];
+    case STEP_LOGITS: /* out, in, K, G, bits, N, codes, scales, scratch (8 bits: the row's int8 codes and scales) */
+        return (f[5] == 4 || f[5] == 8) && f[3] <= INT_MAX && f[4] <= INT_MAX && groups_fit((int)f[3], (int)f[4]) &&
+               f[6] >= 0 && f[6] <= INT_MAX && range_fits(f[1], f[6], arena) && range_fits(f[2], f[3], arena) && f[7] &&
+               f[8] && aligned_range(f[9], f[3] / 4 + 2 * (f[3] / f[4]), arena);
     default:
         return 0;
     }
@@ -1023,6 +1085,23 @@ static void step_linear(team *t, int vnni, const int64_t *f, float *arena) {
     float *scratch = arena + f[8];
     packed_linear(t, vnni, arena + f[2], (int)f[3], (const uint8_t *)(intptr_t)f[5], (const float *)(intptr_t)f[6],
                   (const float *)(intptr_t)f[7], arena + f[1], (int)f[4], (int8_t *)scratch, scratch + f[3] / 4);
+}
+
+/* the logits: an 8-bit table against the row quantized to int8 (logits8_*), a 4-bit one in fp32 (nbits_gemv) */
+static void step_logits(team *t, int vnni, const int64_t *f, float *arena) {
+    const int K = (int)f[3], G = (int)f[4];
+    const uint8_t *w = (const uint8_t *)(intptr_t)f[7];
+    const float *ws = (const float *)(intptr_t)f[8];
+    if (f[5] == 8) {
+        int8_t *xq = (int8_t *)(arena + f[9]);
+        float *xs = arena + f[9] + K / 4;
+        quantize_vector(arena + f[2], K, G, 128.f, xq, NULL, xs, xs + K / G);
+        const logits8_job job = {xq, xs, xs + K / G, K, G, w, ws, arena + f[1]};
+        team_run(t, vnni ? logits8_vnni_task : logits8_avx2_task, &job, (int)f[6], 64);
+    } else {
+        const logits_job job = {arena + f[2], K, G, 4, w, ws, arena + f[1]};
+        team_run(t, logits_task, &job, (int)f[6], 64);
+    }
 }
 
 /* this step's key and value into the fp16 cache at position `past`, then the query (scaled) against positions
@@ -1071,12 +1150,9 @@ int sc_step_run(void *handle, int path, const int64_t *code, int count, float *a
         case STEP_ATTEND:
             step_attend(t, f, arena, past);
             break;
-        case STEP_LOGITS: {
-            const logits_job job = {arena + f[2], (int)f[3], (int)f[4], (int)f[5], (const uint8_t *)(intptr_t)f[7],
-                                    (const float *)(intptr_t)f[8], arena + f[1]};
-            team_run(t, logits_task, &job, (int)f[6], 64);
+        case STEP_LOGITS:
+            step_logits(t, path, f, arena);
             break;
-        }
         default:
             step_elementwise(f, arena);
         }

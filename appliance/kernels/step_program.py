@@ -244,8 +244,9 @@ class StepRecorder:
         head = self.weights.head()
         x = self._contiguous(x, "logits")
         logits = self._new((len(head.codes),))
+        scratch = self._grow_scratch(LINEAR, x.size // 4 + 2 * (x.size // head.group))  # int8 codes, scales, offsets
         self._emit(LOGITS, Place(logits.buffer), Place(x.buffer, x.offset), x.size, head.group, head.bits,
-                   len(head.codes), head.codes.ctypes.data, head.scales.ctypes.data)
+                   len(head.codes), head.codes.ctypes.data, head.scales.ctypes.data, scratch)
         return logits
 
     # -- elementwise -----------------------------------------------------------------------------------------------
