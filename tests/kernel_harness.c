@@ -28,7 +28,7 @@ void *sc_team_create(int threads);
 void sc_team_destroy(void *team);
 int sc_team_linear(void *team, int path, const float *x, int K, const uint8_t *w, const float *ws, const float *bias,
                    float *y, int N);
-int sc_team_attend(void *team, const float *q, int heads, int hd, const uint16_t *k, const uint16_t *v,
+int sc_team_attend(void *team, int path, const float *q, int heads, int hd, const uint16_t *k, const uint16_t *v,
                    long head_stride, int T, float *scratch, long scratch_stride, float *out);
 int sc_team_logits(void *team, const float *x, int K, int G, int bits, const uint8_t *w, const float *ws, float *y,
                    int N);
@@ -193,17 +193,18 @@ static void logits_case(int bits, int K, int G, int N) {
     free(x), free(ws), free(y), free(w);
 }
 
-/* One query row of 3 heads x 40 against 11 of a 12-position fp16 cache on a team of 2, against a double
- * softmax(q . K) V; the scratch exactly 11 scores per thread, the cache's last row never read. */
-__attribute__((target("f16c"))) static void attention_case(void) {
-    const int heads = 3, hd = 40, cap = 12, T = 11;
+/* One query row of 3 heads x hd against 11 of a 12-position fp16 cache on a team of 2 (path 0 avx2, 1 avx512vnni,
+ * whose values are summed 16 columns to a vector when hd is a multiple of 16), against a double softmax(q . K) V; the
+ * scratch exactly 11 scores per thread, the cache's last row never read. */
+__attribute__((target("f16c"))) static void attention_case(int path, int hd) {
+    const int heads = 3, cap = 12, T = 11;
     float *q = exactly(sizeof(float) * heads * hd, 4), *out = exactly(sizeof(float) * heads * hd, 4);
     float *scratch = exactly(sizeof(float) * 2 * T, 4); /* a row of T scores per thread */
     uint16_t *k = exactly(sizeof(uint16_t) * heads * cap * hd, 2), *v = exactly(sizeof(uint16_t) * heads * cap * hd, 2);
     for (int i = 0; i < heads * hd; i++) q[i] = uniform();
     for (int i = 0; i < heads * cap * hd; i++) k[i] = half(uniform()), v[i] = half(uniform());
     void *team = sc_team_create(2);
-    int bad = team == NULL || sc_team_attend(team, q, heads, hd, k, v, cap * hd, T, scratch, T, out) != 0;
+    int bad = team == NULL || sc_team_attend(team, path, q, heads, hd, k, v, cap * hd, T, scratch, T, out) != 0;
     for (int h = 0; h < heads && !bad; h++) {
         double s[11], top = -1e300, total = 0;
         for (int j = 0; j < T; j++) {
@@ -218,11 +219,11 @@ __attribute__((target("f16c"))) static void attention_case(void) {
             bad |= fabs(out[h * hd + d] - want) > 1e-5;
         }
     }
-    bad |= sc_team_attend(team, q, heads, hd, k, v, T * hd - 8, T, scratch, T, out) != 1; /* heads overlapping */
-    bad |= sc_team_attend(team, q, heads, 36, k, v, cap * hd, T, scratch, T, out) != 1;
-    bad |= sc_team_attend(team, q, heads, hd, k, v, cap * hd, T, scratch, T - 1, out) != 1; /* scratch too short */
+    bad |= sc_team_attend(team, path, q, heads, hd, k, v, T * hd - 8, T, scratch, T, out) != 1; /* heads overlapping */
+    bad |= sc_team_attend(team, path, q, heads, 36, k, v, cap * hd, T, scratch, T, out) != 1;
+    bad |= sc_team_attend(team, path, q, heads, hd, k, v, cap * hd, T, scratch, T - 1, out) != 1; /* scratch too short */
     sc_team_destroy(team);
-    if (bad) { puts("attention: wrong"); failures++; }
+    if (bad) { printf("attention, path %d, heads of %d: wrong\n", path, hd); failures++; }
     free(q), free(out), free(scratch), free(k), free(v);
 }
 
@@ -368,7 +369,9 @@ int main(void) {
         float v[13];
         for (int i = 0; i < 13; i++) v[i] = (float)(i - 6);
         if (sc_gelu(v, 13) || fabsf(v[7] - 0.8412f) > 1e-4f || v[6] != 0.f) { puts("gelu: wrong"); failures++; }
-        attention_case();
+        attention_case(0, 40);
+        attention_case(0, 48);
+        if (features & 2) attention_case(1, 48), attention_case(1, 144); /* one pass of 3 vectors, then 8 and 1 */
         step_case("avx2", 0);
         if (features & 2) step_case("avx512vnni", 1);
         printf("decode step: %s\n", failures ? "FAILED" : "ok");

@@ -390,16 +390,18 @@ def _attention_case(heads: int, hd: int, capacity: int, seed: int) -> tuple[np.n
 
 
 @needs_kernel
-@pytest.mark.parametrize("heads, hd, length", [(32, 128, 129), (3, 40, 7), (2, 8, 1), (4, 64, 2048)])
-def test_decode_attention_over_the_fp16_cache_matches_softmax_attention(heads, hd, length):
+@pytest.mark.parametrize("kernel", PATHS)
+@pytest.mark.parametrize("heads, hd, length", [(32, 128, 129), (3, 40, 7), (2, 8, 1), (4, 64, 2048), (2, 144, 9)])
+def test_decode_attention_over_the_fp16_cache_matches_softmax_attention(kernel, heads, hd, length):
     """One query row per head against the first ``length`` cached positions, read as fp16 in place (head stride the
     cache's capacity), the heads taken by whichever of the team's threads is free: softmax(q . K) V within float
-    rounding of a float64 reference."""
+    rounding of a float64 reference (avx512vnni sums the values 16 columns to a vector where the head's width is a
+    multiple of 16: 128 and 144, one pass and two)."""
     q, keys, values = _attention_case(heads, hd, length + 5, seed=hd + length)
     scores = np.einsum("hd,htd->ht", q.astype(np.float64), keys[:, :length].astype(np.float64))
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     want = np.einsum("ht,htd->hd", weights / weights.sum(-1, keepdims=True), values[:, :length].astype(np.float64))
-    out = DecodeKernels(load(), 2).attend(q, keys, values, length)
+    out = DecodeKernels(load(), 2, kernel).attend(q, keys, values, length)
     np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-6)
 
 
@@ -409,11 +411,11 @@ def test_decode_attention_refuses_what_it_cannot_read():
     decode = DecodeKernels(load(), 2)
     lib, team, out, scratch = decode.lib, decode.team, np.full((2, 16), 7.0, np.float32), np.empty(8, np.float32)
 
-    def call(heads=2, hd=16, stride=64, length=4, per_thread=4, q_at=q.ctypes.data):
-        return lib.sc_team_attend(team, q_at, heads, hd, keys.ctypes.data, values.ctypes.data, stride, length,
+    def call(heads=2, hd=16, stride=64, length=4, per_thread=4, q_at=q.ctypes.data, path=0):
+        return lib.sc_team_attend(team, path, q_at, heads, hd, keys.ctypes.data, values.ctypes.data, stride, length,
                                   scratch.ctypes.data, per_thread, out.ctypes.data)
 
-    for bad in ({"hd": 12}, {"length": 0}, {"stride": 48}, {"heads": -1}, {"per_thread": 3}):
+    for bad in ({"hd": 12}, {"length": 0}, {"stride": 48}, {"heads": -1}, {"per_thread": 3}, {"path": 2}):
         assert call(**bad) == native.BAD_SHAPE, bad
     assert call(q_at=q.ctypes.data + 2) == native.MISALIGNED
     assert (out == 7.0).all()

@@ -74,7 +74,8 @@ class DecodeKernels:
         with self.turn:
             if self.scratch.size < self.threads * length:
                 self.scratch = np.empty(self.threads * keys.shape[1], np.float32)
-            code = self.lib.sc_team_attend(self.team, queries.ctypes.data, heads, hd, keys.ctypes.data,
+            code = self.lib.sc_team_attend(self.team, PATH_NUMBERS[self.kernel], queries.ctypes.data, heads, hd,
+                                           keys.ctypes.data,
                                            values.ctypes.data, keys.strides[0] // 2, length, self.scratch.ctypes.data,
                                            self.scratch.size // self.threads, out.ctypes.data)
         check(code, "sc_team_attend")

@@ -35,7 +35,7 @@ _SIGNATURES = {
     "sc_gelu": [_P, ctypes.c_size_t],
     "sc_team_threads": [_P],
     "sc_team_linear": [_P, _I, _P, _I, _P, _P, _P, _P, _I],
-    "sc_team_attend": [_P, _P, _I, _I, _P, _P, ctypes.c_long, _I, _P, ctypes.c_long, _P],
+    "sc_team_attend": [_P, _I, _P, _I, _I, _P, _P, ctypes.c_long, _I, _P, ctypes.c_long, _P],
     "sc_team_logits": [_P, _P, _I, _I, _I, _P, _P, _P, _I],
     "sc_repack_int4": [_P, _I, _I, _P],
     "sc_step_run": [_P, _I, _P, _I, _P, ctypes.c_int64, _I],

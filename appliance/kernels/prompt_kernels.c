@@ -611,11 +611,29 @@ AVX2 static inline void weighted_rows(const float *p, const uint16_t *v, int hd,
     for (int i = 0; i < width; i++) _mm256_storeu_ps(out + d0 + 8 * i, acc[i]);
 }
 
+/* The same sum with 16-wide vectors, 128 columns per pass over v: for a head of 128 one pass over the values, which
+ * the AVX2 loop's four passes made the slower half of a long context's attention (docs/performance.md). */
+VNNI512 static void weighted_rows512(const float *p, const uint16_t *v, int hd, int T, float *out) {
+    for (int d0 = 0; d0 < hd; d0 += 128) {
+        const int width = (hd - d0 >= 128 ? 128 : hd - d0) / 16;
+        __m512 acc[8];
+        for (int i = 0; i < 8; i++) acc[i] = _mm512_setzero_ps();
+        for (int j = 0; j < T; j++) {
+            const __m512 pj = _mm512_set1_ps(p[j]);
+            const uint16_t *row = v + (size_t)j * hd + d0;
+            for (int i = 0; i < 8; i++)
+                if (i < width)
+                    acc[i] = _mm512_fmadd_ps(pj, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + 16 * i))), acc[i]);
+        }
+        for (int i = 0; i < width; i++) _mm512_storeu_ps(out + d0 + 16 * i, acc[i]);
+    }
+}
+
 /* Heads h0..h1 of one query row: q [heads][hd] fp32 (scaled), the cache's keys and values fp16 [heads][.. T ..][hd]
  * (rows of hd, heads head_stride elements apart) -> out [heads][hd] = softmax(q . K) V over the first T positions.
- * scratch holds T scores. */
+ * scratch holds T scores; wide (the avx512vnni path) sums the values 16 columns to a vector where hd allows. */
 AVX2 static void attend_fp16(const float *q, int h0, int h1, int hd, const uint16_t *k, const uint16_t *v,
-                             long head_stride, int T, float *scratch, float *out) {
+                             long head_stride, int T, float *scratch, int wide, float *out) {
     for (int h = h0; h < h1; h++) {
         const float *qh = q + (size_t)h * hd;
         const uint16_t *kh = k + (size_t)h * head_stride, *vh = v + (size_t)h * head_stride;
@@ -637,6 +655,10 @@ AVX2 static void attend_fp16(const float *q, int h0, int h1, int hd, const uint1
         const __m256 inv = _mm256_set1_ps(1.f / total);
         for (j = 0; j + 8 <= T; j += 8) _mm256_storeu_ps(scratch + j, _mm256_mul_ps(_mm256_loadu_ps(scratch + j), inv));
         for (; j < T; j++) scratch[j] /= total;
+        if (wide && hd % 16 == 0) {
+            weighted_rows512(scratch, vh, hd, T, out + (size_t)h * hd);
+            continue;
+        }
         for (int d = 0; d < hd; d += 32)
             weighted_rows(scratch, vh, hd, T, d, hd - d >= 32 ? 4 : (hd - d) / 8, out + (size_t)h * hd);
     }
@@ -758,7 +780,7 @@ int sc_team_threads(const void *handle) { return handle ? ((const team *)handle)
 /* attend_fp16 over heads, one at a time from the team's counter; scratch holds `scratch_stride` floats per thread. */
 typedef struct {
     const float *q;
-    int hd, T;
+    int hd, T, wide;
     const uint16_t *k, *v;
     long head_stride, scratch_stride;
     float *scratch, *out;
@@ -766,17 +788,21 @@ typedef struct {
 
 static void attend_task(const void *p, int first, int end, int worker) {
     const attend_job *j = p;
-    attend_fp16(j->q, first, end, j->hd, j->k, j->v, j->head_stride, j->T, j->scratch + worker * j->scratch_stride, j->out);
+    attend_fp16(j->q, first, end, j->hd, j->k, j->v, j->head_stride, j->T, j->scratch + worker * j->scratch_stride,
+                j->wide, j->out);
 }
 
-int sc_team_attend(void *handle, const float *q, int heads, int hd, const uint16_t *k, const uint16_t *v,
+/* attend_fp16 for `heads` on the team, path 0 avx2 or 1 avx512vnni */
+int sc_team_attend(void *handle, int path, const float *q, int heads, int hd, const uint16_t *k, const uint16_t *v,
                    long head_stride, int T, float *scratch, long scratch_stride, float *out) {
     if (!sc_kernels_supported()) return SC_NO_AVX2;
-    if (!handle || heads < 0 || hd <= 0 || hd % 8 || T <= 0 || head_stride < (long)T * hd || scratch_stride < T)
+    if (path == 1 && !(sc_cpu_features() & SC_CPU_AVX512_VNNI)) return SC_NO_AVX512_VNNI;
+    if (!handle || (path != 0 && path != 1) || heads < 0 || hd <= 0 || hd % 8 || T <= 0 ||
+        head_stride < (long)T * hd || scratch_stride < T)
         return SC_BAD_SHAPE;
     if (!aligned(q, 4) || !aligned(k, 2) || !aligned(v, 2) || !aligned(scratch, 4) || !aligned(out, 4))
         return SC_MISALIGNED;
-    const attend_job job = {q, hd, T, k, v, head_stride, scratch_stride, scratch, out};
+    const attend_job job = {q, hd, T, path, k, v, head_stride, scratch_stride, scratch, out};
     team_run(handle, attend_task, &job, heads, 1);
     return SC_OK;
 }
@@ -1106,7 +1132,7 @@ static void step_logits(team *t, int vnni, const int64_t *f, float *arena) {
 
 /* this step's key and value into the fp16 cache at position `past`, then the query (scaled) against positions
  * 0..past */
-static void step_attend(team *t, const int64_t *f, float *arena, int past) {
+static void step_attend(team *t, int vnni, const int64_t *f, float *arena, int past) {
     const int heads = (int)f[5], hd = (int)f[6];
     const long capacity = (long)f[12];
     float *q = arena + f[14], *scratch = q + (size_t)heads * hd;
@@ -1116,7 +1142,7 @@ static void step_attend(team *t, const int64_t *f, float *arena, int past) {
     uint16_t *keys = (uint16_t *)(intptr_t)f[10], *values = (uint16_t *)(intptr_t)f[11];
     heads_to_fp16(arena + f[3], 1, heads, hd, 0, (long)f[8], keys + (size_t)past * hd, capacity * hd, 0);
     heads_to_fp16(arena + f[4], 1, heads, hd, 0, (long)f[9], values + (size_t)past * hd, capacity * hd, 0);
-    const attend_job job = {q, hd, past + 1, keys, values, capacity * hd, capacity, scratch, arena + f[1]};
+    const attend_job job = {q, hd, past + 1, vnni, keys, values, capacity * hd, capacity, scratch, arena + f[1]};
     team_run(t, attend_task, &job, heads, 1);
 }
 
@@ -1148,7 +1174,7 @@ int sc_step_run(void *handle, int path, const int64_t *code, int count, float *a
             gelu(arena + f[1], (size_t)f[3]);
             break;
         case STEP_ATTEND:
-            step_attend(t, f, arena, past);
+            step_attend(t, path, f, arena, past);
             break;
         case STEP_LOGITS:
             step_logits(t, path, f, arena);
