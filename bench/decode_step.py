@@ -13,7 +13,8 @@ timing ``--steps`` greedy decode steps (their median):
   every step.
 
 The read bandwidth is measured before and after each process; the floor is the bytes a step must read (the bundle's
-weights plus the cached keys and values) at that bandwidth.
+weights plus the cached keys and values) at that bandwidth. The kernels' step is also timed by part: the recorded
+program run with one kind of instruction at a time.
 """
 
 from __future__ import annotations
@@ -57,8 +58,35 @@ def child(bundle_dir: str, kernels: bool, context: int, steps: int) -> dict:
         times.append(time.perf_counter() - start)
     decoder = type(engine.decoder).__name__
     return {"ms": float(np.median(times) * 1e3), "tokens": tokens, "peak_rss_gb": peak_rss_gb(),
+            "parts_ms": parts_ms(engine.decoder, context + steps) if decoder == "KernelDecoder" else None,
             "kernels": f"{decoder}, {engine.prefill.name} prefill; {describe()}" if kernels else
             "onnxruntime's MatMulNBits, GroupQueryAttention"}
+
+
+PARTS = {"GEMV": ("LINEAR",), "logits": ("LOGITS",), "attention": ("ATTEND",), "LayerNorm, GELU": ("LAYER_NORM", "GELU"),
+         "elementwise": ("COPY", "ADD", "MUL")}
+
+
+def parts_ms(decoder, past: int, repeats: int = 9) -> dict[str, float]:
+    """Where the recorded step's time goes: the program run with one kind of instruction at a time (median of
+    ``repeats``), on the cache as the timed steps left it."""
+    from appliance.kernels import step_program
+
+    program = decoder.program
+    whole = program.code.copy()
+    out = {}
+    try:
+        for part, names in PARTS.items():
+            program.code = np.ascontiguousarray(whole[np.isin(whole.T[0], [getattr(step_program, n) for n in names])])
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                decoder.kernels.run(program, past)
+                times.append(time.perf_counter() - start)
+            out[part] = float(np.median(times) * 1e3)
+    finally:
+        program.code = whole
+    return out
 
 
 def step_bytes(bundle: Path, manifest: dict, context: int) -> int:
@@ -86,8 +114,8 @@ def main() -> None:
     nbytes = step_bytes(bundle, manifest, args.context)
     print(f"one step reads {nbytes / 1e9:.2f} GB (weights + KV cache at context {args.context})")
     print(f"| round | decode by | GB/s before/after | ms/token (median of {args.steps}) | share of floor | peak RSS GB "
-          "| kernels |")
-    print("|---|---|---|---|---|---|---|")
+          f"| {' / '.join(PARTS)} ms | kernels |")
+    print("|---|---|---|---|---|---|---|---|")
     tokens = {}
     for r in range(args.rounds):
         for kind in ("kernels", "onnxruntime"):
@@ -101,8 +129,9 @@ def main() -> None:
             out = json.loads(run.stdout.splitlines()[-1])
             after = read_bandwidth_gbs(256, repeats=3)
             floor_ms = nbytes / ((before + after) / 2 * 1e9) * 1e3
+            parts = " / ".join(f"{ms:.1f}" for ms in out["parts_ms"].values()) if out["parts_ms"] else "-"
             print(f"| {r + 1} | {kind} | {before:.1f}/{after:.1f} | {out['ms']:.1f} | {floor_ms / out['ms']:.0%} | "
-                  f"{out['peak_rss_gb']:.2f} | {out['kernels']} |", flush=True)
+                  f"{out['peak_rss_gb']:.2f} | {parts} | {out['kernels']} |", flush=True)
             tokens.setdefault(kind, out["tokens"])
     same = sum(a == b for a, b in zip(tokens["kernels"], tokens["onnxruntime"], strict=True))
     print(f"\ngreedy tokens equal in {same} of {args.steps} steps (kernels against onnxruntime)")

@@ -309,9 +309,18 @@ static void step_case(const char *path, int path_number) {
     code[6][1] = arena_floats - VOCAB + 1; /* the logits one float past the arena */
     for (int i = 0; i < VOCAB; i++) arena[784 + i] = -1;
     const int past_end = sc_step_run(team, path_number, &code[0][0], 8, arena, arena_floats, 2);
+    code[6][1] = 784;
+    int crafted = 0; /* operands whose checks could overflow or skip: each must be refused */
+    code[5][7] = ((int64_t)1 << 61) + 1; /* a head stride whose product with the heads wraps round */
+    crafted += sc_step_run(team, path_number, &code[0][0], 8, arena, arena_floats, 2) == 1;
+    code[5][7] = 3 * HD, code[7][4] = -((int64_t)1 << 32) + 128; /* a group that is 128 once cast to 32 bits */
+    crafted += sc_step_run(team, path_number, &code[0][0], 8, arena, arena_floats, 2) == 1;
+    code[7][4] = 128;
+    int64_t copy[24] = {0, 0, 256, 0, 0, 1, 1, 1, 8, 0, 0, 0, 1, 0, 0, 0, 1}; /* a copy naming a second operand */
+    crafted += sc_step_run(team, path_number, copy, 1, arena, arena_floats, 2) == 1;
     sc_team_destroy(team);
-    EXPECT(ran == 0 && full == 1 && past_end == 1, "%s: ran %d, full cache %d, past the arena %d", what, ran, full,
-           past_end);
+    EXPECT(ran == 0 && full == 1 && past_end == 1 && crafted == 3, "%s: ran %d, full cache %d, past the arena %d, "
+           "crafted operands refused %d of 3", what, ran, full, past_end, crafted);
     EXPECT(arena[784] == -1, "%s: a refused program ran", what);
     reference(arena + 256, 1, K, 128, w, ws, N, want, bound);
     compare(what, arena + 512, want, bound, 1, N, N);

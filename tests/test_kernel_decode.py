@@ -17,7 +17,16 @@ from appliance.errors import EngineError
 from appliance.kernels import native
 from appliance.kernels.decode_kernels import DecodeKernels
 from appliance.kernels.prompt_kernels import Int4Weight, load
-from appliance.kernels.step_program import FIELDS, Head, PackedLinear, StepProgram, StepRecorder
+from appliance.kernels.step_program import (
+    ATTEND,
+    COPY,
+    FIELDS,
+    LOGITS,
+    Head,
+    PackedLinear,
+    StepProgram,
+    StepRecorder,
+)
 from appliance.model.quantize import quantize_blockwise
 from appliance.positions import layout_of
 from model_export.export import export_bundle
@@ -285,5 +294,55 @@ def test_the_step_refuses_a_program_that_does_not_fit_its_arena(wide):
     with pytest.raises(EngineError, match="a shape it does not handle"):
         kernels.run(program, 32)  # past the cache's capacity
     assert np.isnan(program.output).all()
+    first = {op: int(np.flatnonzero(good[:, 0] == op)[0]) for op in (ATTEND, LOGITS, COPY)}
+    for op, field, value in [(ATTEND, 7, 2**61 + 1),  # a head stride whose product with the heads wraps round
+                             (LOGITS, 4, -(2**32) + 128),  # a group that is 128 only once cast to 32 bits
+                             (COPY, 3, 0)]:  # a copy naming a second operand
+        program.code[:] = good
+        program.code[first[op], field] = value
+        with pytest.raises(EngineError, match="a shape it does not handle"):
+            kernels.run(program, len(ids))
+        assert np.isnan(program.output).all()
+    program.code[:] = good
     kernels.run(program, len(ids))
     assert np.isfinite(program.output).all()
+
+
+class _Norms:
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def norm(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        return np.ones(self.size, np.float32), np.zeros(self.size, np.float32)
+
+
+def test_the_recorder_refuses_weights_that_do_not_fit_the_row():
+    """C reads a LayerNorm's weights, an lm_head and a head split by the row's size: a mismatch is refused before."""
+    recorder = StepRecorder(SimpleNamespace(hidden_size=256, num_heads=4, head_dim=16), _Norms(8), 2)
+    x = recorder.embed(None)
+    with pytest.raises(ValueError, match="a LayerNorm of 256 takes float32 weight and bias of that size"):
+        recorder.layer_norm("n", x)
+    with pytest.raises(ValueError, match="a row of 256 is not 4 heads of 3 x 16"):
+        recorder.split_heads(x, 3)
+    q = quantize_blockwise(np.ones((8, 128), np.float32), 8, 128)
+    recorder.weights = _OneHead(Head(q.packed, q.scales, 8, 128))
+    with pytest.raises(ValueError, match="does not take a row of 256 in 8-bit groups of 128"):
+        recorder.lm_head(x)
+
+
+@needs_kernel
+def test_numpy_scalars_are_recorded_as_their_value():
+    recorder = StepRecorder(SimpleNamespace(hidden_size=16), None, 1)
+    x = recorder.embed(None)
+    program = StepProgram(recorder, recorder.add(recorder.mul(x, np.float32(2.5)), np.int64(3)))
+    program.inputs["embedding"][0] = np.arange(16, dtype=np.float32)
+    DecodeKernels(load(), 1).run(program, 0)
+    np.testing.assert_array_equal(program.output[0], np.arange(16) * 2.5 + 3)
+
+
+def test_the_kernel_decoder_leaves_to_onnxruntime_what_the_step_cannot_take():
+    for heads, hd in ((32, 12), (8192, 8), (2, 8192)):  # heads not in whole vectors, too many heads, too wide
+        rows = SimpleNamespace(config=SimpleNamespace(num_heads=heads, head_dim=hd))
+        assert KernelDecoder.open(rows, 64, "fp16", lambda: None) is None
+    q = quantize_blockwise(np.ones((4, 128 * 257), np.float32), 4, 128)
+    assert not PackedLinear.fits(Int4Weight(q.packed, q.scales))  # a row of more than 256 groups

@@ -11,6 +11,7 @@ the graph's prefill with the kernel's).
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ import numpy as np
 from appliance.engines.int4_prefill import HEAD, BundleTensors, Int4Prefill, _int4_weight
 from appliance.engines.memory import allocate_kv_cache
 from appliance.kernels.decode_kernels import DecodeKernels
+from appliance.kernels.prompt_kernels import matrix_operands
 from appliance.kernels.step_program import Head, PackedLinear, StepProgram, record
 from appliance.model.definition import rotary_half_table
 from appliance.model.numpy_ops import ARRAY
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from appliance.engines.onnxruntime import OrtDecoder
 
 KV_CACHE = "fp16"  # the step's attention reads an fp16 cache
+MAX_HEAD = 4096  # the step's attention takes at most this many heads, each at most this wide (STEP_ATTEND in C)
 
 
 class PackedWeights:
@@ -44,7 +47,7 @@ class PackedWeights:
     every INT4 matrix repacked (``sc_repack_int4``), scales, biases, norms and the lm_head copied, each matrix's mapped
     pages dropped once copied; the caches are the decoder's."""
 
-    def __init__(self, tensors: BundleTensors, config: ModelConfig, head_bits: int, lib) -> None:
+    def __init__(self, tensors: BundleTensors, config: ModelConfig, head_bits: int, lib: ctypes.CDLL) -> None:
         self.config, self.tensors = config, tensors
         self.linears: dict[str, PackedLinear] = {}
         self.norms: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -54,8 +57,8 @@ class PackedWeights:
             for norm in (INPUT_NORM, POST_ATTENTION_NORM):
                 self.norms[layer_prefix(n) + norm] = self._norm(tensors, layer_prefix(n) + norm)
         self.norms[FINAL_NORM] = self._norm(tensors, FINAL_NORM)
-        codes, scales = tensors[HEAD + ".qweight"], tensors[HEAD + ".scales"]
-        self.lm_head = Head(np.array(codes), np.array(scales, np.float32), head_bits,
+        codes, scales = matrix_operands(tensors[HEAD + ".qweight"], tensors[HEAD + ".scales"])
+        self.lm_head = Head(np.array(codes), np.array(scales).reshape(codes.shape[:2]), head_bits,
                             codes.shape[2] * 8 // head_bits)
         tensors.release()
         self.caches: list[np.ndarray] = []
@@ -67,7 +70,7 @@ class PackedWeights:
                    for n in range(rows.config.num_layers) for linear in LINEARS)
 
     @staticmethod
-    def _repack(tensors: BundleTensors, prefix: str, lib) -> PackedLinear:
+    def _repack(tensors: BundleTensors, prefix: str, lib: ctypes.CDLL) -> PackedLinear:
         weight = PackedLinear.of(_int4_weight(tensors, prefix), lib)
         tensors.release(prefix + ".")
         return weight
@@ -117,8 +120,11 @@ class KernelDecoder:
     @classmethod
     def open(cls, rows: Int4Prefill, max_context: int, kv_cache: str,
              open_graph: Callable[[], OrtDecoder]) -> KernelDecoder | None:
-        """The kernel decoder where it applies (an fp16 cache, every matrix in groups of 128), else None."""
-        if kv_cache != KV_CACHE or not PackedWeights.fits(rows):
+        """The kernel decoder where it applies (an fp16 cache, every matrix in groups of 128 and a row the GEMV takes,
+        heads the step's attention takes), else None: onnxruntime then decodes."""
+        config = rows.config
+        if (kv_cache != KV_CACHE or config.head_dim % 8 or config.head_dim > MAX_HEAD or config.num_heads > MAX_HEAD
+                or not PackedWeights.fits(rows)):
             return None
         return cls(rows, max_context, open_graph)
 

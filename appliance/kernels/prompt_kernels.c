@@ -1037,13 +1037,15 @@ static float bits_to_float(int64_t v) {
     return f;
 }
 
-/* whether a view (offset, shape, strides of STEP_DIMS) lies inside the arena; strides >= 0, sizes >= 1 */
+/* whether a view (offset, shape, strides of STEP_DIMS) lies inside the arena; strides >= 0, sizes >= 1, and no sum
+ * or product on the way that overflows */
 static int view_fits(const int64_t *offset, const int64_t *shape, const int64_t *strides, int64_t arena) {
-    int64_t last = offset[0];
+    int64_t last = offset[0], span;
     if (last < 0) return 0;
     for (int d = 0; d < STEP_DIMS; d++) {
-        if (shape[d] < 1 || shape[d] > arena || strides[d] < 0 || strides[d] > arena) return 0;
-        last += (shape[d] - 1) * strides[d];
+        if (shape[d] < 1 || shape[d] > arena || strides[d] < 0 || strides[d] > arena ||
+            __builtin_mul_overflow(shape[d] - 1, strides[d], &span) || __builtin_add_overflow(last, span, &last))
+            return 0;
     }
     return last < arena;
 }
@@ -1061,9 +1063,9 @@ static int step_instruction_fits(const int64_t *f, int64_t arena, int threads) {
     switch (f[0]) {
     case STEP_COPY:
     case STEP_ADD:
-    case STEP_MUL: /* out, a, b (-1: the constant f[4]), shape f[5..9), strides of out, a, b */
+    case STEP_MUL: /* out, a, b (-1: the constant f[4]; always for a copy), shape f[5..9), strides of out, a, b */
         return view_fits(f + 1, f + 5, f + 9, arena) && view_fits(f + 2, f + 5, f + 13, arena) &&
-               (f[0] == STEP_COPY || f[3] == -1 || view_fits(f + 3, f + 5, f + 17, arena));
+               (f[3] == -1 || (f[0] != STEP_COPY && view_fits(f + 3, f + 5, f + 17, arena)));
     case STEP_LAYER_NORM: /* out, in, K, weight, bias, eps */
         return f[3] > 0 && f[3] % 8 == 0 && range_fits(f[1], f[3], arena) && range_fits(f[2], f[3], arena) && f[4] &&
                f[5] && bits_to_float(f[6]) > 0;
@@ -1074,12 +1076,14 @@ static int step_instruction_fits(const int64_t *f, int64_t arena, int threads) {
         return range_fits(f[1], f[3], arena) && range_fits(f[2], f[3], arena);
     case STEP_ATTEND: /* out, q, k, v, heads, hd, q/k/v head strides, keys, values, capacity, scale, scratch */
         return f[5] > 0 && f[5] <= 4096 && f[6] > 0 && f[6] % 8 == 0 && f[6] <= 4096 && f[12] > 0 &&
-               f[12] <= INT_MAX && f[10] && f[11] && range_fits(f[1], f[5] * f[6], arena) &&
+               f[12] <= INT_MAX && f[10] && f[11] && f[7] <= arena && f[8] <= arena && f[9] <= arena &&
+               range_fits(f[1], f[5] * f[6], arena) &&
                range_fits(f[2], (f[5] - 1) * f[7] + f[6], arena) && range_fits(f[3], (f[5] - 1) * f[8] + f[6], arena) &&
                range_fits(f[4], (f[5] - 1) * f[9] + f[6], arena) && f[7] >= f[6] && f[8] >= f[6] && f[9] >= f[6] &&
                range_fits(f[14], f[5] * f[6] + (int64_t)threads * f[12], arena);
     case STEP_LOGITS: /* out, in, K, G, bits, N, codes, scales, scratch (8 bits: the row's int8 codes and scales) */
-        return (f[5] == 4 || f[5] == 8) && f[3] <= INT_MAX && f[4] <= INT_MAX && groups_fit((int)f[3], (int)f[4]) &&
+        return (f[5] == 4 || f[5] == 8) && f[3] > 0 && f[3] <= INT_MAX && f[4] >= 32 && f[4] <= 256 &&
+               groups_fit((int)f[3], (int)f[4]) &&
                f[6] >= 0 && f[6] <= INT_MAX && range_fits(f[1], f[6], arena) && range_fits(f[2], f[3], arena) && f[7] &&
                f[8] && aligned_range(f[9], f[3] / 4 + 2 * (f[3] / f[4]), arena);
     default:
@@ -1152,7 +1156,8 @@ int sc_step_run(void *handle, int path, const int64_t *code, int count, float *a
     if (!sc_kernels_supported()) return SC_NO_AVX2;
     if (path == 1 && !(sc_cpu_features() & SC_CPU_AVX512_VNNI)) return SC_NO_AVX512_VNNI;
     team *t = handle;
-    if (!t || (path != 0 && path != 1) || count < 0 || past < 0 || arena_floats < 0) return SC_BAD_SHAPE;
+    if (!t || (path != 0 && path != 1) || count < 0 || past < 0 || arena_floats < 0 || arena_floats > INT_MAX)
+        return SC_BAD_SHAPE;
     if (!code || !aligned(arena, 64)) return SC_MISALIGNED;
     for (int i = 0; i < count; i++) {
         const int64_t *f = code + (size_t)i * STEP_FIELDS;

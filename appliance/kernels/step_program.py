@@ -25,7 +25,7 @@ import numpy as np
 
 from appliance.kernels.native import check
 from appliance.kernels.prompt_kernels import Int4Weight, aligned
-from appliance.model.definition import net_attention_scale
+from appliance.model.definition import forward, net_attention_scale
 from appliance.model_config import ModelConfig
 
 FIELDS = 24  # int64 values per instruction (STEP_FIELDS in the C file)
@@ -33,6 +33,7 @@ DIMS = 4  # elementwise operations broadcast over at most this many axes (STEP_D
 ALIGN = 16  # floats: every buffer starts on a 64-byte boundary
 COPY, ADD, MUL, LAYER_NORM, LINEAR, GELU, ATTEND, LOGITS = range(8)  # the C file's STEP_* operations
 GROUP = 128  # the repacked GEMV's group size
+MAX_BLOCKS = 256  # groups in a row the repacked GEMV takes (PACKED_MAX_BLOCKS)
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,8 @@ class PackedLinear:
 
     @staticmethod
     def fits(weight: Int4Weight) -> bool:
-        return weight.group == GROUP and weight.n % 4 == 0 and weight.k % GROUP == 0
+        """Groups of 128, columns in fours, rows of at most MAX_BLOCKS groups (packed_fits in the C file)."""
+        return weight.group == GROUP and weight.n % 4 == 0 and weight.k % GROUP == 0 and weight.k <= MAX_BLOCKS * GROUP
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,7 @@ class StepRecorder:
         """``threads``: the team's size (the attention's scratch holds one row of scores per thread)."""
         self.config, self.weights, self.threads = config, weights, threads
         self.sizes: list[int] = []  # floats per buffer
-        self.pinned: set[int] = set()  # buffers that live for the whole program: inputs, constants, scratch, logits
+        self.pinned: set[int] = set()  # buffers that live for the whole program: inputs, constants, scratch
         self.constants: dict[int, np.ndarray] = {}
         self.inputs: dict[str, View] = {}
         self.code: list[list[int | Place]] = []
@@ -185,6 +187,9 @@ class StepRecorder:
     def layer_norm(self, name: str, x: View) -> View:
         weight, bias = self.weights.norm(name)
         x = self._contiguous(x, "LayerNorm")
+        if weight.dtype != np.float32 or weight.shape != (x.size,) or bias.shape != weight.shape or bias.dtype != weight.dtype:
+            raise ValueError(f"{name}: a LayerNorm of {x.size} takes float32 weight and bias of that size, not "
+                             f"{weight.shape} and {bias.shape}")
         out = self._new(x.shape)
         self._emit(LAYER_NORM, Place(out.buffer), Place(x.buffer, x.offset), x.size, weight.ctypes.data,
                    bias.ctypes.data, _bits(self.config.layernorm_epsilon))
@@ -194,6 +199,8 @@ class StepRecorder:
         cfg = self.config
         x = self._contiguous(x, "head split")
         hd, head = cfg.head_dim, parts * cfg.head_dim
+        if x.shape[-1] != cfg.num_heads * head:
+            raise ValueError(f"a row of {x.shape[-1]} is not {cfg.num_heads} heads of {parts} x {hd}")
         shape, strides = (*x.shape[:-1], cfg.num_heads, hd), (*x.strides[:-1], head, 1)
         return [View(x.buffer, x.offset + i * hd, shape, strides) for i in range(parts)]
 
@@ -243,6 +250,11 @@ class StepRecorder:
     def lm_head(self, x: View) -> View:
         head = self.weights.head()
         x = self._contiguous(x, "logits")
+        n, blocks, blob = head.codes.shape
+        if (head.codes.dtype != np.uint8 or blob * 8 != head.group * head.bits or blocks * head.group != x.size
+                or head.scales.dtype != np.float32 or head.scales.shape != (n, blocks)):
+            raise ValueError(f"an lm_head of codes {head.codes.shape} and scales {head.scales.shape} does not take a "
+                             f"row of {x.size} in {head.bits}-bit groups of {head.group}")
         logits = self._new((len(head.codes),))
         scratch = self._grow_scratch(LINEAR, x.size // 4 + 2 * (x.size // head.group))  # int8 codes, scales, offsets
         self._emit(LOGITS, Place(logits.buffer), Place(x.buffer, x.offset), x.size, head.group, head.bits,
@@ -252,7 +264,9 @@ class StepRecorder:
     # -- elementwise -----------------------------------------------------------------------------------------------
 
     def _arithmetic(self, op: int, a: View, b: View | float | np.ndarray) -> View:
-        if isinstance(b, np.ndarray):
+        if not isinstance(b, View) and np.ndim(b) == 0:
+            b = float(b)  # a Python number, numpy's scalars included
+        elif not isinstance(b, View):
             constant = np.ascontiguousarray(b, dtype=np.float32)
             b = self._new(constant.shape, pinned=True)
             self.constants[b.buffer] = constant
@@ -275,15 +289,13 @@ class StepRecorder:
         second = b if isinstance(b, View) else None
         self._emit(op, Place(out.buffer, out.offset), Place(a.buffer, a.offset),
                    -1 if second is None else Place(second.buffer, second.offset),
-                   _bits(b) if isinstance(b, float | int) else 0, *shape, *strides(out), *strides(a),
+                   _bits(b) if isinstance(b, float) else 0, *shape, *strides(out), *strides(a),
                    *(strides(second) if second is not None else [0] * DIMS))
 
 
 def record(config: ModelConfig, weights: StepWeights, threads: int) -> StepProgram:
     """The decode step of ``appliance.model.definition.forward`` for one token, as a program for a team of
     ``threads``."""
-    from appliance.model.definition import forward
-
     recorder = StepRecorder(config, weights, threads)
     return StepProgram(recorder, forward(recorder, None))
 
