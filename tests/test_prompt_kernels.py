@@ -63,7 +63,7 @@ PATHS = [_path(name) for name in native.PATHS]
 def test_cpuid_agrees_with_the_os():
     assert native.cpu_features() == [name for name in ("avx512vnni", "avx2", "avxvnni", "amx") if _has(name)]
     best = next(name for name in native.PATHS if _has(name))
-    assert native.path() == best and status() == f"loaded ({best} INT4 prompts)"
+    assert native.path() == best and status() == f"loaded ({best}: INT4 prompts, and the decode of bundles in groups of 128)"
     assert describe().startswith(f"{best} INT4 kernels for prompts and decode") and "chosen by CPUID" in describe()
 
 
@@ -80,7 +80,7 @@ def test_the_environment_forces_a_path(monkeypatch, forced):
     assert native.path() == forced
     assert f"forced by {native.ENV}" in describe()
     if forced == "onnxruntime":
-        assert load() is None and status().endswith("prompts run in onnxruntime")
+        assert load() is None and status().endswith("prompts and decode run in onnxruntime")
     else:
         assert load() is not None and PromptKernels(load(), 1).kernel == forced
 

@@ -386,7 +386,7 @@ def test_the_menu_bar_has_the_actions_and_shortcuts(qtbot, tiny, app_dirs):
     [box] = _dialogs(window)
     assert box.text().splitlines() == [f"StreamChat {appliance.__version__}", f"Model: {window.model_label}",
                                        "Engine: onnxruntime", "Device: cpu",
-                                       f"Prompt kernels: {prompt_kernels.status()}"]
+                                       f"CPU kernels: {prompt_kernels.status()}"]
     box.close()
 
     window.menu_actions["quit"].trigger()

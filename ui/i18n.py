@@ -103,7 +103,7 @@ ZH_CN = {
     "Model: {0}": "模型：{0}",
     "Engine: {0}": "推理引擎：{0}",
     "Device: {0}": "设备：{0}",
-    "Prompt kernels: {0}": "提示词计算内核：{0}",
+    "CPU kernels: {0}": "CPU 计算内核：{0}",
     "not loaded": "未加载",
     # the model picker and package install
     "Models": "模型",

@@ -82,7 +82,7 @@ def change_font_size(window: MainWindow, step: int) -> None:
 
 
 def about_text(window: MainWindow) -> str:
-    """Version, the loaded model, its engine and the prompt kernels' state."""
+    """Version, the loaded model, its engine and the CPU kernels' state."""
     from appliance.kernels import prompt_kernels
 
     summary = window.model_summary
@@ -90,7 +90,7 @@ def about_text(window: MainWindow) -> str:
              t("Model: {0}").format(window.model_label or t("not loaded")),
              t("Engine: {0}").format(summary.get("engine") or "—"),
              t("Device: {0}").format(summary.get("device") or "—"),
-             t("Prompt kernels: {0}").format(prompt_kernels.status())]
+             t("CPU kernels: {0}").format(prompt_kernels.status())]
     return "\n".join(lines)
 
 

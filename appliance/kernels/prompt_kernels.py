@@ -28,12 +28,14 @@ PANELS = {"avx2": (16, "sc_int4_gemm"), "avx512vnni": (32, "sc_int4_gemm_avx512v
 
 
 def status() -> str:
-    """The prompt kernel's state in a few words: which path, or why prompts run in onnxruntime."""
+    """The kernels' state in a few words: which path, or why prompts and decode run in onnxruntime."""
     try:
         chosen, why = choice()
     except EngineError as exc:  # a bad STREAMCHAT_KERNEL: the text says which
         return str(exc)
-    return f"loaded ({chosen} INT4 prompts)" if chosen != ONNXRUNTIME else f"{why}; prompts run in onnxruntime"
+    if chosen == ONNXRUNTIME:
+        return f"{why}; prompts and decode run in onnxruntime"
+    return f"loaded ({chosen}: INT4 prompts, and the decode of bundles in groups of 128)"
 
 
 def groups_fit(k: int, group: int) -> bool:
