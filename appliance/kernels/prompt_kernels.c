@@ -947,46 +947,46 @@ typedef struct {
     float *y;
 } logits8_job;
 
-/* AVX2 has no u8 x s8 product that cannot saturate at 255 x 127, so both sides are widened to int16 first. */
-AVX2 static void logits8_avx2_task(const void *p, int first, int end, int worker) {
-    const logits8_job *j = p;
-    const int blocks = j->K / j->G;
-    (void)worker;
-    for (int n = first; n < end; n++) {
-        const uint8_t *row = j->w + (size_t)n * j->K;
-        const float *row_scales = j->ws + (size_t)n * blocks;
-        __m256 total = _mm256_setzero_ps();
-        for (int b = 0; b < blocks; b++) {
-            __m256i acc = _mm256_setzero_si256();
-            for (int k = b * j->G; k < (b + 1) * j->G; k += 16) {
-                const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(row + k)));
-                const __m256i x = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(j->xq + k)));
-                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(c, x));
-            }
-            total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(row_scales[b] * j->xs[b]), total);
-        }
-        j->y[n] = hsum(total) - zero_point_term(row_scales, j->offsets, blocks);
+/* One group's sum(code * xq) in 8 int32 lanes. AVX2 has no u8 x s8 product that cannot saturate at 255 x 127, so
+ * both sides are widened to int16 first; vpdpbusd takes 32 codes at once. */
+AVX2 static inline __m256i group8_avx2(const uint8_t *codes, const int8_t *xq, int G) {
+    __m256i acc = _mm256_setzero_si256();
+    for (int k = 0; k < G; k += 16) {
+        const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(codes + k)));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(c, _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(xq + k)))));
     }
+    return acc;
 }
 
-VNNI512 static void logits8_vnni_task(const void *p, int first, int end, int worker) {
-    const logits8_job *j = p;
-    const int blocks = j->K / j->G;
-    (void)worker;
-    for (int n = first; n < end; n++) {
-        const uint8_t *row = j->w + (size_t)n * j->K;
-        const float *row_scales = j->ws + (size_t)n * blocks;
-        __m256 total = _mm256_setzero_ps();
-        for (int b = 0; b < blocks; b++) {
-            __m256i acc = _mm256_setzero_si256();
-            for (int k = b * j->G; k < (b + 1) * j->G; k += 32)
-                acc = _mm256_dpbusd_epi32(acc, _mm256_loadu_si256((const __m256i *)(row + k)),
-                                          _mm256_loadu_si256((const __m256i *)(j->xq + k)));
-            total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(row_scales[b] * j->xs[b]), total);
-        }
-        j->y[n] = hsum(total) - zero_point_term(row_scales, j->offsets, blocks);
-    }
+VNNI512 static inline __m256i group8_vnni(const uint8_t *codes, const int8_t *xq, int G) {
+    __m256i acc = _mm256_setzero_si256();
+    for (int k = 0; k < G; k += 32)
+        acc = _mm256_dpbusd_epi32(acc, _mm256_loadu_si256((const __m256i *)(codes + k)),
+                                  _mm256_loadu_si256((const __m256i *)(xq + k)));
+    return acc;
 }
+
+/* The rows first..end of a logits8_job, each group's sum from `group8` (one of the two above, inlined into a task
+ * compiled for its instruction set). */
+#define LOGITS8_TASK(name, target, group8)                                                                          \
+    target static void name(const void *p, int first, int end, int worker) {                                        \
+        const logits8_job *j = p;                                                                                   \
+        const int blocks = j->K / j->G;                                                                             \
+        (void)worker;                                                                                               \
+        for (int n = first; n < end; n++) {                                                                         \
+            const uint8_t *row = j->w + (size_t)n * j->K;                                                           \
+            const float *row_scales = j->ws + (size_t)n * blocks;                                                   \
+            __m256 total = _mm256_setzero_ps();                                                                     \
+            for (int b = 0; b < blocks; b++)                                                                        \
+                total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(group8(row + (size_t)b * j->G, j->xq + (size_t)b * j->G, \
+                                                                  j->G)),                                           \
+                                        _mm256_set1_ps(row_scales[b] * j->xs[b]), total);                           \
+            j->y[n] = hsum(total) - zero_point_term(row_scales, j->offsets, blocks);                                \
+        }                                                                                                           \
+    }
+
+LOGITS8_TASK(logits8_avx2_task, AVX2, group8_avx2)
+LOGITS8_TASK(logits8_vnni_task, VNNI512, group8_vnni)
 
 static int packed_fits(int64_t K, int64_t N) {
     return K > 0 && K % 128 == 0 && K / 128 <= PACKED_MAX_BLOCKS && N > 0 && N % 4 == 0 && N <= INT_MAX;

@@ -316,9 +316,13 @@ class StepProgram:
         free: dict[int, list[int]] = {}  # size in floats -> free places of that size
         end = 0
 
+        def room(buffer: int) -> int:
+            """the buffer's floats, rounded up to whole 64-byte lines"""
+            return -(-max(recorder.sizes[buffer], 1) // ALIGN) * ALIGN
+
         def place(buffer: int) -> None:
             nonlocal end
-            size = -(-max(recorder.sizes[buffer], 1) // ALIGN) * ALIGN
+            size = room(buffer)
             if free.get(size):
                 offsets[buffer] = free[size].pop()
             else:
@@ -332,8 +336,7 @@ class StepProgram:
                     place(field.buffer)
             for buffer in {f.buffer for f in fields if isinstance(f, Place)}:
                 if last_use[buffer] == index and buffer not in pinned:
-                    size = -(-max(recorder.sizes[buffer], 1) // ALIGN) * ALIGN
-                    free.setdefault(size, []).append(offsets[buffer])
+                    free.setdefault(room(buffer), []).append(offsets[buffer])
         self.code = np.array([[offsets[f.buffer] + f.offset if isinstance(f, Place) else f for f in fields]
                               + [0] * (FIELDS - len(fields)) for fields in recorder.code], dtype=np.int64)
         self.arena = aligned(end * 4, np.float32)
