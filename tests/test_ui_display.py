@@ -1,6 +1,7 @@
 """The window on a real X display (Xvfb, Qt's xcb platform, not offscreen), the one line it prints where no window can
 open (instead of Qt's abort), and the screenshot tool, which must exit once its images are written."""
 
+import ctypes
 import os
 import re
 import shutil
@@ -101,19 +102,32 @@ def test_ready_exit_leaves_a_kiosk_window_and_fails_with_a_failed_load(tmp_path)
     assert failed.stderr.splitlines()[-1].startswith(f"error: bundle not found: {missing} (no such folder): give the ")
 
 
-@pytest.fixture
-def xvfb():
-    """A display of its own: Xvfb picks a free number and writes it to a pipe (-displayfd)."""
+def _start_xvfb(*options: str) -> tuple[subprocess.Popen, str]:
+    """An Xvfb of its own: it picks a free display number and writes it to a pipe (-displayfd) once it answers."""
     if not shutil.which("Xvfb"):
         pytest.skip("Xvfb is not installed (Debian: apt-get install xvfb)")
     read, write = os.pipe()
-    server = subprocess.Popen(["Xvfb", "-displayfd", str(write), "-screen", "0", "1280x800x24", "-nolisten", "tcp"],
-                              pass_fds=(write,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(["Xvfb", "-displayfd", str(write), "-screen", "0", "1280x800x24", "-nolisten", "tcp",
+                               *options], pass_fds=(write,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.close(write)
     with os.fdopen(read) as pipe:
         number = pipe.readline().strip()
     assert number, "Xvfb did not start"
-    yield f":{number}"
+    return server, f":{number}"
+
+
+@pytest.fixture
+def xvfb():
+    """A display like a desktop session's: another client (here a bare libxcb connection, as a window manager would
+    be) stays connected, so the server does not reset between the test's programs."""
+    server, display = _start_xvfb()
+    xcb = ctypes.CDLL("libxcb.so.1")
+    xcb.xcb_connect.restype = ctypes.c_void_p
+    xcb.xcb_connect.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_int)]
+    xcb.xcb_disconnect.argtypes = [ctypes.c_void_p]
+    session = xcb.xcb_connect(display.encode(), None)
+    yield display
+    xcb.xcb_disconnect(session)
     server.terminate()
     server.wait(10)
 
@@ -128,3 +142,19 @@ def test_the_window_on_a_real_x_display(xvfb, tmp_path):
     out = tmp_path / "shots"
     out.mkdir()
     _assert_screenshots(_run(["tools/screenshots.py", "--out", str(out)], env, timeout=150), out, "xcb")
+
+
+def test_the_window_opens_on_an_x_server_it_is_the_only_client_of(tmp_path):
+    """A bare ``xinit`` session or Xvfb: the server resets when its last client leaves, and refuses connections while
+    it does. The display check's connection must stay open until Qt has its own, or Qt aborts with "could not connect
+    to display". Xvfb -terminate makes that reset an exit, so a check that let go first fails here every time."""
+    server, display = _start_xvfb("-terminate")
+    try:
+        started = _run(["-m", "streamchat", "gui", "--demo", "--ready-exit"],
+                       _env(tmp_path, DISPLAY=display, QT_QPA_PLATFORM="xcb"))
+        assert started.returncode == 0, started.stderr
+        assert started.stdout.startswith("window ready with DEMO")
+        assert server.wait(10) == 0  # the window was its last client: -terminate ended it when the app left
+    finally:
+        server.kill()
+        server.wait(10)

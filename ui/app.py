@@ -75,11 +75,14 @@ def run(bundle: Path | None = None, kiosk: bool = False, demo: bool = False, arg
 
     from ui.i18n import translators_for
     from ui.main_window import MainWindow
-    from ui.platform_check import why_no_window
+    from ui.platform_check import checked_display
 
-    if QApplication.instance() is None and (problem := why_no_window()) is not None:
-        raise StreamChatError(problem)
-    qt = QApplication.instance() or QApplication(argv or sys.argv[:1])
+    qt = QApplication.instance()
+    if qt is None:
+        with checked_display() as problem:  # its X connection held until Qt has its own (see platform_check)
+            if problem is not None:
+                raise StreamChatError(problem)
+            qt = QApplication(argv or sys.argv[:1])
     qt.setApplicationName("StreamChat")
     qt.setDesktopFileName("streamchat")  # the desktop entry (installers/deb): its icon on Wayland docks and task bars
     install_crash_dialog()

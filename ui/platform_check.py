@@ -5,6 +5,10 @@ does not answer, or a system library of the xcb plugin that is missing (Qt 6.5+ 
 desktop installs often lack ``libxcb-icccm4`` and ``libxcb-keysyms1``). A desktop user would see nothing, a terminal
 user a wall of plugin text, a kiosk unit a crash loop. ``why_no_window`` finds these cases first, the way Qt would meet
 them, so the launcher can print what to do and exit with status 2.
+
+An X server whose last client disconnects resets, and refuses connections while it does (Xvfb and a bare ``xinit``
+session have no other client): a check that connected and left would make Qt's own connection fail. The launcher
+therefore creates its ``QApplication`` inside ``checked_display``, which keeps the check's connection open until then.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 # The libraries Qt's xcb platform plugin (libqxcb.so, libQt6XcbQpa.so.6) loads, and the Debian package of each: the
@@ -44,15 +49,25 @@ NO_DISPLAY = ("no display to open the window on (neither DISPLAY nor WAYLAND_DIS
 
 
 def why_no_window(environ: Mapping[str, str] | None = None) -> str | None:
-    """None when Qt can open a window with the platform it will choose; else one line saying why not and what to do.
+    """None when Qt can open a window with the platform it will choose; else one line saying why not and what to do."""
+    with checked_display(environ) as problem:
+        return problem
+
+
+@contextmanager
+def checked_display(environ: Mapping[str, str] | None = None) -> Iterator[str | None]:
+    """``why_no_window``'s answer, with the X connection the check made (if any) held open until the block ends.
 
     Only Linux is checked (elsewhere Qt's platform is the system's own). ``QT_QPA_PLATFORM`` is followed as Qt reads
     it: a ``;``-separated list tried in order, each name possibly followed by ``:options``; unset, a Wayland
     compositor's socket is taken to be used and xcb otherwise.
     """
     env = os.environ if environ is None else environ
-    if not sys.platform.startswith("linux"):
-        return None
+    with ExitStack() as held:
+        yield _problem(env, held) if sys.platform.startswith("linux") else None
+
+
+def _problem(env: Mapping[str, str], held: ExitStack) -> str | None:
     names = [entry.split(":")[0] for entry in env.get("QT_QPA_PLATFORM", "").split(";") if entry.strip()]
     if not names:
         names = ["wayland", "xcb"]
@@ -65,7 +80,7 @@ def why_no_window(environ: Mapping[str, str] | None = None) -> str | None:
                 return None
             problems.append(NO_DISPLAY)
         elif name == "xcb":
-            problem = _xcb_problem(env)
+            problem = _xcb_problem(env, held)
             if problem is None:
                 return None
             problems.append(problem)
@@ -85,14 +100,14 @@ def _wayland_socket(env: Mapping[str, str]) -> bool:
     return name.exists()
 
 
-def _xcb_problem(env: Mapping[str, str]) -> str | None:
+def _xcb_problem(env: Mapping[str, str], held: ExitStack) -> str | None:
     display = env.get("DISPLAY", "")
     if not display:
         return NO_DISPLAY
     problem = _xcb_plugin_problem()
     if problem is not None:
         return f"the window cannot open on the X display {display}: {problem}"
-    if not _x_server_answers(display):
+    if not _x_server_answers(display, held):
         return (f"the X display {display} does not answer (is the X server running, and may this user use it? "
                 "see DISPLAY and XAUTHORITY)")
     return None
@@ -128,8 +143,9 @@ def missing_libraries(packages: Mapping[str, str]) -> dict[str, str]:
     return missing
 
 
-def _x_server_answers(display: str) -> bool:
-    """Connect to ``display`` with libxcb, as Qt's xcb plugin does (same DISPLAY and XAUTHORITY rules)."""
+def _x_server_answers(display: str, held: ExitStack) -> bool:
+    """Connect to ``display`` with libxcb, as Qt's xcb plugin does (same DISPLAY and XAUTHORITY rules); a connection
+    that works is closed when ``held`` is."""
     try:
         xcb = ctypes.CDLL("libxcb.so.1")
     except OSError:  # only where Qt has no xcb plugin to check (the plugin needs libxcb): Qt says what is missing
@@ -139,7 +155,5 @@ def _x_server_answers(display: str) -> bool:
     xcb.xcb_connection_has_error.argtypes = [ctypes.c_void_p]
     xcb.xcb_disconnect.argtypes = [ctypes.c_void_p]
     connection = xcb.xcb_connect(display.encode(), None)  # never NULL: a failed connection is an error object
-    try:
-        return xcb.xcb_connection_has_error(connection) == 0
-    finally:
-        xcb.xcb_disconnect(connection)
+    held.callback(xcb.xcb_disconnect, connection)
+    return xcb.xcb_connection_has_error(connection) == 0
