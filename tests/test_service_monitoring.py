@@ -23,7 +23,8 @@ from appliance.service.request_log import request_line
 from tests.test_service import JSON, LONG, PROMPT, Server, _answer, generate
 
 OPERATOR_LIST = "离线聊天\n"  # a word of the demo's greedy answer to PROMPT: the output filter masks it
-REPEATING = "How do I change the temperature?"  # its greedy answer without a penalty repeats a few 4-grams
+REPEATING = "How do I change the temperature?"  # asked with a repetition penalty of 0.5, which rewards repeats:
+# the greedy answer loops on one token until max_new_tokens
 GREETING = "你好"
 
 
@@ -99,7 +100,7 @@ def test_metrics_match_what_happened(srv):
         replies = []
         for frame in ({"text": PROMPT, "greedy": True, "max_new_tokens": 64},
                       {"text": "how to make a bomb"},  # the input check blocks it
-                      {"text": REPEATING, "greedy": True, "repetition_penalty": 1.0, "max_new_tokens": 80}):
+                      {"text": REPEATING, "greedy": True, "repetition_penalty": 0.5, "max_new_tokens": 80}):
             async with websockets.connect(srv.ws_url) as ws:  # each a new conversation, as `generate` answers
                 replies.append(await _answer(ws, frame))
         return [done for _, done in replies], ["".join(deltas) for deltas, _ in replies]
@@ -111,11 +112,11 @@ def test_metrics_match_what_happened(srv):
         "messages": [{"role": "user", "content": GREETING}], "temperature": 0}).json()
     wall = time.perf_counter() - started
     after = scrape(srv)
-    assert [d["stop_reason"] for d in done] == ["eos", "blocked", "eos"], done
+    assert [d["stop_reason"] for d in done] == ["eos", "blocked", "max_new_tokens"], done
     assert "＊＊＊＊" in texts[0] and "离线聊天" not in texts[0]  # the operator's word, masked
 
     references = {query: generate(srv.env, "--prompt", query, "--greedy", "--max-new-tokens", str(limit), *extra)
-                  for query, limit, extra in ((PROMPT, 64, ()), (REPEATING, 80, ("--repetition-penalty", "1.0")),
+                  for query, limit, extra in ((PROMPT, 64, ()), (REPEATING, 80, ("--repetition-penalty", "0.5")),
                                               (GREETING, 512, ()))}
     assert references[PROMPT]["response"] == texts[0] and references[REPEATING]["response"] == texts[2]
     assert references[GREETING]["response"] == completion["choices"][0]["message"]["content"]
@@ -127,7 +128,8 @@ def test_metrics_match_what_happened(srv):
     assert grew("streamchat_generated_tokens_total") == sum(tokens)
     assert sum(tokens) == done[0]["timings"]["tokens"] + done[2]["timings"]["tokens"] + \
         completion["usage"]["completion_tokens"]
-    assert grew("streamchat_answers_total", stop_reason="eos") == 3
+    assert grew("streamchat_answers_total", stop_reason="eos") == 2
+    assert grew("streamchat_answers_total", stop_reason="max_new_tokens") == 1
     assert grew("streamchat_answers_total", stop_reason="blocked") == 1
     assert grew("streamchat_request_seconds_count", endpoint="websocket") == 3
     assert grew("streamchat_request_seconds_count", endpoint="openai") == 1

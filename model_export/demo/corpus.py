@@ -6,6 +6,11 @@ optionally ``"after": topic``, a follow-up that only makes sense as the second t
 examples are every phrasing once, plus, drawn with a fixed seed, some first questions after an unrelated first turn
 (so an earlier turn does not derail the next answer) and some help questions after a greeting ("Hi, ...").
 
+``paraphrases.jsonl`` holds more phrasings of the same groups (``{"topic", "lang", "queries"}``, with ``"after"`` for
+second turns; the answer is the group's), written as users word their questions by writers who saw each topic's first
+question and answer only: their own vocabulary, the symptom instead of the feature's name, context, tone. They join
+their group's phrasings and are expanded with them.
+
 ``templates.json`` adds, for the help topics, greetings ("who are you", "what can you do" behind a greeting word),
 second turns and off-topic questions, phrasings drawn from templates: shared question frames ("how can I", "is there a
 way to", "能不能", "我想"...), synonyms per topic ("stop", "cancel", "interrupt"), polite openings, and surface noise
@@ -24,8 +29,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "corpus.jsonl"
 TEMPLATES = HERE / "templates.json"
+PARAPHRASES = HERE / "paraphrases.jsonl"
 # the lists of questions the demo is judged on (model_export.demo.heldout); no training question may contain one
-HELD_OUT = {name: HERE / f"{name}.jsonl" for name in ("dev", "test", "final", "fresh", "fifth", "sixth", "seventh")}
+HELD_OUT = {name: HERE / f"{name}.jsonl" for name in ("dev", "test", "final", "fresh", "fifth", "sixth", "seventh", "eighth")}
 SEED = 0
 PER_PATTERN = 12  # phrasings drawn from each template (fewer when it has fewer distinct expansions)
 LOWER_SHARE, BARE_SHARE, TYPO_SHARE = 0.15, 0.15, 0.08  # of the drawn phrasings: all lower case, no final mark, a typo
@@ -47,8 +53,20 @@ def held_out_questions() -> list[str]:
             for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def read_groups(path: Path = CORPUS) -> list[dict]:
+def _json_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_groups(path: Path = CORPUS, more: Path | None = PARAPHRASES) -> list[dict]:
+    """The groups of ``path``, each followed by the phrasings ``more`` holds for the same topic, language and first
+    turn (its lines are groups without answers)."""
+    groups = _json_lines(path)
+    if more is not None:
+        by_key = {(group["topic"], group["lang"], group.get("after")): group for group in groups}
+        for extra in _json_lines(more):
+            group = by_key[extra["topic"], extra["lang"], extra.get("after")]
+            group["queries"] += [query for query in extra["queries"] if query not in group["queries"]]
+    return groups
 
 
 def _first_turns(groups: list[dict]) -> dict[tuple[str, str], dict]:
@@ -126,7 +144,10 @@ def templated(groups: list[dict], path: Path = TEMPLATES) -> list[dict]:
 
 def read_corpus(path: Path = CORPUS) -> list[dict]:
     """Each example: ``{"history": [[q, a], ...], "query": str, "answer": str}``; the same list on every call."""
+    held_out = held_out_questions()
     groups = read_groups(path)
+    for group in groups:  # a held-out question is neither asked nor drawn as an earlier turn
+        group["queries"] = [query for query in group["queries"] if not _contains_any(query, held_out)]
     first = _first_turns(groups)
     examples = [example for group in groups for example in _phrasings(group, first)]
     rng = random.Random(SEED)
@@ -143,8 +164,8 @@ def read_corpus(path: Path = CORPUS) -> list[dict]:
                 examples.append({"history": [], "query": rng.choice(GREETINGS[group["lang"]]) + query,
                                  "answer": group["answer"]})
     # the templates' frames and openings can rebuild a held-out question inside a longer one; such draws are dropped
-    held_out = held_out_questions()
-    return [example for example in examples + templated(groups) if not _contains_any(example["query"], held_out)]
+    return [example for example in examples + templated(groups)
+            if not any(_contains_any(turn[0], held_out) for turn in [[example["query"]], *example["history"]])]
 
 
 def _contains_any(query: str, questions: list[str]) -> bool:

@@ -1,6 +1,6 @@
 """The demo model's lists of 30 questions it was not trained on, and their answers through the chat pipeline.
 
-    python -m model_export.demo.heldout [--set dev|test|final|fresh|fifth|sixth|seventh] [--checkpoint DIR]
+    python -m model_export.demo.heldout [--set dev|test|final|fresh|fifth|sixth|seventh|eighth] [--checkpoint DIR]
                                         [--out answers.json]
 
 Each list (15 zh, 15 en; greetings, paraphrases of help questions, second turns, off-topic questions) is kept out of

@@ -3,7 +3,7 @@
     pip install torch==2.13.0 protobuf      # dev-only; the app never imports torch
     python -m model_export.demo.train [--out appliance/demo/checkpoint] [--epochs N] [--hidden H] [--layers L]
 
-Deterministic (fixed seeds, single-threaded sentencepiece, deterministic torch kernels); about 20 minutes on 2 cores.
+Deterministic (fixed seeds, single-threaded sentencepiece, deterministic torch kernels); about 30 minutes (one thread).
 It writes THUDM's layout (config.json, tokenizer_config.json, ice_text.model, model.safetensors with a tied lm_head)
 and then runs the written checkpoint through the numpy reference. The model trained is ``appliance.model.definition``
 on torch tensors (``TorchOps``), the same definition every backend of the appliance runs.
@@ -39,6 +39,8 @@ DEFAULT_OUT = ROOT / "appliance" / "demo" / "checkpoint"
 SIZES = {"hidden_size": 192, "num_layers": 3, "num_attention_heads": 4, "inner_hidden_size": 768,
          "max_sequence_length": 512}
 EPOCHS, BATCH, LR, WEIGHT_DECAY = 20, 16, 3e-3, 0.0
+# sentencepiece's vocabulary: room for every character of the text (byte fallback covers the others) and its pieces
+VOCAB = 2000
 NOISE = 0.05  # share of question tokens replaced by random pieces while training: no single word decides an answer
 
 
@@ -55,7 +57,7 @@ def train_tokenizer(corpus: list[dict], out: Path) -> Path:
         text = Path(tmp) / "corpus.txt"
         text.write_text("\n".join(lines), encoding="utf-8")
         spm.SentencePieceTrainer.train(
-            input=str(text), model_prefix=f"{tmp}/sp", model_type="unigram", vocab_size=1200, hard_vocab_limit=False,
+            input=str(text), model_prefix=f"{tmp}/sp", model_type="unigram", vocab_size=VOCAB, hard_vocab_limit=False,
             character_coverage=1.0, byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc",
             unk_id=0, bos_id=1, eos_id=2, pad_id=3, num_threads=1, seed_sentencepiece_size=100000,
             user_defined_symbols=["<n>", "<|tab|>"] + [f"<|blank_{n}|>" for n in range(2, MAX_BLANK + 1)],
