@@ -38,7 +38,7 @@ class DemoExporter(Protocol):
 
 
 def demo_checkpoint_digest() -> str:
-    """sha256 over the shipped demo checkpoint's files (about 3.4 MB): the demo bundle prepared from it records this,
+    """sha256 over the shipped demo checkpoint's files (about 3.7 MB): the demo bundle prepared from it records this,
     so a demo prepared by an earlier release (another model, another tokenizer) is prepared again after an upgrade."""
     digest = hashlib.sha256()
     for file in sorted(f for f in DEMO_CHECKPOINT.iterdir() if f.is_file()):

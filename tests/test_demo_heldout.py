@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 
 from appliance.loading import DEMO_CHECKPOINT, DEMO_QUANT
-from model_export.demo.corpus import HELD_OUT, normalized, read_corpus
+from model_export.demo.corpus import HELD_OUT, normalized, read_corpus, read_groups
 from model_export.demo.heldout import KINDS, answer_all, failed_checks, read_heldout
 from model_export.export import export_bundle
 
@@ -100,3 +100,11 @@ def test_the_cli_gives_the_same_answer_to_a_second_turn(answered, tmp_path):
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["response"] == follow_up["answer"]
+
+
+def test_a_written_phrasing_of_no_group_is_refused_by_name(tmp_path):
+    more = tmp_path / "paraphrases.jsonl"
+    more.write_text('{"topic": "kiosk-leave", "lang": "zh", "after": "new", "queries": ["怎么出来？"]}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"paraphrases.jsonl: corpus.jsonl has no group of topic 'kiosk-leave' "
+                                         r"\(zh, after 'new'\)"):
+        read_groups(more=more)

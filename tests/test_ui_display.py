@@ -125,7 +125,9 @@ def xvfb():
     xcb.xcb_connect.restype = ctypes.c_void_p
     xcb.xcb_connect.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_int)]
     xcb.xcb_disconnect.argtypes = [ctypes.c_void_p]
+    xcb.xcb_connection_has_error.argtypes = [ctypes.c_void_p]
     session = xcb.xcb_connect(display.encode(), None)
+    assert xcb.xcb_connection_has_error(session) == 0, f"no session client on {display}"
     yield display
     xcb.xcb_disconnect(session)
     server.terminate()
@@ -145,9 +147,10 @@ def test_the_window_on_a_real_x_display(xvfb, tmp_path):
 
 
 def test_the_window_opens_on_an_x_server_it_is_the_only_client_of(tmp_path):
-    """A bare ``xinit`` session or Xvfb: the server resets when its last client leaves, and refuses connections while
-    it does. The display check's connection must stay open until Qt has its own, or Qt aborts with "could not connect
-    to display". Xvfb -terminate makes that reset an exit, so a check that let go first fails here every time."""
+    """Xvfb, or an X server started with the app as its only client: the server resets when its last client leaves,
+    and refuses connections while it does. The display check's connection must stay open until Qt has its own, or Qt
+    aborts with "could not connect to display". Xvfb -terminate makes that reset an exit, so a check that let go first
+    fails here every time."""
     server, display = _start_xvfb("-terminate")
     try:
         started = _run(["-m", "streamchat", "gui", "--demo", "--ready-exit"],

@@ -3,11 +3,11 @@
 Qt ends the process with an abort (exit 134) when its platform plugin cannot start: no display at all, a display that
 does not answer, or a system library of the xcb plugin that is missing (Qt 6.5+ needs ``libxcb-cursor0``, and Debian's
 desktop installs often lack ``libxcb-icccm4`` and ``libxcb-keysyms1``). A desktop user would see nothing, a terminal
-user a wall of plugin text, a kiosk unit a crash loop. ``why_no_window`` finds these cases first, the way Qt would meet
-them, so the launcher can print what to do and exit with status 2.
+user a wall of plugin text, a kiosk unit a crash loop. ``checked_display`` (and ``why_no_window``, the same answer) finds
+these cases first, the way Qt would meet them, so the launcher can print what to do and exit with status 2.
 
-An X server whose last client disconnects resets, and refuses connections while it does (Xvfb and a bare ``xinit``
-session have no other client): a check that connected and left would make Qt's own connection fail. The launcher
+An X server whose last client disconnects resets, and refuses connections while it does (Xvfb, or an X server
+started with the app as its only client): a check that connected and left would make Qt's own connection fail. The launcher
 therefore creates its ``QApplication`` inside ``checked_display``, which keeps the check's connection open until then.
 """
 

@@ -64,7 +64,10 @@ def read_groups(path: Path = CORPUS, more: Path | None = PARAPHRASES) -> list[di
     if more is not None:
         by_key = {(group["topic"], group["lang"], group.get("after")): group for group in groups}
         for extra in _json_lines(more):
-            group = by_key[extra["topic"], extra["lang"], extra.get("after")]
+            key = (extra["topic"], extra["lang"], extra.get("after"))
+            if key not in by_key:
+                raise ValueError(f"{more.name}: {path.name} has no group of topic {key[0]!r} ({key[1]}, after {key[2]!r})")
+            group = by_key[key]
             group["queries"] += [query for query in extra["queries"] if query not in group["queries"]]
     return groups
 
@@ -148,6 +151,8 @@ def read_corpus(path: Path = CORPUS) -> list[dict]:
     groups = read_groups(path)
     for group in groups:  # a held-out question is neither asked nor drawn as an earlier turn
         group["queries"] = [query for query in group["queries"] if not _contains_any(query, held_out)]
+        if not group["queries"]:
+            raise ValueError(f"every phrasing of {group['topic']!r} ({group['lang']}) contains a held-out question")
     first = _first_turns(groups)
     examples = [example for group in groups for example in _phrasings(group, first)]
     rng = random.Random(SEED)
