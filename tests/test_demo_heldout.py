@@ -64,8 +64,8 @@ def test_no_question_of_either_list_is_in_the_training_text():
 @pytest.mark.parametrize("name", sorted(HELD_OUT))
 def test_answers_pass_their_checks(answered, name):
     """Every answer is whole text (not empty, no replacement character, no made-up word); at least the number
-    docs/demo.md reports pass every check. The checks are necessary, not sufficient:
-    docs/demo.md judges each answer by reading it."""
+    docs/demo.md reports pass every check. The checks are necessary, not sufficient: docs/demo.md judges each answer
+    by reading it."""
     broken = {a["query"]: a["answer"] for a in answered[name]
               if not {"empty", "replacement character", "made-up word"}.isdisjoint(a["failed"])}
     assert broken == {}

@@ -1,7 +1,6 @@
 """The window on a real X display (Xvfb, Qt's xcb platform, not offscreen), the one line it prints where no window can
 open (instead of Qt's abort), and the screenshot tool, which must exit once its images are written."""
 
-import ctypes
 import os
 import re
 import shutil
@@ -13,7 +12,7 @@ import pytest
 
 pytest.importorskip("PySide6")
 
-from ui.platform_check import NO_DISPLAY, XCB_LIBRARIES, missing_libraries, why_no_window  # noqa: E402
+from ui.platform_check import NO_DISPLAY, XCB_LIBRARIES, checked_display, missing_libraries, why_no_window  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DISPLAY_VARIABLES = ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM", "XDG_RUNTIME_DIR")
@@ -118,18 +117,12 @@ def _start_xvfb(*options: str) -> tuple[subprocess.Popen, str]:
 
 @pytest.fixture
 def xvfb():
-    """A display like a desktop session's: another client (here a bare libxcb connection, as a window manager would
-    be) stays connected, so the server does not reset between the test's programs."""
+    """A display like a desktop session's: another client (the display check's connection, held as a window
+    manager's would be) stays connected, so the server does not reset between the test's programs."""
     server, display = _start_xvfb()
-    xcb = ctypes.CDLL("libxcb.so.1")
-    xcb.xcb_connect.restype = ctypes.c_void_p
-    xcb.xcb_connect.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_int)]
-    xcb.xcb_disconnect.argtypes = [ctypes.c_void_p]
-    xcb.xcb_connection_has_error.argtypes = [ctypes.c_void_p]
-    session = xcb.xcb_connect(display.encode(), None)
-    assert xcb.xcb_connection_has_error(session) == 0, f"no session client on {display}"
-    yield display
-    xcb.xcb_disconnect(session)
+    with checked_display({"DISPLAY": display, "QT_QPA_PLATFORM": "xcb"}) as problem:
+        assert problem is None, problem
+        yield display
     server.terminate()
     server.wait(10)
 

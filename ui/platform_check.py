@@ -7,8 +7,9 @@ user a wall of plugin text, a kiosk unit a crash loop. ``checked_display`` (and 
 these cases first, the way Qt would meet them, so the launcher can print what to do and exit with status 2.
 
 An X server whose last client disconnects resets, and refuses connections while it does (Xvfb, or an X server
-started with the app as its only client): a check that connected and left would make Qt's own connection fail. The launcher
-therefore creates its ``QApplication`` inside ``checked_display``, which keeps the check's connection open until then.
+started with the app as its only client): a check that connected and left would make Qt's own connection fail. The
+launcher therefore creates its ``QApplication`` inside ``checked_display``, which keeps the check's connection open
+until then.
 """
 
 from __future__ import annotations
@@ -144,8 +145,8 @@ def missing_libraries(packages: Mapping[str, str]) -> dict[str, str]:
 
 
 def _x_server_answers(display: str, held: ExitStack) -> bool:
-    """Connect to ``display`` with libxcb, as Qt's xcb plugin does (same DISPLAY and XAUTHORITY rules); a connection
-    that works is closed when ``held`` is."""
+    """Connect to ``display`` with libxcb, as Qt's xcb plugin does (same DISPLAY and XAUTHORITY rules); the
+    connection (or the error object of one that failed) is closed when ``held`` is."""
     try:
         xcb = ctypes.CDLL("libxcb.so.1")
     except OSError:  # only where Qt has no xcb plugin to check (the plugin needs libxcb): Qt says what is missing

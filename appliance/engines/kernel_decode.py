@@ -21,7 +21,7 @@ from appliance.engines.int4_prefill import HEAD, BundleTensors, Int4Prefill, _in
 from appliance.engines.memory import allocate_kv_cache
 from appliance.kernels.decode_kernels import DecodeKernels
 from appliance.kernels.prompt_kernels import matrix_operands
-from appliance.kernels.step_program import Head, PackedLinear, StepProgram, record
+from appliance.kernels.step_program import Head, PackedLinear, StepProgram, attends, record
 from appliance.model.definition import rotary_half_table
 from appliance.model.numpy_ops import ARRAY
 from appliance.model.weights import (
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
     from appliance.engines.onnxruntime import OrtDecoder
 
 KV_CACHE = "fp16"  # the step's attention reads an fp16 cache
-MAX_HEAD = 4096  # the step's attention takes at most this many heads, each at most this wide (STEP_ATTEND in C)
 
 
 class PackedWeights:
@@ -122,9 +121,7 @@ class KernelDecoder:
              open_graph: Callable[[], OrtDecoder]) -> KernelDecoder | None:
         """The kernel decoder where it applies (an fp16 cache, every matrix in groups of 128 and a row the GEMV takes,
         heads the step's attention takes), else None: onnxruntime then decodes."""
-        config = rows.config
-        if (kv_cache != KV_CACHE or config.head_dim % 8 or config.head_dim > MAX_HEAD or config.num_heads > MAX_HEAD
-                or not PackedWeights.fits(rows)):
+        if kv_cache != KV_CACHE or not attends(rows.config) or not PackedWeights.fits(rows):
             return None
         return cls(rows, max_context, open_graph)
 

@@ -34,6 +34,7 @@ ALIGN = 16  # floats: every buffer starts on a 64-byte boundary
 COPY, ADD, MUL, LAYER_NORM, LINEAR, GELU, ATTEND, LOGITS = range(8)  # the C file's STEP_* operations
 GROUP = 128  # the repacked GEMV's group size
 MAX_BLOCKS = 256  # groups in a row the repacked GEMV takes (PACKED_MAX_BLOCKS)
+MAX_HEADS = 4096  # the step's attention takes at most this many heads, each at most this wide (STEP_ATTEND)
 
 
 @dataclass(frozen=True)
@@ -291,6 +292,12 @@ class StepRecorder:
                    -1 if second is None else Place(second.buffer, second.offset),
                    _bits(b) if isinstance(b, float) else 0, *shape, *strides(out), *strides(a),
                    *(strides(second) if second is not None else [0] * DIMS))
+
+
+def attends(config: ModelConfig) -> bool:
+    """Whether the step's attention takes this model's heads: whole vectors of 8, at most MAX_HEADS of at most
+    MAX_HEADS floats (STEP_ATTEND in the C file)."""
+    return config.head_dim % 8 == 0 and config.head_dim <= MAX_HEADS and config.num_heads <= MAX_HEADS
 
 
 def record(config: ModelConfig, weights: StepWeights, threads: int) -> StepProgram:
