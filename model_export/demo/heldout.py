@@ -7,7 +7,8 @@ Each list (15 zh, 15 en; greetings, paraphrases of help questions, second turns,
 the training text: ``model_export.demo.corpus`` drops every training question that contains one of them. Each list
 was written and committed before a training round and answered by the model that round chose (and its retraining, if
 any); after that its answers were read while later training texts and variants were chosen, so only the newest list is
-unread by any choice (``corpus.HELD_OUT`` names them in order; docs/demo.md says which list is which and what each model scored).
+unread by any choice (``corpus.HELD_OUT`` names them in order; docs/demo.md says which list is which and what each
+model scored).
 Each question is answered as ``streamchat generate --demo --greedy`` answers it: the checkpoint exported to the
 demo's INT8 bundle, a ``ChatSession`` with the default settings and the bundled safety list, greedy decoding.
 """
