@@ -18,6 +18,7 @@ from appliance.engines.residency import file_mappings
 from appliance.errors import EngineError
 from appliance.kernels import native
 from appliance.kernels.prompt_kernels import load
+from appliance.model.weights import ATTENTION_DENSE, LINEARS, MLP_DOWN, MLP_UP, QUERY_KEY_VALUE, layer_prefix
 from appliance.positions import layout_of
 from model_export.export import ExportError, export_bundle
 from model_export.verify import PROMPT_KERNEL_MIN_COSINE
@@ -265,3 +266,67 @@ print(held, after_first, anon_mb())
     held, after_first, after_last = map(float, out.stdout.split())
     assert held - after_first < 20, "a prompt still running keeps the memory"
     assert held - after_last > 80, (held, after_last)
+
+
+def test_a_prompts_temporaries_are_reused_not_faulted_in_again():
+    """A layer's temporaries (2-8 MB arrays, allocated and freed in turn) come from memory the allocator kept once a
+    prompt runs; glibc's adapting thresholds hand many of them back to the system and fault them in again. The same
+    sequence three times in a fresh process each way, counting minor page faults."""
+    import ctypes
+
+    if not hasattr(ctypes.CDLL(None), "gnu_get_libc_version"):
+        pytest.skip("the thresholds are glibc's (this C library is not glibc)")
+    script = """
+import resource, sys
+import numpy as np
+from appliance.engines.int4_prefill import PROMPT_SCOPE
+
+def layer():
+    for megabytes in (2, 6, 2, 2, 2, 8, 8, 2, 2):
+        a = np.ones(megabytes << 18, np.float32)
+        b = a * 2
+        del a, b
+
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        layer()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+layer()
+if sys.argv[1] == "prompt":
+    with PROMPT_SCOPE:
+        layer()
+        print(faults())
+else:
+    print(faults())
+"""
+    root = Path(__file__).resolve().parents[1]
+    counts = {where: int(subprocess.run([sys.executable, "-c", script, where], capture_output=True, text=True,
+                                        check=True, cwd=root).stdout)
+              for where in ("prompt", "outside")}
+    assert counts["outside"] > 3000, counts  # 64 MB of temporaries: 16 thousand 4-KB pages were they all fresh
+    assert counts["prompt"] < 300, counts
+
+
+@needs_kernel
+def test_the_last_layer_goes_past_attention_for_the_last_row_only(bundles, tokenizer, monkeypatch):
+    """Only the last row's logits leave a prompt: every layer writes every row's keys and values, but the last layer's
+    attention output and MLP run on one row (the same logits and cache: test_kernel_prefill_gives_the_graphs_...)."""
+    engine = _engine(bundles, "int4")
+    rows = engine.prefill.rows
+    seen: dict[str, int] = {}
+    real = int4_prefill._KernelOps.linear
+
+    def linear(ops, name, x):
+        seen[name] = len(x)
+        return real(ops, name, x)
+
+    monkeypatch.setattr(int4_prefill._KernelOps, "linear", linear)
+    ids, layout = _prompt(tokenizer)
+    engine.start().prefill(np.array(ids), layout.position_ids(), layout.mask())
+    last = rows.config.num_layers - 1
+    assert len(seen) == 4 * rows.config.num_layers
+    assert {seen[layer_prefix(n) + linear] for n in range(last) for linear in LINEARS} == {len(ids)}
+    assert seen[layer_prefix(last) + QUERY_KEY_VALUE] == len(ids)
+    assert {seen[layer_prefix(last) + linear] for linear in (ATTENTION_DENSE, MLP_UP, MLP_DOWN)} == {1}

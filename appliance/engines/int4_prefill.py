@@ -182,21 +182,25 @@ class Int4Prefill:
         ops = _KernelOps(self, position_ids)
         rope = rotary_tables(ops)  # [L, 1, head_dim] each
         x = ops.embed(ids)  # the residual stream, updated in place layer after layer
+        last = self.config.num_layers - 1
         try:
             with PROMPT_SCOPE:
                 for n in range(self.config.num_layers):
-                    self._layer(ops, n, x, rope, mask, cache[2 * n], cache[2 * n + 1])
+                    # the last layer's outputs feed only the last row's logits: after its keys and values, one row
+                    rows_out = slice(len(ids) - 1, len(ids)) if n == last else slice(0, len(ids))
+                    self._layer(ops, n, x, rope, mask, cache[2 * n], cache[2 * n + 1], rows_out)
                 return ops.lm_head(ops.layer_norm(FINAL_NORM, x[-1]))
         finally:
             self.tensors.release()
 
     def _layer(self, ops: _KernelOps, n: int, x: np.ndarray, rope: tuple[np.ndarray, np.ndarray], mask: np.ndarray,
-               key_cache: np.ndarray, value_cache: np.ndarray) -> None:
+               key_cache: np.ndarray, value_cache: np.ndarray, rows_out: slice) -> None:
         """One block on the residual stream ``x`` [L, hidden], in place: the definition's two row-local halves ROWS rows
-        at a time around this module's attention. Besides ``x`` a layer holds one [L, hidden] buffer (the queries, then
-        the attention's context written over them) and per-chunk temporaries; over more than one chunk the input
-        LayerNorm is computed again for the second half rather than kept (a long prompt's peak memory is these
-        buffers)."""
+        at a time around this module's attention. Every row's keys and values go into the cache; the attention and the
+        second half run for ``rows_out`` only (the rest of ``x`` is then left as it was). Besides ``x`` a layer holds
+        one [L, hidden] buffer (the queries, then the attention's context written over them) and per-chunk
+        temporaries; the second half computes the input LayerNorm again for every chunk but the last one's rows rather
+        than keeping it (a long prompt's peak memory is these buffers)."""
         cfg, p = self.config, layer_prefix(n)
         length = len(x)
         queries = np.empty((length, cfg.num_heads, cfg.head_dim), np.float32)
@@ -206,25 +210,26 @@ class Int4Prefill:
             np.multiply(q, np.float32(net_attention_scale(cfg.head_dim)), out=queries[rows])
             self.kernels.store_heads(k, key_cache[0, :, rows])
             self.kernels.store_heads(v, value_cache[0, :, rows])
-        context = self._attention(queries, key_cache, value_cache, mask).reshape(length, cfg.hidden_size)
-        for rows in chunks:
-            if len(chunks) > 1:
-                ln1 = ops.layer_norm(p + INPUT_NORM, x[rows])
-            x[rows] = attention_output(ops, n, ln1, context[rows])
+        asked = queries[rows_out]
+        context = self._attention(asked, key_cache, value_cache, mask[rows_out], length).reshape(len(asked), -1)
+        for rows in _chunks(len(asked), ROWS, rows_out.start):
+            # ln1 is the last chunk's: x[chunks[-1]] is written last
+            normed = ln1 if rows == chunks[-1] else ops.layer_norm(p + INPUT_NORM, x[rows])
+            x[rows] = attention_output(ops, n, normed, context[rows.start - rows_out.start:rows.stop - rows_out.start])
 
-    def _attention(self, queries: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarray,
-                   mask: np.ndarray) -> np.ndarray:
-        """queries [L, heads, hd] (already scaled by net_attention_scale), attending to the first L positions of the
-        cache [1, heads, capacity, hd] -> the context, written over ``queries``. The kernel's threads take the heads
-        HEAD_GROUP at a time: that group's keys and values widened to fp32 (an fp16 cache is converted once per layer,
-        not per chunk), QUERY_CHUNK queries' scores at a time, on one BLAS thread each (see ``PromptScope``)."""
-        length = queries.shape[0]
+    def _attention(self, queries: np.ndarray, key_cache: np.ndarray, value_cache: np.ndarray, mask: np.ndarray,
+                   length: int) -> np.ndarray:
+        """queries [Q, heads, hd] (already scaled by net_attention_scale) with their mask rows [Q, length], attending
+        to the first ``length`` positions of the cache [1, heads, capacity, hd] -> the context, written over
+        ``queries``. The kernel's threads take the heads HEAD_GROUP at a time: that group's keys and values widened to
+        fp32 (an fp16 cache is converted once per layer, not per chunk), QUERY_CHUNK queries' scores at a time, on one
+        BLAS thread each (see ``PromptScope``)."""
 
         def heads(first: int, end: int, _worker: int) -> None:
             for group in _chunks(end - first, HEAD_GROUP, first):
                 keys = np.asarray(key_cache[0, group, :length], np.float32).transpose(0, 2, 1)  # [g, hd, L]
                 values = np.asarray(value_cache[0, group, :length], np.float32)  # [g, L, hd]
-                for rows in _chunks(length, QUERY_CHUNK):
+                for rows in _chunks(len(queries), QUERY_CHUNK):
                     scores = queries[rows, group].transpose(1, 0, 2) @ keys  # [g, chunk, L]
                     np.copyto(scores, np.float32(MASK_FILL), where=mask[None, rows])
                     queries[rows, group] = (softmax(scores, in_place=True) @ values).transpose(1, 0, 2)
@@ -240,9 +245,13 @@ class PromptScope:
     - numpy's BLAS is held to one thread: the attention's small matmuls already run one per kernel thread, and
       OpenBLAS's own threads, waiting on cores the kernel's threads hold, made a 128-token prompt's attention 100x
       slower on a busy 2-core machine;
-    - on the way out the C allocator gives the prompt's freed temporaries back to the system (``malloc_trim``, glibc
-      only): glibc keeps them for reuse, and the next peak lands on top of what it kept (at context 2048 the bench
-      peaked at 5.02 GB without, 4.99 with it; docs/performance.md has both measurements).
+    - the C allocator (glibc's; others are left alone) keeps freed temporaries for the next ones: its thresholds are
+      fixed at ``MALLOC_THRESHOLDS`` instead of adapting. Adapting, it handed most of a layer's temporaries (2-8 MB
+      each) back to the system as they were freed and faulted them in again for the next: 83-88 thousand page faults
+      and 0.3-0.4 s of system time per 128-token prompt, 15 thousand and 0.1 s with the fixed thresholds
+      (docs/performance.md);
+    - on the way out the allocator gives the prompt's freed temporaries back to the system (``malloc_trim``): kept,
+      the next peak lands on top of them (at context 2048 the bench peaked at 5.02 GB without, 4.99 with it).
     """
 
     def __init__(self) -> None:
@@ -252,6 +261,9 @@ class PromptScope:
         with self.lock:
             if not self.running:
                 self.limit = ThreadpoolController().limit(limits=1, user_api="blas")
+                if _MALLOPT is not None:
+                    for option, value in MALLOC_THRESHOLDS.items():
+                        _MALLOPT(option, value)
             self.running += 1
 
     def __exit__(self, *exc: object) -> None:
@@ -263,7 +275,12 @@ class PromptScope:
                     _MALLOC_TRIM(0)
 
 
-_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the process's C library: glibc has it, others may not
+_LIBC = ctypes.CDLL(None)  # the process's C library: glibc has these two, others may not
+_MALLOC_TRIM = getattr(_LIBC, "malloc_trim", None)
+_MALLOPT = getattr(_LIBC, "mallopt", None) if hasattr(_LIBC, "gnu_get_libc_version") else None
+# glibc's mallopt options: blocks from 32 MB up get their own mapping (a layer's temporaries stay in the heap), and
+# up to 32 MB free at the heap's top stays mapped (the most a prompt's peak grows by)
+MALLOC_THRESHOLDS = {-3: 32 << 20, -1: 32 << 20}  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
 PROMPT_SCOPE = PromptScope()
 
 
