@@ -24,6 +24,8 @@ int sc_layer_norm(const float *x, int rows, int K, const float *weight, const fl
 int sc_heads_to_fp16(const float *src, int rows, int heads, int hd, long src_row, long src_head, uint16_t *dst,
                      long dst_head, long dst_row);
 int sc_gelu(float *x, size_t n);
+int sc_heads_to_fp32(const uint16_t *src, int heads, int rows, int hd, long src_head, long src_row, float *dst);
+int sc_masked_softmax(float *scores, int heads, int rows, int cols, const uint8_t *mask, long mask_row, float fill);
 void *sc_team_create(int threads);
 void sc_team_destroy(void *team);
 int sc_team_linear(void *team, int path, const float *x, int K, const uint8_t *w, const float *ws, const float *bias,
@@ -378,6 +380,35 @@ int main(void) {
         float v[13];
         for (int i = 0; i < 13; i++) v[i] = (float)(i - 6);
         if (sc_gelu(v, 13) || fabsf(v[7] - 0.8412f) > 1e-4f || v[6] != 0.f) { puts("gelu: wrong"); failures++; }
+        /* rows 1..3 of 2 heads of a [2][5][8] fp16 cache into exactly 2 x 3 x 8 floats */
+        uint16_t *halves = exactly(sizeof(uint16_t) * 2 * 5 * 8, 2);
+        float *wide = exactly(sizeof(float) * 2 * 3 * 8, 4);
+        for (int i = 0; i < 80; i++) halves[i] = half((float)i);
+        bad = sc_heads_to_fp32(halves + 8, 2, 3, 8, 40, 8, wide) != 0;
+        for (int h = 0; h < 2; h++)
+            for (int r = 0; r < 3; r++)
+                for (int d = 0; d < 8; d++) bad |= wide[(h * 3 + r) * 8 + d] != (float)(h * 40 + (r + 1) * 8 + d);
+        if (bad) { puts("fp16 cache reads: wrong"); failures++; }
+        free(halves), free(wide);
+        /* 2 heads x 2 rows of 11 scores (a vector and a tail), the mask's rows 16 bytes apart: row 0 masks one
+         * score, row 1 all of them (the fill everywhere: uniform) */
+        float *scores = exactly(sizeof(float) * 2 * 2 * 11, 4);
+        uint8_t *mask = exactly(16 + 11, 1);
+        memset(mask, 0, 27);
+        mask[3] = 1;
+        memset(mask + 16, 1, 11);
+        for (int i = 0; i < 44; i++) scores[i] = (float)(i % 11) * 0.5f - (float)(i / 22);
+        bad = sc_masked_softmax(scores, 2, 2, 11, mask, 16, -10000.f) != 0;
+        for (int h = 0; h < 2; h++) {
+            double e[11], sum = 0;
+            for (int j = 0; j < 11; j++) sum += e[j] = j == 3 ? 0 : exp(j * 0.5 - 5.0);
+            for (int j = 0; j < 11; j++) {
+                bad |= fabs(scores[h * 22 + j] - e[j] / sum) > 1e-6;
+                bad |= fabs(scores[h * 22 + 11 + j] - 1.0 / 11) > 1e-6;
+            }
+        }
+        if (bad) { puts("masked softmax: wrong"); failures++; }
+        free(scores), free(mask);
         attention_case(0, 40);
         attention_case(0, 48);
         if (features & 2) attention_case(1, 48), attention_case(1, 144); /* one pass of 3 vectors, then 8 and 1 */

@@ -17,7 +17,8 @@ from appliance.kernels import describe, native
 from appliance.kernels.decode_kernels import PATH_NUMBERS, DecodeKernels
 from appliance.kernels.prompt_kernels import Int4Weight, PromptKernels, aligned, load, split, status
 from appliance.kernels.step_program import PackedLinear
-from appliance.model.numpy_ops import ARRAY, layer_norm
+from appliance.model.definition import MASK_FILL
+from appliance.model.numpy_ops import ARRAY, layer_norm, softmax
 from appliance.model.quantize import quantize_blockwise
 
 FLAGS = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
@@ -380,6 +381,61 @@ def test_gelu_matches_the_tanh_formula_in_place():
     np.testing.assert_allclose(x, expected, rtol=2e-6, atol=2e-6)
     with pytest.raises(ValueError, match="C-contiguous float32"):
         kernels.gelu(np.ones((4, 4), np.float32)[:, ::2])
+
+
+@needs_kernel
+def test_cached_heads_widen_to_float32_exactly():
+    """A group of heads' cached keys (a strided view of [heads, capacity, hd] fp16) as float32 [heads, rows, hd]: every
+    half, infinities and subnormals included, is exactly a float; fp32 caches and heads of other widths go through
+    numpy, with the same values."""
+    rng = np.random.default_rng(11)
+    cache = (rng.standard_normal((1, 6, 64, 16)) * 1000).astype(np.float16)
+    cache[0, 1, 2, :4] = [np.inf, -np.inf, 2.0 ** -24, -0.0]
+    kernels = PromptKernels(load(), 1)
+    view = cache[0, 1:5, :37]
+    got = kernels.widen_heads(view)
+    assert got.dtype == np.float32 and got.shape == (4, 37, 16) and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, view.astype(np.float32))
+    assert np.signbit(got[0, 2, 3])
+    wide = cache.astype(np.float32)[0, 1:5, :37]
+    assert kernels.widen_heads(wide) is wide or np.shares_memory(kernels.widen_heads(wide), wide)
+    np.testing.assert_array_equal(kernels.widen_heads(cache[0, :, :9, :12]), cache[0, :, :9, :12].astype(np.float32))
+    out = np.zeros(16, np.float32)
+    assert load().sc_heads_to_fp32(view.ctypes.data, 1, 1, 12, 1024, 16, out.ctypes.data) == native.BAD_SHAPE
+    assert load().sc_heads_to_fp32(view.ctypes.data, 1, 1, 8, 1024, 16, out.ctypes.data + 1) == native.MISALIGNED
+    assert (out == 0).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("cols", [1, 7, 8, 37, 128])
+def test_masked_softmax_is_the_definitions_fill_then_softmax(cols):
+    """Masked scores become the fill, then each row its softmax, as ``np.copyto`` and numpy's softmax compute it: rows
+    with nothing masked, a few, all but one, and all masked (the fill everywhere: uniform), for rows that are and are
+    not whole vectors."""
+    rng = np.random.default_rng(cols)
+    heads, rows = 3, 5
+    scores = (rng.standard_normal((heads, rows, cols)) * 20).astype(np.float32)
+    mask = np.zeros((rows, cols + 3), bool)[:, :cols]  # a view: rows cols + 3 bytes apart
+    mask[1, ::3] = True
+    mask[2, 1:] = True
+    mask[3] = True
+    mask[4, -1] = True
+    expected = scores.astype(np.float64)
+    np.copyto(expected, MASK_FILL, where=mask[None])
+    expected = softmax(expected)
+    got = PromptKernels(load(), 1).masked_softmax(scores, mask, MASK_FILL)
+    assert got is scores
+    np.testing.assert_allclose(scores, expected, rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(scores.sum(-1), 1, rtol=1e-6)
+    assert (scores[:, 2, 1:] < 1e-30).all()
+    with pytest.raises(ValueError, match="does not cover scores"):
+        PromptKernels(load(), 1).masked_softmax(scores, mask[:, :-1], MASK_FILL)
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        PromptKernels(load(), 1).masked_softmax(np.ones((2, 5, 2 * cols), np.float32)[:, :, ::2], mask, MASK_FILL)
+    narrow = np.full(4, 7.0, np.float32)
+    assert load().sc_masked_softmax(narrow.ctypes.data, 1, 1, 4, mask.ctypes.data, 3, 0.0) == native.BAD_SHAPE
+    assert load().sc_masked_softmax(narrow.ctypes.data, 1, 1, 4, None, 4, 0.0) == native.MISALIGNED
+    assert (narrow == 7.0).all()
 
 
 def _attention_case(heads: int, hd: int, capacity: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

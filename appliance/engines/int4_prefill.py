@@ -28,7 +28,7 @@ from threadpoolctl import ThreadpoolController
 from appliance.errors import EngineError
 from appliance.kernels.prompt_kernels import Int4Weight, PromptKernels, groups_fit, load, split
 from appliance.model.definition import MASK_FILL, attention_inputs, attention_output, net_attention_scale, rotary_tables
-from appliance.model.numpy_ops import ARRAY, NumpyOps, softmax
+from appliance.model.numpy_ops import ARRAY, NumpyOps
 from appliance.model.weights import EMBEDDING, FINAL_NORM, INPUT_NORM, LINEARS, dequantize, layer_prefix
 from appliance.model_config import ModelConfig
 
@@ -225,14 +225,16 @@ class Int4Prefill:
         fp32 (an fp16 cache is converted once per layer, not per chunk), QUERY_CHUNK queries' scores at a time, on one
         BLAS thread each (see ``PromptScope``)."""
 
+        kernels = self.kernels
+
         def heads(first: int, end: int, _worker: int) -> None:
             for group in _chunks(end - first, HEAD_GROUP, first):
-                keys = np.asarray(key_cache[0, group, :length], np.float32).transpose(0, 2, 1)  # [g, hd, L]
-                values = np.asarray(value_cache[0, group, :length], np.float32)  # [g, L, hd]
+                keys = kernels.widen_heads(key_cache[0, group, :length]).transpose(0, 2, 1)  # [g, hd, L]
+                values = kernels.widen_heads(value_cache[0, group, :length])  # [g, L, hd]
                 for rows in _chunks(len(queries), QUERY_CHUNK):
                     scores = queries[rows, group].transpose(1, 0, 2) @ keys  # [g, chunk, L]
-                    np.copyto(scores, np.float32(MASK_FILL), where=mask[None, rows])
-                    queries[rows, group] = (softmax(scores, in_place=True) @ values).transpose(1, 0, 2)
+                    kernels.masked_softmax(scores, mask[rows], MASK_FILL)
+                    queries[rows, group] = (scores @ values).transpose(1, 0, 2)
 
         split(self.kernels.pool, self.kernels.threads, heads, queries.shape[1], HEAD_GROUP)
         return queries

@@ -32,6 +32,8 @@ _SIGNATURES = {
     "sc_nbits_gemv": [_P, _I, _I, _I, _P, _P, _P, _I, _I],
     "sc_layer_norm": [_P, _I, _I, _P, _P, ctypes.c_float, _P],
     "sc_heads_to_fp16": [_P, _I, _I, _I, ctypes.c_long, ctypes.c_long, _P, ctypes.c_long, ctypes.c_long],
+    "sc_heads_to_fp32": [_P, _I, _I, _I, ctypes.c_long, ctypes.c_long, _P],
+    "sc_masked_softmax": [_P, _I, _I, _I, _P, ctypes.c_long, ctypes.c_float],
     "sc_gelu": [_P, ctypes.c_size_t],
     "sc_team_threads": [_P],
     "sc_team_linear": [_P, _I, _P, _I, _P, _P, _P, _P, _I],

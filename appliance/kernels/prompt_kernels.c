@@ -96,15 +96,19 @@ static int groups_fit(int K, int G) { return G >= 32 && G <= 256 && G % 32 == 0 
 
 /* -- activation quantization ------------------------------------------------------------------------------------ */
 
+/* the largest of 8 lanes */
+AVX2 static float hmax(__m256 v) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+
 /* max |src[0..G)| / 127 */
 AVX2 static float block_scale(const float *src, int G) {
     const __m256 sign = _mm256_set1_ps(-0.f);
     __m256 mx = _mm256_setzero_ps();
     for (int i = 0; i < G; i += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(src + i)));
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_max_ss(h, _mm_movehdup_ps(h));
-    return _mm_cvtss_f32(h) / 127.f;
+    return hmax(mx) / 127.f;
 }
 
 /* 8 values times inv, rounded to nearest even, as int8 in the low 8 bytes; their sum added to *sum */
@@ -629,6 +633,23 @@ VNNI512 static void weighted_rows512(const float *p, const uint16_t *v, int hd, 
     }
 }
 
+/* x[0..n) = exp(x - top) / their sum, in place; top is the row's largest value */
+AVX2 static void softmax_from(float *x, int n, float top) {
+    const __m256 shift = _mm256_set1_ps(top);
+    __m256 sums = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + j), shift));
+        _mm256_storeu_ps(x + j, e);
+        sums = _mm256_add_ps(sums, e);
+    }
+    float total = hsum(sums);
+    for (; j < n; j++) total += x[j] = expf(x[j] - top);
+    const __m256 inv = _mm256_set1_ps(1.f / total);
+    for (j = 0; j + 8 <= n; j += 8) _mm256_storeu_ps(x + j, _mm256_mul_ps(_mm256_loadu_ps(x + j), inv));
+    for (; j < n; j++) x[j] /= total;
+}
+
 /* Heads h0..h1 of one query row: q [heads][hd] fp32 (scaled), the cache's keys and values fp16 [heads][.. T ..][hd]
  * (rows of hd, heads head_stride elements apart) -> out [heads][hd] = softmax(q . K) V over the first T positions.
  * scratch holds T scores; wide (the avx512vnni path) sums the values 16 columns to a vector where hd allows. */
@@ -642,19 +663,7 @@ AVX2 static void attend_fp16(const float *q, int h0, int h1, int hd, const uint1
             scratch[j] = dot_fp16(qh, kh + (size_t)j * hd, hd);
             top = fmaxf(top, scratch[j]);
         }
-        const __m256 shift = _mm256_set1_ps(top);
-        __m256 sums = _mm256_setzero_ps();
-        int j = 0;
-        for (; j + 8 <= T; j += 8) {
-            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(scratch + j), shift));
-            _mm256_storeu_ps(scratch + j, e);
-            sums = _mm256_add_ps(sums, e);
-        }
-        float total = hsum(sums);
-        for (; j < T; j++) total += scratch[j] = expf(scratch[j] - top);
-        const __m256 inv = _mm256_set1_ps(1.f / total);
-        for (j = 0; j + 8 <= T; j += 8) _mm256_storeu_ps(scratch + j, _mm256_mul_ps(_mm256_loadu_ps(scratch + j), inv));
-        for (; j < T; j++) scratch[j] /= total;
+        softmax_from(scratch, T, top);
         if (wide && hd % 16 == 0) {
             weighted_rows512(scratch, vh, hd, T, out + (size_t)h * hd);
             continue;
@@ -662,6 +671,64 @@ AVX2 static void attend_fp16(const float *q, int h0, int h1, int hd, const uint1
         for (int d = 0; d < hd; d += 32)
             weighted_rows(scratch, vh, hd, T, d, hd - d >= 32 ? 4 : (hd - d) / 8, out + (size_t)h * hd);
     }
+}
+
+/* -- a prompt's attention: keys and values widened, scores masked and softmaxed ------------------------------- */
+
+/* dst[h][r][d] = float(src[h * src_head + r * src_row + d]) for heads x rows x hd (a multiple of 8), dst contiguous:
+ * a group of heads' cached keys or values, widened for the attention's fp32 matmuls in one pass where numpy's cast
+ * takes ten times longer. */
+AVX2 static void heads_to_fp32(const uint16_t *src, int heads, int rows, int hd, long src_head, long src_row,
+                               float *dst) {
+    for (int h = 0; h < heads; h++)
+        for (int r = 0; r < rows; r++) {
+            const uint16_t *from = src + h * src_head + r * src_row;
+            float *to = dst + ((size_t)h * rows + r) * hd;
+            for (int d = 0; d < hd; d += 8)
+                _mm256_storeu_ps(to + d, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(from + d))));
+        }
+}
+
+int sc_heads_to_fp32(const uint16_t *src, int heads, int rows, int hd, long src_head, long src_row, float *dst) {
+    if (!sc_kernels_supported()) return SC_NO_AVX2;
+    if (heads < 0 || rows < 0 || hd <= 0 || hd % 8) return SC_BAD_SHAPE;
+    if (!aligned(src, 2) || !aligned(dst, 4)) return SC_MISALIGNED;
+    heads_to_fp32(src, heads, rows, hd, src_head, src_row, dst);
+    return SC_OK;
+}
+
+/* One row of n scores in place: those whose mask byte is nonzero become `fill`, then the row becomes its softmax,
+ * exp(x - max) / sum (the definition's order: masked scores take part in the max and the sum, as numpy's do). */
+AVX2 static void masked_softmax_row(float *x, int n, const uint8_t *mask, float fill) {
+    const __m256 filled = _mm256_set1_ps(fill);
+    __m256 top = _mm256_set1_ps(-INFINITY);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256i m = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(mask + i)));
+        const __m256 masked = _mm256_castsi256_ps(_mm256_cmpgt_epi32(m, _mm256_setzero_si256()));
+        const __m256 v = _mm256_blendv_ps(_mm256_loadu_ps(x + i), filled, masked);
+        _mm256_storeu_ps(x + i, v);
+        top = _mm256_max_ps(top, v);
+    }
+    float most = hmax(top);
+    for (int j = i; j < n; j++) {
+        if (mask[j]) x[j] = fill;
+        most = x[j] > most ? x[j] : most;
+    }
+    softmax_from(x, n, most);
+}
+
+/* scores [heads][rows][cols] (contiguous), mask [rows] rows of `mask_row` bytes (nonzero = masked, shared by the
+ * heads): each row masked with `fill` and softmaxed in place, in one C pass per step where numpy's copyto and softmax
+ * make six over the scores. */
+int sc_masked_softmax(float *scores, int heads, int rows, int cols, const uint8_t *mask, long mask_row, float fill) {
+    if (!sc_kernels_supported()) return SC_NO_AVX2;
+    if (heads < 0 || rows < 0 || cols <= 0 || mask_row < cols) return SC_BAD_SHAPE;
+    if (!aligned(scores, 4) || mask == NULL) return SC_MISALIGNED;
+    for (int h = 0; h < heads; h++)
+        for (int r = 0; r < rows; r++)
+            masked_softmax_row(scores + ((size_t)h * rows + r) * cols, cols, mask + r * mask_row, fill);
+    return SC_OK;
 }
 
 /* -- a thread team for a decode step ---------------------------------------------------------------------------- */

@@ -236,6 +236,30 @@ class PromptKernels:
                                         values.strides[1] // 4, cache.ctypes.data, cache.strides[0] // 2,
                                         cache.strides[1] // 2), "sc_heads_to_fp16")
 
+    def widen_heads(self, cached: np.ndarray) -> np.ndarray:
+        """A cache view [heads, rows, hd] as float32 [heads, rows, hd]: an fp16 view contiguous along hd (hd a multiple
+        of 8) widened in one C pass, anything else by numpy (an fp32 view comes back as it is)."""
+        heads, rows, hd = cached.shape
+        if cached.dtype != np.float16 or cached.strides[2] != 2 or hd % 8:
+            return np.asarray(cached, np.float32)
+        out = np.empty(cached.shape, np.float32)
+        check(self.lib.sc_heads_to_fp32(cached.ctypes.data, heads, rows, hd, cached.strides[0] // 2,
+                                        cached.strides[1] // 2, out.ctypes.data), "sc_heads_to_fp32")
+        return out
+
+    def masked_softmax(self, scores: np.ndarray, mask: np.ndarray, fill: float) -> np.ndarray:
+        """In place over the last axis of ``scores`` [heads, rows, cols] (C-contiguous float32): the scores where
+        ``mask`` [rows, cols] (bool, shared by the heads) is True become ``fill``, then each row its softmax; returned
+        for chaining."""
+        heads, rows, cols = scores.shape
+        if scores.dtype != np.float32 or not scores.flags.c_contiguous:
+            raise ValueError("masked_softmax works in place on a C-contiguous float32 array")
+        if mask.shape != (rows, cols) or mask.dtype != np.bool_ or mask.strides[1] != 1:
+            raise ValueError(f"a mask of {mask.dtype} {mask.shape} does not cover scores of {rows} x {cols}")
+        check(self.lib.sc_masked_softmax(scores.ctypes.data, heads, rows, cols, mask.ctypes.data, mask.strides[0],
+                                         fill), "sc_masked_softmax")
+        return scores
+
     def gelu(self, x: np.ndarray) -> np.ndarray:
         """tanh GELU of a C-contiguous float32 array, in place (returned for chaining), split across the threads."""
         if x.dtype != np.float32 or not x.flags.c_contiguous:

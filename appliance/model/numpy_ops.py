@@ -99,9 +99,9 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) 
     return (x - mean) / np.sqrt(var + eps) * weight + bias
 
 
-def softmax(x: np.ndarray, in_place: bool = False) -> np.ndarray:
-    """Over the last axis; ``in_place`` overwrites ``x`` (a long prompt's scores are a layer's largest temporaries)."""
-    e = np.subtract(x, x.max(-1, keepdims=True), out=x if in_place else None)
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Over the last axis."""
+    e = x - x.max(-1, keepdims=True)
     np.exp(e, out=e)
     e /= e.sum(-1, keepdims=True)
     return e
