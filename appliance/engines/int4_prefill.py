@@ -250,8 +250,8 @@ class PromptScope:
     - the C allocator (glibc's; others are left alone) keeps freed temporaries for the next ones: its thresholds are
       fixed at ``MALLOC_THRESHOLDS`` instead of adapting. Adapting, it handed most of a layer's temporaries (2-8 MB
       each) back to the system as they were freed and faulted them in again for the next: 83-88 thousand page faults
-      and 0.3-0.4 s of system time per 128-token prompt, 15 thousand and 0.1 s with the fixed thresholds
-      (docs/performance.md);
+      and 0.3-0.4 s of system time per 128-token prompt, 14-19 thousand and 0.1 s with the fixed thresholds
+      (docs/decisions.md);
     - on the way out the allocator gives the prompt's freed temporaries back to the system (``malloc_trim``): kept,
       the next peak lands on top of them (at context 2048 the bench peaked at 5.02 GB without, 4.99 with it).
     """
