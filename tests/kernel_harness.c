@@ -403,10 +403,16 @@ int main(void) {
             double e[11], sum = 0;
             for (int j = 0; j < 11; j++) sum += e[j] = j == 3 ? 0 : exp(j * 0.5 - 5.0);
             for (int j = 0; j < 11; j++) {
-                bad |= fabs(scores[h * 22 + j] - e[j] / sum) > 1e-6;
+                bad |= fabs(scores[h * 22 + j] - e[j] / sum) > 1e-6 || (j == 3 && scores[h * 22 + j] != 0.f);
                 bad |= fabs(scores[h * 22 + 11 + j] - 1.0 / 11) > 1e-6;
             }
         }
+        /* a NaN score, in a vector and in the tail, makes its row NaN, as numpy's softmax does */
+        memset(mask, 0, 27);
+        for (int i = 0; i < 22; i++) scores[i] = (float)i;
+        scores[2] = NAN, scores[11 + 9] = NAN;
+        bad |= sc_masked_softmax(scores, 1, 2, 11, mask, 16, -10000.f) != 0;
+        for (int i = 0; i < 22; i++) bad |= !isnan(scores[i]);
         if (bad) { puts("masked softmax: wrong"); failures++; }
         free(scores), free(mask);
         attention_case(0, 40);

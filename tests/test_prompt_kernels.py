@@ -400,6 +400,10 @@ def test_cached_heads_widen_to_float32_exactly():
     wide = cache.astype(np.float32)[0, 1:5, :37]
     assert kernels.widen_heads(wide) is wide or np.shares_memory(kernels.widen_heads(wide), wide)
     np.testing.assert_array_equal(kernels.widen_heads(cache[0, :, :9, :12]), cache[0, :, :9, :12].astype(np.float32))
+    raw = np.zeros(2 * 3 * 9 * 8 * 2 + 1, np.uint8)
+    odd = np.ndarray((2, 3, 8), np.float16, raw, offset=1, strides=(9 * 8 * 2 + 1, 8 * 2, 2))  # odd byte strides
+    odd[...] = view[:2, :3, :8]
+    np.testing.assert_array_equal(kernels.widen_heads(odd), view[:2, :3, :8].astype(np.float32))
     out = np.zeros(16, np.float32)
     assert load().sc_heads_to_fp32(view.ctypes.data, 1, 1, 12, 1024, 16, out.ctypes.data) == native.BAD_SHAPE
     assert load().sc_heads_to_fp32(view.ctypes.data, 1, 1, 8, 1024, 16, out.ctypes.data + 1) == native.MISALIGNED
@@ -427,7 +431,7 @@ def test_masked_softmax_is_the_definitions_fill_then_softmax(cols):
     assert got is scores
     np.testing.assert_allclose(scores, expected, rtol=2e-6, atol=1e-7)
     np.testing.assert_allclose(scores.sum(-1), 1, rtol=1e-6)
-    assert (scores[:, 2, 1:] < 1e-30).all()
+    assert (scores[:, 2, 1:] == 0).all()  # exp of the fill underflows: masked positions weigh exactly nothing
     with pytest.raises(ValueError, match="does not cover scores"):
         PromptKernels(load(), 1).masked_softmax(scores, mask[:, :-1], MASK_FILL)
     with pytest.raises(ValueError, match="C-contiguous float32"):
@@ -436,6 +440,30 @@ def test_masked_softmax_is_the_definitions_fill_then_softmax(cols):
     assert load().sc_masked_softmax(narrow.ctypes.data, 1, 1, 4, mask.ctypes.data, 3, 0.0) == native.BAD_SHAPE
     assert load().sc_masked_softmax(narrow.ctypes.data, 1, 1, 4, None, 4, 0.0) == native.MISALIGNED
     assert (narrow == 7.0).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("cols", [5, 8, 37])
+def test_masked_softmax_of_nan_and_infinite_scores_is_numpys(cols):
+    """A NaN score or +inf makes its row NaN and -inf weighs nothing, as in numpy's softmax (no clamp hides a
+    diverged layer behind plausible weights); a broadcast mask (rows not laid out apart) is read as the same mask."""
+    rng = np.random.default_rng(cols)
+    scores = rng.standard_normal((2, 4, cols)).astype(np.float32)
+    scores[:, 0, cols // 2] = np.nan
+    scores[:, 1, cols - 1] = np.inf
+    scores[:, 2, 0] = -np.inf
+    row = np.zeros(cols, bool)
+    row[1] = True
+    mask = np.broadcast_to(row, (4, cols))
+    expected = scores.astype(np.float64)
+    np.copyto(expected, MASK_FILL, where=mask[None])
+    with np.errstate(invalid="ignore"):
+        expected = softmax(expected)
+    got = PromptKernels(load(), 1).masked_softmax(scores, mask, MASK_FILL)
+    assert np.isnan(got[:, :2]).all()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+    np.testing.assert_allclose(got[:, 2:], expected[:, 2:], rtol=2e-6, atol=1e-7)
+    assert (got[:, 2:, 1] == 0).all() and (got[:, 2, 0] == 0).all()
 
 
 def _attention_case(heads: int, hd: int, capacity: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

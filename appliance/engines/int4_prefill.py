@@ -242,30 +242,31 @@ class Int4Prefill:
 
 class PromptScope:
     """What a running prompt changes for the whole process. Engines of one process (the service's replicas) may
-    prefill at once, so the first prompt in makes the changes and the last one out undoes them:
+    prefill at once, so the first prompt in makes the changes and the last one out undoes those that can be undone:
 
     - numpy's BLAS is held to one thread: the attention's small matmuls already run one per kernel thread, and
       OpenBLAS's own threads, waiting on cores the kernel's threads hold, made a 128-token prompt's attention 100x
       slower on a busy 2-core machine;
-    - the C allocator (glibc's; others are left alone) keeps freed temporaries for the next ones: its thresholds are
-      fixed at ``MALLOC_THRESHOLDS`` instead of adapting. Adapting, it handed most of a layer's temporaries (2-8 MB
-      each) back to the system as they were freed and faulted them in again for the next: 83-88 thousand page faults
-      and 0.3-0.4 s of system time per 128-token prompt, 14-19 thousand and 0.1 s with the fixed thresholds
-      (docs/decisions.md);
+    - the C allocator (glibc's; others are left alone) keeps freed temporaries for the next ones: from the first
+      prompt on its thresholds are fixed at ``MALLOC_THRESHOLDS`` (glibc cannot return to adapting). Adapting, it
+      handed most of a layer's temporaries (2-8 MB each) back to the system as they were freed and faulted them in
+      again for the next: 83-88 thousand page faults and 0.3-0.4 s of system time per 128-token prompt, 14-19
+      thousand and 0.1 s with the fixed thresholds (docs/decisions.md);
     - on the way out the allocator gives the prompt's freed temporaries back to the system (``malloc_trim``): kept,
       the next peak lands on top of them (at context 2048 the bench peaked at 5.02 GB without, 4.99 with it).
     """
 
     def __init__(self) -> None:
-        self.lock, self.running, self.limit = threading.Lock(), 0, None
+        self.lock, self.running, self.limit, self.thresholds_fixed = threading.Lock(), 0, None, False
 
     def __enter__(self) -> None:
         with self.lock:
             if not self.running:
                 self.limit = ThreadpoolController().limit(limits=1, user_api="blas")
-                if _MALLOPT is not None:
+                if _MALLOPT is not None and not self.thresholds_fixed:
                     for option, value in MALLOC_THRESHOLDS.items():
                         _MALLOPT(option, value)
+                    self.thresholds_fixed = True
             self.running += 1
 
     def __exit__(self, *exc: object) -> None:

@@ -238,9 +238,10 @@ class PromptKernels:
 
     def widen_heads(self, cached: np.ndarray) -> np.ndarray:
         """A cache view [heads, rows, hd] as float32 [heads, rows, hd]: an fp16 view contiguous along hd (hd a multiple
-        of 8) widened in one C pass, anything else by numpy (an fp32 view comes back as it is)."""
+        of 8) with whole-element strides widened in one C pass, anything else by numpy (an fp32 view comes back as it
+        is)."""
         heads, rows, hd = cached.shape
-        if cached.dtype != np.float16 or cached.strides[2] != 2 or hd % 8:
+        if cached.dtype != np.float16 or not cached.flags.aligned or cached.strides[2] != 2 or hd % 8:
             return np.asarray(cached, np.float32)
         out = np.empty(cached.shape, np.float32)
         check(self.lib.sc_heads_to_fp32(cached.ctypes.data, heads, rows, hd, cached.strides[0] // 2,
@@ -250,12 +251,14 @@ class PromptKernels:
     def masked_softmax(self, scores: np.ndarray, mask: np.ndarray, fill: float) -> np.ndarray:
         """In place over the last axis of ``scores`` [heads, rows, cols] (C-contiguous float32): the scores where
         ``mask`` [rows, cols] (bool, shared by the heads) is True become ``fill``, then each row its softmax; returned
-        for chaining."""
+        for chaining. A mask whose rows are not laid out one after another (broadcast, reversed) is copied first."""
         heads, rows, cols = scores.shape
         if scores.dtype != np.float32 or not scores.flags.c_contiguous:
             raise ValueError("masked_softmax works in place on a C-contiguous float32 array")
-        if mask.shape != (rows, cols) or mask.dtype != np.bool_ or mask.strides[1] != 1:
+        if mask.shape != (rows, cols) or mask.dtype != np.bool_:
             raise ValueError(f"a mask of {mask.dtype} {mask.shape} does not cover scores of {rows} x {cols}")
+        if mask.strides[1] != 1 or mask.strides[0] < cols:
+            mask = np.ascontiguousarray(mask)
         check(self.lib.sc_masked_softmax(scores.ctypes.data, heads, rows, cols, mask.ctypes.data, mask.strides[0],
                                          fill), "sc_masked_softmax")
         return scores
