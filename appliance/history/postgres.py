@@ -61,11 +61,9 @@ class PostgresBackend:
     migrations = {1: _V1, 2: _V2}
 
     def __init__(self, url: str) -> None:
-        self.psycopg = _driver()
-        self.errors = (self.psycopg.Error, OSError)
         self.url = url
         self._secrets = [url]
-        try:
+        try:  # the URL's own form first: a mistyped URL is named as such with or without the driver
             raw = urlsplit(url)
         except ValueError as exc:  # its words name no part of the URL
             raise HistoryError(f"the history URL is not a valid URL ({exc}); its form is "
@@ -73,9 +71,12 @@ class PostgresBackend:
         self._secrets.append(raw.password or "")
         try:
             raw.port  # noqa: B018 - raises ValueError for a port that is not a number from 0 to 65535
-            params = self.psycopg.conninfo.conninfo_to_dict(url)
         except ValueError:
             raise HistoryError("the history URL's port is not a number from 1 to 65535") from None
+        self.psycopg = _driver()
+        self.errors = (self.psycopg.Error, OSError)
+        try:
+            params = self.psycopg.conninfo.conninfo_to_dict(url)
         except self.psycopg.Error as exc:
             raise HistoryError(f"the history URL is not a valid PostgreSQL URL ({self._clean(_reason(exc))}); its form is "
                                "postgresql://USER@HOST:PORT/DATABASE") from None
