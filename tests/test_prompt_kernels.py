@@ -384,6 +384,21 @@ def test_gelu_matches_the_tanh_formula_in_place():
 
 
 @needs_kernel
+def test_gelu_of_extreme_values_is_the_same_in_every_lane():
+    """NaN and infinities, and finite values whose exp overflows float32, give what the scalar tail and numpy's
+    float32 formula give, whether they sit in a vector lane or the tail: a diverged activation is not turned into a
+    plausible one."""
+    special = np.array([np.nan, np.inf, -np.inf, -3e38, 3e38, -1e20, -200, 200], np.float32)
+    x = np.concatenate([special, special[:5]])  # one vector, then a tail of 5
+    with np.errstate(all="ignore"):
+        expected = x / (1 + np.exp(np.float32(-2 * 0.7978845608028654) * (x + np.float32(0.044715) * x * x * x)))
+    got = PromptKernels(load(), 1).gelu(x.copy())
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+    np.testing.assert_allclose(got[~np.isnan(got)], expected[~np.isnan(expected)], rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(got[:5], got[8:])
+
+
+@needs_kernel
 def test_cached_heads_widen_to_float32_exactly():
     """A group of heads' cached keys (a strided view of [heads, capacity, hd] fp16) as float32 [heads, rows, hd]: every
     half, infinities and subnormals included, is exactly a float; fp32 caches and heads of other widths go through
@@ -404,6 +419,7 @@ def test_cached_heads_widen_to_float32_exactly():
     odd = np.ndarray((2, 3, 8), np.float16, raw, offset=1, strides=(9 * 8 * 2 + 1, 8 * 2, 2))  # odd byte strides
     odd[...] = view[:2, :3, :8]
     np.testing.assert_array_equal(kernels.widen_heads(odd), view[:2, :3, :8].astype(np.float32))
+    assert kernels.widen_heads(np.ndarray((2, 0, 8), np.float16, raw, offset=1, strides=(16, 16, 2))).shape == (2, 0, 8)
     out = np.zeros(16, np.float32)
     assert load().sc_heads_to_fp32(view.ctypes.data, 1, 1, 12, 1024, 16, out.ctypes.data) == native.BAD_SHAPE
     assert load().sc_heads_to_fp32(view.ctypes.data, 1, 1, 8, 1024, 16, out.ctypes.data + 1) == native.MISALIGNED
@@ -464,6 +480,8 @@ def test_masked_softmax_of_nan_and_infinite_scores_is_numpys(cols):
     np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
     np.testing.assert_allclose(got[:, 2:], expected[:, 2:], rtol=2e-6, atol=1e-7)
     assert (got[:, 2:, 1] == 0).all() and (got[:, 2, 0] == 0).all()
+    empty = np.zeros((2, 0, cols), np.float32)
+    assert PromptKernels(load(), 1).masked_softmax(empty, np.zeros((0, cols), bool), MASK_FILL) is empty
 
 
 def _attention_case(heads: int, hd: int, capacity: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -62,11 +62,12 @@ class PostgresBackend:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._secrets = [url]
+        userinfo = url.partition("://")[2].partition("/")[0].rpartition("@")[0]
+        self._secrets = [url, userinfo, userinfo.partition(":")[2]]  # urlsplit's words may quote the user info
         try:  # the URL's own form first: a mistyped URL is named as such with or without the driver
             raw = urlsplit(url)
-        except ValueError as exc:  # its words name no part of the URL
-            raise HistoryError(f"the history URL is not a valid URL ({exc}); its form is "
+        except ValueError as exc:
+            raise HistoryError(f"the history URL is not a valid URL ({self._clean(str(exc))}); its form is "
                                "postgresql://USER@HOST:PORT/DATABASE") from None
         self._secrets.append(raw.password or "")
         try:

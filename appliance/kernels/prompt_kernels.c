@@ -550,10 +550,11 @@ int sc_heads_to_fp16(const float *src, int rows, int heads, int hd, long src_row
 
 /* exp(x): 2^n * e^r with r = x - n ln2 in [-ln2/2, ln2/2], e^r by its Taylor polynomial of degree 6 (relative error
  * below 2e-7) for -87 <= x <= 88; 0 below (where float32's exp is 0 or subnormal, so masked scores weigh exactly
- * nothing), exp(88) above, NaN for NaN (the clamps take x as their second operand, which max and min return when
- * it is NaN). */
+ * nothing), +inf above (as float32's overflows, so GELU of -inf is NaN and of -3e38 is -0 in every lane, as in the
+ * scalar tail), NaN for NaN (the clamps take x as their second operand, which max and min return when it is NaN). */
 AVX2 static inline __m256 exp256(__m256 x) {
     const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_LT_OQ);
+    const __m256 overflow = _mm256_cmp_ps(x, _mm256_set1_ps(88.f), _CMP_GT_OQ);
     x = _mm256_min_ps(_mm256_set1_ps(88.f), _mm256_max_ps(_mm256_set1_ps(-87.f), x));
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -566,7 +567,8 @@ AVX2 static inline __m256 exp256(__m256 x) {
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
     const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(scale)));
+    const __m256 e = _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(scale)));
+    return _mm256_blendv_ps(e, _mm256_set1_ps(INFINITY), overflow);
 }
 
 /* In place: x * 0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))), written as x / (1 + exp(-2 * that argument)),

@@ -241,7 +241,8 @@ class PromptKernels:
         of 8) with whole-element strides widened in one C pass, anything else by numpy (an fp32 view comes back as it
         is)."""
         heads, rows, hd = cached.shape
-        if cached.dtype != np.float16 or not cached.flags.aligned or cached.strides[2] != 2 or hd % 8:
+        if (cached.dtype != np.float16 or not cached.flags.aligned or cached.strides[2] != 2 or hd % 8
+                or not cached.size):  # numpy calls any empty array aligned
             return np.asarray(cached, np.float32)
         out = np.empty(cached.shape, np.float32)
         check(self.lib.sc_heads_to_fp32(cached.ctypes.data, heads, rows, hd, cached.strides[0] // 2,
@@ -257,6 +258,8 @@ class PromptKernels:
             raise ValueError("masked_softmax works in place on a C-contiguous float32 array")
         if mask.shape != (rows, cols) or mask.dtype != np.bool_:
             raise ValueError(f"a mask of {mask.dtype} {mask.shape} does not cover scores of {rows} x {cols}")
+        if not scores.size:
+            return scores
         if mask.strides[1] != 1 or mask.strides[0] < cols:
             mask = np.ascontiguousarray(mask)
         check(self.lib.sc_masked_softmax(scores.ctypes.data, heads, rows, cols, mask.ctypes.data, mask.strides[0],
