@@ -69,21 +69,23 @@ def test_bad_connections_are_one_line_without_the_password(postgres, url, tmp_pa
                          "may connect to it and try again")
 
 
-@pytest.mark.parametrize("bad, expected", [
-    ("postgresql://streamchat:s3cret%3Apass%40word%2F%25@[::1:5/x", "the history URL is not a valid URL"),
-    ("postgresql://streamchat:s3cret\uff1ax@host/x", "the history URL is not a valid URL (netloc '***@host' contains"),
-    ("postgresql://streamchat:s3cret%3Apass%40word%2F%25@host:port/x", "the history URL's port is not a number"),
+@pytest.mark.parametrize("bad, expected, parsed_by_libpq", [
+    ("postgresql://streamchat:s3cret%3Apass%40word%2F%25@[::1:5/x", "the history URL is not a valid URL", False),
+    ("postgresql://streamchat:s3cret\uff1ax@host/x", "the history URL is not a valid URL (netloc '***@host' contains",
+     False),
+    ("postgresql://streamchat:s3cret%3Apass%40word%2F%25@host:port/x", "the history URL's port is not a number", False),
     pytest.param("postgresql://streamchat:s3cret%3Apass%40word%2F%25@host/x?colour=blue",
-                 'the history URL is not a valid PostgreSQL URL (invalid URI query parameter: "colour")',
+                 'the history URL is not a valid PostgreSQL URL (invalid URI query parameter: "colour")', True,
                  marks=pytest.mark.skipif(importlib.util.find_spec("psycopg") is None,
                                           reason="libpq's URL checks come with the psycopg driver (not installed)")),
-    ("mysql://streamchat:s3cret%3Apass%40word%2F%25@host/x", "the history URL must start with postgresql:// (got mysql://)"),
+    ("mysql://streamchat:s3cret%3Apass%40word%2F%25@host/x", "the history URL must start with postgresql:// (got mysql://)",
+     False),
 ])
-def test_a_bad_url_is_one_line_without_the_password(tmp_path, bad, expected):
+def test_a_bad_url_is_one_line_without_the_password(tmp_path, bad, expected, parsed_by_libpq):
     """The URL's own form is checked before the driver is needed: the cases libpq does not parse give the same line
     with the driver hidden. A password with a full-width colon (typed through a CJK input method) makes urlsplit
     quote the user info: it is masked there too."""
-    if "colour" not in bad:
+    if not parsed_by_libpq:
         hidden = _one_line(_cli(tmp_path, "history", "list", "--history-url", bad, code="sys.modules['psycopg'] = None"))
         assert hidden.startswith(f"error: {expected}") and "s3cret" not in hidden
     line = _one_line(_cli(tmp_path, "history", "list", "--history-url", bad))

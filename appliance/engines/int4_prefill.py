@@ -17,6 +17,7 @@ graph.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import threading
 from pathlib import Path
@@ -257,16 +258,13 @@ class PromptScope:
     """
 
     def __init__(self) -> None:
-        self.lock, self.running, self.limit, self.thresholds_fixed = threading.Lock(), 0, None, False
+        self.lock, self.running, self.limit = threading.Lock(), 0, None
 
     def __enter__(self) -> None:
         with self.lock:
             if not self.running:
                 self.limit = ThreadpoolController().limit(limits=1, user_api="blas")
-                if _MALLOPT is not None and not self.thresholds_fixed:
-                    for option, value in MALLOC_THRESHOLDS.items():
-                        _MALLOPT(option, value)
-                    self.thresholds_fixed = True
+                fix_malloc_thresholds()
             self.running += 1
 
     def __exit__(self, *exc: object) -> None:
@@ -284,6 +282,16 @@ _MALLOPT = getattr(_LIBC, "mallopt", None) if hasattr(_LIBC, "gnu_get_libc_versi
 # glibc's mallopt options: blocks from 32 MB up get their own mapping (a layer's temporaries stay in the heap), and
 # up to 32 MB free at the heap's top stays mapped (the most a prompt's peak grows by)
 MALLOC_THRESHOLDS = {-3: 32 << 20, -1: 32 << 20}  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+
+
+@functools.cache
+def fix_malloc_thresholds() -> None:
+    """glibc's thresholds set to ``MALLOC_THRESHOLDS``, once per process (the setting is the process's, and stays)."""
+    if _MALLOPT is not None:
+        for option, value in MALLOC_THRESHOLDS.items():
+            _MALLOPT(option, value)
+
+
 PROMPT_SCOPE = PromptScope()
 
 

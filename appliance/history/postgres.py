@@ -63,13 +63,13 @@ class PostgresBackend:
     def __init__(self, url: str) -> None:
         self.url = url
         userinfo = url.partition("://")[2].partition("/")[0].rpartition("@")[0]
-        self._secrets = [url, userinfo, userinfo.partition(":")[2]]  # urlsplit's words may quote the user info
+        # the user info and its password as written: urlsplit's words may quote the one, libpq's the other
+        self._secrets = [url, userinfo, userinfo.partition(":")[2]]
         try:  # the URL's own form first: a mistyped URL is named as such with or without the driver
             raw = urlsplit(url)
         except ValueError as exc:
             raise HistoryError(f"the history URL is not a valid URL ({self._clean(str(exc))}); its form is "
                                "postgresql://USER@HOST:PORT/DATABASE") from None
-        self._secrets.append(raw.password or "")
         try:
             raw.port  # noqa: B018 - raises ValueError for a port that is not a number from 0 to 65535
         except ValueError:
